@@ -1,0 +1,21 @@
+"""cdc: change-data capture for PostgreSQL with request-tagged row history."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from cdc.history import History
+
+__all__ = ["History", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import cdc` must stay cheap and free of psycopg for the pure modules.
+    if name == "History":
+        from cdc.history import History
+
+        return History
+    raise AttributeError(f"module 'cdc' has no attribute {name!r}")

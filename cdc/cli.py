@@ -1,0 +1,137 @@
+"""The `cdc` command: daemon, setup and the readers. A thin shell over the library.
+
+Every CdcError becomes one line on stderr and its exit code; nothing prints a
+traceback for bad input or an unreachable server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from cdc import __version__
+from cdc.config import Config, load_config
+from cdc.errors import CdcError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(exc: CdcError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def load(config_path: str | None, source: str | None = None, store: str | None = None) -> Config:
+    import os
+
+    env = dict(os.environ)
+    if source:
+        env["CDC_SOURCE_DSN"] = source
+    if store:
+        env["CDC_STORE_DSN"] = store
+    return load_config(config_path, env=env)
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        envvar="CDC_CONFIG",
+        type=click.Path(dir_okay=False),
+        help="YAML config file (env CDC_CONFIG).",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cdc")
+def main() -> None:
+    """Change-data capture for PostgreSQL: every row change, its before/after and its request."""
+
+
+@main.command()
+@config_option
+def run(config_path: str | None) -> None:
+    """Run the capture daemon (SIGTERM stops it cleanly, SIGHUP reloads the config)."""
+    from cdc.daemon import Daemon
+    from cdc.logs import configure_logging
+
+    try:
+        config = load(config_path)
+        config.require_source()
+        config.require_store()
+    except CdcError as exc:
+        fail(exc)
+    configure_logging(config.logging.level, config.logging.format)
+    daemon = Daemon(config, config_path=config_path)
+    daemon.install_signal_handlers()
+    sys.exit(daemon.run())
+
+
+@main.command()
+@config_option
+@click.option("--source", help="Source DSN (else CDC_SOURCE_DSN or the config file).")
+@click.option("--store", help="Store DSN (else CDC_STORE_DSN or the config file).")
+@click.option("--recreate-slot", is_flag=True, help="Create a lost slot again; the history records a gap.")
+def setup(config_path: str | None, source: str | None, store: str | None, recreate_slot: bool) -> None:
+    """Check the source and create publication, slot, context trigger and store schema."""
+    from cdc.logs import configure_logging
+    from cdc.setup import setup as do_setup
+
+    configure_logging("warning", "console")
+    try:
+        report = do_setup(load(config_path, source, store), recreate_slot=recreate_slot)
+    except CdcError as exc:
+        fail(exc)
+    for step in report.steps:
+        click.echo(f"ok    {step}")
+    for warning in report.warnings:
+        click.echo(f"warn  {warning}", err=True)
+
+
+@main.command()
+@config_option
+@click.option("--source", help="Source DSN.")
+@click.option("--store", help="Store DSN.")
+@click.option("--drop-history", is_flag=True, help="Also drop the history store schema.")
+def teardown(config_path: str | None, source: str | None, store: str | None, drop_history: bool) -> None:
+    """Drop slot, publication and context trigger (and the history with --drop-history)."""
+    from cdc.logs import configure_logging
+    from cdc.setup import teardown as do_teardown
+
+    configure_logging("warning", "console")
+    try:
+        report = do_teardown(load(config_path, source, store), drop_history=drop_history)
+    except CdcError as exc:
+        fail(exc)
+    for step in report.steps:
+        click.echo(f"ok    {step}")
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Leave the demo server running and print how to reach it.")
+def demo(keep: bool) -> None:
+    """Start a throwaway PostgreSQL, capture sample traffic with request ids, show the history."""
+    from cdc.demo import run_demo
+
+    try:
+        run_demo(keep=keep)
+    except CdcError as exc:
+        fail(exc)
+
+
+def _add_readers() -> None:
+    try:
+        from cdc.cli_readers import state, why
+    except ImportError:  # pragma: no cover - readers are part of the package
+        return
+    main.add_command(state)
+    main.add_command(why)
+
+
+_add_readers()
+
+__all__ = ["json", "main"]

@@ -1,0 +1,946 @@
+"""Configuration of cdc: defaults, overridden by a YAML file, overridden by ``CDC_*`` variables.
+
+``load_config()`` returns a frozen :class:`Config` or raises one :class:`~cdc.errors.ConfigError`
+listing every problem, each naming its key and where the value came from. DSN passwords and the
+server token never appear in ``str()``/``repr()`` of the config or in error messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Secret,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from cdc.errors import ConfigError, UsageError
+
+__all__ = [
+    "CaptureConfig",
+    "ColumnPolicy",
+    "Config",
+    "ContextConfig",
+    "LoggingConfig",
+    "ReconnectConfig",
+    "RetentionConfig",
+    "SecretDsn",
+    "ServerConfig",
+    "SourceConfig",
+    "StoreConfig",
+    "format_duration",
+    "format_size",
+    "format_table",
+    "load_config",
+    "normalize_table",
+    "parse_duration",
+    "parse_size",
+    "redact_dsn",
+]
+
+ColumnPolicy = Literal["exclude", "hash", "mask"]
+
+_MAX_TEXT = 100  # longer duration/size texts are refused outright
+_MASK = "***"
+
+# --------------------------------------------------------------------------- redaction
+
+_SECRETS_RE = re.compile(
+    r"(?P<uri>[A-Za-z][A-Za-z0-9+.-]*://\S*)"
+    r"|(?P<key>[A-Za-z_]*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)",
+    re.IGNORECASE | re.DOTALL,
+)
+_URI_PASSWORD_RE = re.compile(r"([?&][A-Za-z_]*password=)[^&#]*", re.IGNORECASE)
+
+
+def _redact_match(match: re.Match[str]) -> str:
+    if match.group("key") is not None:
+        return match.group("key") + _MASK
+    scheme, _, rest = match.group().partition("://")
+    at = rest.rfind("@")  # the last "@": an unencoded "@" in the password must not leak its tail
+    if at >= 0:
+        colon = rest.find(":", 0, at)
+        if colon >= 0:
+            rest = f"{rest[: colon + 1]}{_MASK}{rest[at:]}"
+    return f"{scheme}://{_URI_PASSWORD_RE.sub(lambda m: m.group(1) + _MASK, rest)}"
+
+
+def redact_dsn(dsn: str) -> str:
+    """Return ``dsn`` (or any text containing DSNs) with every password replaced by ``***``.
+
+    Handles libpq ``key=value`` strings (``password=...``, quoted or not, also ``sslpassword``)
+    and URIs (``postgresql://user:secret@host/db?password=...``).
+    """
+    return _SECRETS_RE.sub(_redact_match, dsn)
+
+
+class SecretDsn(Secret[str]):
+    """A DSN whose ``str()``/``repr()`` show it with the password redacted.
+
+    ``get_secret_value()`` returns the DSN to pass to the driver.
+    """
+
+    def _display(self) -> str:
+        return redact_dsn(self.get_secret_value())
+
+
+# --------------------------------------------------------------------------- durations and sizes
+
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_DURATION_UNITS_US = {
+    "ms": 1_000,
+    "s": 1_000_000,
+    "m": 60_000_000,
+    "h": 3_600_000_000,
+    "d": 86_400_000_000,
+    "w": 604_800_000_000,
+}
+_DURATION_PART_RE = re.compile(rf"({_NUMBER})\s*(ms|s|m|h|d|w)\s*", re.ASCII | re.IGNORECASE)
+_DURATION_RE = re.compile(rf"(?:{_NUMBER}\s*(?:ms|s|m|h|d|w)\s*)+", re.ASCII | re.IGNORECASE)
+_PLAIN_NUMBER_RE = re.compile(_NUMBER, re.ASCII)
+_ISO_DURATION_RE = re.compile(
+    rf"P(?:([0-9]+)W)?(?:([0-9]+)D)?(?:T(?:([0-9]+)H)?(?:([0-9]+)M)?(?:({_NUMBER})S)?)?",
+    re.ASCII | re.IGNORECASE,
+)
+_MAX_TIMEDELTA_US = (timedelta.max.days + 1) * 86_400_000_000 - 1
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``500ms``, ``30s``, ``90m``, ``24h``, ``7d``, ``2w``, ``1h30m``, ``P7D``, ``PT1H30M``
+    or a plain number of seconds (``0.2``).
+
+    Raises :class:`UsageError` on anything else, including negative or absurdly large values.
+    """
+    value = text.strip()
+    error = UsageError(
+        f"invalid duration {_short(text)}: expected seconds (30, 0.5) or a number with a unit: "
+        "500ms, 30s, 90m, 24h, 7d, 2w (combinable: 1h30m) or ISO 8601 (P7D, PT1H)"
+    )
+    if not value or len(value) > _MAX_TEXT:
+        raise error
+    micros: Fraction
+    if _PLAIN_NUMBER_RE.fullmatch(value):
+        micros = Fraction(value) * 1_000_000
+    elif _DURATION_RE.fullmatch(value):
+        micros = sum(
+            (
+                Fraction(m.group(1)) * _DURATION_UNITS_US[m.group(2).lower()]
+                for m in _DURATION_PART_RE.finditer(value)
+            ),
+            Fraction(0),
+        )
+    elif (iso := _ISO_DURATION_RE.fullmatch(value)) and value.upper() not in ("P", "PT"):
+        if value.upper().endswith("T"):
+            raise error
+        weeks, days, hours, minutes, seconds = (Fraction(g) if g else Fraction(0) for g in iso.groups())
+        micros = (
+            weeks * _DURATION_UNITS_US["w"]
+            + days * _DURATION_UNITS_US["d"]
+            + hours * _DURATION_UNITS_US["h"]
+            + minutes * _DURATION_UNITS_US["m"]
+            + seconds * _DURATION_UNITS_US["s"]
+        )
+    else:
+        raise error
+    rounded = round(micros)
+    if rounded > _MAX_TIMEDELTA_US:
+        raise UsageError(f"invalid duration {_short(text)}: too large")
+    return timedelta(microseconds=rounded)
+
+
+def format_duration(value: timedelta) -> str:
+    """Format ``value`` in the largest unit that divides it exactly (``7d``, ``90m``, ``200ms``)."""
+    micros = (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+    if micros < 0:
+        raise ValueError(f"negative duration {value!r}")
+    if micros == 0:
+        return "0s"
+    for unit in ("w", "d", "h", "m", "s", "ms"):
+        size = _DURATION_UNITS_US[unit]
+        if micros % size == 0:
+            return f"{micros // size}{unit}"
+    return f"{micros // 1_000_000}.{micros % 1_000_000:06d}".rstrip("0") + "s"
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)", re.ASCII)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``1024`` (bytes), ``512B``, ``64KiB``, ``64MiB``, ``1GiB`` (powers of 1024) or
+    ``1kB``, ``64MB``, ``1GB`` (powers of 1000; units are case-insensitive) into bytes.
+
+    Raises :class:`UsageError` on anything else.
+    """
+    value = text.strip()
+    match = _SIZE_RE.fullmatch(value) if len(value) <= _MAX_TEXT else None
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise UsageError(
+            f"invalid size {_short(text)}: expected bytes (1024) or a number with a unit: "
+            "KiB, MiB, GiB, TiB (1024-based) or kB, MB, GB, TB (1000-based)"
+        )
+    size = Fraction(match.group(1)) * _SIZE_UNITS[unit]
+    if size.denominator != 1:
+        raise UsageError(f"invalid size {_short(text)}: not a whole number of bytes")
+    return int(size)
+
+
+def format_size(value: int) -> str:
+    """Format a byte count with the largest binary unit that divides it (``64MiB``, ``1000``)."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value and value % size == 0:
+            return f"{value // size}{unit}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- table names
+
+_PLAIN_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*", re.ASCII)
+_CANONICAL_IDENTIFIER_RE = re.compile(r"[a-z_][a-z0-9_$]*", re.ASCII)
+_MAX_IDENTIFIER_BYTES = 63
+
+
+def _identifier_parts(text: str) -> list[str]:
+    """Split ``a.b`` / ``"A b"."c"`` into identifiers: lowercased unless double-quoted."""
+    parts: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        if text.startswith('"', i):
+            chunks: list[str] = []
+            j = i + 1
+            while True:
+                k = text.find('"', j)
+                if k < 0:
+                    raise ValueError("unterminated double quote")
+                chunks.append(text[j:k])
+                if text.startswith('"', k + 1):
+                    chunks.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            part = "".join(chunks)
+            if not part or "\x00" in part:
+                raise ValueError("empty or invalid quoted identifier")
+        else:
+            match = _PLAIN_IDENTIFIER_RE.match(text, i)
+            if match is None:
+                raise ValueError("expected an identifier")
+            part = match.group().lower()
+            i = match.end()
+        if len(part.encode()) > _MAX_IDENTIFIER_BYTES:
+            raise ValueError(f"identifier longer than {_MAX_IDENTIFIER_BYTES} bytes")
+        parts.append(part)
+        if i == n:
+            return parts
+        if text[i] != ".":
+            raise ValueError("unexpected character")
+        i += 1
+
+
+def normalize_table(name: str) -> tuple[str, str]:
+    """Return ``(schema, table)`` for ``name``, ``schema.name`` or quoted ``"My Schema"."My Table"``.
+
+    Unquoted parts must match ``[A-Za-z_][A-Za-z0-9_$]*`` and are lowercased (as PostgreSQL does);
+    the schema defaults to ``public``. Raises :class:`UsageError` on an invalid name.
+    """
+    try:
+        parts = _identifier_parts(name.strip())
+        if len(parts) > 2:
+            raise ValueError("too many dots")
+    except ValueError as exc:
+        raise UsageError(
+            f"invalid table name {_short(name)} ({exc}): expected name or schema.name; "
+            'unquoted names are letters, digits, _ and $; double-quote others ("My Table")'
+        ) from None
+    if len(parts) == 1:
+        return "public", parts[0]
+    return parts[0], parts[1]
+
+
+def _quote_identifier(part: str) -> str:
+    if _CANONICAL_IDENTIFIER_RE.fullmatch(part):
+        return part
+    return '"' + part.replace('"', '""') + '"'
+
+
+def format_table(schema: str, name: str) -> str:
+    """The canonical ``schema.name`` spelling (parts quoted only when needed); inverse of normalize_table."""
+    return f"{_quote_identifier(schema)}.{_quote_identifier(name)}"
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _wrap_usage(func: Callable[[str], Any], value: str) -> Any:
+    try:
+        return func(value)
+    except UsageError as exc:
+        # The problem line shows the input already ("got ..."): do not repeat it.
+        raise ValueError(exc.message.replace(f" {_short(value)}", "", 1)) from None
+
+
+def _duration_before(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 24h or 7d")
+    if isinstance(value, str):
+        return _wrap_usage(parse_duration, value)
+    if isinstance(value, int | float):
+        try:
+            if not math.isfinite(value) or value < 0:
+                raise OverflowError
+            return timedelta(seconds=value)
+        except OverflowError:
+            raise ValueError("expected a finite, non-negative number of seconds in range") from None
+    return value
+
+
+def _seconds_before(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds or a duration such as 500ms or 30s")
+    if isinstance(value, str):
+        return _wrap_usage(parse_duration, value).total_seconds()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return value
+
+
+def _size_before(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 64MiB or 1GB")
+    if isinstance(value, str):
+        return _wrap_usage(parse_size, value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("expected a whole number of bytes or a size such as 64MiB")
+        return int(value)
+    return value
+
+
+def _positive_duration(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _empty_to_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _check_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", value, re.ASCII):
+        raise ValueError("must be 1 to 63 lowercase letters, digits or underscores")
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value, re.ASCII):
+        raise ValueError("must be a lowercase identifier (letters, digits, _; not starting with a digit)")
+    return value
+
+
+def _table_key(value: str) -> str:
+    return format_table(*_wrap_usage(normalize_table, value))
+
+
+def _column_key(value: str) -> str:
+    try:
+        parts = _identifier_parts(value.strip())
+    except ValueError as exc:
+        raise ValueError(f"invalid column name ({exc})") from None
+    if len(parts) != 1:
+        raise ValueError('invalid column name (a dot needs double quotes: "a.b")')
+    return parts[0]
+
+
+def _split_list(value: Any) -> Any:
+    """``a,b`` → ``["a", "b"]`` (commas inside double quotes do not split); ``None`` → ``[]``."""
+    if value is None:
+        return []
+    if not isinstance(value, str):
+        return value
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in value:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def _none_to_dict(value: Any) -> Any:
+    return {} if value is None else value
+
+
+def _no_duplicate_tables(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        seen: dict[str, Any] = {}
+        for key in value:
+            try:
+                canonical = _table_key(key) if isinstance(key, str) else key
+            except ValueError:
+                continue  # reported by the key validator
+            if canonical in seen:
+                raise ValueError(f"table {canonical} is listed twice (as {seen[canonical]!r} and {key!r})")
+            seen[canonical] = key
+    return value
+
+
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration_before), AfterValidator(_positive_duration)]
+Seconds = Annotated[float, BeforeValidator(_seconds_before), Field(allow_inf_nan=False)]
+PositiveSeconds = Annotated[Seconds, Field(gt=0)]
+Size = Annotated[int, BeforeValidator(_size_before), Field(gt=0)]
+Name = Annotated[str, AfterValidator(_check_name)]
+TableKey = Annotated[str, AfterValidator(_table_key)]
+ColumnKey = Annotated[str, AfterValidator(_column_key)]
+OptionalDsn = Annotated[SecretDsn | None, BeforeValidator(_empty_to_none)]
+OnOffAuto = Literal["auto", "on", "off"]
+
+
+# --------------------------------------------------------------------------- the models
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_is_empty(cls, data: Any) -> Any:
+        # A section whose keys are all commented out is parsed by YAML as null.
+        return {} if data is None else data
+
+
+def _on_off(value: Any) -> Any:
+    # YAML 1.1 reads unquoted on/off as booleans.
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    value = _lower(value)
+    return {"true": "on", "false": "off"}.get(value, value) if isinstance(value, str) else value
+
+
+class SourceConfig(_Section):
+    """The captured database."""
+
+    dsn: OptionalDsn = None
+    slot: Name = "cdc"
+    publication: Name = "cdc"
+    #: canonical ``schema.name`` strings (see :func:`normalize_table`); empty = all tables
+    tables: Annotated[tuple[TableKey, ...], BeforeValidator(_split_list), AfterValidator(_unique)] = ()
+    stream_in_progress: Annotated[OnOffAuto, BeforeValidator(_on_off)] = "auto"
+    connect_timeout_seconds: PositiveSeconds = 10.0
+
+
+class StoreConfig(_Section):
+    """The history store."""
+
+    dsn: OptionalDsn = None
+    #: the ``schema`` key (``BaseModel.schema`` is taken)
+    schema_name: Name = Field(default="cdc_history", alias="schema")
+
+
+class CaptureConfig(_Section):
+    """Batching, memory and lag limits of the capture loop."""
+
+    batch_max_rows: Annotated[int, BeforeValidator(_no_bool), Field(gt=0)] = 5000
+    batch_max_seconds: PositiveSeconds = 0.2
+    status_interval_seconds: PositiveSeconds = 10.0
+    memory_limit_bytes: Size = 64 * 1024**2
+    spill_dir: Annotated[Path | None, BeforeValidator(_empty_to_none)] = None
+    heartbeat_interval_seconds: Annotated[Seconds, Field(ge=0)] = 60.0
+    max_lag_bytes: Size = 1024**3
+
+
+class ContextConfig(_Section):
+    """How the request context of a change is found."""
+
+    application_name_pattern: str = r"req:(?P<id>[A-Za-z0-9._:-]+)"
+    settings_prefix: Annotated[str, AfterValidator(_check_prefix)] = "cdc"
+
+    @field_validator("application_name_pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        if "id" not in compiled.groupindex:
+            raise ValueError('must contain a named group "id", e.g. req:(?P<id>[A-Za-z0-9._:-]+)')
+        return value
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        """``application_name_pattern`` compiled."""
+        return re.compile(self.application_name_pattern)
+
+
+class RetentionConfig(_Section):
+    """How long history is kept, and how it is partitioned and pruned."""
+
+    default: Duration = timedelta(days=7)
+    #: keys are canonical ``schema.name`` strings
+    tables: Annotated[
+        dict[TableKey, Duration], BeforeValidator(_none_to_dict), BeforeValidator(_no_duplicate_tables)
+    ] = Field(default_factory=dict)
+    partition_interval: Duration = timedelta(days=1)
+    prune_interval: Duration = timedelta(hours=1)
+    keyframe_on_prune: bool = True
+
+    def for_table(self, table: str) -> timedelta:
+        """Retention of ``table`` (any spelling accepted by :func:`normalize_table`)."""
+        return self.tables.get(format_table(*normalize_table(table)), self.default)
+
+
+def _check_listen(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected host:port, e.g. 127.0.0.1:8400")
+    host, sep, port = value.strip().rpartition(":")
+    valid = bool(sep) and re.fullmatch(r"[0-9]{1,5}", port, re.ASCII) is not None and int(port) <= 65535
+    if valid and host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            valid = False
+    elif valid:
+        valid = re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host, re.ASCII) is not None
+    if not valid:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:8400 or [::1]:8400")
+    return value.strip()
+
+
+class ServerConfig(_Section):
+    """``cdc serve``: HTTP API, page and metrics."""
+
+    listen: Annotated[str, BeforeValidator(_check_listen)] = "127.0.0.1:8400"
+    token: Annotated[SecretStr | None, BeforeValidator(_empty_to_none)] = None
+    open: bool = False
+
+    @property
+    def host(self) -> str:
+        """Host part of ``listen`` (IPv6 without brackets)."""
+        return self.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+
+    @property
+    def port(self) -> int:
+        """Port part of ``listen``."""
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether ``listen`` is only reachable from this machine."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class LoggingConfig(_Section):
+    """Log level and format."""
+
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        BeforeValidator(lambda v: "warning" if _lower(v) == "warn" else _lower(v)),
+    ] = "info"
+    format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
+
+
+class ReconnectConfig(_Section):
+    """Backoff between reconnection attempts."""
+
+    initial_backoff_seconds: PositiveSeconds = 0.5
+    max_backoff_seconds: PositiveSeconds = 30.0
+
+    @field_validator("max_backoff_seconds")
+    @classmethod
+    def _not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("initial_backoff_seconds")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least initial_backoff_seconds ({initial:g})")
+        return value
+
+
+class Config(_Section):
+    """The whole configuration (frozen). Build it with :func:`load_config`."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    #: canonical ``schema.name`` → column name (case preserved) → policy
+    columns: Annotated[
+        dict[
+            TableKey,
+            Annotated[
+                dict[ColumnKey, Annotated[ColumnPolicy, BeforeValidator(_lower)]],
+                BeforeValidator(_none_to_dict),
+            ],
+        ],
+        BeforeValidator(_none_to_dict),
+        BeforeValidator(_no_duplicate_tables),
+    ] = Field(default_factory=dict)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+
+    def require_source(self) -> str:
+        """The source DSN; raises :class:`ConfigError` when none is configured."""
+        if self.source.dsn is None:
+            raise ConfigError(["source.dsn: not set; set CDC_SOURCE_DSN or source.dsn in the config file"])
+        return self.source.dsn.get_secret_value()
+
+    def require_store(self) -> str:
+        """The store DSN; raises :class:`ConfigError` when none is configured."""
+        if self.store.dsn is None:
+            raise ConfigError(["store.dsn: not set; set CDC_STORE_DSN or store.dsn in the config file"])
+        return self.store.dsn.get_secret_value()
+
+    def column_policies(self, table: str) -> dict[str, ColumnPolicy]:
+        """Column name → policy for ``table`` (any spelling accepted by :func:`normalize_table`)."""
+        return dict(self.columns.get(format_table(*normalize_table(table)), {}))
+
+    def redacted(self) -> dict[str, Any]:
+        """Plain data for display (``cdc config``): secrets redacted, durations and sizes formatted.
+
+        Dumped as YAML it loads back to an equal config, except for the secrets.
+        """
+
+        def convert(value: Any, key: str) -> Any:
+            if isinstance(value, dict):
+                return {k: convert(v, k) for k, v in value.items()}
+            if isinstance(value, tuple | list):
+                return [convert(v, key) for v in value]
+            if isinstance(value, Secret | SecretStr):
+                return str(value)
+            if isinstance(value, timedelta):
+                return format_duration(value)
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, int) and not isinstance(value, bool) and key.endswith("_bytes"):
+                return format_size(value)
+            return value
+
+        result: dict[str, Any] = convert(self.model_dump(by_alias=True), "")
+        result["columns"] = {
+            table: {_quote_identifier(column): policy for column, policy in policies.items()}
+            for table, policies in result["columns"].items()
+        }
+        return result
+
+
+# --------------------------------------------------------------------------- loading
+
+_Path = tuple[Any, ...]
+_DSN_VARIABLES = {"CDC_SOURCE_DSN": ("source", "dsn"), "CDC_STORE_DSN": ("store", "dsn")}
+_SECRET_KEYS = {"dsn", "token"}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys instead of silently keeping the last."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, Any]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                marker = (key_node.tag, key_node.value)
+                if marker in seen:
+                    line = key_node.start_mark.line + 1
+                    self.duplicates.append((line, f"line {line}: duplicate key {key_node.value!r}"))
+                seen.add(marker)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_file(path: Path, origin: str, problems: list[str]) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(f"{origin}: config file not found")
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"{origin}: cannot read config file ({getattr(exc, 'strerror', None) or exc})")
+        return {}
+    loader = _Loader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        where = ""
+        if exc.problem_mark is not None:
+            where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
+        context = ""
+        if exc.context and exc.context_mark is not None:
+            context = f" ({exc.context} at line {exc.context_mark.line + 1})"
+        problems.append(f"{origin}: invalid YAML{where}: {exc.problem}{context}")
+        return {}
+    except yaml.YAMLError as exc:
+        problems.append(f"{origin}: invalid YAML: {type(exc).__name__}")
+        return {}
+    finally:
+        loader.dispose()
+    problems.extend(f"{origin}: {duplicate}" for _, duplicate in sorted(loader.duplicates))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(
+            f"{origin}: the top level must be a mapping of sections (source:, store:, ...), "
+            f"got {type(data).__name__}"
+        )
+        return {}
+    return data
+
+
+def _leaves(data: Any, prefix: _Path = ()) -> Iterator[_Path]:
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            yield from _leaves(value, (*prefix, key))
+    else:
+        yield prefix
+
+
+def _section_fields(section: str) -> set[str]:
+    field = Config.model_fields.get(section)
+    if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        return set()
+    return {f.alias or name for name, f in field.annotation.model_fields.items()}
+
+
+def _read_env(env: Mapping[str, str], problems: list[str]) -> tuple[dict[str, Any], dict[_Path, str]]:
+    data: dict[str, Any] = {}
+    origins: dict[_Path, str] = {}
+    for name in sorted(env):
+        upper = name.upper()
+        if not upper.startswith("CDC_") or upper == "CDC_CONFIG":
+            continue
+        rest = name[4:].lower()
+        path: _Path
+        if upper in _DSN_VARIABLES:
+            path = _DSN_VARIABLES[upper]
+        elif "__" in rest:
+            path = tuple(rest.split("__"))
+            if not all(path):
+                problems.append(f"{name}: malformed variable name (use CDC_<SECTION>__<KEY>)")
+                continue
+        else:
+            section, _, key = rest.partition("_")
+            if key in _section_fields(section):
+                problems.append(
+                    f"{name}: not a config variable (did you mean CDC_{section.upper()}__{key.upper()}?)"
+                )
+            continue  # other CDC_* variables are not ours
+        value = env[name].strip()
+        node: dict[str, Any] = data
+        conflict = None
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                conflict = origins.get(path[: i + 1])
+                break
+            node = child
+        existing = node.get(path[-1]) if conflict is None else None
+        if conflict is None and isinstance(existing, dict):
+            conflict = next(o for p, o in origins.items() if p[: len(path)] == path)
+        elif conflict is None and existing is not None and existing != value:
+            conflict = origins[path]
+        if conflict is not None:
+            problems.append(f"{_format_path(path)}: set by both {conflict} and {name}")
+            continue
+        node[path[-1]] = value
+        origins[path] = name
+    return data, origins
+
+
+def _merge(base: dict[Any, Any], override: dict[Any, Any]) -> dict[Any, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_path(loc: _Path) -> str:
+    text = ""
+    for part in loc:
+        if part == "[key]":
+            continue
+        if isinstance(part, int) and not isinstance(part, bool):
+            text += f"[{part}]"
+        else:
+            key = str(part)
+            if not re.fullmatch(r"[A-Za-z0-9_$]+", key):
+                key = '"' + key.replace('"', '\\"') + '"'
+            text += f".{key}" if text else key
+    return text or "(top level)"
+
+
+def _origin(loc: _Path, origins: Mapping[_Path, str]) -> str:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in origins:
+            return origins[loc[:end]]
+    below = sorted({o for p, o in origins.items() if p[: len(loc)] == loc})
+    return ", ".join(below) if below else "defaults"
+
+
+def _model_at(loc: _Path) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            field = next((f for f in model.model_fields.values() if f.alias == part), None)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc: _Path = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = [f.alias or name for name, f in model.model_fields.items()] if model else []
+        close = difflib.get_close_matches(str(loc[-1]).lower(), known, n=1, cutoff=0.6)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if kind in ("value_error", "assertion_error"):
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+    else:
+        message = error["msg"]
+        if kind.endswith("_parsing"):
+            message = message.split(",")[0]
+    if any(str(part) in _SECRET_KEYS for part in loc):
+        return message
+    got = repr(error.get("input"))
+    if len(got) > 80:
+        got = got[:77] + "..."
+    return f"{message}, got {got}"
+
+
+def _cross_checks(config: Config, data: Mapping[str, Any], origins: Mapping[_Path, str]) -> list[str]:
+    """Policies naming a table that is not captured are almost surely typos: refuse them."""
+    problems: list[str] = []
+    captured = set(config.source.tables)
+    if not captured:
+        return problems
+    for section, keys in (("retention", ("retention", "tables")), ("columns", ("columns",))):
+        raw = data.get(keys[0], {})
+        raw = raw.get(keys[1], {}) if len(keys) > 1 and isinstance(raw, dict) else raw
+        mapping = config.retention.tables if section == "retention" else config.columns
+        for table in mapping:
+            if table in captured:
+                continue
+            raw_key = next((k for k in raw if isinstance(k, str) and _safe_table_key(k) == table), table)
+            close = difflib.get_close_matches(table, sorted(captured), n=1, cutoff=0.6)
+            loc = (*keys, raw_key)
+            problems.append(
+                f"{_format_path(loc)} (from {_origin(loc, origins)}): table {table} is not in source.tables"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+            )
+    return problems
+
+
+def _safe_table_key(key: str) -> str | None:
+    try:
+        return _table_key(key)
+    except ValueError:
+        return None
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration: ``env`` (default ``os.environ``) over the YAML file over defaults.
+
+    The file is ``path``, else ``$CDC_CONFIG``, else none. Environment: ``CDC_SOURCE_DSN``,
+    ``CDC_STORE_DSN`` and ``CDC_<SECTION>__<KEY>[__<KEY>...]`` (case-insensitive; lists are
+    comma-separated). Raises one :class:`ConfigError` listing every problem.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    origins: dict[_Path, str] = {}
+    file_data: dict[str, Any] = {}
+    if path is None and env.get("CDC_CONFIG", "").strip():
+        path = env["CDC_CONFIG"].strip()
+    if path is not None:
+        origin = str(path)
+        file_data = _read_file(Path(path).expanduser(), origin, problems)
+        origins.update((leaf, origin) for leaf in _leaves(file_data) if leaf)
+    env_data, env_origins = _read_env(env, problems)
+    for env_path in env_origins:  # env replaces whatever the file had at and below its path
+        for stale in [p for p in origins if p[: len(env_path)] == env_path]:
+            del origins[stale]
+    origins.update(env_origins)
+    data = _merge(file_data, env_data)
+
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        for error in errors:
+            loc = tuple(error["loc"])
+            problems.append(f"{_format_path(loc)} (from {_origin(loc, origins)}): {_describe(error)}")
+    if config is not None:
+        problems.extend(_cross_checks(config, data, origins))
+    if problems:
+        raise ConfigError([redact_dsn(problem) for problem in problems])
+    assert config is not None
+    return config

@@ -1,0 +1,529 @@
+"""Request context carried through the WAL: message prefixes, dataclasses, parsing.
+
+Pure: no psycopg, no I/O. The source side (``sql/context.sql``, installed by
+:mod:`cdc.source_context`) and the client helper (:mod:`cdc.client`) write two kinds of
+logical decoding messages with ``pg_logical_emit_message``; the assembler reads them back
+from the slot and parses them with :func:`parse_context` and :func:`parse_error`.
+
+``cdc.context`` (transactional, written before the changes it describes)::
+
+    {"request_id": str|null, "actor": str|null, "application_name": str|null,
+     "db_user": str, "client_addr": str|null, "backend_pid": int,
+     "source": "setting"|"application_name"|"client"|"none", "extra": {str: str}}
+
+``cdc.error`` (non-transactional, so it survives the rollback it explains)::
+
+    {"request_id": str|null, "xid": int|null, "error_type": str, "message": str,
+     "location": "file.py:42"|null, "actor": str|null, "at": ISO-8601 UTC}
+
+``xid`` is ``txid_current_if_assigned()``: the 64-bit, epoch-qualified transaction id. The
+32-bit xid that pgoutput carries is ``xid & 0xFFFFFFFF`` (see :attr:`ReportedError.xid32`).
+
+This module also holds the Python side of the ``application_name`` pattern: the pattern is
+configured in Python syntax (default :data:`DEFAULT_APPLICATION_NAME_PATTERN`) and translated
+by :func:`pattern_to_postgres` into the PostgreSQL regular expression that the trigger uses;
+:func:`request_id_from_application_name` applies the same pattern in Python.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Final, Literal, cast
+
+from cdc.errors import ConfigError, ProtocolError
+
+__all__ = [
+    "CONTEXT_PREFIX",
+    "DEFAULT_APPLICATION_NAME_PATTERN",
+    "DEFAULT_EXTRA_SETTINGS",
+    "EMITTED_SETTING",
+    "ERROR_PREFIX",
+    "HEARTBEAT_PREFIX",
+    "MAX_CONTENT_BYTES",
+    "MAX_EXTRA_KEYS",
+    "MAX_EXTRA_KEY_CHARS",
+    "MAX_EXTRA_VALUE_CHARS",
+    "MAX_ID_CHARS",
+    "MAX_MESSAGE_BYTES",
+    "SOURCES",
+    "ContextSource",
+    "ReportedError",
+    "RequestContext",
+    "compile_application_name_pattern",
+    "context_fingerprint",
+    "parse_context",
+    "parse_error",
+    "pattern_to_postgres",
+    "request_id_from_application_name",
+    "truncate_utf8",
+    "validate_setting_name",
+]
+
+CONTEXT_PREFIX: Final = "cdc.context"
+ERROR_PREFIX: Final = "cdc.error"
+HEARTBEAT_PREFIX: Final = "cdc.heartbeat"
+
+#: The transaction-local setting holding the fingerprint of the last emitted context.
+EMITTED_SETTING: Final = "cdc._emitted"
+
+DEFAULT_APPLICATION_NAME_PATTERN: Final = r"req:(?P<id>[A-Za-z0-9._:-]+)"
+
+#: Extra ``cdc.*`` settings read by the trigger when no list is configured. PostgreSQL cannot
+#: enumerate custom (placeholder) settings from SQL (pg_settings hides them), so the trigger
+#: reads a known list; the client helper sends whatever keys it is given.
+DEFAULT_EXTRA_SETTINGS: Final = ("tenant", "trace_id", "span_id", "session_id", "job", "route")
+
+# Size limits, the same on every side (SQL, client, parser).
+MAX_MESSAGE_BYTES: Final = 4096  # ReportedError.message, UTF-8 bytes
+MAX_EXTRA_KEYS: Final = 50
+MAX_EXTRA_KEY_CHARS: Final = 128
+MAX_EXTRA_VALUE_CHARS: Final = 1024
+MAX_ID_CHARS: Final = 256  # request_id, actor
+MAX_CONTENT_BYTES: Final = 1 << 20  # anything bigger is not ours
+
+ContextSource = Literal["setting", "application_name", "client", "none"]
+SOURCES: Final[frozenset[str]] = frozenset({"setting", "application_name", "client", "none"})
+
+_UNIT_SEPARATOR: Final = "\x1f"
+
+
+def _frozen_mapping(items: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    return MappingProxyType(dict(items or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """The context of (part of) a transaction, from a ``cdc.context`` message."""
+
+    request_id: str | None
+    actor: str | None
+    application_name: str | None
+    db_user: str
+    client_addr: str | None
+    backend_pid: int
+    source: ContextSource
+    extra: Mapping[str, str] = field(default_factory=_frozen_mapping)
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON object of the wire format (also what the store keeps as ``context``)."""
+        return {
+            "request_id": self.request_id,
+            "actor": self.actor,
+            "application_name": self.application_name,
+            "db_user": self.db_user,
+            "client_addr": self.client_addr,
+            "backend_pid": self.backend_pid,
+            "source": self.source,
+            "extra": dict(self.extra),
+        }
+
+    def to_content(self) -> str:
+        """Compact JSON text, as written with ``pg_logical_emit_message``."""
+        return json.dumps(self.as_json(), separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedError:
+    """An error an application reported for a request, from a ``cdc.error`` message."""
+
+    request_id: str | None
+    xid: int | None
+    error_type: str
+    message: str
+    location: str | None
+    actor: str | None
+    at: datetime
+
+    @property
+    def xid32(self) -> int | None:
+        """The 32-bit xid, as pgoutput's Begin/Stream Start messages carry it."""
+        return None if self.xid is None else self.xid & 0xFFFFFFFF
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "xid": self.xid,
+            "error_type": self.error_type,
+            "message": self.message,
+            "location": self.location,
+            "actor": self.actor,
+            "at": self.at.isoformat(),
+        }
+
+    def to_content(self) -> str:
+        return json.dumps(self.as_json(), separators=(",", ":"), ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing. Both parsers raise ProtocolError, and only ProtocolError, on malformed content.
+
+
+def truncate_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, ending with "…" when cut."""
+    data = text.encode("utf-8", errors="surrogatepass")
+    if len(data) <= max_bytes:
+        return text
+    marker = "…"
+    room = max(0, max_bytes - len(marker.encode()))
+    return data[:room].decode("utf-8", errors="ignore") + marker
+
+
+def _load_object(content: bytes, what: str) -> dict[str, Any]:
+    if not isinstance(content, bytes | bytearray | memoryview):
+        raise ProtocolError(f"{what} message: content is {type(content).__name__}, not bytes")
+    if len(content) > MAX_CONTENT_BYTES:
+        raise ProtocolError(f"{what} message: {len(content)} bytes, more than {MAX_CONTENT_BYTES}")
+    try:
+        text = bytes(content).decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{what} message: not UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} message: JSON {type(value).__name__}, not an object")
+    return cast(dict[str, Any], value)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _opt_str(obj: Mapping[str, Any], key: str, what: str, limit: int | None = None) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} message: {key!r} is {type(value).__name__}, not a string")
+    if _has_surrogates(value):
+        raise ProtocolError(f"{what} message: {key!r} is not valid Unicode")
+    if limit is not None and len(value) > limit:
+        value = value[:limit]
+    return value
+
+
+def _req_str(obj: Mapping[str, Any], key: str, what: str, limit: int | None = None) -> str:
+    if key not in obj:
+        raise ProtocolError(f"{what} message: {key!r} is missing")
+    value = _opt_str(obj, key, what, limit)
+    if value is None:
+        raise ProtocolError(f"{what} message: {key!r} is null")
+    return value
+
+
+def _opt_int(obj: Mapping[str, Any], key: str, what: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{what} message: {key!r} is {type(value).__name__}, not an integer")
+    if value < 0 or value >= 1 << 64:
+        raise ProtocolError(f"{what} message: {key!r} is out of range")
+    return value
+
+
+def _has_surrogates(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _extra_value(value: Any) -> str | None:
+    """Extra values are strings; other JSON scalars are kept as their JSON text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool | int):
+        text = json.dumps(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        text = json.dumps(value)
+    else:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    if _has_surrogates(text):
+        return None
+    return text[:MAX_EXTRA_VALUE_CHARS]
+
+
+def _parse_extra(value: Any, what: str) -> Mapping[str, str]:
+    if value is None:
+        return _frozen_mapping()
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} message: 'extra' is {type(value).__name__}, not an object")
+    extra: dict[str, str] = {}
+    for key in sorted(value):
+        if len(extra) >= MAX_EXTRA_KEYS:
+            break
+        if _has_surrogates(key):
+            continue
+        text = _extra_value(value[key])
+        if text is not None:
+            extra[key[:MAX_EXTRA_KEY_CHARS]] = text
+    return _frozen_mapping(extra)
+
+
+def parse_context(content: bytes) -> RequestContext:
+    """Parse a ``cdc.context`` message. Raises :class:`ProtocolError` (only) when malformed.
+
+    Missing nullable fields read as null and unknown fields are ignored (older or newer
+    writers); the types of present fields are checked.
+    """
+    what = CONTEXT_PREFIX
+    try:
+        obj = _load_object(content, what)
+        source = obj.get("source")
+        if not isinstance(source, str) or source not in SOURCES:
+            raise ProtocolError(f"{what} message: 'source' is not one of {sorted(SOURCES)}")
+        pid = _opt_int(obj, "backend_pid", what)
+        if pid is None:
+            raise ProtocolError(f"{what} message: 'backend_pid' is missing")
+        return RequestContext(
+            request_id=_opt_str(obj, "request_id", what, MAX_ID_CHARS),
+            actor=_opt_str(obj, "actor", what, MAX_ID_CHARS),
+            application_name=_opt_str(obj, "application_name", what),
+            db_user=_req_str(obj, "db_user", what),
+            client_addr=_opt_str(obj, "client_addr", what),
+            backend_pid=pid,
+            source=cast(ContextSource, source),
+            extra=_parse_extra(obj.get("extra"), what),
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the contract: nothing but ProtocolError escapes
+        raise ProtocolError(f"{what} message: malformed ({type(exc).__name__})") from None
+
+
+def parse_error(content: bytes) -> ReportedError:
+    """Parse a ``cdc.error`` message. Raises :class:`ProtocolError` (only) when malformed."""
+    what = ERROR_PREFIX
+    try:
+        obj = _load_object(content, what)
+        at_text = _req_str(obj, "at", what)
+        try:
+            at = datetime.fromisoformat(at_text)
+        except ValueError:
+            raise ProtocolError(f"{what} message: 'at' is not an ISO-8601 timestamp") from None
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+        message = _req_str(obj, "message", what)
+        return ReportedError(
+            request_id=_opt_str(obj, "request_id", what, MAX_ID_CHARS),
+            xid=_opt_int(obj, "xid", what),
+            error_type=_req_str(obj, "error_type", what, 256),
+            message=truncate_utf8(message, MAX_MESSAGE_BYTES),
+            location=_opt_str(obj, "location", what, 1024),
+            actor=_opt_str(obj, "actor", what, MAX_ID_CHARS),
+            at=at,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the contract: nothing but ProtocolError escapes
+        raise ProtocolError(f"{what} message: malformed ({type(exc).__name__})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint: what the trigger compares to decide whether the context changed.
+
+
+def context_fingerprint(request_id: str | None, actor: str | None, application_name: str | None) -> str:
+    """The value of ``cdc._emitted`` for these raw settings (``None`` and '' are the same).
+
+    Must match the expression in ``cdc.context_trigger()`` exactly.
+    """
+    return _UNIT_SEPARATOR.join((request_id or "", actor or "", application_name or ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Setting names
+
+
+_SETTING_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def validate_setting_name(name: str, what: str = "setting name") -> str:
+    """A custom setting name part (``tenant`` in ``cdc.tenant``), lower-cased. ValueError if bad."""
+    if not _SETTING_PART.fullmatch(name) or len(name) > MAX_EXTRA_KEY_CHARS:
+        raise ValueError(f"{what} {name!r}: must be a letter or _ then letters, digits, _ or $")
+    return name.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# The application_name pattern, Python syntax -> PostgreSQL ARE.
+
+
+def compile_application_name_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile the configured pattern, checking it can be translated for PostgreSQL."""
+    pattern_to_postgres(pattern)
+    return re.compile(pattern)
+
+
+def request_id_from_application_name(application_name: str | None, pattern: str | re.Pattern[str]) -> str | None:
+    """The request id in ``application_name``, as the trigger computes it (None when no match).
+
+    The id is the group named ``id``, else the first group, else the whole match; an empty
+    id is no id.
+    """
+    if not application_name:
+        return None
+    compiled = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+    match = compiled.search(application_name)
+    if match is None:
+        return None
+    if "id" in compiled.groupindex:
+        found = match.group("id")
+    elif compiled.groups:
+        found = match.group(1)
+    else:
+        found = match.group(0)
+    return found or None
+
+
+_CLASS_ESCAPES: Final = frozenset("dDsSwWntrfv")
+_QUANTIFIER_CHARS: Final = frozenset("*+?}")
+
+
+def pattern_to_postgres(pattern: str) -> str:
+    """Translate a Python regular expression to a PostgreSQL (ARE) one for ``substring()``.
+
+    ``substring(text, pattern)`` returns the first capturing group, so the group holding the
+    id (named ``id``, else the first group) becomes the only capturing group and every other
+    group becomes non-capturing. ``\\b``/``\\B`` become ``\\y``/``\\Y`` (``\\b`` is a
+    backspace in PostgreSQL), ``\\xHH`` becomes ``\\u00HH`` and ``{,n}`` becomes ``{0,n}``.
+    Constructs with no PostgreSQL equivalent (back references, conditionals, atomic groups,
+    possessive quantifiers, flags other than a leading ``(?i)``, POSIX-looking nested sets)
+    raise :class:`cdc.errors.ConfigError`. ``application_name`` only ever holds printable
+    ASCII (the server replaces anything else with ``?``), which keeps the two engines'
+    remaining differences (newlines, Unicode classes) out of play.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError([f"application_name pattern {pattern!r}: {exc}"]) from None
+    if "id" in compiled.groupindex:
+        id_group = compiled.groupindex["id"]
+    elif compiled.groups:
+        id_group = 1
+    else:
+        id_group = 0
+
+    def bad(reason: str) -> ConfigError:
+        return ConfigError([f"application_name pattern {pattern!r}: {reason} is not supported in PostgreSQL"])
+
+    def escape(i: int, in_class: bool) -> tuple[str, int]:
+        nxt = pattern[i + 1]
+        if not nxt.isalnum():
+            return "\\" + nxt, i + 2
+        if nxt in _CLASS_ESCAPES:
+            return "\\" + nxt, i + 2
+        if nxt in "bB":
+            if in_class:
+                return ("\\b", i + 2) if nxt == "b" else ("", -1)
+            return ("\\y" if nxt == "b" else "\\Y"), i + 2
+        if nxt in "AZ" and not in_class:
+            return "\\" + nxt, i + 2
+        if nxt in "xuU":
+            width = {"x": 2, "u": 4, "U": 8}[nxt]
+            code = int(pattern[i + 2 : i + 2 + width], 16)  # re.compile checked the digits
+            return (f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"), i + 2 + width
+        return "", -1
+
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    group_no = 0
+    after_quantifier = False
+    while i < n:
+        ch = pattern[i]
+        if after_quantifier and ch == "+":
+            raise bad("a possessive quantifier")
+        after_quantifier = False
+        if ch == "\\":
+            text, i_next = escape(i, in_class=False)
+            if i_next < 0:
+                raise bad(f"the escape \\{pattern[i + 1]}")
+            out.append(text)
+            i = i_next
+        elif ch == "[":
+            # A bracket expression, copied up to its closing ]; a ] right after [ or [^ is a literal.
+            j = i + 1
+            out.append("[")
+            if pattern.startswith("^", j):
+                out.append("^")
+                j += 1
+            if pattern.startswith("]", j):
+                out.append("]")
+                j += 1
+            while pattern[j] != "]":
+                if pattern[j] == "\\":
+                    text, j_next = escape(j, in_class=True)
+                    if j_next < 0:
+                        raise bad(f"the escape \\{pattern[j + 1]} in a set")
+                    out.append(text)
+                    j = j_next
+                    continue
+                if pattern[j] == "[" and pattern[j + 1 : j + 2] in (":", "=", "."):
+                    raise bad("a nested set ([: [= [.)")
+                out.append(pattern[j])
+                j += 1
+            out.append("]")
+            i = j + 1
+        elif ch == "(":
+            if not pattern.startswith("(?", i):
+                group_no += 1
+                out.append("(" if group_no == id_group else "(?:")
+                i += 1
+                continue
+            rest = pattern[i + 2 :]
+            if rest.startswith("P<"):
+                group_no += 1
+                out.append("(" if group_no == id_group else "(?:")
+                i = pattern.index(">", i) + 1
+            elif rest.startswith(("=", "!", ":")):
+                out.append("(?" + rest[0])
+                i += 3
+            elif rest.startswith(("<=", "<!")):
+                out.append("(?" + rest[:2])
+                i += 4
+            elif rest.startswith("#"):
+                i = pattern.index(")", i) + 1
+            elif rest.startswith("P="):
+                raise bad("a named back reference")
+            elif rest.startswith("("):
+                raise bad("a conditional group")
+            elif rest.startswith(">"):
+                raise bad("an atomic group")
+            else:
+                flags = re.match(r"\(\?([a-zA-Z]+)\)", pattern[i:])
+                if flags is not None and i == 0 and flags.group(1) == "i":
+                    out.append("(?i)")
+                    i += flags.end()
+                else:
+                    raise bad("inline flags other than a leading (?i)")
+        elif ch == "{":
+            bound = re.match(r"\{(\d*)(,?)(\d*)\}", pattern[i:])
+            if bound is None or (bound.group(1) == "" and bound.group(2) == ""):
+                out.append("\\{")  # Python reads a brace that is no bound as a literal
+                i += 1
+            else:
+                low = bound.group(1) or "0"
+                out.append("{" + low + bound.group(2) + bound.group(3) + "}")
+                i += bound.end()
+                after_quantifier = True
+        elif ch == "}":
+            out.append("\\}")
+            i += 1
+        else:
+            out.append(ch)
+            after_quantifier = ch in "*+?"
+            if ch in "*+?" and pattern.startswith("?", i + 1):  # lazy quantifier: copy the ?
+                out.append("?")
+                i += 1
+                after_quantifier = True
+            i += 1
+    return "".join(out)

@@ -1,0 +1,328 @@
+"""The capture daemon: replication stream → assembler → history store → acknowledgement.
+
+The loop is the only place that catches every exception: each session (connect,
+stream, write) is an error boundary; retryable errors back off and reconnect, fatal
+ones stop the daemon with their exit code. Signal handlers only set flags. The slot is
+acknowledged only up to the last position whose store transaction has committed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import psycopg
+import structlog
+
+from cdc.assembler import COMMITTED, Assembler, FinishedTransaction, LogicalMessage
+from cdc.config import Config, load_config, redact_dsn
+from cdc.context import ERROR_PREFIX, parse_error
+from cdc.errors import CdcError, ProtocolError, SetupError, SlotLostError
+from cdc.lsn import format_lsn
+from cdc.metrics import Metrics
+from cdc.protocol.frames import PrimaryKeepalive, XLogData
+from cdc.protocol.pgoutput import Relation
+from cdc.source import primary_key
+from cdc.store.writer import Batch, StoreWriter, TransactionRow
+from cdc.stream.replication import ReplicationStream, choose_options
+
+log = structlog.get_logger("cdc.daemon")
+
+EXIT_OK = 0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        config_path: str | None = None,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._config_path = config_path
+        self._reload = reload or (lambda: load_config(self._config_path))
+        self._stop = threading.Event()
+        self._reload_requested = False
+        self.last_heartbeat = time.monotonic()
+        self.streaming = False
+        self.last_error: str | None = None
+        self.acked_lsn = 0
+
+    # -- control ---------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            self._stop.set()
+
+        def hup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload_requested = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def beat(self) -> None:
+        self.last_heartbeat = time.monotonic()
+        self.metrics.heartbeat_seconds.set(time.time())
+
+    # -- main loop -------------------------------------------------------------
+    def run(self) -> int:
+        """Capture until stopped; return the process exit code."""
+        backoff = self.config.reconnect.initial_backoff_seconds
+        log.info("daemon_started", pid=os.getpid(), slot=self.config.source.slot)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._session()
+            except CdcError as exc:
+                self.last_error = str(exc)
+                self.metrics.errors.labels(kind=type(exc).__name__).inc()
+                if not exc.retryable:
+                    log.error("daemon_stopped", error=exc.message, hint=exc.hint, exit_code=exc.exit_code)
+                    return exc.exit_code
+                log.warning("capture_interrupted", error=exc.message, retry_in_seconds=round(backoff, 2))
+            except Exception as exc:  # the cycle's error boundary: log, back off, retry
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.metrics.errors.labels(kind=type(exc).__name__).inc()
+                log.exception("capture_failed", retry_in_seconds=round(backoff, 2))
+            finally:
+                self.streaming = False
+                self.metrics.streaming.set(0)
+            if self._stop.is_set():
+                break
+            if time.monotonic() - started > 30:
+                backoff = self.config.reconnect.initial_backoff_seconds
+            self.metrics.reconnects.inc()
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, self.config.reconnect.max_backoff_seconds)
+        log.info("daemon_stopped", exit_code=EXIT_OK, acked_lsn=format_lsn(self.acked_lsn))
+        return EXIT_OK
+
+    def _session(self) -> None:
+        cfg = self.config
+        source_dsn, store_dsn = cfg.require_source(), cfg.require_store()
+        writer = StoreWriter(store_dsn, cfg.store.schema_name, cfg.source.slot)
+        stream = ReplicationStream(source_dsn, connect_timeout=cfg.source.connect_timeout_seconds)
+        catalog: psycopg.Connection[Any] | None = None
+        try:
+            writer.connect()
+            state = writer.load_state()
+            if state is None or not state.baseline_done:
+                raise SetupError(
+                    f"the store has no completed setup for slot {cfg.source.slot!r}",
+                    hint="run `cdc setup` (it creates the slot and records the baseline)",
+                )
+            stream.connect()
+            if state.source_system_id and stream.system_id and state.source_system_id != stream.system_id:
+                raise SetupError(
+                    f"the source is a different server (system id {stream.system_id}) from the one this "
+                    f"history was captured from ({state.source_system_id})",
+                    hint="point source.dsn at the original server, or use another store schema",
+                )
+            slot = stream.slot_info(cfg.source.slot)
+            if slot is None:
+                raise SlotLostError(
+                    f"replication slot {cfg.source.slot!r} does not exist on the source "
+                    f"({redact_dsn(source_dsn)}): changes since it was dropped were not captured",
+                    hint="run `cdc setup --recreate-slot`; the history records a gap and a new baseline",
+                )
+            if slot[2] == "lost":
+                raise SlotLostError(
+                    f"replication slot {cfg.source.slot!r} was invalidated (wal_status=lost): "
+                    "the WAL it needed was removed",
+                    hint="run `cdc setup --recreate-slot`; raise max_slot_wal_keep_size to avoid it",
+                )
+            options = choose_options(
+                stream.server_version,
+                cfg.source.slot,
+                cfg.source.publication,
+                state.acked_lsn,
+                cfg.source.stream_in_progress,
+            )
+            stream.close()
+            stream.connect(
+                {"debug_logical_replication_streaming": "immediate"} if options.stream_immediately else {}
+            )
+            catalog = psycopg.connect(source_dsn, autocommit=True, connect_timeout=10)
+            keys: dict[int, tuple[str, ...] | None] = {}
+
+            def lookup(relation: Relation) -> tuple[str, ...] | None:
+                if relation.oid not in keys:
+                    assert catalog is not None
+                    keys[relation.oid] = primary_key(catalog, relation.oid)
+                return keys[relation.oid]
+
+            assembler = Assembler(
+                primary_key=lookup,
+                memory_limit_bytes=cfg.capture.memory_limit_bytes,
+                spill_dir=str(cfg.capture.spill_dir) if cfg.capture.spill_dir else None,
+                skip_through=state.acked_lsn,
+            )
+            stream.start(options)
+            self.streaming = True
+            self.metrics.streaming.set(1)
+            self.acked_lsn = state.acked_lsn
+            log.info(
+                "streaming_started",
+                lsn=format_lsn(state.acked_lsn),
+                protocol=options.protocol_version,
+                streaming=options.streaming,
+                immediate=options.stream_immediately,
+                server_version=stream.server_version,
+            )
+            _Session(self, stream, writer, assembler).loop()
+        finally:
+            stream.close()
+            writer.close()
+            if catalog is not None:
+                catalog.close()
+
+
+class _Session:
+    """One streaming session: read frames, assemble, write batches, acknowledge."""
+
+    def __init__(
+        self, daemon: Daemon, stream: ReplicationStream, writer: StoreWriter, assembler: Assembler
+    ) -> None:
+        self.daemon = daemon
+        self.cfg = daemon.config.capture
+        self.metrics = daemon.metrics
+        self.stream = stream
+        self.writer = writer
+        self.assembler = assembler
+        self.batch = Batch()
+        self.batch_started: float | None = None
+        self.acked = daemon.acked_lsn  # written to the store and acknowledged
+        self.finished_position = self.acked  # last finished transaction (maybe not yet written)
+        self.server_wal_end = 0
+        self.last_status = 0.0
+        self.last_write = 0.0
+        self.last_commit_time: datetime | None = None
+
+    def loop(self) -> None:
+        daemon = self.daemon
+        while not daemon._stop.is_set():
+            daemon.beat()
+            timeout = 1.0
+            if self.batch_started is not None:
+                timeout = max(0.0, self.batch_started + self.cfg.batch_max_seconds - time.monotonic())
+            frame = self.stream.read(timeout)
+            if isinstance(frame, XLogData):
+                for event in self.assembler.feed(frame.wal_start, frame.payload):
+                    self._handle(event)
+            elif isinstance(frame, PrimaryKeepalive):
+                self.server_wal_end = max(self.server_wal_end, frame.wal_end)
+                self.metrics.server_wal_lsn.set(frame.wal_end)
+                if (
+                    frame.wal_end > max(self.acked, self.batch.ack_lsn or 0)
+                    and self.assembler.open_transactions == 0
+                    and not self.batch.mutations
+                    and time.monotonic() - self.last_write >= self.cfg.status_interval_seconds
+                ):
+                    # Nothing in flight: everything before the server's WAL end is handled,
+                    # so the slot (and the store's version) may move on even when captured
+                    # tables are idle, and no WAL is held back for them.
+                    self.batch.ack_lsn = frame.wal_end
+                    self._mark_batch()
+                if frame.reply_requested:
+                    self._flush()
+                    self._send_status(force=True)
+            if self.batch_started is not None and (
+                len(self.batch) >= self.cfg.batch_max_rows
+                or time.monotonic() - self.batch_started >= self.cfg.batch_max_seconds
+            ):
+                self._flush()
+            self._send_status()
+        self._flush()
+        self._send_status(force=True)
+
+    def _handle(self, event: FinishedTransaction | LogicalMessage) -> None:
+        if isinstance(event, LogicalMessage):
+            if event.prefix == ERROR_PREFIX:
+                try:
+                    self.batch.errors.append(parse_error(event.content))
+                except ProtocolError:
+                    log.warning("bad_error_message", lsn=format_lsn(event.lsn))
+                self._mark_batch()
+            return
+        txn = TransactionRow(
+            event.position, event.xid, event.commit_lsn, event.status, event.committed_at, event.origin
+        )
+        for mutation in event.mutations():
+            txn.mutation_count += 1
+            context = mutation.context
+            if context is not None and context.request_id:
+                previous = txn.requests.get(context.request_id)
+                committed = mutation.status == COMMITTED or (previous is not None and previous[1])
+                txn.requests[context.request_id] = (context.as_json(), committed, context.actor)
+            self.batch.mutations.append(mutation)
+            self._mark_batch()
+            if len(self.batch.mutations) >= self.cfg.batch_max_rows:
+                self._flush()  # a chunk of a large transaction; its ack comes with its last chunk
+        self.batch.transactions.append(txn)
+        self.finished_position = max(self.finished_position, event.position)
+        self.batch.ack_lsn = max(self.finished_position, self.batch.ack_lsn or 0)
+        self.last_commit_time = event.committed_at
+        self._mark_batch()
+
+    def _mark_batch(self) -> None:
+        if self.batch_started is None:
+            self.batch_started = time.monotonic()
+
+    def _flush(self) -> None:
+        batch = self.batch
+        if batch.empty():
+            self.batch_started = None
+            return
+        started = time.perf_counter()
+        self.writer.write(batch)
+        elapsed = time.perf_counter() - started
+        self.last_write = time.monotonic()
+        self.metrics.store_write_seconds.observe(elapsed)
+        self.metrics.batch_rows.observe(len(batch.mutations))
+        counts = Counter((m.table, m.op, m.status) for m in batch.mutations)
+        for (table, op, status), count in counts.items():
+            self.metrics.mutations.labels(table=table, op=op, status=status).inc(count)
+        for t in batch.transactions:
+            self.metrics.transactions.labels(status=t.status).inc()
+        if batch.ack_lsn is not None:
+            self.acked = max(self.acked, batch.ack_lsn)
+            self.daemon.acked_lsn = self.acked
+            self.metrics.written_lsn.set(self.acked)
+            if batch.transactions and self.last_commit_time is not None:
+                lag = (datetime.now(UTC) - self.last_commit_time).total_seconds()
+                self.metrics.lag_seconds.set(max(0.0, lag))
+            log.debug("batch_written", lsn=format_lsn(self.acked), mutations=len(batch.mutations))
+        self.batch = Batch()
+        self.batch_started = None
+        self._send_status(force=True)
+
+    def _update_gauges(self) -> None:
+        self.metrics.received_lsn.set(self.stream.last_received_lsn)
+        self.metrics.open_transactions.set(self.assembler.open_transactions)
+        self.metrics.buffered_bytes.set(self.assembler.memory_bytes)
+
+    def _send_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_status < self.cfg.status_interval_seconds:
+            return
+        flushed = self.acked
+        self.stream.send_status(flushed, flushed, flushed)
+        self._update_gauges()
+        self.last_status = now
+        self.metrics.confirmed_lsn.set(flushed)
+        if self.server_wal_end:
+            self.metrics.lag_bytes.set(max(0, self.server_wal_end - flushed))

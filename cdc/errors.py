@@ -1,0 +1,80 @@
+"""The one error hierarchy of cdc.
+
+Every error says whether retrying can help (``retryable``): the daemon loop
+backs off and retries retryable errors and stops with ``exit_code`` on fatal
+ones. Messages are for operators: they say what went wrong and what to run.
+They never carry row values.
+"""
+
+from __future__ import annotations
+
+
+class CdcError(Exception):
+    """Base of every error cdc raises on purpose."""
+
+    retryable: bool = False
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class ConfigError(CdcError):
+    """The configuration is invalid; ``problems`` lists every wrong key at once."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class UsageError(CdcError):
+    """A malformed argument from a user of the CLI, the API or the Python API."""
+
+    exit_code = 2
+
+
+class NotFoundError(UsageError):
+    """A table, row or request the user named does not exist in the history."""
+
+
+class ProtocolError(CdcError):
+    """Bytes from the server that do not decode as the protocol says."""
+
+    exit_code = 3
+
+
+class SetupError(CdcError):
+    """The source or store is not prepared for capture (wal_level, slot, publication...)."""
+
+    exit_code = 4
+
+
+class SlotLostError(SetupError):
+    """The replication slot is missing or invalidated: changes may have been lost."""
+
+    exit_code = 5
+
+
+class SourceUnavailableError(CdcError):
+    """The source server cannot be reached right now."""
+
+    retryable = True
+
+
+class StoreUnavailableError(CdcError):
+    """The history store cannot be reached or refused a write; nothing was acknowledged."""
+
+    retryable = True
+
+
+class ReadOnlyHistoryView(CdcError):  # noqa: N818 - the name is part of the public contract
+    """A write was attempted through a time-travel view."""

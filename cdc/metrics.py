@@ -1,0 +1,58 @@
+"""Every Prometheus metric cdc exports, on an injectable registry.
+
+Names start with ``cdc_`` and end with their unit. Labels are bounded: table names and
+operations, never keys or values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.mutations = Counter(
+            "cdc_mutations_total",
+            "Row mutations written to the history store",
+            ["table", "op", "status"],
+            registry=r,
+        )
+        self.transactions = Counter(
+            "cdc_transactions_total", "Transactions written, by outcome", ["status"], registry=r
+        )
+        self.batch_rows = Histogram(
+            "cdc_batch_rows",
+            "Mutations per store write",
+            buckets=(1, 10, 100, 500, 1000, 5000, 20000),
+            registry=r,
+        )
+        self.store_write_seconds = Histogram(
+            "cdc_store_write_seconds", "Duration of one store write (batch + ack)", registry=r
+        )
+        self.received_lsn = Gauge(
+            "cdc_received_lsn", "Highest WAL position received from the source", registry=r
+        )
+        self.written_lsn = Gauge("cdc_written_lsn", "Highest position written to the store", registry=r)
+        self.confirmed_lsn = Gauge("cdc_confirmed_lsn", "Position acknowledged to the slot", registry=r)
+        self.server_wal_lsn = Gauge("cdc_server_wal_lsn", "Server WAL end reported by keepalives", registry=r)
+        self.lag_bytes = Gauge("cdc_lag_bytes", "Server WAL end minus acknowledged position", registry=r)
+        self.lag_seconds = Gauge(
+            "cdc_lag_seconds", "Seconds from the last stored commit to its arrival in the store", registry=r
+        )
+        self.reconnects = Counter("cdc_reconnects_total", "Reconnections to the source or store", registry=r)
+        self.errors = Counter("cdc_errors_total", "Errors by kind", ["kind"], registry=r)
+        self.open_transactions = Gauge(
+            "cdc_open_transactions", "Transactions buffered while their outcome is unknown", registry=r
+        )
+        self.buffered_bytes = Gauge(
+            "cdc_buffered_bytes", "Bytes of buffered transactions in memory", registry=r
+        )
+        self.spilled_transactions = Counter(
+            "cdc_spilled_transactions_total", "Transactions spilled to disk", registry=r
+        )
+        self.heartbeat_seconds = Gauge(
+            "cdc_loop_heartbeat_seconds", "Unix time of the main loop's last iteration", registry=r
+        )
+        self.streaming = Gauge("cdc_streaming", "1 while the replication stream is open", registry=r)

@@ -1,0 +1,379 @@
+"""`cdc setup` and `cdc teardown`: prepare (or remove) everything capture needs.
+
+Setup checks the source (wal_level, privileges), creates the publication before the
+slot (decoding fails otherwise), the store schema, the context trigger, and the slot;
+the rows already in the published tables are recorded as SNAPSHOT mutations read in
+the snapshot the slot exports, so history starts complete and consistent with the
+slot's first change. Every step is idempotent and every failure says what to run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+
+import cdc
+from cdc.assembler import COMMITTED, Mutation, TableSchema, build_schema
+from cdc.config import Config, redact_dsn
+from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
+from cdc.lsn import format_lsn, parse_lsn
+from cdc.source import SourceTable, describe_table, primary_key, published_tables
+from cdc.source_context import context_installed, install_context, uninstall_context
+from cdc.store.writer import Batch, StoreWriter, TransactionRow
+from cdc.stream.replication import OUTPUT_SETTINGS, options_string
+
+log = structlog.get_logger("cdc.setup")
+
+SQL_DIR = Path(cdc.__file__).parent / "sql"
+BASELINE_CHUNK_ROWS = 5000
+
+
+@dataclass
+class SetupReport:
+    steps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def did(self, step: str) -> None:
+        self.steps.append(step)
+        log.info("setup_step", step=step)
+
+
+def connect(dsn: str, what: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        error = SourceUnavailableError if what == "source" else StoreUnavailableError
+        raise error(f"cannot connect to the {what} ({redact_dsn(dsn)}): {str(exc).strip()}") from exc
+
+
+def check_source(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute("SHOW wal_level").fetchone()
+    if not row or row[0] != "logical":
+        raise SetupError(
+            f"wal_level is {row[0] if row else 'unknown'!r} on the source; logical decoding needs 'logical'",
+            hint="run `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart PostgreSQL",
+        )
+    if conn.info.server_version < 140000:
+        raise SetupError("cdc needs PostgreSQL 14 or later on the source (streaming of transactions)")
+    role = conn.execute(
+        "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if not role or not (role[0] or role[1]):
+        raise SetupError(
+            "the source role may not use replication",
+            hint=f"run `ALTER ROLE {conn.info.user} REPLICATION;` as a superuser (see sql/grants.sql)",
+        )
+
+
+def apply_store_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    ddl = (SQL_DIR / "store.sql").read_text()
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(schema)))
+        conn.execute(ddl)  # type: ignore[arg-type]  # trusted file shipped with the package
+
+
+def same_database(source: psycopg.Connection[Any], store: psycopg.Connection[Any]) -> bool:
+    query = "SELECT system_identifier::text, current_database() FROM pg_control_system()"
+    return source.execute(query).fetchone() == store.execute(query).fetchone()
+
+
+def ensure_publication(
+    conn: psycopg.Connection[Any], name: str, tables: tuple[str, ...], exclude_schema: str | None
+) -> str:
+    """Create or align the publication; return what it publishes."""
+    exists = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if tables:
+        targets = sql.SQL(", ").join(sql.Identifier(*t.split(".", 1)) for t in tables)
+        if exists is None:
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), targets))
+        elif not exists[0]:
+            conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), targets))
+        return ", ".join(tables)
+    if exists is not None:
+        return "all tables" if exists[0] else "the tables it already lists"
+    if exclude_schema is None:
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(name)))
+        return "all tables"
+    # The store lives in this database: publish every schema but the store's, so its own
+    # writes are never captured back.
+    schemas = [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%%' "
+            "AND nspname NOT IN ('information_schema', 'cdc', %s) ORDER BY 1",
+            (exclude_schema,),
+        ).fetchall()
+    ]
+    conn.execute(
+        sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(
+            sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(s) for s in schemas)
+        )
+    )
+    return "schemas " + ", ".join(schemas)
+
+
+def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | None] | None:
+    row = conn.execute(
+        "SELECT plugin, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    if row is None:
+        return None
+    return str(row[0]), parse_lsn(row[1]) if row[1] else None
+
+
+def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
+    """Prepare the source and the store. Safe to run again at any time."""
+    source_dsn = config.require_source()
+    store_dsn = config.require_store()
+    slot, publication, schema = config.source.slot, config.source.publication, config.store.schema_name
+    report = SetupReport()
+    with (
+        connect(source_dsn, "source", autocommit=True) as src,
+        connect(store_dsn, "store", autocommit=True) as st,
+    ):
+        check_source(src)
+        report.did("source: wal_level=logical, replication allowed")
+        apply_store_schema(st, schema)
+        report.did(f"store: schema {schema} ready")
+        exclude = schema if same_database(src, st) else None
+        what = ensure_publication(src, publication, tuple(config.source.tables), exclude)
+        report.did(f"source: publication {publication} ({what})")
+        tables = published_tables(src, publication)
+        if not tables:
+            report.warnings.append(f"publication {publication} has no tables yet: nothing will be captured")
+        for table in tables:
+            if table.replica_identity == "n" or (table.replica_identity == "d" and not table.primary_key):
+                report.warnings.append(
+                    f"{table.qualified} has no primary key: UPDATE and DELETE on it will fail while it is "
+                    f"published; run `ALTER TABLE {table.qualified} REPLICA IDENTITY FULL;`"
+                )
+        report.warnings.extend(
+            install_context(
+                src,
+                [(t.schema, t.name) for t in tables],
+                application_name_pattern=config.context.application_name_pattern,
+                settings_prefix=config.context.settings_prefix,
+            )
+        )
+        report.did(f"source: context trigger on {len(tables)} table(s)")
+
+        writer = StoreWriter(store_dsn, schema, slot)
+        try:
+            state = writer.load_state()
+            existing = slot_exists(src, slot)
+            if existing is not None and existing[0] != "pgoutput":
+                raise SetupError(
+                    f"slot {slot!r} exists with plugin {existing[0]!r}, not pgoutput",
+                    hint=f"choose another slot name (source.slot) or drop it: SELECT pg_drop_replication_slot('{slot}')",
+                )
+            if state is not None and state.baseline_done and existing is not None:
+                report.did(f"source: slot {slot} in place (acknowledged {format_lsn(state.acked_lsn)})")
+                return report
+            if state is not None and state.baseline_done and existing is None and not recreate_slot:
+                raise SlotLostError(
+                    f"the store has history for slot {slot!r} but the slot is gone from the source: "
+                    "changes made since then were not captured",
+                    hint="run `cdc setup --recreate-slot` to create it again; the history records a gap "
+                    "and a new baseline",
+                )
+            if existing is not None:
+                # A slot whose baseline never completed: its snapshot is gone, start over.
+                src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            gap = state is not None and state.baseline_done
+            baseline_lsn = create_slot_with_baseline(src, source_dsn, writer, slot, publication, gap=gap)
+            report.did(
+                f"source: slot {slot} created; baseline of {len(tables)} table(s) at {format_lsn(baseline_lsn)}"
+                + (" (after a gap)" if gap else "")
+            )
+        finally:
+            writer.close()
+    return report
+
+
+def create_slot_with_baseline(
+    src: psycopg.Connection[Any],
+    source_dsn: str,
+    writer: StoreWriter,
+    slot: str,
+    publication: str,
+    *,
+    gap: bool,
+) -> int:
+    """Create the slot, exporting its snapshot, and record the published rows as SNAPSHOT."""
+    repl = connect(
+        source_dsn, "source", replication="database", autocommit=True, options=options_string(OUTPUT_SETTINGS)
+    )
+    try:
+        if repl.info.server_version >= 150000:
+            command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')")
+        else:
+            command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT")
+        row = repl.execute(command.format(sql.Identifier(slot))).fetchone()
+        assert row is not None
+        consistent_point, snapshot = parse_lsn(row[1]), str(row[2])
+        system = repl.execute("IDENTIFY_SYSTEM").fetchone() if False else None  # noqa: SIM108
+        del system
+        system_id = str(src.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0])  # type: ignore[index]
+        with writer.conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO capture_state (slot_name, source_system_id, source_database, acked_lsn, baseline_lsn, "
+                "baseline_done, history_floor) VALUES (%s, %s, %s, %s, %s, false, %s) "
+                "ON CONFLICT (slot_name) DO UPDATE SET source_system_id = EXCLUDED.source_system_id, "
+                "source_database = EXCLUDED.source_database, acked_lsn = EXCLUDED.acked_lsn, "
+                "baseline_lsn = EXCLUDED.baseline_lsn, baseline_done = false, "
+                "history_floor = coalesce(capture_state.history_floor, EXCLUDED.history_floor), updated_at = now()",
+                (slot, system_id, src.info.dbname, consistent_point, consistent_point, consistent_point),
+            )
+            # A baseline that died half way left rows at this same position: start it over.
+            cur.execute("DELETE FROM mutations WHERE position = %s", (consistent_point,))
+            cur.execute("DELETE FROM transactions WHERE position = %s", (consistent_point,))
+        writer.conn.commit()
+        count = copy_baseline(source_dsn, snapshot, writer, publication, consistent_point, gap=gap)
+        with writer.conn.cursor() as cur:
+            cur.execute(
+                "UPDATE capture_state SET baseline_done = true, updated_at = now() WHERE slot_name = %s",
+                (slot,),
+            )
+        writer.conn.commit()
+        log.info("baseline_done", lsn=format_lsn(consistent_point), rows=count)
+        return consistent_point
+    finally:
+        repl.close()
+
+
+def copy_baseline(
+    source_dsn: str, snapshot: str, writer: StoreWriter, publication: str, position: int, *, gap: bool
+) -> int:
+    """Read every published table in the exported snapshot; write SNAPSHOT mutations."""
+    now = datetime.now(UTC)
+    ordinal = 0
+    with connect(source_dsn, "source", options=options_string(OUTPUT_SETTINGS)) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        tables = published_tables(conn, publication)
+        batch = Batch()
+
+        def flush() -> None:
+            nonlocal batch
+            writer.write(batch)
+            batch = Batch()
+
+        for table in tables:
+            schema = build_schema(table.relation(), lambda _rel, t=table: t.primary_key or None)  # type: ignore[misc]
+            if gap:
+                # History before the gap may hold rows deleted meanwhile: start the table afresh.
+                batch.mutations.append(_mutation(position, ordinal, now, schema, "TRUNCATE", None))
+                ordinal += 1
+            for row in _read_table(conn, table):
+                image = {
+                    name: convert(conv, value)
+                    for name, conv, value in zip(schema.column_names, schema.converters, row, strict=True)
+                }
+                batch.mutations.append(_mutation(position, ordinal, now, schema, "SNAPSHOT", image))
+                ordinal += 1
+                if len(batch.mutations) >= BASELINE_CHUNK_ROWS:
+                    flush()
+        batch.transactions.append(
+            TransactionRow(position, 0, None, COMMITTED, now, "cdc.baseline", mutation_count=ordinal)
+        )
+        flush()
+        conn.rollback()
+    return ordinal
+
+
+def _read_table(conn: psycopg.Connection[Any], table: SourceTable) -> Any:
+    if not table.columns:
+        return
+    # COPY's text format prints each value with its type's output function, exactly as
+    # pgoutput sends it (a ::text cast would not: true vs t, char(n) padding, inet masks).
+    select = sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(
+        sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns),
+        sql.Identifier(table.schema, table.name),
+    )
+    with conn.cursor().copy(select) as copy:
+        yield from copy.rows()
+
+
+def _mutation(
+    position: int, ordinal: int, when: datetime, schema: TableSchema, op: str, image: dict[str, Any] | None
+) -> Mutation:
+    key = None
+    if image is not None:
+        key = {k: image.get(k) for k in schema.key_columns} if schema.key_columns else dict(image)
+    return Mutation(
+        position,
+        ordinal,
+        position,
+        0,
+        when,
+        schema.table,
+        op,
+        key,
+        None,
+        None,
+        image,
+        list(image) if image is not None else None,
+        COMMITTED,
+        None,
+        schema,
+    )
+
+
+def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
+    """Remove the slot, publication and context trigger; the history stays unless asked."""
+    source_dsn = config.require_source()
+    slot, publication = config.source.slot, config.source.publication
+    report = SetupReport()
+    with connect(source_dsn, "source", autocommit=True) as src:
+        active = src.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s AND active", (slot,)
+        ).fetchone()
+        if active is not None:
+            raise SetupError(
+                f"slot {slot!r} is in use by process {active[0]}",
+                hint="stop `cdc run` first (systemctl stop cdc), then run `cdc teardown` again",
+            )
+        if slot_exists(src, slot) is not None:
+            src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            report.did(f"source: slot {slot} dropped")
+        src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
+        report.did(f"source: publication {publication} dropped")
+        if context_installed(src):
+            uninstall_context(src)
+            report.did("source: context trigger removed")
+    if config.store.dsn is not None:
+        store_dsn = config.require_store()
+        with connect(store_dsn, "store", autocommit=True) as st:
+            if drop_history:
+                st.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                        sql.Identifier(config.store.schema_name)
+                    )
+                )
+                report.did(f"store: schema {config.store.schema_name} dropped")
+            else:
+                exists = st.execute(
+                    "SELECT to_regclass(%s)", (f"{config.store.schema_name}.capture_state",)
+                ).fetchone()
+                if exists and exists[0]:
+                    st.execute(
+                        sql.SQL("DELETE FROM {}.capture_state WHERE slot_name = %s").format(
+                            sql.Identifier(config.store.schema_name)
+                        ),
+                        (slot,),
+                    )
+                report.did(
+                    f"store: history kept in schema {config.store.schema_name} (--drop-history removes it)"
+                )
+    return report
+
+
+__all__ = ["SetupReport", "apply_store_schema", "describe_table", "json", "primary_key", "setup", "teardown"]

@@ -1,0 +1,421 @@
+"""Writes captured transactions to the history store.
+
+One call to ``write`` is one store transaction: the batch's mutations (COPY), the
+transactions it finishes, the requests they touched, and the new acknowledged LSN.
+Nothing is acknowledged to the source before that commit returns, so a crash at any
+point loses nothing; a transaction written again after a crash collides on
+(position, ordinal) and is skipped, so nothing is recorded twice.
+
+Before images and unchanged TOAST values the assembler could not fill are filled here,
+with one query per batch, from the row's last committed image in the store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from cdc.assembler import COMMITTED, Mutation, TableSchema, key_text
+from cdc.context import ReportedError
+from cdc.errors import SetupError, StoreUnavailableError
+from cdc.config import redact_dsn
+
+_MUTATION_COLUMNS = (
+    "position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, "
+    "before, after, changed, status, request_id, context, schema_id"
+)
+
+
+@dataclass(slots=True)
+class TransactionRow:
+    position: int
+    xid: int
+    commit_lsn: int | None
+    status: str
+    committed_at: datetime
+    origin: str | None
+    mutation_count: int = 0
+    # request id -> (context json, committed?, actor)
+    requests: dict[str, tuple[dict[str, Any], bool, str | None]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Batch:
+    mutations: list[Mutation] = field(default_factory=list)
+    transactions: list[TransactionRow] = field(default_factory=list)
+    errors: list[ReportedError] = field(default_factory=list)
+    ack_lsn: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.mutations)
+
+    def empty(self) -> bool:
+        return not self.mutations and not self.transactions and not self.errors and self.ack_lsn is None
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureState:
+    slot_name: str
+    acked_lsn: int
+    baseline_lsn: int | None
+    baseline_done: bool
+    source_system_id: str | None
+
+
+def _copy_text(value: str) -> bytes:
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
+    )
+
+
+_NULL = b"\\N"
+
+
+def _json_field(value: Any) -> bytes:
+    if value is None:
+        return _NULL
+    # JSON escapes every control character, so only backslashes need COPY escaping.
+    return orjson.dumps(value).replace(b"\\", b"\\\\")
+
+
+_ARRAYS: dict[tuple[str, ...], bytes] = {}
+
+
+def _array_field(values: Sequence[str] | None) -> bytes:
+    if values is None:
+        return _NULL
+    key = tuple(values)
+    found = _ARRAYS.get(key)
+    if found is None:
+        quoted = ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+        found = _copy_text("{" + quoted + "}")
+        if len(_ARRAYS) < 10_000:  # column lists repeat: a few per table
+            _ARRAYS[key] = found
+    return found
+
+
+class StoreWriter:
+    """The daemon's connection to the store. Not thread-safe; one per daemon."""
+
+    def __init__(self, dsn: str, schema: str, slot_name: str) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.slot_name = slot_name
+        self._conn: psycopg.Connection[Any] | None = None
+        self._schema_ids: dict[str, int] = {}
+        self._max_written_position = 0
+
+    # -- connection ------------------------------------------------------------
+    def connect(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            return
+        try:
+            self._conn = psycopg.connect(self.dsn, autocommit=False, connect_timeout=10)
+            with self._conn.cursor() as cur:
+                cur.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(self.schema)))
+                cur.execute("SELECT to_regclass('mutations') IS NOT NULL")
+                row = cur.fetchone()
+                if not row or not row[0]:
+                    raise SetupError(
+                        f"the history store has no schema {self.schema!r}",
+                        hint="run `cdc setup` first",
+                    )
+                cur.execute("SELECT coalesce(max(position), 0) FROM mutations")
+                found = cur.fetchone()
+                self._max_written_position = int(found[0]) if found else 0
+            self._conn.commit()
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise StoreUnavailableError(
+                f"cannot reach the history store ({redact_dsn(self.dsn)}): {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self.connect()
+        assert self._conn is not None
+        return self._conn
+
+    def ping(self) -> bool:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            self.conn.rollback()
+            return True
+        except (psycopg.Error, StoreUnavailableError):
+            self.close()
+            return False
+
+    # -- state -----------------------------------------------------------------
+    def load_state(self) -> CaptureState | None:
+        with self._guard():
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    "SELECT acked_lsn, baseline_lsn, baseline_done, source_system_id "
+                    "FROM capture_state WHERE slot_name = %s",
+                    (self.slot_name,),
+                )
+                row = cur.fetchone()
+            self.conn.rollback()
+        if row is None:
+            return None
+        return CaptureState(self.slot_name, int(row[0]), row[1], bool(row[2]), row[3])
+
+    # -- writing ---------------------------------------------------------------
+    def write(self, batch: Batch) -> None:
+        """Write the batch and its ack LSN in one store transaction."""
+        with self._guard():
+            conn = self.conn
+            try:
+                with conn.cursor() as cur:
+                    if batch.mutations:
+                        self._fill_from_store(cur, batch.mutations)
+                        self._copy_mutations(cur, batch.mutations)
+                    if batch.transactions:
+                        self._insert_transactions(cur, batch.transactions)
+                    if batch.errors:
+                        self._record_errors(cur, batch.errors)
+                    if batch.ack_lsn is not None:
+                        cur.execute(
+                            "UPDATE capture_state SET acked_lsn = greatest(acked_lsn, %s), updated_at = now() "
+                            "WHERE slot_name = %s",
+                            (batch.ack_lsn, self.slot_name),
+                        )
+                conn.commit()
+            except BaseException:
+                # Schema ids assigned in the rolled-back transaction no longer exist.
+                self._schema_ids.clear()
+                if not conn.closed:
+                    conn.rollback()
+                raise
+        if batch.mutations:
+            self._max_written_position = max(self._max_written_position, batch.mutations[-1].position)
+
+    def _guard(self) -> _StoreGuard:
+        return _StoreGuard(self)
+
+    def schema_id(self, cur: psycopg.Cursor[Any], schema: TableSchema, position: int) -> int:
+        found = self._schema_ids.get(schema.fingerprint)
+        if found is not None:
+            return found
+        cur.execute(
+            "INSERT INTO table_schemas (table_name, relation_oid, replica_identity, key_columns, columns, "
+            "fingerprint, first_position) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (fingerprint) DO UPDATE SET "
+            "first_position = least(table_schemas.first_position, EXCLUDED.first_position) RETURNING schema_id",
+            (
+                schema.table,
+                schema.relation_oid,
+                schema.replica_identity,
+                list(schema.key_columns),
+                json.dumps(schema.columns_json()),
+                schema.fingerprint,
+                position,
+            ),
+        )
+        row = cur.fetchone()
+        assert row is not None
+        self._schema_ids[schema.fingerprint] = int(row[0])
+        return int(row[0])
+
+    def _fill_from_store(self, cur: psycopg.Cursor[Any], mutations: list[Mutation]) -> None:
+        needs = [m for m in mutations if m.fill_before is not False or m.fill_after]
+        if not needs:
+            return
+        tables = [m.table for m in needs]
+        keys = [key_text(m.old_key if m.old_key is not None else (m.key or {})) for m in needs]
+        positions = [m.position for m in needs]
+        ordinals = [m.ordinal for m in needs]
+        cur.execute(
+            "SELECT n.i, p.after FROM unnest(%s::text[], %s::jsonb[], %s::bigint[], %s::int[]) "
+            "WITH ORDINALITY AS n(table_name, key, position, ordinal, i) "
+            "LEFT JOIN LATERAL (SELECT m.after FROM mutations m WHERE m.table_name = n.table_name "
+            "AND m.key = n.key AND m.version IS NOT NULL AND (m.position, m.ordinal) < (n.position, n.ordinal) "
+            "ORDER BY m.position DESC, m.ordinal DESC LIMIT 1) p ON true",
+            (tables, keys, positions, ordinals),
+        )
+        images: dict[int, dict[str, Any] | None] = {int(i): after for i, after in cur.fetchall()}
+        for index, mutation in enumerate(needs, start=1):
+            _apply_fill(mutation, images.get(index))
+
+    def _copy_mutations(self, cur: psycopg.Cursor[Any], mutations: list[Mutation]) -> None:
+        direct = mutations[0].position > self._max_written_position
+        target = "mutations" if direct else "_staging"
+        if not direct:
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS _staging (LIKE mutations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+        lines: list[bytes] = []
+        schema_ids: dict[str, bytes] = {}
+        for m in mutations:
+            schema_id = _NULL
+            if m.schema is not None:
+                schema_id = schema_ids.get(m.schema.fingerprint, b"")
+                if not schema_id:
+                    schema_id = str(self.schema_id(cur, m.schema, m.position)).encode()
+                    schema_ids[m.schema.fingerprint] = schema_id
+            position = str(m.position).encode()
+            lines.append(
+                b"\t".join(
+                    (
+                        position,
+                        str(m.ordinal).encode(),
+                        position if m.status == COMMITTED else _NULL,
+                        str(m.lsn).encode(),
+                        str(m.xid).encode(),
+                        m.committed_at.isoformat().encode(),
+                        _copy_text(m.table),
+                        m.op.encode(),
+                        _json_field(m.key),
+                        _json_field(m.old_key),
+                        _json_field(m.before),
+                        _json_field(m.after),
+                        _array_field(m.changed),
+                        m.status.encode(),
+                        _copy_text(m.request_id) if m.request_id is not None else _NULL,
+                        _json_field(m.context.as_json()) if m.context is not None else _NULL,
+                        schema_id,
+                    )
+                )
+            )
+        data = b"\n".join(lines) + b"\n"
+        with cur.copy(f"COPY {target} ({_MUTATION_COLUMNS}) FROM STDIN") as copy:
+            copy.write(data)
+        if not direct:
+            cur.execute(
+                f"INSERT INTO mutations ({_MUTATION_COLUMNS}) SELECT {_MUTATION_COLUMNS} FROM _staging "
+                "ON CONFLICT (position, ordinal) DO NOTHING"
+            )
+            cur.execute("TRUNCATE _staging")
+
+    def _insert_transactions(self, cur: psycopg.Cursor[Any], transactions: list[TransactionRow]) -> None:
+        cur.executemany(
+            "INSERT INTO transactions (position, xid, version, commit_lsn, status, committed_at, origin, "
+            "mutation_count, request_ids) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (position) DO NOTHING",
+            [
+                (
+                    t.position,
+                    t.xid,
+                    t.position if t.status == COMMITTED else None,
+                    t.commit_lsn,
+                    t.status,
+                    t.committed_at,
+                    t.origin,
+                    t.mutation_count,
+                    sorted(t.requests),
+                )
+                for t in transactions
+            ],
+        )
+        request_rows: list[tuple[Any, ...]] = []
+        for txn in transactions:
+            for request_id, (context, committed, actor) in txn.requests.items():
+                request_rows.append(
+                    (
+                        request_id,
+                        actor,
+                        json.dumps(context),
+                        txn.committed_at,
+                        int(committed),
+                        int(not committed),
+                    )
+                )
+        if request_rows:
+            cur.executemany(
+                "INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, "
+                "committed_count, rolled_back_count) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (request_id) DO UPDATE SET "
+                "actor = coalesce(EXCLUDED.actor, requests.actor), "
+                "last_seen_at = greatest(requests.last_seen_at, EXCLUDED.last_seen_at), "
+                "first_seen_at = least(requests.first_seen_at, EXCLUDED.first_seen_at), "
+                "committed_count = requests.committed_count + EXCLUDED.committed_count, "
+                "rolled_back_count = requests.rolled_back_count + EXCLUDED.rolled_back_count",
+                [(r[0], r[1], r[2], r[3], r[3], r[4], r[5]) for r in request_rows],
+            )
+
+    def _record_errors(self, cur: psycopg.Cursor[Any], errors: Iterable[ReportedError]) -> None:
+        for error in errors:
+            if not error.request_id:
+                continue
+            cur.execute(
+                "INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, error_type, "
+                "error_message, error_location, error_at) VALUES (%s, %s, NULL, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (request_id) DO UPDATE SET error_type = EXCLUDED.error_type, "
+                "error_message = EXCLUDED.error_message, error_location = EXCLUDED.error_location, "
+                "error_at = EXCLUDED.error_at, actor = coalesce(requests.actor, EXCLUDED.actor), "
+                "last_seen_at = greatest(requests.last_seen_at, EXCLUDED.last_seen_at)",
+                (
+                    error.request_id,
+                    error.actor,
+                    error.at,
+                    error.at,
+                    error.error_type,
+                    error.message,
+                    error.location,
+                    error.at,
+                ),
+            )
+
+
+class _StoreGuard:
+    """Turns connection failures into StoreUnavailableError (retryable) and drops the connection."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self.writer = writer
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown):
+            self.writer.close()
+            raise StoreUnavailableError(f"history store write failed: {exc}") from exc
+        if isinstance(exc, psycopg.errors.DiskFull | psycopg.errors.InsufficientResources):
+            self.writer.close()
+            raise StoreUnavailableError(f"history store is out of space: {exc}") from exc
+        return False
+
+
+def _apply_fill(mutation: Mutation, image: dict[str, Any] | None) -> None:
+    """Complete a mutation from the row's last stored image (None: the store has none)."""
+    if mutation.fill_before is True:
+        mutation.before = dict(image) if image is not None else None
+    elif mutation.fill_before:
+        before = mutation.before if mutation.before is not None else {}
+        for column in mutation.fill_before:
+            if image is not None and column in image:
+                before[column] = image[column]
+        mutation.before = before
+    if mutation.fill_after and mutation.after is not None:
+        before = mutation.before or {}
+        for column in mutation.fill_after:
+            if column in before:
+                mutation.after[column] = before[column]
+            elif image is not None and column in image:
+                mutation.after[column] = image[column]
+    mutation.fill_before = False
+    mutation.fill_after = ()
+    if mutation.op == "UPDATE" and mutation.after is not None:
+        before = mutation.before or {}
+        names = mutation.schema.column_names if mutation.schema is not None else tuple(mutation.after)
+        mutation.changed = [
+            c for c in names if c in mutation.after and (c not in before or before[c] != mutation.after[c])
+        ]
+    elif mutation.op == "DELETE" and mutation.before is not None:
+        mutation.changed = list(mutation.before)

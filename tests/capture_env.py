@@ -1,0 +1,186 @@
+"""A capture environment for integration tests: source and store databases on a real
+server, `cdc setup`, and the daemon running in a background thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry
+
+from cdc.config import Config, load_config
+from cdc.daemon import Daemon
+from cdc.devdb import LocalPostgres
+from cdc.lsn import parse_lsn
+from cdc.metrics import Metrics
+from cdc.setup import setup
+
+
+@dataclass
+class CaptureEnv:
+    pg: LocalPostgres
+    source_dsn: str
+    store_dsn: str
+    schema: str = "cdc_history"
+    slot: str = "cdc"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    daemon: Daemon | None = None
+    thread: threading.Thread | None = None
+    exit_code: int | None = None
+
+    @property
+    def config(self) -> Config:
+        env = {
+            "CDC_SOURCE_DSN": self.source_dsn,
+            "CDC_STORE_DSN": self.store_dsn,
+            "CDC_STORE__SCHEMA": self.schema,
+            "CDC_SOURCE__SLOT": self.slot,
+            "CDC_SOURCE__PUBLICATION": self.slot,
+            "CDC_CAPTURE__STATUS_INTERVAL_SECONDS": "1",
+            "CDC_RECONNECT__INITIAL_BACKOFF_SECONDS": "0.2",
+            "CDC_RECONNECT__MAX_BACKOFF_SECONDS": "1",
+        }
+        env.update(self.extra_env)
+        return load_config(None, env=env)
+
+    def source(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.source_dsn, autocommit=True)
+
+    def store(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.store_dsn, autocommit=True)
+        conn.execute(f"SET search_path = {self.schema}")
+        return conn
+
+    def setup(self) -> None:
+        setup(self.config)
+
+    def start(self) -> Daemon:
+        self.daemon = Daemon(self.config, metrics=Metrics(CollectorRegistry()))
+        daemon = self.daemon
+
+        def run() -> None:
+            self.exit_code = daemon.run()
+
+        self.thread = threading.Thread(target=run, name="cdc-daemon", daemon=True)
+        self.thread.start()
+        return daemon
+
+    def stop(self) -> int | None:
+        if self.daemon is not None and self.thread is not None:
+            self.daemon.request_stop()
+            self.thread.join(timeout=30)
+            assert not self.thread.is_alive(), "daemon did not stop"
+        return self.exit_code
+
+    def current_lsn(self) -> int:
+        with self.source() as conn:
+            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            assert row is not None
+            return parse_lsn(row[0])
+
+    def wait_caught_up(self, timeout: float = 60.0) -> int:
+        """Wait until the store has acknowledged everything committed on the source so far."""
+        target = self.current_lsn()
+        deadline = time.monotonic() + timeout
+        with self.store() as conn:
+            while time.monotonic() < deadline:
+                row = conn.execute(
+                    "SELECT acked_lsn FROM capture_state WHERE slot_name = %s", (self.slot,)
+                ).fetchone()
+                if row is not None and row[0] >= target:
+                    return int(row[0])
+                if self.thread is not None and not self.thread.is_alive():
+                    raise AssertionError(f"daemon exited with {self.exit_code}")
+                time.sleep(0.05)
+        raise AssertionError(f"store did not catch up to {target} within {timeout}s")
+
+    def teardown(self) -> None:
+        self.stop()
+        with self.source() as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND NOT active",
+                (self.slot,),
+            )
+
+
+def new_env(pg: LocalPostgres, same_database: bool = False) -> CaptureEnv:
+    suffix = uuid.uuid4().hex[:8]
+    source = pg.create_database(f"src_{suffix}")
+    store = source if same_database else pg.create_database(f"store_{suffix}")
+    return CaptureEnv(pg, source, store, slot=f"cdc_{suffix}")
+
+
+def rebuild(env: CaptureEnv, table: str, version: int | None = None) -> Counter[str]:
+    """An independent oracle: the table's rows at ``version`` replayed from the stored
+    mutations, as a multiset of canonical JSON rows."""
+    import json
+
+    rows: Counter[str] = Counter()
+    with env.store() as conn:
+        found = conn.execute(
+            "SELECT op, before, after FROM mutations WHERE table_name = %s AND version IS NOT NULL "
+            "AND (%s::bigint IS NULL OR version <= %s) ORDER BY position, ordinal",
+            (table, version, version),
+        ).fetchall()
+        # The schema in force: the one of the table's latest change at that version.
+        latest = conn.execute(
+            "SELECT s.columns FROM mutations m JOIN table_schemas s USING (schema_id) "
+            "WHERE m.table_name = %s AND m.version IS NOT NULL AND (%s::bigint IS NULL OR m.version <= %s) "
+            "ORDER BY m.position DESC, m.ordinal DESC LIMIT 1",
+            (table, version, version),
+        ).fetchone()
+    in_force = {c["name"] for c in latest[0]} if latest else None
+    for op, before, after in found:
+        if op == "TRUNCATE":
+            rows.clear()
+            continue
+        if before is not None and op in ("UPDATE", "DELETE"):
+            text = json.dumps(before, sort_keys=True)
+            assert rows[text] > 0, f"{op} of a row not in the rebuilt state: {text}"
+            rows[text] -= 1
+            if rows[text] == 0:
+                del rows[text]
+        if after is not None:
+            rows[json.dumps(after, sort_keys=True)] += 1
+    if in_force is None:
+        return rows
+    projected: Counter[str] = Counter()
+    for text, count in rows.items():
+        image = {k: v for k, v in json.loads(text).items() if k in in_force}
+        projected[json.dumps(image, sort_keys=True)] += count
+    return projected
+
+
+def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
+    """The table's rows on the source, each column as the server prints it (same
+    settings as the replication session), ints and bools as JSON."""
+    import json
+
+    from cdc.stream.replication import OUTPUT_SETTINGS, options_string
+    from cdc.values import converter_for
+
+    schema, name = table.split(".", 1)
+    with psycopg.connect(env.source_dsn, autocommit=True, options=options_string(OUTPUT_SETTINGS)) as conn:
+        columns = conn.execute(
+            "SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum",
+            (f'"{schema}"."{name}"',),
+        ).fetchall()
+        select = ", ".join(f'"{c}"' for c, _ in columns)
+        # COPY text format: every value through its type's output function.
+        with conn.cursor().copy(f'COPY (SELECT {select} FROM "{schema}"."{name}") TO STDOUT') as copy:
+            found = list(copy.rows())
+    rows: Counter[str] = Counter()
+    for row in found:
+        image = {
+            c: (converter_for(t)(v) if v is not None else None)
+            for (c, t), v in zip(columns, row, strict=True)
+        }
+        rows[json.dumps(image, sort_keys=True)] += 1
+    return rows

@@ -1,0 +1,168 @@
+"""Nothing lost, nothing recorded twice: SIGKILL of the daemon, a server restart, and
+the memory bound of a very large transaction. The daemon runs as a real `cdc run`
+process here, so SIGKILL is the real thing."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.capture_env import CaptureEnv, rebuild, source_rows
+
+MEMORY_BOUND_MB = 200  # stated in the README
+
+
+class DaemonProcess:
+    def __init__(self, env: CaptureEnv, log_path: Path, extra: dict[str, str] | None = None) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.extra = extra or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        environ = dict(os.environ)
+        environ.update(
+            {
+                "CDC_SOURCE_DSN": self.env.source_dsn,
+                "CDC_STORE_DSN": self.env.store_dsn,
+                "CDC_SOURCE__SLOT": self.env.slot,
+                "CDC_SOURCE__PUBLICATION": self.env.slot,
+                "CDC_CAPTURE__STATUS_INTERVAL_SECONDS": "1",
+                "CDC_RECONNECT__INITIAL_BACKOFF_SECONDS": "0.2",
+                "CDC_RECONNECT__MAX_BACKOFF_SECONDS": "1",
+                "CDC_LOGGING__FORMAT": "json",
+            }
+        )
+        environ.update(self.extra)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdc", "run"], env=environ, stdout=log, stderr=log
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+@pytest.fixture
+def daemon_proc(capture: CaptureEnv, tmp_path: Path) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(capture, tmp_path / "daemon.log")
+    yield proc
+    if proc.proc is not None and proc.proc.poll() is None:
+        proc.proc.kill()
+        proc.proc.wait()
+
+
+def writer_load(env: CaptureEnv, stop: threading.Event, counter: list[int]) -> None:
+    rng = random.Random(99)
+    with env.source() as conn:
+        while not stop.is_set():
+            with conn.transaction():
+                key = rng.randint(1, 500)
+                conn.execute(
+                    "INSERT INTO ledger VALUES (%s, 1) ON CONFLICT (id) DO UPDATE SET n = ledger.n + 1",
+                    (key,),
+                )
+                if rng.random() < 0.2:
+                    conn.execute("DELETE FROM ledger WHERE id = %s", (rng.randint(1, 500),))
+                conn.execute("INSERT INTO events (note) VALUES ('e')")
+            counter[0] += 1
+
+
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
+    capture: CaptureEnv, daemon_proc: DaemonProcess
+) -> None:
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, n int)")
+        conn.execute("CREATE TABLE events (id bigserial PRIMARY KEY, note text)")
+    capture.setup()
+    stop = threading.Event()
+    counter = [0]
+    load = threading.Thread(target=writer_load, args=(capture, stop, counter))
+    load.start()
+    rng = random.Random(5)
+    try:
+        for _ in range(5):
+            daemon_proc.start()
+            time.sleep(rng.uniform(0.3, 1.5))
+            daemon_proc.kill()
+    finally:
+        stop.set()
+        load.join()
+    daemon_proc.start()
+    capture.wait_caught_up(timeout=120)
+    assert daemon_proc.stop() == 0
+    assert counter[0] > 50
+    for table in ("public.ledger", "public.events"):
+        assert rebuild(capture, table) == source_rows(capture, table)
+    with capture.store() as store:
+        # events is insert-only: exactly one INSERT per row, none lost, none twice.
+        row = store.execute(
+            "SELECT count(*), count(DISTINCT key) FROM mutations WHERE table_name = 'public.events'"
+        ).fetchone()
+        committed = store.execute("SELECT count(*) FROM transactions WHERE status = 'committed'").fetchone()
+    assert row is not None and row[0] == row[1]
+    with capture.source() as conn:
+        total = conn.execute("SELECT count(*) FROM events").fetchone()
+    assert total is not None and row[0] == total[0]
+    assert committed is not None and committed[0] >= counter[0]
+
+
+def test_daemon_reconnects_after_postgres_restart(capture: CaptureEnv, daemon_proc: DaemonProcess) -> None:
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, n int)")
+    capture.setup()
+    daemon_proc.start()
+    with capture.source() as conn:
+        conn.execute("INSERT INTO ledger SELECT g, 0 FROM generate_series(1, 100) g")
+    capture.wait_caught_up()
+    capture.pg.restart()
+    with capture.source() as conn:
+        conn.execute("UPDATE ledger SET n = n + 1 WHERE id <= 50")
+    capture.wait_caught_up(timeout=60)
+    assert daemon_proc.proc is not None and daemon_proc.proc.poll() is None
+    assert rebuild(capture, "public.ledger") == source_rows(capture, "public.ledger")
+    assert daemon_proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_million_row_transaction_stays_under_the_memory_bound(
+    capture: CaptureEnv, daemon_proc: DaemonProcess
+) -> None:
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE wide (id int PRIMARY KEY, a text, b numeric, c timestamptz)")
+    capture.setup()
+    daemon_proc.start()
+    with capture.source() as conn:
+        conn.execute(
+            "INSERT INTO wide SELECT g, md5(g::text), g * 1.5, now() FROM generate_series(1, 1000000) g"
+        )
+    capture.wait_caught_up(timeout=600)
+    peak = daemon_proc.peak_rss_mb()
+    assert daemon_proc.stop() == 0
+    with capture.store() as store:
+        row = store.execute("SELECT count(*) FROM mutations WHERE table_name = 'public.wide'").fetchone()
+    assert row == (1_000_000,)
+    assert peak < MEMORY_BOUND_MB, f"peak RSS {peak:.0f} MB"

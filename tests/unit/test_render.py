@@ -1,0 +1,319 @@
+"""cdc.render: layout of history for people, exports for machines (no database)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from cdc.query import BlameEntry, Mutation, RequestRecord, TransactionInfo
+from cdc.render import (
+    MUTATION_CSV_FIELDS,
+    align,
+    blame_lines,
+    csv_text,
+    describe_mutation,
+    format_time,
+    format_value,
+    history_lines,
+    key_text,
+    mutations_csv,
+    mutations_json,
+    request_lines,
+    row_lines,
+    short_request,
+    short_table,
+    shorten,
+    why_lines,
+)
+
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+
+def mutation(
+    op: str,
+    *,
+    key: dict[str, Any] | None = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    changed: tuple[str, ...] = (),
+    status: str = "committed",
+    request_id: str | None = None,
+    minutes: int = 0,
+    table: str = "public.users",
+    old_key: dict[str, Any] | None = None,
+    position: int = 0x1_0000_0100,
+) -> Mutation:
+    return Mutation(
+        position=position,
+        ordinal=0,
+        version=position if status == "committed" else None,
+        lsn=position - 8,
+        xid=700,
+        committed_at=T0 + timedelta(minutes=minutes),
+        table=table,
+        op=op,
+        key=key if key is not None or op == "TRUNCATE" else {"id": 42},
+        old_key=old_key,
+        before=before,
+        after=after,
+        changed=changed,
+        status=status,
+        request_id=request_id,
+        context={"actor": "alice", "extra": {"k": "v"}} if request_id else None,
+    )
+
+
+SEED = [
+    mutation(
+        "INSERT",
+        after={"id": 42, "email": "a@b.com", "name": None, "plan": "free"},
+        request_id="1a2b3c4d-0000",
+    ),
+    mutation(
+        "UPDATE",
+        before={"id": 42, "email": "a@b.com", "name": None, "plan": "free"},
+        after={"id": 42, "email": "a@b.com", "name": "Alice Smith", "plan": "free"},
+        changed=("name",),
+        request_id="a3c91ef0-0000",
+        minutes=141,
+    ),
+    mutation(
+        "UPDATE",
+        before={"id": 42, "email": "a@b.com", "name": "Alice Smith", "plan": "free"},
+        after={"id": 42, "email": "a@b.com", "name": "Alice Smith", "plan": "pro"},
+        changed=("plan",),
+        request_id="4f9a3b2c-0000",
+        minutes=142,
+    ),
+    mutation(
+        "UPDATE",
+        before={"id": 42, "email": "a@b.com", "name": "Alice Smith", "plan": "pro"},
+        after={"id": 42, "email": "a@b.com", "name": "Alice Smith", "plan": None},
+        changed=("plan",),
+        status="rolled_back",
+        request_id="550e8400-e29b-41d4-a716-446655440000",
+        minutes=142,
+    ),
+]
+
+
+def test_history_lines_match_the_seed_layout() -> None:
+    assert history_lines("public.users", {"id": 42}, SEED, utc=True) == [
+        "  public.users id=42  (4 mutations)",
+        "",
+        "  2026-03-10 12:00  INSERT  email=a@b.com, plan=free        req:1a2b3c4d",
+        "  2026-03-10 14:21  UPDATE  name: null → Alice Smith        req:a3c91ef0",
+        "  2026-03-10 14:22  UPDATE  plan: free → pro                req:4f9a3b2c",
+        "  2026-03-10 14:22  UPDATE  plan: pro → null  (rolled back) req:550e8400",
+    ]
+
+
+def test_history_lines_without_rollbacks_keep_two_spaces() -> None:
+    lines = history_lines("public.users", {"id": 42}, SEED[:2], utc=True)
+    assert lines[2] == "  2026-03-10 12:00  INSERT  email=a@b.com, plan=free  req:1a2b3c4d"
+    assert history_lines("public.users", {"id": 1}, [], utc=True) == ["  public.users id=1  (0 mutations)"]
+    assert "(1 mutation)" in history_lines("public.users", {"id": 42}, SEED[:1], utc=True)[0]
+
+
+def test_describe_each_op() -> None:
+    delete = mutation("DELETE", before={"id": 42, "email": "a@b.com", "plan": None})
+    assert describe_mutation(delete) == "email=a@b.com"
+    assert describe_mutation(delete, with_op=True) == "DELETE email=a@b.com"
+    assert describe_mutation(mutation("TRUNCATE", key=None)) == "all rows"
+    snapshot = mutation("SNAPSHOT", after={"id": 1, "v": "x"}, key={"id": 1})
+    assert describe_mutation(snapshot, with_op=True) == "SNAPSHOT v=x"
+    # a row of key columns only (or a keyless table) shows every column
+    keyless = mutation("INSERT", key={"a": 1, "b": "x"}, after={"a": 1, "b": "x"})
+    assert describe_mutation(keyless) == "a=1, b=x"
+    moved = mutation(
+        "UPDATE",
+        key={"id": 43},
+        old_key={"id": 42},
+        before={"id": 42, "v": "a"},
+        after={"id": 43, "v": "a"},
+        changed=("id",),
+    )
+    assert describe_mutation(moved) == "id: 42 → 43"
+    noop = mutation("UPDATE", before={"id": 1}, after={"id": 1}, key={"id": 1})
+    assert describe_mutation(noop) == "(no change)"
+    wide = mutation("UPDATE", before={"id": 1, "t": "x" * 100}, after={"id": 1, "t": "y"}, changed=("t",))
+    assert describe_mutation(wide) == f"t: {'x' * 39}… → y"
+
+
+def test_request_lines_match_the_seed_layout() -> None:
+    failed = SEED[3]
+    order = mutation(
+        "UPDATE",
+        table="public.orders",
+        key={"id": "81b2"},
+        before={"id": "81b2", "status": "pending"},
+        after={"id": "81b2", "status": None},
+        changed=("status",),
+        status="rolled_back",
+    )
+    assert request_lines([failed, order]) == [
+        "  users    id=42   plan: pro → null  (rolled back)",
+        "  orders   id=81b2 status: pending → null  (rolled back)",
+    ]
+
+
+def test_blame_lines() -> None:
+    entries = [
+        BlameEntry("email", "a@b.com", "1a2b3c4d-x", T0, 1, "INSERT"),
+        BlameEntry("name", "Alice", "a3c91ef0-x", T0 + timedelta(minutes=141), 2, "UPDATE"),
+        BlameEntry(
+            "plan",
+            "pro",
+            "4f9a3b2c-x",
+            T0 + timedelta(minutes=142),
+            3,
+            "UPDATE",
+            rolled_back_request_id="550e8400-x",
+            rolled_back_at=T0,
+            rolled_back=True,
+        ),
+        BlameEntry("legacy", None, None, None, None, None),
+    ]
+    assert blame_lines(entries, utc=True) == [
+        "  email    a@b.com   req:1a2b3c4d  2026-03-10 12:00",
+        "  name     Alice     req:a3c91ef0  2026-03-10 14:21",
+        "  plan     pro       req:4f9a3b2c  2026-03-10 14:22  ✗ rolled back req:550e8400",
+        "  legacy   null      req:-         (before history)",
+    ]
+
+
+def test_why_lines() -> None:
+    record = RequestRecord(
+        request_id="550e8400-e29b-41d4-a716-446655440000",
+        actor="alice@example.com",
+        context={
+            "application_name": "checkout",
+            "db_user": "app",
+            "client_addr": "10.0.0.5",
+            "backend_pid": 4242,
+        },
+        first_seen_at=T0,
+        last_seen_at=T0,
+        committed_count=0,
+        rolled_back_count=1,
+        error_type="TimeoutError",
+        error_message="Stripe API timeout after 10s",
+        error_location="payments/create.ts:42",
+        error_at=T0,
+        transactions=[TransactionInfo(0x1_0000_0500, 901, None, None, "rolled_back", T0, None, 1)],
+        mutations=[SEED[3]],
+        mutation_count=1,
+    )
+    assert why_lines(record, utc=True) == [
+        "  REQUEST      550e8400-e29b-41d4-a716-446655440000",
+        "  ACTOR        alice@example.com",
+        "  OUTCOME      rolled back",
+        "  ROOT CAUSE   TimeoutError: Stripe API timeout after 10s",
+        "  LOCATION     payments/create.ts:42",
+        "  CONTEXT      app=checkout, db user=app, client=10.0.0.5, pid=4242",
+        "  WHEN         2026-03-10 12:00",
+        "  TRANSACTION  xid 901  rolled back at 1/500  2026-03-10 12:00  1 change",
+        "  DATA CHANGES users.id=42  plan: pro → null  (rolled back)",
+    ]
+    many = RequestRecord(
+        request_id="r1",
+        actor=None,
+        context=None,
+        first_seen_at=None,
+        last_seen_at=None,
+        committed_count=1,
+        rolled_back_count=1,
+        error_type=None,
+        error_message=None,
+        error_location=None,
+        error_at=None,
+        mutations=SEED[:2],
+        mutation_count=5,
+    )
+    lines = why_lines(many, utc=True, max_changes=2)
+    assert "  OUTCOME      committed, 1 attempt rolled back" in lines
+    assert lines[-1] == "               … and 3 more (cdc state history --request r1)"
+    assert lines[-3].startswith("  DATA CHANGES users.id=42  INSERT email=a@b.com")
+
+
+def test_values_times_and_helpers() -> None:
+    assert format_value(None) == "null"
+    assert format_value(True) == "true"
+    assert format_value(12) == "12"
+    assert format_value("12.50") == "12.50"
+    assert format_value({"a": [1, "x"]}) == '{"a":[1,"x"]}'
+    assert format_value("two\nlines") == "two\\nlines"
+    assert shorten("x" * 41) == "x" * 39 + "…"
+    assert shorten("x" * 40) == "x" * 40
+    assert key_text({"a": 1, "b": "x"}) == "a=1,b=x"
+    assert key_text(None) == "(all rows)"
+    assert short_table("public.users") == "users" and short_table("s.t") == "s.t"
+    assert short_request("550e8400-e29b") == "req:550e8400" and short_request(None) == "req:-"
+    assert format_time(T0, utc=True) == "2026-03-10 12:00"
+    assert format_time(T0, utc=True, seconds=True) == "2026-03-10 12:00:00"
+    assert format_time(None) == "-"
+    assert row_lines({"id": 42, "email": "a@b.com"}) == ["  id     42", "  email  a@b.com"]
+    assert align([["a", "bb", "c"], ["aaa", "b"]], gaps=(1, 1)) == ["  a   bb c", "  aaa b"]
+
+
+def test_local_time_follows_tz(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        assert format_time(T0) == "2026-03-10 17:30"
+        assert json.loads(mutations_json(SEED[:1]))[0]["committed_at"] == "2026-03-10T17:30:00+05:30"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_json_export_round_trips() -> None:
+    data = json.loads(mutations_json(SEED, utc=True))
+    assert [set(d) for d in data] == [set(MUTATION_CSV_FIELDS)] * 4
+    assert data[0] == {
+        "version": 0x1_0000_0100,
+        "version_lsn": "1/100",
+        "lsn": 0x1_0000_00F8,
+        "lsn_text": "1/F8",
+        "xid": 700,
+        "committed_at": "2026-03-10T12:00:00+00:00",
+        "table": "public.users",
+        "key": {"id": 42},
+        "op": "INSERT",
+        "before": None,
+        "after": {"id": 42, "email": "a@b.com", "name": None, "plan": "free"},
+        "changed": [],
+        "request_id": "1a2b3c4d-0000",
+        "context": {"actor": "alice", "extra": {"k": "v"}},
+        "status": "committed",
+    }
+    assert data[3]["version"] is None and data[3]["status"] == "rolled_back"
+    assert datetime.fromisoformat(data[1]["committed_at"]) == T0 + timedelta(minutes=141)
+
+
+def test_csv_export_round_trips() -> None:
+    text = mutations_csv(SEED, utc=True)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 4 and list(rows[0]) == list(MUTATION_CSV_FIELDS)
+    expected = json.loads(mutations_json(SEED, utc=True))
+    for row, want in zip(rows, expected, strict=True):
+        for name in ("key", "before", "after", "changed", "context"):
+            assert json.loads(row[name]) == want[name]
+        assert row["version"] == ("" if want["version"] is None else str(want["version"]))
+        assert int(row["lsn"]) == want["lsn"]
+        assert row["committed_at"] == want["committed_at"]
+        assert row["request_id"] == want["request_id"]
+    awkward = csv_text(["a", "b"], [{"a": 'x,"y"\nz', "b": None}])
+    assert list(csv.DictReader(io.StringIO(awkward))) == [{"a": 'x,"y"\nz', "b": ""}]
+
+
+def test_times_in_other_zones() -> None:
+    plus2 = datetime(2026, 3, 10, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert format_time(plus2, utc=True) == "2026-03-10 12:00"
