@@ -394,27 +394,25 @@ class Assembler:
                 buffer = (
                     self._take_current("Prepare")
                     if isinstance(message, Prepare)
-                    else self._buffers.pop(message.xid, None) or _TxnBuffer(message.xid, True, 0, None)
+                    else self._pop_buffer(message.xid) or _TxnBuffer(message.xid, True, 0, None)
                 )
                 self._prepared[gid] = buffer
             case CommitPrepared(gid=gid, commit_lsn=commit_lsn, end_lsn=end_lsn, commit_time=commit_time):
-                buffer = self._prepared.pop(gid, None) or _TxnBuffer(message.xid, False, 0, None)
+                buffer = self._pop_prepared(gid) or _TxnBuffer(message.xid, False, 0, None)
                 return self._finish(buffer, end_lsn, commit_lsn, COMMITTED, commit_time)
             case RollbackPrepared(gid=gid):
-                buffer = self._prepared.pop(gid, None) or _TxnBuffer(message.xid, False, 0, None)
+                buffer = self._pop_prepared(gid) or _TxnBuffer(message.xid, False, 0, None)
                 return self._finish(
                     buffer, message.rollback_end_lsn, None, ROLLED_BACK, message.rollback_time
                 )
             case StreamStart(xid=xid):
-                buffer = self._buffers.get(xid)
-                if buffer is None:
-                    buffer = _TxnBuffer(xid, True, wal_start, self._spill_dir)
-                    self._buffers[xid] = buffer
-                self._streaming = buffer
+                if xid not in self._buffers:
+                    self._buffers[xid] = _TxnBuffer(xid, True, wal_start, self._spill_dir)
+                self._streaming = self._buffers[xid]
             case StreamStop():
                 self._streaming = None
             case StreamCommit(xid=xid, commit_lsn=commit_lsn, end_lsn=end_lsn, commit_time=commit_time):
-                buffer = self._buffers.pop(xid, None) or _TxnBuffer(xid, True, 0, None)
+                buffer = self._pop_buffer(xid) or _TxnBuffer(xid, True, 0, None)
                 return self._finish(buffer, end_lsn, commit_lsn, COMMITTED, commit_time)
             case StreamAbort(xid=xid, subxid=subxid, abort_lsn=abort_lsn, abort_time=abort_time):
                 if subxid != xid:
@@ -422,14 +420,13 @@ class Assembler:
                     if streamed is not None:
                         streamed.aborted_subxids.add(subxid)
                     return []
-                buffer = self._buffers.pop(xid, None)
-                if buffer is None:
+                found = self._pop_buffer(xid)
+                if found is None:
                     return []
                 # The abort record's start LSN can equal the end LSN of an earlier commit;
                 # +1 keeps rolled-back positions distinct from every version.
                 position = (abort_lsn if abort_lsn else wal_start) + 1
-                when = abort_time if abort_time is not None else None
-                return self._finish(buffer, position, None, ROLLED_BACK, when)
+                return self._finish(found, position, None, ROLLED_BACK, abort_time)
             case Origin(name=name):
                 target = self._streaming or self._current
                 if target is not None:
@@ -442,6 +439,12 @@ class Assembler:
             case _:
                 raise ProtocolError(f"unexpected message {type(message).__name__}")
         return []
+
+    def _pop_buffer(self, xid: int) -> _TxnBuffer | None:
+        return self._buffers.pop(xid, None)
+
+    def _pop_prepared(self, gid: str) -> _TxnBuffer | None:
+        return self._prepared.pop(gid, None)
 
     def _take_current(self, what: str) -> _TxnBuffer:
         buffer = self._current

@@ -23,8 +23,16 @@ import structlog
 
 from cdc.assembler import COMMITTED, Assembler, FinishedTransaction, LogicalMessage
 from cdc.config import Config, load_config, redact_dsn
-from cdc.context import ERROR_PREFIX, parse_error
-from cdc.errors import CdcError, ProtocolError, SetupError, SlotLostError
+from cdc.context import ERROR_PREFIX, HEARTBEAT_PREFIX, parse_error
+from cdc.errors import (
+    CdcError,
+    ProtocolError,
+    SetupError,
+    SlotLostError,
+    SourceUnavailableError,
+    StandbyError,
+)
+from cdc.logs import configure_logging
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.protocol.frames import PrimaryKeepalive, XLogData
@@ -57,6 +65,7 @@ class Daemon:
         self.streaming = False
         self.last_error: str | None = None
         self.acked_lsn = 0
+        self.standby = False
 
     # -- control ---------------------------------------------------------------
     def request_stop(self) -> None:
@@ -87,9 +96,20 @@ class Daemon:
             started = time.monotonic()
             try:
                 self._session()
+            except StandbyError as exc:
+                if not self.standby:
+                    log.info("standby", reason=exc.message)
+                self.standby = True
+                self.metrics.standby.set(1)
+                self._stop.wait(self.STANDBY_POLL_SECONDS)
+                continue
+            except _Reload as exc:
+                log.info("config_reloaded", action=exc.message)
+                continue
             except CdcError as exc:
                 self.last_error = str(exc)
                 self.metrics.errors.labels(kind=type(exc).__name__).inc()
+                self._record_error(exc.message)
                 if not exc.retryable:
                     log.error("daemon_stopped", error=exc.message, hint=exc.hint, exit_code=exc.exit_code)
                     return exc.exit_code
@@ -97,6 +117,7 @@ class Daemon:
             except Exception as exc:  # the cycle's error boundary: log, back off, retry
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.metrics.errors.labels(kind=type(exc).__name__).inc()
+                self._record_error(self.last_error)
                 log.exception("capture_failed", retry_in_seconds=round(backoff, 2))
             finally:
                 self.streaming = False
@@ -111,6 +132,43 @@ class Daemon:
         log.info("daemon_stopped", exit_code=EXIT_OK, acked_lsn=format_lsn(self.acked_lsn))
         return EXIT_OK
 
+    STANDBY_POLL_SECONDS = 1.0
+
+    def _record_error(self, message: str) -> None:
+        """Best effort: leave the last error where `cdc status` can read it."""
+        try:
+            writer = StoreWriter(
+                self.config.require_store(), self.config.store.schema_name, self.config.source.slot
+            )
+            try:
+                writer.record_error(message)
+            finally:
+                writer.close()
+        except (CdcError, psycopg.Error):
+            pass
+
+    def reload_if_requested(self) -> None:
+        """Apply a SIGHUP: reload the config; reconnect when a connection setting changed."""
+        if not self._reload_requested:
+            return
+        self._reload_requested = False
+        try:
+            new = self._reload()
+        except CdcError as exc:
+            log.error("config_reload_failed", error=exc.message)
+            return
+        old = self.config
+        self.config = new
+        configure_logging(new.logging.level, new.logging.format)
+        if (old.source, old.store, old.capture, old.context) != (
+            new.source,
+            new.store,
+            new.capture,
+            new.context,
+        ):
+            raise _Reload("capture settings changed: reconnecting")
+        log.info("config_reloaded", action="applied without reconnecting")
+
     def _session(self) -> None:
         cfg = self.config
         source_dsn, store_dsn = cfg.require_source(), cfg.require_store()
@@ -119,6 +177,10 @@ class Daemon:
         catalog: psycopg.Connection[Any] | None = None
         try:
             writer.connect()
+            if self.standby:
+                log.info("standby_taking_over", slot=cfg.source.slot)
+            self.standby = False
+            self.metrics.standby.set(0)
             state = writer.load_state()
             if state is None or not state.baseline_done:
                 raise SetupError(
@@ -183,7 +245,8 @@ class Daemon:
                 immediate=options.stream_immediately,
                 server_version=stream.server_version,
             )
-            _Session(self, stream, writer, assembler).loop()
+            writer.record_daemon()
+            _Session(self, stream, writer, assembler, catalog).loop()
         finally:
             stream.close()
             writer.close()
@@ -191,11 +254,20 @@ class Daemon:
                 catalog.close()
 
 
+class _Reload(CdcError):  # noqa: N818 - internal control flow, never escapes run()
+    retryable = True
+
+
 class _Session:
     """One streaming session: read frames, assemble, write batches, acknowledge."""
 
     def __init__(
-        self, daemon: Daemon, stream: ReplicationStream, writer: StoreWriter, assembler: Assembler
+        self,
+        daemon: Daemon,
+        stream: ReplicationStream,
+        writer: StoreWriter,
+        assembler: Assembler,
+        catalog: psycopg.Connection[Any],
     ) -> None:
         self.daemon = daemon
         self.cfg = daemon.config.capture
@@ -203,6 +275,8 @@ class _Session:
         self.stream = stream
         self.writer = writer
         self.assembler = assembler
+        self.catalog = catalog
+        self.slot = daemon.config.source.slot
         self.batch = Batch()
         self.batch_started: float | None = None
         self.acked = daemon.acked_lsn  # written to the store and acknowledged
@@ -210,17 +284,23 @@ class _Session:
         self.server_wal_end = 0
         self.last_status = 0.0
         self.last_write = 0.0
+        self.last_data = time.monotonic()
+        self.last_slot_check = 0.0
+        self.last_lag_warning = 0.0
         self.last_commit_time: datetime | None = None
 
     def loop(self) -> None:
         daemon = self.daemon
         while not daemon._stop.is_set():
             daemon.beat()
+            daemon.reload_if_requested()
+            self._watch_slot()
             timeout = 1.0
             if self.batch_started is not None:
                 timeout = max(0.0, self.batch_started + self.cfg.batch_max_seconds - time.monotonic())
             frame = self.stream.read(timeout)
             if isinstance(frame, XLogData):
+                self.last_data = time.monotonic()
                 for event in self.assembler.feed(frame.wal_start, frame.payload):
                     self._handle(event)
             elif isinstance(frame, PrimaryKeepalive):
@@ -249,9 +329,69 @@ class _Session:
         self._flush()
         self._send_status(force=True)
 
+    def _watch_slot(self) -> None:
+        """Every status interval: slot health, retained WAL, lag, and a heartbeat when idle."""
+        now = time.monotonic()
+        if now - self.last_slot_check < self.cfg.status_interval_seconds:
+            return
+        self.last_slot_check = now
+        try:
+            row = self.catalog.execute(
+                "SELECT wal_status, safe_wal_size, (pg_current_wal_lsn() - restart_lsn)::bigint "
+                "FROM pg_replication_slots WHERE slot_name = %s",
+                (self.slot,),
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise SourceUnavailableError(f"cannot read the slot's state: {exc}") from exc
+        if row is None:
+            raise SlotLostError(
+                f"replication slot {self.slot!r} was dropped while capturing",
+                hint="run `cdc setup --recreate-slot`; the history records a gap and a new baseline",
+            )
+        wal_status, safe_size, retained = row
+        for status in ("reserved", "extended", "unreserved", "lost"):
+            self.metrics.slot_wal_status.labels(status=status).set(1 if status == wal_status else 0)
+        if retained is not None:
+            self.metrics.slot_retained_wal_bytes.set(retained)
+        if safe_size is not None:
+            self.metrics.slot_safe_wal_size_bytes.set(safe_size)
+        if wal_status == "lost":
+            raise SlotLostError(
+                f"replication slot {self.slot!r} was invalidated (wal_status=lost)",
+                hint="run `cdc setup --recreate-slot`; raise max_slot_wal_keep_size to avoid it",
+            )
+        lag = max(0, self.server_wal_end - self.acked) if self.server_wal_end else 0
+        max_lag = self.daemon.config.capture.max_lag_bytes
+        if (wal_status == "unreserved" or lag > max_lag) and now - self.last_lag_warning > 60:
+            self.last_lag_warning = now
+            log.warning(
+                "capture_falling_behind",
+                lag_bytes=lag,
+                retained_wal_bytes=retained,
+                wal_status=wal_status,
+                max_lag_bytes=max_lag,
+            )
+        interval = self.daemon.config.capture.heartbeat_interval_seconds
+        if interval > 0 and now - self.last_data >= interval:
+            # Nothing published changed lately: a non-transactional message gives the slot
+            # a decodable position to move to, so WAL written elsewhere is not held back.
+            self.catalog.execute(
+                "SELECT pg_logical_emit_message(false, %s, now()::text)", (HEARTBEAT_PREFIX,)
+            )
+            self.metrics.heartbeats.inc()
+            self.last_data = now
+
     def _handle(self, event: FinishedTransaction | LogicalMessage) -> None:
         if isinstance(event, LogicalMessage):
-            if event.prefix == ERROR_PREFIX:
+            if event.prefix == HEARTBEAT_PREFIX:
+                if (
+                    self.assembler.open_transactions == 0
+                    and not self.batch.mutations
+                    and event.lsn > self.acked
+                ):
+                    self.batch.ack_lsn = max(event.lsn, self.batch.ack_lsn or 0)
+                    self._mark_batch()
+            elif event.prefix == ERROR_PREFIX:
                 try:
                     self.batch.errors.append(parse_error(event.content))
                 except ProtocolError:

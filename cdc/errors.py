@@ -76,5 +76,11 @@ class StoreUnavailableError(CdcError):
     retryable = True
 
 
+class StandbyError(CdcError):
+    """Another daemon holds the slot's lock: this one waits to take over."""
+
+    retryable = True
+
+
 class ReadOnlyHistoryView(CdcError):  # noqa: N818 - the name is part of the public contract
     """A write was attempted through a time-travel view."""

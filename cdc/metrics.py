@@ -56,3 +56,22 @@ class Metrics:
             "cdc_loop_heartbeat_seconds", "Unix time of the main loop's last iteration", registry=r
         )
         self.streaming = Gauge("cdc_streaming", "1 while the replication stream is open", registry=r)
+        self.standby = Gauge(
+            "cdc_standby", "1 while waiting for another instance to release the slot", registry=r
+        )
+        self.slot_retained_wal_bytes = Gauge(
+            "cdc_slot_retained_wal_bytes",
+            "WAL the server keeps for the slot (current LSN - restart_lsn)",
+            registry=r,
+        )
+        self.slot_safe_wal_size_bytes = Gauge(
+            "cdc_slot_safe_wal_size_bytes",
+            "WAL that can still be written before the slot is invalidated",
+            registry=r,
+        )
+        self.slot_wal_status = Gauge(
+            "cdc_slot_wal_status", "1 for the slot's current wal_status", ["status"], registry=r
+        )
+        self.heartbeats = Counter(
+            "cdc_heartbeats_total", "Heartbeat messages written to the source", registry=r
+        )

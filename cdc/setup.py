@@ -28,6 +28,7 @@ from cdc.source import SourceTable, describe_table, primary_key, published_table
 from cdc.source_context import context_installed, install_context, uninstall_context
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
+from cdc.values import convert
 
 log = structlog.get_logger("cdc.setup")
 
@@ -77,7 +78,7 @@ def apply_store_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(schema)))
-        conn.execute(ddl)  # type: ignore[arg-type]  # trusted file shipped with the package
+        conn.execute(ddl.encode())  # a trusted file shipped with the package
 
 
 def same_database(source: psycopg.Connection[Any], store: psycopg.Connection[Any]) -> bool:

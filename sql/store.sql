@@ -18,6 +18,20 @@ CREATE TABLE IF NOT EXISTS capture_state (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
+-- What `cdc status` shows about the daemon (written by the active instance).
+ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS daemon_host text;
+ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS daemon_pid integer;
+ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS last_error text;
+ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS last_error_at timestamptz;
+
+-- Gaps: when a lost slot was re-created, changes between these positions were not captured.
+CREATE TABLE IF NOT EXISTS gaps (
+    slot_name        text NOT NULL,
+    after_position   bigint NOT NULL,      -- last acknowledged position before the loss
+    resumed_position bigint NOT NULL,      -- the new baseline
+    recorded_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot_name, resumed_position)
+);
 
 -- Every schema version of every captured table, as announced by pgoutput Relation messages.
 CREATE TABLE IF NOT EXISTS table_schemas (
@@ -65,6 +79,8 @@ CREATE TABLE IF NOT EXISTS mutations (
     request_id       text,
     context          jsonb,                -- application_name, actor, db_user, client_addr, backend_pid, extra
     schema_id        integer,
+    actor            text,                 -- context actor, for per-actor order
+    actor_seq        bigint,               -- monotonic per actor (a logical clock, gaps allowed)
     PRIMARY KEY (position, ordinal)
 );
 -- One index seek for "row R of table T at version V" and for a row's history.
@@ -78,6 +94,12 @@ CREATE INDEX IF NOT EXISTS mutations_request ON mutations (request_id text_patte
 -- Commit times grow with position: a BRIN index is tiny and cheap to maintain.
 CREATE INDEX IF NOT EXISTS mutations_committed_at ON mutations USING brin (committed_at);
 CREATE INDEX IF NOT EXISTS mutations_table_position ON mutations (table_name, position);
+CREATE INDEX IF NOT EXISTS mutations_actor ON mutations (actor, actor_seq) WHERE actor IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS actor_sequences (
+    actor            text PRIMARY KEY,
+    last_seq         bigint NOT NULL
+);
 
 -- Requests as records: outcome and reported error, filled from context and error messages.
 CREATE TABLE IF NOT EXISTS requests (

@@ -163,7 +163,7 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
     import json
 
     from cdc.stream.replication import OUTPUT_SETTINGS, options_string
-    from cdc.values import converter_for
+    from cdc.values import convert, converter_for
 
     schema, name = table.split(".", 1)
     with psycopg.connect(env.source_dsn, autocommit=True, options=options_string(OUTPUT_SETTINGS)) as conn:
@@ -179,7 +179,7 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
     rows: Counter[str] = Counter()
     for row in found:
         image = {
-            c: (converter_for(t)(v) if v is not None else None)
+            c: convert(converter_for(t), v)
             for (c, t), v in zip(columns, row, strict=True)
         }
         rows[json.dumps(image, sort_keys=True)] += 1

@@ -13,6 +13,9 @@ with one query per batch, from the row's last committed image in the store.
 from __future__ import annotations
 
 import json
+import os
+import socket
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,13 +26,13 @@ import psycopg
 from psycopg import sql
 
 from cdc.assembler import COMMITTED, Mutation, TableSchema, key_text
-from cdc.context import ReportedError
-from cdc.errors import SetupError, StoreUnavailableError
 from cdc.config import redact_dsn
+from cdc.context import ReportedError
+from cdc.errors import SetupError, StandbyError, StoreUnavailableError
 
 _MUTATION_COLUMNS = (
     "position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, "
-    "before, after, changed, status, request_id, context, schema_id"
+    "before, after, changed, status, request_id, context, schema_id, actor, actor_seq"
 )
 
 
@@ -70,9 +73,7 @@ class CaptureState:
 
 
 def _copy_text(value: str) -> bytes:
-    return (
-        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
-    )
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
 
 
 _NULL = b"\\N"
@@ -127,6 +128,16 @@ class StoreWriter:
                         f"the history store has no schema {self.schema!r}",
                         hint="run `cdc setup` first",
                     )
+                # One active daemon per slot: a session-level advisory lock on the store,
+                # released by the server the moment this connection dies.
+                cur.execute(
+                    "SELECT pg_try_advisory_lock(hashtext(%s))", (f"cdc:{self.schema}:{self.slot_name}",)
+                )
+                locked = cur.fetchone()
+                if not locked or not locked[0]:
+                    raise StandbyError(
+                        f"another cdc daemon is active on slot {self.slot_name!r}; standing by"
+                    )
                 cur.execute("SELECT coalesce(max(position), 0) FROM mutations")
                 found = cur.fetchone()
                 self._max_written_position = int(found[0]) if found else 0
@@ -136,6 +147,31 @@ class StoreWriter:
             raise StoreUnavailableError(
                 f"cannot reach the history store ({redact_dsn(self.dsn)}): {exc}"
             ) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def record_daemon(self) -> None:
+        """Note in capture_state which daemon is active (for `cdc status`)."""
+        with self._guard():
+            self.conn.execute(
+                "UPDATE capture_state SET daemon_host = %s, daemon_pid = %s, updated_at = now() WHERE slot_name = %s",
+                (socket.gethostname(), os.getpid(), self.slot_name),
+            )
+            self.conn.commit()
+
+    def record_error(self, message: str) -> None:
+        """Note the daemon's last error without taking the active lock (any instance may)."""
+        with (
+            psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {}.capture_state SET last_error = %s, last_error_at = now() WHERE slot_name = %s"
+                ).format(sql.Identifier(self.schema)),
+                (message[:2000], self.slot_name),
+            )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -262,7 +298,13 @@ class StoreWriter:
             )
         lines: list[bytes] = []
         schema_ids: dict[str, bytes] = {}
+        next_seq = self._reserve_actor_seqs(cur, mutations)
         for m in mutations:
+            actor = m.context.actor if m.context is not None else None
+            actor_seq = _NULL
+            if actor is not None:
+                actor_seq = str(next_seq[actor]).encode()
+                next_seq[actor] += 1
             schema_id = _NULL
             if m.schema is not None:
                 schema_id = schema_ids.get(m.schema.fingerprint, b"")
@@ -290,6 +332,8 @@ class StoreWriter:
                         _copy_text(m.request_id) if m.request_id is not None else _NULL,
                         _json_field(m.context.as_json()) if m.context is not None else _NULL,
                         schema_id,
+                        _copy_text(actor) if actor is not None else _NULL,
+                        actor_seq,
                     )
                 )
             )
@@ -302,6 +346,20 @@ class StoreWriter:
                 "ON CONFLICT (position, ordinal) DO NOTHING"
             )
             cur.execute("TRUNCATE _staging")
+
+    def _reserve_actor_seqs(self, cur: psycopg.Cursor[Any], mutations: list[Mutation]) -> dict[str, int]:
+        """Reserve a range of each actor's sequence for this batch; return each range's start."""
+        counts = Counter(m.context.actor for m in mutations if m.context is not None and m.context.actor)
+        if not counts:
+            return {}
+        actors = sorted(counts)
+        cur.execute(
+            "INSERT INTO actor_sequences (actor, last_seq) SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+            "ON CONFLICT (actor) DO UPDATE SET last_seq = actor_sequences.last_seq + EXCLUDED.last_seq "
+            "RETURNING actor, last_seq",
+            (actors, [counts[a] for a in actors]),
+        )
+        return {str(actor): int(last) - counts[str(actor)] + 1 for actor, last in cur.fetchall()}
 
     def _insert_transactions(self, cur: psycopg.Cursor[Any], transactions: list[TransactionRow]) -> None:
         cur.executemany(
@@ -382,14 +440,13 @@ class _StoreGuard:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown):
             self.writer.close()
             raise StoreUnavailableError(f"history store write failed: {exc}") from exc
         if isinstance(exc, psycopg.errors.DiskFull | psycopg.errors.InsufficientResources):
             self.writer.close()
             raise StoreUnavailableError(f"history store is out of space: {exc}") from exc
-        return False
 
 
 def _apply_fill(mutation: Mutation, image: dict[str, Any] | None) -> None:

@@ -1,0 +1,698 @@
+"""The application side: tag database work with the request that caused it.
+
+``request(conn, request_id, actor=..., **extra)`` is a context manager for a psycopg 3
+connection (or a SQLAlchemy Engine/Connection). Inside a transaction it
+
+1. sets ``cdc.request_id``, ``cdc.actor`` and ``cdc.<key>`` for each extra, transaction-local
+   (``set_config(..., true)``), so nothing leaks into the session: safe behind poolers such as
+   pgbouncer in transaction mode;
+2. writes the ``cdc.context`` message itself (transactional, ``"source": "client"``), so the
+   context reaches the WAL even for tables without the trigger, and records the fingerprint the
+   trigger compares (``cdc._emitted``), so the trigger does not emit a second one;
+3. when the block raises, writes a NON-transactional ``cdc.error`` message (error type, message,
+   the application's file:line, request id, xid) that survives the rollback, then re-raises.
+
+All of step 1 and 2 is one round trip. Transactions: with an autocommit connection the block
+runs in its own transaction (``conn.transaction()``: committed at the end, rolled back on an
+exception); otherwise the block uses the connection's current transaction, which the caller
+commits or rolls back (the context then stays in effect until that transaction ends, like
+``SET LOCAL``; a nested ``request()`` re-emits the outer context when it exits).
+
+Reporting an error after SQL failed: a failed statement leaves the transaction aborted, where
+nothing, not even a non-transactional message, can be written. When ``request()`` owns the
+transaction it rolls back first and then writes the message on the same connection (autocommit,
+so it is a statement of its own). When the caller owns the transaction, ``request()`` must not
+roll it back, so it writes the message over a short separate connection to the same server
+(``conn.info.get_parameters()`` plus the password), then re-raises. Reporting never masks the
+original exception: a failure to report is logged (without values) and swallowed.
+
+``arequest(aconn, ...)`` is the same for psycopg's AsyncConnection. ``WSGIMiddleware`` and
+``ASGIMiddleware`` take the request id from a header (or make one), expose it through
+:func:`current_request_id` and echo it in the response; ``request(conn)`` without an id uses it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import json
+import logging
+import os
+import re
+import site
+import sys
+import sysconfig
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType, TracebackType
+from typing import Any, Final
+
+import psycopg
+from psycopg import conninfo as pg_conninfo
+from psycopg.pq import TransactionStatus
+
+from cdc.context import (
+    CONTEXT_PREFIX,
+    ERROR_PREFIX,
+    EMITTED_SETTING,
+    MAX_EXTRA_KEYS,
+    MAX_EXTRA_VALUE_CHARS,
+    MAX_ID_CHARS,
+    MAX_MESSAGE_BYTES,
+    truncate_utf8,
+    validate_setting_name,
+)
+
+__all__ = [
+    "ASGIMiddleware",
+    "RequestScope",
+    "WSGIMiddleware",
+    "arequest",
+    "configure",
+    "current_request_id",
+    "new_request_id",
+    "request",
+]
+
+log = logging.getLogger("cdc.client")
+
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("cdc_request_id", default=None)
+# The request() scopes open in this context, innermost last: (id(connection), scope).
+_open_scopes: contextvars.ContextVar[tuple[tuple[int, RequestScope], ...]] = contextvars.ContextVar(
+    "cdc_open_scopes", default=()
+)
+
+_settings_prefix = "cdc"
+
+#: Incoming request ids accepted from a header; anything else is replaced by a fresh id.
+_HEADER_ID: Final = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_REPORT_CONNECT_TIMEOUT: Final = 5
+
+
+def configure(*, settings_prefix: str = "cdc") -> None:
+    """Set the prefix of the settings the helper writes (must match the source's configuration)."""
+    global _settings_prefix  # noqa: PLW0603 - process-wide configuration, set once at start-up
+    _settings_prefix = validate_setting_name(settings_prefix, "settings_prefix")
+
+
+def current_request_id() -> str | None:
+    """The request id of the current HTTP request (set by the middlewares) or ``request()`` block."""
+    return _request_id.get()
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 hex digits (uuid4)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class RequestScope:
+    """What ``request()`` yields: the request's identity and the connection to use.
+
+    ``connection`` is the connection passed in, or, for a SQLAlchemy Engine, the Connection
+    opened for the block. ``xid`` is the (64-bit) id of the transaction the context was
+    written in.
+    """
+
+    request_id: str
+    actor: str | None
+    extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    connection: Any = None
+    xid: int | None = None
+
+
+# ============================================================================ SQL
+
+
+def _prepare(
+    request_id: str | None, actor: str | None, extra: Mapping[str, str]
+) -> tuple[str, str | None, dict[str, str]]:
+    rid = request_id if request_id else (_request_id.get() or new_request_id())
+    if not isinstance(rid, str):
+        raise TypeError(f"request_id must be a string, not {type(rid).__name__}")
+    if actor is not None and not isinstance(actor, str):
+        raise TypeError(f"actor must be a string, not {type(actor).__name__}")
+    if len(extra) > MAX_EXTRA_KEYS:
+        raise ValueError(f"at most {MAX_EXTRA_KEYS} extra context keys, got {len(extra)}")
+    clean: dict[str, str] = {}
+    for key, value in extra.items():
+        name = validate_setting_name(key, "extra context key")
+        if name in ("request_id", "actor") or name.startswith("_"):
+            raise ValueError(f"extra context key {key!r} is reserved")
+        if not isinstance(value, str):
+            raise TypeError(f"extra context value for {key!r} must be a string, not {type(value).__name__}")
+        clean[name] = value[:MAX_EXTRA_VALUE_CHARS]
+    return rid[:MAX_ID_CHARS], (actor[:MAX_ID_CHARS] if actor else None), clean
+
+
+def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict[str, Any]:
+    prefix = _settings_prefix
+    head = json.dumps({"request_id": rid, "actor": actor}, separators=(",", ":"), ensure_ascii=False)[:-1]
+    tail = json.dumps({"source": "client", "extra": dict(extra)}, separators=(",", ":"), ensure_ascii=False)[1:]
+    return {
+        "k_rid": f"{prefix}.request_id",
+        "k_actor": f"{prefix}.actor",
+        "k_extra": f"{prefix}.",
+        "k_emitted": EMITTED_SETTING,
+        "rid": rid,
+        "actor": actor or "",
+        "extra": json.dumps(dict(extra), separators=(",", ":"), ensure_ascii=False),
+        "prefix": CONTEXT_PREFIX,
+        "head": head,
+        "tail": tail,
+    }
+
+
+# One round trip: set the settings, emit the context, record the trigger's fingerprint
+# (request_id US actor US application_name, see cdc.context.context_fingerprint) and return
+# the transaction id. Only `%(name)s` placeholders and no `::` casts: the same text serves
+# psycopg and (after a placeholder rewrite) SQLAlchemy's text().
+_BEGIN_SQL: Final = """
+SELECT pg_catalog.set_config(%(k_rid)s, %(rid)s, true) IS NULL
+    OR pg_catalog.set_config(%(k_actor)s, %(actor)s, true) IS NULL
+    OR (SELECT pg_catalog.count(pg_catalog.set_config(%(k_extra)s || e.key, e.value, true))
+          FROM pg_catalog.json_each_text(CAST(%(extra)s AS json)) AS e) < 0
+    OR pg_catalog.pg_logical_emit_message(true, %(prefix)s, CAST(
+           %(head)s
+           || ',"application_name":'
+           || coalesce(CAST(pg_catalog.to_json(nullif(pg_catalog.current_setting('application_name', true), ''))
+                            AS text), 'null')
+           || ',"db_user":' || CAST(pg_catalog.to_json(CAST(CURRENT_USER AS text)) AS text)
+           || ',"client_addr":'
+           || coalesce(CAST(pg_catalog.to_json(pg_catalog.host(pg_catalog.inet_client_addr())) AS text), 'null')
+           || ',"backend_pid":' || CAST(pg_catalog.pg_backend_pid() AS text)
+           || ',' || %(tail)s AS text)) IS NULL
+    OR pg_catalog.set_config(%(k_emitted)s,
+           %(rid)s || pg_catalog.chr(31) || %(actor)s || pg_catalog.chr(31)
+           || coalesce(pg_catalog.current_setting('application_name', true), ''), true) IS NULL,
+       pg_catalog.txid_current()
+"""
+
+_ERROR_SQL: Final = "SELECT pg_catalog.pg_logical_emit_message(false, %(prefix)s, CAST(%(content)s AS text))"
+
+
+def _error_content(scope: RequestScope, exc: BaseException) -> str:
+    message = str(exc)
+    if not message and exc.args:
+        message = repr(exc.args[0])
+    content = {
+        "request_id": scope.request_id,
+        "xid": scope.xid,
+        "error_type": type(exc).__name__,
+        "message": truncate_utf8(message, MAX_MESSAGE_BYTES),
+        "location": error_location(exc),
+        "actor": scope.actor,
+        "at": datetime.now(UTC).isoformat(),
+    }
+    return json.dumps(content, separators=(",", ":"), ensure_ascii=False)
+
+
+def _error_params(scope: RequestScope, exc: BaseException) -> dict[str, Any]:
+    return {"prefix": ERROR_PREFIX, "content": _error_content(scope, exc)}
+
+
+# ============================================================================ error location
+
+_THIS_FILE: Final = os.path.normcase(os.path.abspath(__file__))
+
+
+def _library_dirs() -> tuple[str, ...]:
+    dirs: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.add(path)
+    try:
+        dirs.update(site.getsitepackages())
+    except AttributeError:  # pragma: no cover - some virtualenv layouts
+        pass
+    user_site = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
+    if isinstance(user_site, str):
+        dirs.add(user_site)
+    return tuple(sorted({os.path.normcase(os.path.abspath(d)) for d in dirs}, key=len, reverse=True))
+
+
+_LIBRARY_DIRS: Final = _library_dirs()
+
+
+def _is_library(filename: str) -> bool:
+    if filename.startswith("<"):  # <frozen ...>, <string>
+        return True
+    path = os.path.normcase(os.path.abspath(filename))
+    if path == _THIS_FILE:
+        return True
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return True
+    return any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS)
+
+
+def _display_path(filename: str) -> str:
+    path = os.path.abspath(filename)
+    cwd = os.getcwd()
+    if path.startswith(cwd + os.sep):
+        return os.path.relpath(path, cwd)
+    best: str | None = None
+    for entry in sys.path:
+        root = os.path.abspath(entry or cwd)
+        if path.startswith(root + os.sep):
+            rel = os.path.relpath(path, root)
+            if best is None or len(rel) < len(best):
+                best = rel
+    return best or os.path.basename(path)
+
+
+def error_location(exc: BaseException) -> str | None:
+    """``file.py:42`` of the innermost application frame in ``exc``'s traceback.
+
+    Application frames are those outside this module, the standard library and installed
+    packages; when there is none, the innermost frame outside this module is used.
+    """
+    tb: TracebackType | None = exc.__traceback__
+    app: tuple[str, int] | None = None
+    fallback: tuple[str, int] | None = None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        lineno = tb.tb_lineno
+        if os.path.normcase(os.path.abspath(filename)) != _THIS_FILE:
+            fallback = (filename, lineno)
+            if not _is_library(filename):
+                app = (filename, lineno)
+        tb = tb.tb_next
+    chosen = app or fallback
+    if chosen is None:
+        return None
+    return f"{_display_path(chosen[0])}:{chosen[1]}"
+
+
+def _mark_reported(exc: BaseException) -> bool:
+    """True the first time for ``exc``: nested request() blocks report an error once."""
+    if getattr(exc, "_cdc_reported", False):
+        return False
+    try:
+        exc._cdc_reported = True  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - exceptions with __slots__
+        pass
+    return True
+
+
+def _report_failed(what: str, err: BaseException) -> None:
+    log.warning("cdc: could not write the cdc.error message (%s): %s", what, type(err).__name__)
+
+
+# ============================================================================ psycopg (sync)
+
+
+def _usable(status: TransactionStatus) -> bool:
+    return status in (TransactionStatus.INTRANS, TransactionStatus.IDLE)
+
+
+def _separate_conninfo(info: Any) -> str:
+    params = dict(info.get_parameters())
+    password = info.password
+    if password:
+        params["password"] = password
+    params.setdefault("connect_timeout", str(_REPORT_CONNECT_TIMEOUT))
+    params["application_name"] = "cdc-error-report"
+    return pg_conninfo.make_conninfo(**params)
+
+
+def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: BaseException) -> None:
+    params = _error_params(scope, exc)
+    try:
+        status = conn.info.transaction_status
+        if _usable(status) and not conn.closed:
+            started = status == TransactionStatus.IDLE and not conn.autocommit
+            conn.execute(_ERROR_SQL, params)
+            if started:
+                conn.rollback()  # the message is non-transactional: it is written already
+            return
+        with psycopg.connect(_separate_conninfo(conn.info), autocommit=True) as other:
+            other.execute(_ERROR_SQL, params)
+    except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
+        _report_failed("psycopg", err)
+
+
+def _begin_sync(conn: psycopg.Connection[Any], rid: str, actor: str | None, extra: Mapping[str, str]) -> int | None:
+    row = conn.execute(_BEGIN_SQL, _begin_params(rid, actor, extra)).fetchone()
+    return int(row[1]) if row is not None and row[1] is not None else None
+
+
+@contextmanager
+def _psycopg_request(
+    conn: psycopg.Connection[Any], rid: str, actor: str | None, extra: Mapping[str, str]
+) -> Iterator[RequestScope]:
+    owned = conn.autocommit
+    deferred: BaseException | None = None
+    scope = RequestScope(rid, actor, MappingProxyType(dict(extra)), conn)
+    stack = _open_scopes.get()
+    token = _open_scopes.set((*stack, (id(conn), scope)))
+    rid_token = _request_id.set(rid)
+    try:
+        with conn.transaction() if owned else _nullcontext():
+            scope = RequestScope(rid, actor, scope.extra, conn, _begin_sync(conn, rid, actor, extra))
+            try:
+                yield scope
+            except Exception as exc:
+                if _mark_reported(exc):
+                    if _usable(conn.info.transaction_status) or not owned:
+                        _emit_error_sync(conn, scope, exc)
+                    else:
+                        deferred = exc  # aborted: report after the rollback, on this connection
+                raise
+            else:
+                _restore_outer_sync(conn, stack)
+    except Exception as exc:
+        if deferred is not None and exc is deferred:
+            _emit_error_sync(conn, scope, exc)
+        raise
+    finally:
+        _request_id.reset(rid_token)
+        _open_scopes.reset(token)
+
+
+def _restore_outer_sync(conn: psycopg.Connection[Any], stack: tuple[tuple[int, RequestScope], ...]) -> None:
+    """After a nested request() on the same connection, the outer request is current again."""
+    if stack and stack[-1][0] == id(conn) and conn.info.transaction_status == TransactionStatus.INTRANS:
+        outer = stack[-1][1]
+        _begin_sync(conn, outer.request_id, outer.actor, outer.extra)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+# ============================================================================ psycopg (async)
+
+
+async def _emit_error_async(conn: psycopg.AsyncConnection[Any], scope: RequestScope, exc: BaseException) -> None:
+    params = _error_params(scope, exc)
+    try:
+        status = conn.info.transaction_status
+        if _usable(status) and not conn.closed:
+            started = status == TransactionStatus.IDLE and not conn.autocommit
+            await conn.execute(_ERROR_SQL, params)
+            if started:
+                await conn.rollback()
+            return
+        async with await psycopg.AsyncConnection.connect(_separate_conninfo(conn.info), autocommit=True) as other:
+            await other.execute(_ERROR_SQL, params)
+    except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
+        _report_failed("psycopg async", err)
+
+
+async def _begin_async(
+    conn: psycopg.AsyncConnection[Any], rid: str, actor: str | None, extra: Mapping[str, str]
+) -> int | None:
+    cur = await conn.execute(_BEGIN_SQL, _begin_params(rid, actor, extra))
+    row = await cur.fetchone()
+    return int(row[1]) if row is not None and row[1] is not None else None
+
+
+@asynccontextmanager
+async def arequest(
+    aconn: psycopg.AsyncConnection[Any],
+    request_id: str | None = None,
+    *,
+    actor: str | None = None,
+    **extra: str,
+) -> AsyncIterator[RequestScope]:
+    """``request()`` for a psycopg ``AsyncConnection``."""
+    if not isinstance(aconn, psycopg.AsyncConnection):
+        raise TypeError(f"arequest() needs a psycopg AsyncConnection, not {type(aconn).__name__}")
+    rid, actor, clean = _prepare(request_id, actor, extra)
+    owned = aconn.autocommit
+    deferred: BaseException | None = None
+    scope = RequestScope(rid, actor, MappingProxyType(dict(clean)), aconn)
+    stack = _open_scopes.get()
+    token = _open_scopes.set((*stack, (id(aconn), scope)))
+    rid_token = _request_id.set(rid)
+    try:
+        async with aconn.transaction() if owned else _nullcontext():
+            scope = RequestScope(rid, actor, scope.extra, aconn, await _begin_async(aconn, rid, actor, clean))
+            try:
+                yield scope
+            except Exception as exc:
+                if _mark_reported(exc):
+                    if _usable(aconn.info.transaction_status) or not owned:
+                        await _emit_error_async(aconn, scope, exc)
+                    else:
+                        deferred = exc
+                raise
+            else:
+                if stack and stack[-1][0] == id(aconn) and aconn.info.transaction_status == TransactionStatus.INTRANS:
+                    outer = stack[-1][1]
+                    await _begin_async(aconn, outer.request_id, outer.actor, outer.extra)
+    except Exception as exc:
+        if deferred is not None and exc is deferred:
+            await _emit_error_async(aconn, scope, exc)
+        raise
+    finally:
+        _request_id.reset(rid_token)
+        _open_scopes.reset(token)
+
+
+# ============================================================================ SQLAlchemy (sync)
+
+_PLACEHOLDER: Final = re.compile(r"%\((\w+)\)s")
+
+
+def _sa_text(sql: str) -> Any:
+    sqlalchemy = importlib.import_module("sqlalchemy")
+    return sqlalchemy.text(_PLACEHOLDER.sub(r":\1", sql))
+
+
+def _is_sqlalchemy(obj: object) -> bool:
+    return type(obj).__module__.startswith("sqlalchemy.")
+
+
+def _sa_status(sa_conn: Any) -> TransactionStatus | None:
+    """The libpq transaction status under a SQLAlchemy connection, when the driver tells it."""
+    try:
+        dbapi = sa_conn.connection.dbapi_connection
+    except Exception:  # noqa: BLE001 - invalidated or closed connection
+        return None
+    info = getattr(dbapi, "info", None)
+    status = getattr(info, "transaction_status", None)
+    if isinstance(status, TransactionStatus):
+        return status
+    get_status = getattr(dbapi, "get_transaction_status", None)  # psycopg2
+    if callable(get_status):
+        try:
+            return TransactionStatus(int(get_status()))
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _sa_begin(sa_conn: Any, rid: str, actor: str | None, extra: Mapping[str, str]) -> int | None:
+    row = sa_conn.execute(_sa_text(_BEGIN_SQL), _begin_params(rid, actor, extra)).fetchone()
+    return int(row[1]) if row is not None and row[1] is not None else None
+
+
+def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usable: bool) -> None:
+    params = _error_params(scope, exc)
+    try:
+        if usable:
+            sa_conn.execute(_sa_text(_ERROR_SQL), params)
+            return
+        with sa_conn.engine.connect() as other:  # another pooled connection
+            other.execute(_sa_text(_ERROR_SQL), params)
+            other.commit()
+    except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
+        _report_failed("sqlalchemy", err)
+
+
+def _sa_usable(sa_conn: Any, exc: BaseException) -> bool:
+    status = _sa_status(sa_conn)
+    if status is not None:
+        return status == TransactionStatus.INTRANS
+    sqlalchemy_exc = importlib.import_module("sqlalchemy.exc")
+    return not isinstance(exc, sqlalchemy_exc.DBAPIError)  # a failed statement aborts the transaction
+
+
+@contextmanager
+def _sqlalchemy_request(target: Any, rid: str, actor: str | None, extra: Mapping[str, str]) -> Iterator[RequestScope]:
+    sqlalchemy = importlib.import_module("sqlalchemy")
+    if isinstance(target, sqlalchemy.engine.Engine):
+        with target.begin() as sa_conn:
+            with _sqlalchemy_on(sa_conn, rid, actor, extra, owned=True) as scope:
+                yield scope
+        return
+    if not isinstance(target, sqlalchemy.engine.Connection):
+        raise TypeError(f"request() supports SQLAlchemy Engine and Connection, not {type(target).__name__}")
+    if target.in_transaction():
+        with _sqlalchemy_on(target, rid, actor, extra, owned=False) as scope:
+            yield scope
+    else:
+        with target.begin():
+            with _sqlalchemy_on(target, rid, actor, extra, owned=True) as scope:
+                yield scope
+
+
+@contextmanager
+def _sqlalchemy_on(
+    sa_conn: Any, rid: str, actor: str | None, extra: Mapping[str, str], *, owned: bool
+) -> Iterator[RequestScope]:
+    rid_token = _request_id.set(rid)
+    try:
+        scope = RequestScope(rid, actor, MappingProxyType(dict(extra)), sa_conn, _sa_begin(sa_conn, rid, actor, extra))
+        try:
+            yield scope
+        except Exception as exc:
+            if _mark_reported(exc):
+                # Aborted or not, another pooled connection works; the same one only when usable.
+                _sa_emit_error(sa_conn, scope, exc, usable=_sa_usable(sa_conn, exc))
+            raise
+    finally:
+        _request_id.reset(rid_token)
+
+
+# ============================================================================ request()
+
+
+def request(
+    conn: Any,
+    request_id: str | None = None,
+    *,
+    actor: str | None = None,
+    **extra: str,
+) -> contextlib_AbstractContextManager:
+    """Run a block of database work as request ``request_id`` (see the module documentation).
+
+    ``conn``: a psycopg 3 ``Connection``, or a SQLAlchemy ``Engine`` or ``Connection`` (any
+    PostgreSQL driver). ``request_id`` defaults to :func:`current_request_id`, else a fresh id.
+    ``extra`` keys become ``cdc.<key>`` settings and the message's ``extra``. Yields a
+    :class:`RequestScope`.
+    """
+    rid, actor, clean = _prepare(request_id, actor, extra)
+    if isinstance(conn, psycopg.Connection):
+        return _psycopg_request(conn, rid, actor, clean)
+    if isinstance(conn, psycopg.AsyncConnection):
+        raise TypeError("request() got an AsyncConnection: use `async with arequest(aconn, ...)`")
+    if _is_sqlalchemy(conn):
+        return _sqlalchemy_request(conn, rid, actor, clean)
+    raise TypeError(
+        f"request() supports psycopg Connection and SQLAlchemy Engine/Connection, not {type(conn).__name__}"
+    )
+
+
+# ============================================================================ middlewares
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+ASGIApp = Callable[[Mapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+def _accept(value: str | None) -> str:
+    if value is not None:
+        value = value.strip()
+        if _HEADER_ID.fullmatch(value):
+            return value
+    return new_request_id()
+
+
+class _ContextIterable:
+    """A WSGI response body iterated inside the request's context (so the id stays visible)."""
+
+    def __init__(self, body: Iterable[bytes], ctx: contextvars.Context) -> None:
+        self._body = body
+        self._iter: Iterator[bytes] | None = None
+        self._ctx = ctx
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iter is None:
+            self._iter = self._ctx.run(iter, self._body)
+        return self._ctx.run(next, self._iter)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if callable(close):
+            self._ctx.run(close)
+
+
+class WSGIMiddleware:
+    """Take the request id from ``header`` (or make one), expose it, echo it in the response.
+
+    The id is visible through :func:`current_request_id` while the application runs and while
+    its response body is iterated, and in ``environ["cdc.request_id"]``. An incoming id that
+    is not 1-128 characters of ``A-Z a-z 0-9 . _ : @ / + = -`` is replaced by a fresh one.
+    """
+
+    def __init__(self, app: WSGIApp, header: str = "X-Request-ID") -> None:
+        self.app = app
+        self.header = header
+        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        rid = _accept(environ.get(self._environ_key))
+        environ["cdc.request_id"] = rid
+        lowered = self.header.lower()
+
+        def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers = [(k, v) for k, v in headers if k.lower() != lowered]
+            headers.append((self.header, rid))
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            return start_response(status, headers)
+
+        ctx = contextvars.copy_context()
+        ctx.run(_request_id.set, rid)
+        body = ctx.run(self.app, environ, _start_response)
+        return _ContextIterable(body, ctx)
+
+
+class ASGIMiddleware:
+    """The ASGI version of :class:`WSGIMiddleware` (HTTP and WebSocket scopes).
+
+    The id is also put in ``scope["state"]["request_id"]`` (Starlette's ``request.state``).
+    """
+
+    def __init__(self, app: Any, header: str = "X-Request-ID") -> None:
+        self.app = app
+        self.header = header
+        self._header_bytes = header.lower().encode("latin-1")
+
+    async def __call__(self, scope: Mapping[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        incoming: str | None = None
+        for name, value in scope.get("headers") or ():
+            if bytes(name).lower() == self._header_bytes:
+                incoming = bytes(value).decode("latin-1")
+                break
+        rid = _accept(incoming)
+        new_scope = dict(scope)
+        state = dict(scope.get("state") or {})
+        state["request_id"] = rid
+        new_scope["state"] = state
+        echo = (self._header_bytes, rid.encode("latin-1"))
+
+        async def _send(message: Mapping[str, Any]) -> None:
+            if message.get("type") in ("http.response.start", "websocket.accept"):
+                headers = [(k, v) for k, v in message.get("headers") or () if bytes(k).lower() != self._header_bytes]
+                headers.append(echo)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        token = _request_id.set(rid)
+        try:
+            await self.app(new_scope, receive, _send)
+        finally:
+            _request_id.reset(token)
