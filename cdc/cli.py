@@ -112,6 +112,32 @@ def teardown(config_path: str | None, source: str | None, store: str | None, dro
 
 
 @main.command()
+@config_option
+@click.option("--source", help="Source DSN.")
+@click.option("--store", help="Store DSN.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def status(config_path: str | None, source: str | None, store: str | None, fmt: str) -> None:
+    """Slot, lag, LSNs, stored version range, retention and the daemon's last error.
+
+    Exits 0 when the slot is healthy, 1 otherwise.
+    """
+    from cdc.status import collect_status, render_status
+
+    try:
+        config = load(config_path, source, store)
+    except CdcError as exc:
+        fail(exc)
+    result = collect_status(config)
+    if fmt == "json":
+        click.echo(json.dumps(result.as_json(), indent=2, default=str))
+    else:
+        width = max(len(label) for label, _ in render_status(result))
+        for label, value in render_status(result):
+            click.echo(f"  {label:<{width}}  {value}")
+    sys.exit(0 if result.healthy else 1)
+
+
+@main.command()
 @click.option("--keep", is_flag=True, help="Leave the demo server running and print how to reach it.")
 def demo(keep: bool) -> None:
     """Start a throwaway PostgreSQL, capture sample traffic with request ids, show the history."""

@@ -44,7 +44,7 @@ import sys
 import sysconfig
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
@@ -168,15 +168,17 @@ def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict
 
 # One round trip: set the settings, emit the context, record the trigger's fingerprint
 # (request_id US actor US application_name, see cdc.context.context_fingerprint) and return
-# the transaction id. Only `%(name)s` placeholders and no `::` casts: the same text serves
-# psycopg and (after a placeholder rewrite) SQLAlchemy's text().
+# the transaction id (column 2). The columns do not depend on each other, so their order of
+# evaluation does not matter. Only `%(name)s` placeholders and no `::` casts: the same text
+# serves psycopg and (after a placeholder rewrite) SQLAlchemy's text().
 _BEGIN_SQL: Final = """
-SELECT pg_catalog.set_config(%(k_rid)s, %(rid)s, true) IS NULL
-    OR pg_catalog.set_config(%(k_actor)s, %(actor)s, true) IS NULL
-    OR (SELECT pg_catalog.count(pg_catalog.set_config(%(k_extra)s || e.key, e.value, true))
-          FROM pg_catalog.json_each_text(CAST(%(extra)s AS json)) AS e) < 0
-    OR pg_catalog.pg_logical_emit_message(true, %(prefix)s, CAST(
-           %(head)s
+SELECT pg_catalog.set_config(CAST(%(k_rid)s AS text), CAST(%(rid)s AS text), true),
+       pg_catalog.txid_current(),
+       pg_catalog.set_config(CAST(%(k_actor)s AS text), CAST(%(actor)s AS text), true),
+       (SELECT pg_catalog.count(pg_catalog.set_config(CAST(%(k_extra)s AS text) || e.key, e.value, true))
+          FROM pg_catalog.json_each_text(CAST(%(extra)s AS json)) AS e),
+       pg_catalog.pg_logical_emit_message(true, CAST(%(prefix)s AS text),
+           CAST(%(head)s AS text)
            || ',"application_name":'
            || coalesce(CAST(pg_catalog.to_json(nullif(pg_catalog.current_setting('application_name', true), ''))
                             AS text), 'null')
@@ -184,11 +186,10 @@ SELECT pg_catalog.set_config(%(k_rid)s, %(rid)s, true) IS NULL
            || ',"client_addr":'
            || coalesce(CAST(pg_catalog.to_json(pg_catalog.host(pg_catalog.inet_client_addr())) AS text), 'null')
            || ',"backend_pid":' || CAST(pg_catalog.pg_backend_pid() AS text)
-           || ',' || %(tail)s AS text)) IS NULL
-    OR pg_catalog.set_config(%(k_emitted)s,
-           %(rid)s || pg_catalog.chr(31) || %(actor)s || pg_catalog.chr(31)
-           || coalesce(pg_catalog.current_setting('application_name', true), ''), true) IS NULL,
-       pg_catalog.txid_current()
+           || ',' || CAST(%(tail)s AS text)),
+       pg_catalog.set_config(CAST(%(k_emitted)s AS text),
+           CAST(%(rid)s AS text) || pg_catalog.chr(31) || CAST(%(actor)s AS text) || pg_catalog.chr(31)
+           || coalesce(pg_catalog.current_setting('application_name', true), ''), true)
 """
 
 _ERROR_SQL: Final = "SELECT pg_catalog.pg_logical_emit_message(false, %(prefix)s, CAST(%(content)s AS text))"
@@ -570,7 +571,7 @@ def request(
     *,
     actor: str | None = None,
     **extra: str,
-) -> contextlib_AbstractContextManager:
+) -> AbstractContextManager[RequestScope]:
     """Run a block of database work as request ``request_id`` (see the module documentation).
 
     ``conn``: a psycopg 3 ``Connection``, or a SQLAlchemy ``Engine`` or ``Connection`` (any

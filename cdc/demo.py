@@ -88,7 +88,7 @@ def run_demo(*, keep: bool = False) -> None:
     env = {"CDC_SOURCE_DSN": source, "CDC_STORE_DSN": store}
     config = load_config(None, env=env)
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(SCHEMA)  # type: ignore[arg-type]
+        conn.execute(SCHEMA)
     report = setup(config)
     for step in report.steps:
         click.secho(f"  setup: {step}", dim=True)

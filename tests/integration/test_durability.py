@@ -27,6 +27,7 @@ class DaemonProcess:
         self.log_path = log_path
         self.extra = extra or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
     def start(self) -> None:
         environ = dict(os.environ)
@@ -43,10 +44,19 @@ class DaemonProcess:
             }
         )
         environ.update(self.extra)
+        self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cdc", "run"], env=environ, stdout=log, stderr=log
         )
+
+    def wait_streaming(self, timeout: float = 20) -> None:
+        """Wait for this run's `streaming_started` line (the daemon counts them from the log)."""
+        deadline = time.monotonic() + timeout
+        while self.log_path.read_text().count("streaming_started") < self.starts:
+            assert self.proc is not None and self.proc.poll() is None, "daemon exited"
+            assert time.monotonic() < deadline, "daemon did not start streaming"
+            time.sleep(0.05)
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -1,0 +1,485 @@
+"""Shared machinery of the benchmarks: servers, capture set-ups, the daemon as a process,
+pgbench and pg_recvlogical, waiting for the store to catch up, and small statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc.devdb import LocalPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "bench" / "out"
+
+#: Server settings of every benchmark server, on top of cdc.devdb's defaults (fsync=off...).
+#: synchronous_commit=on: with it off, a commit reaches the WAL (and so the walsender) only
+#: when the WAL writer flushes, up to wal_writer_delay (200 ms) later, which would be counted
+#: as capture lag. fsync stays off (no disk in the figures).
+BENCH_SETTINGS: dict[str, str] = {
+    "synchronous_commit": "on",
+    "shared_buffers": "1GB",
+    "max_wal_size": "8GB",
+    "min_wal_size": "1GB",
+    "checkpoint_timeout": "30min",
+    "maintenance_work_mem": "512MB",
+    "max_parallel_maintenance_workers": "2",
+    "max_replication_slots": "20",
+    "max_wal_senders": "20",
+}
+
+
+def log(message: str) -> None:
+    """Progress on stderr, with a time stamp (stdout stays free for the summary)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0-100), linear interpolation between closest ranks."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return float(ordered[0])
+    rank = (len(ordered) - 1) * p / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@contextlib.contextmanager
+def server(flavor: str, settings: dict[str, str] | None = None) -> Iterator[LocalPostgres]:
+    """A started throwaway server; stopped and deleted on the way out, whatever happens."""
+    merged = dict(BENCH_SETTINGS)
+    merged.update(settings or {})
+    pg = LocalPostgres(flavor=flavor, settings=merged)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        with contextlib.suppress(Exception):
+            pg.cleanup()
+
+
+def connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+
+
+def scalar(dsn_or_conn: str | psycopg.Connection[Any], query: str, params: Any = None) -> Any:
+    if isinstance(dsn_or_conn, str):
+        with connect(dsn_or_conn) as conn:
+            return scalar(conn, query, params)
+    row = dsn_or_conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
+
+
+def lsn_int(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def script_dir() -> Path:
+    """A temporary directory the server's OS user can read (pgbench scripts)."""
+    path = Path(tempfile.mkdtemp(prefix="cdc-bench-"))
+    path.chmod(0o755)
+    return path
+
+
+def write_script(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+# --------------------------------------------------------------------------- capture set-ups
+
+
+@dataclass
+class Capture:
+    """One capture: a source database, a slot + publication, and a store schema."""
+
+    pg: LocalPostgres
+    source_dsn: str
+    store_dsn: str
+    slot: str
+    schema: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        environ.update(
+            {
+                "CDC_SOURCE_DSN": self.source_dsn,
+                "CDC_STORE_DSN": self.store_dsn,
+                "CDC_SOURCE__SLOT": self.slot,
+                "CDC_SOURCE__PUBLICATION": self.slot,
+                "CDC_STORE__SCHEMA": self.schema,
+                "CDC_LOGGING__FORMAT": "json",
+                "CDC_LOGGING__LEVEL": "info",
+            }
+        )
+        environ.update(self.extra_env)
+        return environ
+
+    def setup(self, log_path: Path | None = None) -> float:
+        """`cdc setup` as a subprocess; returns its duration in seconds."""
+        started = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "cdc", "setup"],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+            cwd=ROOT,
+        )
+        if log_path is not None:
+            with log_path.open("a") as f:
+                f.write(out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"cdc setup failed ({out.returncode}): {(out.stdout + out.stderr)[-2000:]}")
+        return time.monotonic() - started
+
+    def store(self) -> psycopg.Connection[Any]:
+        conn = connect(self.store_dsn)
+        conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(self.schema)))
+        return conn
+
+    def acked_lsn(self, conn: psycopg.Connection[Any]) -> int:
+        value = scalar(conn, "SELECT acked_lsn FROM capture_state WHERE slot_name = %s", (self.slot,))
+        return int(value or 0)
+
+    def slot_active(self, conn: psycopg.Connection[Any]) -> bool:
+        return bool(
+            scalar(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self.slot,))
+        )
+
+    def advance_slot(self) -> None:
+        """Move the slot to the current WAL position (the daemon is stopped): what was written
+        meanwhile is skipped, never decoded (fast-forward)."""
+        with connect(self.source_dsn) as conn:
+            conn.execute(
+                "SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())",
+                (self.slot,),
+            )
+
+
+def new_capture(
+    pg: LocalPostgres, source_dsn: str, store_dsn: str, name: str, extra_env: dict[str, str] | None = None
+) -> Capture:
+    return Capture(pg, source_dsn, store_dsn, slot=name, schema=f"hist_{name}", extra_env=extra_env or {})
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:6]}"
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """`cdc run` as a real process (log to a file); SIGTERM to stop, SIGKILL when it hangs."""
+
+    def __init__(self, capture: Capture, log_path: Path, wrapper: Sequence[str] = ()) -> None:
+        self.capture = capture
+        self.log_path = log_path
+        self.wrapper = list(wrapper)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Daemon:
+        log_file = self.log_path.open("ab")
+        try:
+            self.started_at = time.monotonic()
+            self.proc = subprocess.Popen(
+                [*self.wrapper, sys.executable, "-m", "cdc", "run"],
+                env=self.capture.env(),
+                stdout=log_file,
+                stderr=log_file,
+                cwd=ROOT,
+            )
+        finally:
+            log_file.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            code = self.proc.returncode if self.proc is not None else None
+            raise RuntimeError(f"cdc run exited with {code}; log: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def daemon_pid(self) -> int | None:
+        """The pid of `cdc run` itself (the wrapper's child when wrapped, e.g. by py-spy)."""
+        if self.proc is None:
+            return None
+        if not self.wrapper:
+            return self.proc.pid
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) == self.proc.pid:
+                    return int(entry.name)
+        return None
+
+    def peak_rss_mb(self) -> float | None:
+        pid = self.daemon_pid()
+        if pid is None:
+            return None
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return None
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        target = self.daemon_pid() or self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pid = self.daemon_pid()
+        if pid is not None and pid != self.proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_daemon(capture: Capture, log_path: Path, wrapper: Sequence[str] = ()) -> Iterator[Daemon]:
+    daemon = Daemon(capture, log_path, wrapper).start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.kill()
+
+
+# --------------------------------------------------------------------------- markers
+
+
+MARKER_DDL = "CREATE TABLE IF NOT EXISTS bench_marker (id bigint PRIMARY KEY, at timestamptz)"
+
+
+def write_marker(source_dsn: str) -> tuple[int, int]:
+    """Commit a marker row; return (marker id, WAL insert position right after its commit).
+
+    A non-transactional logical message follows at once, so that a reader given that
+    position as its end (pg_recvlogical -E) sees a record past it without waiting.
+    """
+    marker = time.monotonic_ns()
+    with connect(source_dsn) as conn:
+        conn.execute("INSERT INTO bench_marker VALUES (%s, clock_timestamp())", (marker,))
+        end = lsn_int(str(scalar(conn, "SELECT pg_current_wal_insert_lsn()::text")))
+        conn.execute("SELECT pg_logical_emit_message(false, 'bench.end', '')")
+    return marker, end
+
+
+def marker_position(conn: psycopg.Connection[Any], marker: int) -> int | None:
+    value = scalar(
+        conn,
+        "SELECT position FROM mutations WHERE table_name = 'public.bench_marker' AND key = %s::jsonb "
+        "AND version IS NOT NULL",
+        (f'{{"id": {marker}}}',),
+    )
+    return None if value is None else int(value)
+
+
+def wait_for_marker(
+    capture: Capture,
+    marker: int,
+    daemon: Daemon | None = None,
+    timeout: float = 1800,
+    interval: float = 0.02,
+    on_poll: Callable[[psycopg.Connection[Any]], None] | None = None,
+) -> float:
+    """Wait until the store holds the marker and has acknowledged it; return the monotonic time."""
+    deadline = time.monotonic() + timeout
+    with capture.store() as conn:
+        while time.monotonic() < deadline:
+            if on_poll is not None:
+                on_poll(conn)
+            position = marker_position(conn, marker)
+            if position is not None and capture.acked_lsn(conn) >= position:
+                return time.monotonic()
+            if daemon is not None:
+                daemon.check_alive()
+            time.sleep(interval)
+    raise TimeoutError(f"the store did not catch up with marker {marker} within {timeout:.0f} s")
+
+
+def catch_up(capture: Capture, daemon: Daemon, timeout: float = 1800) -> None:
+    marker, _ = write_marker(capture.source_dsn)
+    wait_for_marker(capture, marker, daemon, timeout=timeout, interval=0.05)
+
+
+# --------------------------------------------------------------------------- client binaries
+
+
+def pgbench(pg: LocalPostgres, args: Sequence[str], dbname: str, timeout: float = 1800) -> str:
+    """Run pgbench as the server's OS user; return its output (raise on failure)."""
+    argv = [str(pg.bin("pgbench")), *args, dbname]
+    out = pg.run_as_owner(argv, timeout=timeout)
+    text = (out.stdout or "") + (out.stderr or "")
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench {' '.join(args)} failed ({out.returncode}): {text[-2000:]}")
+    return text
+
+
+def pgbench_tps(output: str) -> float:
+    match = re.search(r"tps = ([0-9.]+) \((?:without initial connection time|excluding connections)", output)
+    if match is None:
+        match = re.search(r"tps = ([0-9.]+)", output)
+    if match is None:
+        raise RuntimeError(f"no tps in pgbench output: {output[-1000:]}")
+    return float(match.group(1))
+
+
+class Background(threading.Thread):
+    """Run a callable in a thread, keeping its result or exception."""
+
+    def __init__(self, target: Callable[[], Any], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._target_fn = target
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._target_fn()
+        except BaseException as exc:  # reported by the caller
+            self.error = exc
+
+    def value(self, timeout: float | None = None) -> Any:
+        self.join(timeout)
+        if self.is_alive():
+            raise TimeoutError(f"{self.name} still running")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """The pgoutput options `cdc run` asks for on this server (see cdc.stream.replication)."""
+
+    proto_version: int
+    streaming: str
+
+    @classmethod
+    def for_server(cls, server_version: int) -> ProtocolOptions:
+        from cdc.stream.replication import choose_options
+
+        chosen = choose_options(server_version, "x", "x", 0, "auto")
+        return cls(chosen.protocol_version, chosen.streaming)
+
+    def recvlogical_args(self, publication: str) -> list[str]:
+        args = ["-o", f"proto_version={self.proto_version}", "-o", f"publication_names={publication}"]
+        args += ["-o", "messages=true"]
+        if self.streaming != "off":
+            args += ["-o", f"streaming={self.streaming}"]
+        return args
+
+
+def create_logical_slot(dsn: str, name: str) -> None:
+    with connect(dsn) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+
+
+def drop_slot(dsn: str, name: str) -> None:
+    with contextlib.suppress(psycopg.Error), connect(dsn) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+            (name,),
+        )
+
+
+def recvlogical_drain(
+    pg: LocalPostgres,
+    dsn: str,
+    slot: str,
+    publication: str,
+    end_lsn: int,
+    options: ProtocolOptions,
+    immediate: bool,
+    timeout: float = 1800,
+) -> float:
+    """Drain ``slot`` up to ``end_lsn`` into /dev/null with pg_recvlogical; return seconds."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if immediate:
+        environ["PGOPTIONS"] = "-c debug_logical_replication_streaming=immediate"
+    argv = [
+        str(pg.bin("pg_recvlogical")),
+        "-d",
+        dsn,
+        "--slot",
+        slot,
+        "--start",
+        "--no-loop",
+        "-E",
+        lsn_text(end_lsn),
+        "-f",
+        "/dev/null",
+        *options.recvlogical_args(publication),
+    ]
+    started = time.monotonic()
+    out = pg.run_as_owner(argv, env=environ, timeout=timeout)
+    elapsed = time.monotonic() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"pg_recvlogical failed ({out.returncode}): {(out.stdout + out.stderr)[-2000:]}")
+    return elapsed

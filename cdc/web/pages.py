@@ -1,0 +1,604 @@
+"""The server-rendered pages of ``cdc serve`` (Jinja2, autoescaped, no JavaScript).
+
+* ``/``: the mutation log, newest first, with filters (table, row key, request, actor, time
+  range, status, op) as a GET form and an "older" link carrying the cursor.
+* ``/tables/{table}/rows/{key}``: a row's timeline, each mutation with its before/after diff
+  (changed columns highlighted, rolled-back attempts marked), its blame, and the row at a version.
+* ``/requests/{id}``: a request's context, outcome, reported error and location, and its changes.
+* ``/login`` (GET form, ``?token=``, or POST form) sets the ``cdc_token`` session cookie;
+  ``/logout`` clears it.
+
+Times are UTC ISO 8601. Keys in URLs are as in the API: a scalar or URL-encoded JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+
+import jinja2
+import structlog
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from cdc.config import format_table
+from cdc.errors import CdcError, NotFoundError, UsageError
+from cdc.lsn import format_lsn
+from cdc.query import OPS, STATUSES, BlameEntry, Mutation, RequestRecord, Store
+from cdc.render import ROLLED_BACK, describe_mutation, format_value, shorten
+from cdc.web.api import (
+    COOKIE_NAME,
+    MAX_LOGIN_BODY,
+    WEB_DIR,
+    LogFilters,
+    WebContext,
+    check_text,
+    context_of,
+    error_status,
+    format_cursor,
+    log_unexpected,
+    parse_key,
+    parse_version,
+    parse_when,
+    path_segments,
+    query_text,
+    resolve_version,
+)
+
+__all__ = ["routes"]
+
+log = structlog.get_logger("cdc.web")
+
+LOG_PAGE_SIZE = 50
+ROW_HISTORY_SHOWN = 1000
+REQUEST_CHANGES_SHOWN = 500
+VALUE_CHARS = 300
+_FILTERS = ("table", "key", "request", "actor", "since", "until", "status", "op", "limit")
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(WEB_DIR / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+# ============================================================================ formatting
+
+
+def iso(value: datetime | None) -> str:
+    """``2026-03-10T14:22:00Z`` (UTC, seconds); ``-`` for None."""
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_full(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def url_table(table: str) -> str:
+    """``public.users`` → ``users``; other schemas ``s.t``; identifiers quoted when needed."""
+    schema, _, name = table.partition(".")
+    if not name:
+        return table
+    if schema == "public":
+        return format_table("public", name).removeprefix("public.")
+    return format_table(schema, name)
+
+
+def url_key(key: Mapping[str, Any], keyless: bool = False) -> str:
+    """The key as a URL path segment's text: the scalar for a one-column key, else JSON."""
+    if not keyless and len(key) == 1:
+        value = next(iter(key.values()))
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int):
+            return str(value)
+        if isinstance(value, str) and value.strip() and not value.lstrip().startswith("{"):
+            return value
+    return json.dumps(dict(key), ensure_ascii=False, separators=(",", ":"))
+
+
+def key_label(key: Mapping[str, Any] | None) -> str:
+    if key is None:
+        return "(all rows)"
+    return shorten(",".join(f"{c}={format_value(v)}" for c, v in key.items()), 80)
+
+
+@dataclass(frozen=True)
+class Value:
+    """A value for display: ``text`` (cut), ``full`` (for the title), ``null``, ``absent``."""
+
+    text: str
+    full: str = ""
+    null: bool = False
+    absent: bool = False
+
+    @property
+    def cut(self) -> bool:
+        return self.full != self.text
+
+
+def value_of(image: Mapping[str, Any] | None, column: str) -> Value:
+    if image is None or column not in image:
+        return Value("—", absent=True)
+    raw = image[column]
+    if raw is None:
+        return Value("null", "null", null=True)
+    full = format_value(raw)
+    return Value(shorten(full, VALUE_CHARS), shorten(full, 2000))
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    column: str
+    before: Value
+    after: Value
+    kind: str  # changed | added | removed | same
+
+
+@dataclass
+class Urls:
+    """Links between the pages (under the app's root path)."""
+
+    base: str
+    keyless: Mapping[str, bool] = field(default_factory=dict)
+
+    def static(self, name: str) -> str:
+        return f"{self.base}/static/{quote(name)}"
+
+    def log(self, **params: str | None) -> str:
+        query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
+        return f"{self.base}/" + (f"?{query}" if query else "")
+
+    def row(self, table: str, key: Mapping[str, Any] | None) -> str | None:
+        if key is None:
+            return None
+        text = url_key(key, self.keyless.get(table, False))
+        return f"{self.base}/tables/{quote(url_table(table), safe='')}/rows/{quote(text, safe='')}"
+
+    def request(self, request_id: str | None) -> str | None:
+        if not request_id:
+            return None
+        return f"{self.base}/requests/{quote(request_id, safe='')}"
+
+
+@dataclass
+class MutationView:
+    m: Mutation
+    time: str
+    time_full: str
+    table: str
+    key: str
+    row_href: str | None
+    summary: str
+    request_id: str | None
+    request_short: str
+    request_href: str | None
+    actor: str | None
+    rolled_back: bool
+    version: str
+    diff: list[DiffRow]
+    unchanged: list[DiffRow]
+
+
+def _diff(m: Mutation) -> tuple[list[DiffRow], list[DiffRow]]:
+    before, after = m.before, m.after
+    columns = list(after or {}) + [c for c in before or {} if c not in (after or {})]
+    if m.op == "TRUNCATE":
+        return [], []
+    if m.op in ("INSERT", "SNAPSHOT"):
+        return [DiffRow(c, Value("—", absent=True), value_of(after, c), "added") for c in columns], []
+    if m.op == "DELETE":
+        return [DiffRow(c, value_of(before, c), Value("—", absent=True), "removed") for c in columns], []
+    changed = set(m.changed)
+    if m.old_key is not None and m.key is not None:
+        changed.update(c for c in m.key if m.old_key.get(c) != m.key[c])
+    if not changed and before is not None and after is not None:
+        changed = {c for c in columns if before.get(c) != after.get(c)}
+    shown, same = [], []
+    for c in columns:
+        old = value_of(before if before is not None else m.old_key, c)
+        new = value_of(after, c)
+        if c in changed:
+            shown.append(DiffRow(c, old, new, "changed"))
+        else:
+            same.append(DiffRow(c, old, new, "same"))
+    return shown, same
+
+
+def mutation_view(m: Mutation, urls: Urls, *, with_diff: bool = False) -> MutationView:
+    summary = describe_mutation(m, width=60).removesuffix(f"  {ROLLED_BACK}")
+    diff, unchanged = _diff(m) if with_diff else ([], [])
+    return MutationView(
+        m=m,
+        time=iso(m.committed_at),
+        time_full=iso_full(m.committed_at),
+        table=url_table(m.table),
+        key=key_label(m.key),
+        row_href=urls.row(m.table, m.key) if m.op != "TRUNCATE" else None,
+        summary=summary,
+        request_id=m.request_id,
+        request_short=f"req:{m.request_id[:8]}" if m.request_id else "",
+        request_href=urls.request(m.request_id),
+        actor=str((m.context or {}).get("actor") or "") or None,
+        rolled_back=m.rolled_back,
+        version=format_lsn(m.version) if m.version is not None else "",
+        diff=diff,
+        unchanged=unchanged,
+    )
+
+
+# ============================================================================ rendering
+
+
+def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    ctx = context_of(request)
+    base = str(request.scope.get("root_path") or "").rstrip("/")
+    context.setdefault("urls", Urls(base))
+    context.setdefault("error", None)
+    context.setdefault("title", "cdc")
+    html = _env.get_template(name).render(
+        **context,
+        base=base,
+        secured=ctx.token is not None,
+        ops=OPS,
+        statuses=STATUSES,
+    )
+    return HTMLResponse(html, status_code=status)
+
+
+def page_error(request: Request, exc: BaseException, route: str) -> tuple[int, str]:
+    """Status and message to show for an error while building a page (unexpected ones are logged)."""
+    status, _ = error_status(exc)
+    if status == 500 or not isinstance(exc, CdcError):
+        error_id = log_unexpected(exc, route)
+        return 500, f"internal error (logged with id {error_id})"
+    if status == 503:
+        log.warning("history_store_unavailable", route=route, error=exc.message)
+    message = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
+    return status, message
+
+
+def error_page(request: Request, status: int, message: str) -> Response:
+    titles = {400: "Bad request", 401: "Log in", 404: "Not found", 405: "Method not allowed", 503: "Unavailable"}
+    return render(request, "error.html", status, title=titles.get(status, "Error"), message=message, status=status)
+
+
+def login_page(request: Request, error: str | None, status: int) -> Response:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    next_url = safe_next(request.query_params.get("next") or target)
+    return render(request, "login.html", status, title="Log in", error=error, next_url=next_url)
+
+
+def safe_next(target: str | None) -> str:
+    """Only a local path (no scheme, no host, no ``//``) to go back to after logging in."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")) or len(target) > 4096:
+        return "/"
+    if any(c in target for c in "\r\n\x00"):
+        return "/"
+    if target.startswith(("/login", "/logout")):
+        return "/"
+    return target
+
+
+# ============================================================================ the log page
+
+
+async def log_page(request: Request) -> Response:
+    ctx = context_of(request)
+    values = {name: (request.query_params.get(name) or "")[:200] for name in _FILTERS}
+    tables: list[str] = []
+    found: list[MutationView] = []
+    older: str | None = None
+    status, error = 200, None
+    try:
+        filters = LogFilters.from_request(request, default_limit=LOG_PAGE_SIZE)
+
+        def work(store: Store) -> tuple[list[str], list[Mutation], tuple[int, int] | None, dict[str, bool]]:
+            names = store.known_tables()
+            page, cursor = filters.page(store)
+            keyless = {m.table: store.table(m.table).keyless for m in page}
+            return names, page, cursor, keyless
+
+        tables, page, cursor, keyless = await ctx.run(work)
+        urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"), keyless)
+        found = [mutation_view(m, urls) for m in page]
+        if cursor is not None:
+            older = urls.log(**{k: v for k, v in values.items() if v}, cursor=format_cursor(cursor))
+    except Exception as exc:  # the page's error boundary: show the form with the error
+        status, error = page_error(request, exc, "page_log")
+        urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"))
+    return render(
+        request,
+        "log.html",
+        status,
+        title="Mutations",
+        urls=urls,
+        values=values,
+        tables=[url_table(t) for t in tables],
+        mutations=found,
+        older=older,
+        newest=urls.log(**{k: v for k, v in values.items() if v}),
+        paged="cursor" in request.query_params,
+        error=error,
+        filtered=any(values[k] for k in _FILTERS if k != "limit"),
+    )
+
+
+# ============================================================================ the row page
+
+
+@dataclass
+class BlameView:
+    column: str
+    value: Value
+    request_id: str | None
+    request_short: str
+    request_href: str | None
+    time: str
+    op: str
+    rolled_back: bool
+    rolled_back_short: str
+    rolled_back_href: str | None
+    rolled_back_time: str
+
+
+def blame_view(e: BlameEntry, urls: Urls) -> BlameView:
+    return BlameView(
+        column=e.column,
+        value=value_of({e.column: e.value}, e.column),
+        request_id=e.request_id,
+        request_short=f"req:{e.request_id[:8]}" if e.request_id else "req:-",
+        request_href=urls.request(e.request_id),
+        time=iso(e.committed_at) if e.committed_at else "(before history)",
+        op=e.op or "",
+        rolled_back=e.rolled_back,
+        rolled_back_short=f"req:{e.rolled_back_request_id[:8]}" if e.rolled_back_request_id else "req:-",
+        rolled_back_href=urls.request(e.rolled_back_request_id),
+        rolled_back_time=iso(e.rolled_back_at) if e.rolled_back_at else "",
+    )
+
+
+@dataclass
+class RowPage:
+    table: str
+    key: dict[str, Any]
+    keyless: bool
+    mutations: list[Mutation]
+    total: int
+    blame: list[BlameEntry] | None
+    blame_note: str | None
+    at_version: int | None = None
+    at_exact: bool = False
+    at_row: dict[str, Any] | None = None
+    at_asked: bool = False
+
+
+async def row_page(request: Request) -> Response:
+    ctx = context_of(request)
+    base = str(request.scope.get("root_path") or "").rstrip("/")
+    try:
+        parts = path_segments(request)[2:]
+        if len(parts) != 3 or parts[1] != "rows" or not parts[0]:
+            raise NotFoundError("no such page: expected /tables/{table}/rows/{key}")
+        table_text = check_text(parts[0], "table")
+        key = parse_key(parts[2])
+        version_text = query_text(request, "version", 64)
+        at_text = query_text(request, "at", 64)
+        if version_text is not None and at_text is not None:
+            raise UsageError("give at most one of version or at")
+        version = parse_version(version_text) if version_text is not None else None
+        when = parse_when(at_text, "at") if at_text is not None else None
+
+        def work(store: Store) -> RowPage:
+            info = store.table(table_text)
+            stored = store.stored_key(info, key)
+            history = store.row_history(info.name, stored)
+            blame: list[BlameEntry] | None = None
+            note: str | None = None
+            try:
+                blame = store.blame(info.name, stored)
+            except NotFoundError:
+                note = "The row does not exist now (deleted, moved to another key, or truncated)."
+            page = RowPage(
+                table=info.name,
+                key=stored,
+                keyless=info.keyless,
+                mutations=history[-ROW_HISTORY_SHOWN:],
+                total=len(history),
+                blame=blame,
+                blame_note=note,
+            )
+            if version is not None or when is not None:
+                page.at_asked = True
+                page.at_version, page.at_exact = resolve_version(store, version, when)
+                if page.at_exact and page.at_version is not None:
+                    page.at_row = store.row_at(info.name, stored, page.at_version)
+            return page
+
+        result = await ctx.run(work)
+    except Exception as exc:  # the page's error boundary
+        status, message = page_error(request, exc, "page_row")
+        return error_page(request, status, message)
+    urls = Urls(base, {result.table: result.keyless})
+    views = [mutation_view(m, urls, with_diff=True) for m in result.mutations]
+    blame = [blame_view(e, urls) for e in result.blame] if result.blame is not None else None
+    at_values = [(c, value_of(result.at_row, c)) for c in result.at_row] if result.at_row is not None else None
+    return render(
+        request,
+        "row.html",
+        title=f"{url_table(result.table)} {key_label(result.key)}",
+        urls=urls,
+        table=url_table(result.table),
+        table_full=result.table,
+        key=key_label(result.key),
+        json_href=f"{base}/api/v1/tables/{quote(url_table(result.table), safe='')}/rows/"
+        f"{quote(url_key(result.key, result.keyless), safe='')}/history",
+        mutations=views,
+        total=result.total,
+        hidden=result.total - len(views),
+        blame=blame,
+        blame_note=result.blame_note,
+        at_asked=result.at_asked,
+        at_version=format_lsn(result.at_version) if result.at_version is not None else None,
+        at_exact=result.at_exact,
+        at_values=at_values,
+        version_value=(request.query_params.get("version") or "")[:64],
+        at_value=(request.query_params.get("at") or "")[:64],
+        log_href=urls.log(table=url_table(result.table), key=url_key(result.key, result.keyless)),
+    )
+
+
+# ============================================================================ the request page
+
+
+_OUTCOMES = {
+    "committed": "committed",
+    "rolled_back": "rolled back",
+    "partly_rolled_back": "committed, with attempts rolled back",
+    "unknown": "unknown (no transaction of it was stored)",
+}
+_CONTEXT_LABELS = (
+    ("actor", "actor"),
+    ("application_name", "application"),
+    ("db_user", "database user"),
+    ("client_addr", "client address"),
+    ("backend_pid", "backend pid"),
+    ("source", "source"),
+)
+
+
+def context_items(context: Mapping[str, Any] | None) -> list[tuple[str, Value]]:
+    if not context:
+        return []
+    items: list[tuple[str, Value]] = []
+    known = {k for k, _ in _CONTEXT_LABELS} | {"extra", "request_id"}
+    for key, label in _CONTEXT_LABELS:
+        if context.get(key) not in (None, ""):
+            items.append((label, value_of(context, key)))
+    extra = context.get("extra")
+    if isinstance(extra, Mapping):
+        items.extend((str(k), value_of(extra, k)) for k in extra)
+    items.extend((str(k), value_of(context, k)) for k in context if k not in known)
+    return items
+
+
+async def request_page(request: Request) -> Response:
+    ctx = context_of(request)
+    base = str(request.scope.get("root_path") or "").rstrip("/")
+    try:
+        parts = path_segments(request)[2:]
+        if len(parts) != 1 or not parts[0]:
+            raise NotFoundError("no such page: expected /requests/{id}")
+        request_id = check_text(parts[0], "request id")
+
+        def work(store: Store) -> tuple[RequestRecord, dict[str, bool]]:
+            record = store.request(request_id, mutation_limit=REQUEST_CHANGES_SHOWN)
+            keyless = {m.table: store.table(m.table).keyless for m in record.mutations}
+            return record, keyless
+
+        record, keyless = await ctx.run(work)
+    except Exception as exc:  # the page's error boundary
+        status, message = page_error(request, exc, "page_request")
+        return error_page(request, status, message)
+    urls = Urls(base, keyless)
+    cause = ": ".join(p for p in (record.error_type, record.error_message) if p) or None
+    return render(
+        request,
+        "request.html",
+        title=f"Request {record.request_id[:8]}",
+        urls=urls,
+        record=record,
+        outcome=_OUTCOMES.get(record.outcome, record.outcome),
+        cause=cause,
+        error_at=iso(record.error_at) if record.error_at else None,
+        first_seen=iso(record.first_seen_at),
+        last_seen=iso(record.last_seen_at),
+        context=context_items(record.context),
+        transactions=[
+            {
+                "xid": t.xid,
+                "position": format_lsn(t.position),
+                "status": t.status,
+                "time": iso(t.committed_at),
+                "count": t.mutation_count,
+            }
+            for t in record.transactions
+        ],
+        mutations=[mutation_view(m, urls) for m in record.mutations],
+        hidden=record.mutation_count - len(record.mutations),
+        log_href=urls.log(request=record.request_id),
+    )
+
+
+# ============================================================================ login
+
+
+def _login_response(request: Request, token: str | None, next_url: str) -> Response:
+    ctx = context_of(request)
+    if ctx.token is None:
+        return RedirectResponse(next_url, status_code=303)
+    if token is None:
+        return render(request, "login.html", title="Log in", error=None, next_url=next_url)
+    if not ctx.token_ok(token):
+        log.warning("login_refused")
+        return render(request, "login.html", 401, title="Log in", error="invalid token", next_url=next_url)
+    response = RedirectResponse(next_url, status_code=303)
+    cookie = ctx.cookie_value
+    assert cookie is not None
+    response.set_cookie(
+        COOKIE_NAME,
+        cookie,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return response
+
+
+async def login(request: Request) -> Response:
+    if request.method == "POST":
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_LOGIN_BODY:
+                return error_page(request, 400, "login form too large")
+        form = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+        token = (form.get("token") or [None])[-1]
+        next_url = safe_next((form.get("next") or ["/"])[-1])
+    else:
+        token = request.query_params.get("token")
+        next_url = safe_next(request.query_params.get("next"))
+    return _login_response(request, token if token else None, next_url)
+
+
+async def logout(request: Request) -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE_NAME, path="/")
+    return response
+
+
+# ============================================================================ routes
+
+
+def routes(ctx: WebContext) -> Sequence[BaseRoute]:
+    """The page routes; also installs the login page (401) and error page on ``ctx``."""
+    ctx.unauthorized_page = login_page
+    page: Callable[[Request, int, str], Response] = error_page
+    ctx.extra["error_page"] = page
+    return [
+        Route("/", log_page, methods=["GET"]),
+        Route("/tables/{rest:path}", row_page, methods=["GET"]),
+        Route("/requests/{rest:path}", request_page, methods=["GET"]),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["GET"]),
+    ]
