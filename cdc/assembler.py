@@ -97,7 +97,6 @@ class TableSchema:
     def table(self) -> str:
         return f"{self.namespace}.{self.name}"
 
-
     def columns_json(self) -> list[dict[str, Any]]:
         return [
             {

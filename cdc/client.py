@@ -151,7 +151,9 @@ def _prepare(
 def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict[str, Any]:
     prefix = _settings_prefix
     head = json.dumps({"request_id": rid, "actor": actor}, separators=(",", ":"), ensure_ascii=False)[:-1]
-    tail = json.dumps({"source": "client", "extra": dict(extra)}, separators=(",", ":"), ensure_ascii=False)[1:]
+    tail = json.dumps({"source": "client", "extra": dict(extra)}, separators=(",", ":"), ensure_ascii=False)[
+        1:
+    ]
     return {
         "k_rid": f"{prefix}.request_id",
         "k_actor": f"{prefix}.actor",
@@ -337,7 +339,9 @@ def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: Ba
         _report_failed("psycopg", err)
 
 
-def _begin_sync(conn: psycopg.Connection[Any], rid: str, actor: str | None, extra: Mapping[str, str]) -> int | None:
+def _begin_sync(
+    conn: psycopg.Connection[Any], rid: str, actor: str | None, extra: Mapping[str, str]
+) -> int | None:
     row = conn.execute(_BEGIN_SQL, _begin_params(rid, actor, extra)).fetchone()
     return int(row[1]) if row is not None and row[1] is not None else None
 
@@ -399,7 +403,9 @@ class _nullcontext:
 # ============================================================================ psycopg (async)
 
 
-async def _emit_error_async(conn: psycopg.AsyncConnection[Any], scope: RequestScope, exc: BaseException) -> None:
+async def _emit_error_async(
+    conn: psycopg.AsyncConnection[Any], scope: RequestScope, exc: BaseException
+) -> None:
     params = _error_params(scope, exc)
     try:
         status = conn.info.transaction_status
@@ -409,7 +415,9 @@ async def _emit_error_async(conn: psycopg.AsyncConnection[Any], scope: RequestSc
             if started:
                 await conn.rollback()
             return
-        async with await psycopg.AsyncConnection.connect(_separate_conninfo(conn.info), autocommit=True) as other:
+        async with await psycopg.AsyncConnection.connect(
+            _separate_conninfo(conn.info), autocommit=True
+        ) as other:
             await other.execute(_ERROR_SQL, params)
     except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
         _report_failed("psycopg async", err)
@@ -454,7 +462,11 @@ async def arequest(
                         deferred = exc
                 raise
             else:
-                if stack and stack[-1][0] == id(aconn) and aconn.info.transaction_status == TransactionStatus.INTRANS:
+                if (
+                    stack
+                    and stack[-1][0] == id(aconn)
+                    and aconn.info.transaction_status == TransactionStatus.INTRANS
+                ):
                     outer = stack[-1][1]
                     await _begin_async(aconn, outer.request_id, outer.actor, outer.extra)
     except Exception as exc:
@@ -526,7 +538,9 @@ def _sa_usable(sa_conn: Any, exc: BaseException) -> bool:
 
 
 @contextmanager
-def _sqlalchemy_request(target: Any, rid: str, actor: str | None, extra: Mapping[str, str]) -> Iterator[RequestScope]:
+def _sqlalchemy_request(
+    target: Any, rid: str, actor: str | None, extra: Mapping[str, str]
+) -> Iterator[RequestScope]:
     sqlalchemy = importlib.import_module("sqlalchemy")
     if isinstance(target, sqlalchemy.engine.Engine):
         with target.begin() as sa_conn:
@@ -550,7 +564,9 @@ def _sqlalchemy_on(
 ) -> Iterator[RequestScope]:
     rid_token = _request_id.set(rid)
     try:
-        scope = RequestScope(rid, actor, MappingProxyType(dict(extra)), sa_conn, _sa_begin(sa_conn, rid, actor, extra))
+        scope = RequestScope(
+            rid, actor, MappingProxyType(dict(extra)), sa_conn, _sa_begin(sa_conn, rid, actor, extra)
+        )
         try:
             yield scope
         except Exception as exc:
@@ -594,7 +610,9 @@ def request(
 # ============================================================================ middlewares
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-ASGIApp = Callable[[Mapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[
+    [Mapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
 
 
 def _accept(value: str | None) -> str:
@@ -687,7 +705,9 @@ class ASGIMiddleware:
 
         async def _send(message: Mapping[str, Any]) -> None:
             if message.get("type") in ("http.response.start", "websocket.accept"):
-                headers = [(k, v) for k, v in message.get("headers") or () if bytes(k).lower() != self._header_bytes]
+                headers = [
+                    (k, v) for k, v in message.get("headers") or () if bytes(k).lower() != self._header_bytes
+                ]
                 headers.append(echo)
                 message = {**message, "headers": headers}
             await send(message)

@@ -364,7 +364,9 @@ def compile_application_name_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def request_id_from_application_name(application_name: str | None, pattern: str | re.Pattern[str]) -> str | None:
+def request_id_from_application_name(
+    application_name: str | None, pattern: str | re.Pattern[str]
+) -> str | None:
     """The request id in ``application_name``, as the trigger computes it (None when no match).
 
     The id is the group named ``id``, else the first group, else the whole match; an empty

@@ -35,6 +35,7 @@ from cdc.errors import (
 from cdc.logs import configure_logging
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
+from cdc.policies import ColumnPolicies
 from cdc.protocol.frames import PrimaryKeepalive, XLogData
 from cdc.protocol.pgoutput import Relation
 from cdc.source import primary_key
@@ -276,6 +277,7 @@ class _Session:
         self.writer = writer
         self.assembler = assembler
         self.catalog = catalog
+        self.policies = ColumnPolicies(daemon.config.columns)
         self.slot = daemon.config.source.slot
         self.batch = Batch()
         self.batch_started: float | None = None
@@ -401,7 +403,10 @@ class _Session:
         txn = TransactionRow(
             event.position, event.xid, event.commit_lsn, event.status, event.committed_at, event.origin
         )
+        policies = self.policies
         for mutation in event.mutations():
+            if policies:
+                policies.apply(mutation)
             txn.mutation_count += 1
             context = mutation.context
             if context is not None and context.request_id:

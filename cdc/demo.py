@@ -117,7 +117,9 @@ def run_demo(*, keep: bool = False) -> None:
             dim=True,
         )
     if keep:
-        click.echo(f"\nThe server keeps running. Try:\n  export CDC_STORE_DSN='{store}'\n  cdc state history users --id 42")
+        click.echo(
+            f"\nThe server keeps running. Try:\n  export CDC_STORE_DSN='{store}'\n  cdc state history users --id 42"
+        )
     else:
         server.cleanup()
 

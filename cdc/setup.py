@@ -24,6 +24,7 @@ from cdc.assembler import COMMITTED, Mutation, TableSchema, build_schema
 from cdc.config import Config, redact_dsn
 from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.policies import ColumnPolicies
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
 from cdc.source_context import context_installed, install_context, uninstall_context
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
@@ -189,7 +190,9 @@ def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
                 # A slot whose baseline never completed: its snapshot is gone, start over.
                 src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             gap = state is not None and state.baseline_done
-            baseline_lsn = create_slot_with_baseline(src, source_dsn, writer, slot, publication, gap=gap)
+            baseline_lsn = create_slot_with_baseline(
+                src, source_dsn, writer, slot, publication, gap=gap, policies=ColumnPolicies(config.columns)
+            )
             report.did(
                 f"source: slot {slot} created; baseline of {len(tables)} table(s) at {format_lsn(baseline_lsn)}"
                 + (" (after a gap)" if gap else "")
@@ -207,6 +210,7 @@ def create_slot_with_baseline(
     publication: str,
     *,
     gap: bool,
+    policies: ColumnPolicies,
 ) -> int:
     """Create the slot, exporting its snapshot, and record the published rows as SNAPSHOT."""
     repl = connect(
@@ -223,6 +227,8 @@ def create_slot_with_baseline(
         system = repl.execute("IDENTIFY_SYSTEM").fetchone() if False else None  # noqa: SIM108
         del system
         system_id = str(src.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0])  # type: ignore[index]
+        previous = writer.load_state()
+        previous_ack = previous.acked_lsn if previous is not None else 0
         with writer.conn.cursor() as cur:
             cur.execute(
                 "INSERT INTO capture_state (slot_name, source_system_id, source_database, acked_lsn, baseline_lsn, "
@@ -237,8 +243,16 @@ def create_slot_with_baseline(
             cur.execute("DELETE FROM mutations WHERE position = %s", (consistent_point,))
             cur.execute("DELETE FROM transactions WHERE position = %s", (consistent_point,))
         writer.conn.commit()
-        count = copy_baseline(source_dsn, snapshot, writer, publication, consistent_point, gap=gap)
+        count = copy_baseline(
+            source_dsn, snapshot, writer, publication, consistent_point, gap=gap, policies=policies
+        )
         with writer.conn.cursor() as cur:
+            if gap:
+                cur.execute(
+                    "INSERT INTO gaps (slot_name, after_position, resumed_position) VALUES (%s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (slot, previous_ack, consistent_point),
+                )
             cur.execute(
                 "UPDATE capture_state SET baseline_done = true, updated_at = now() WHERE slot_name = %s",
                 (slot,),
@@ -251,7 +265,14 @@ def create_slot_with_baseline(
 
 
 def copy_baseline(
-    source_dsn: str, snapshot: str, writer: StoreWriter, publication: str, position: int, *, gap: bool
+    source_dsn: str,
+    snapshot: str,
+    writer: StoreWriter,
+    publication: str,
+    position: int,
+    *,
+    gap: bool,
+    policies: ColumnPolicies,
 ) -> int:
     """Read every published table in the exported snapshot; write SNAPSHOT mutations."""
     now = datetime.now(UTC)
@@ -278,7 +299,9 @@ def copy_baseline(
                     name: convert(conv, value)
                     for name, conv, value in zip(schema.column_names, schema.converters, row, strict=True)
                 }
-                batch.mutations.append(_mutation(position, ordinal, now, schema, "SNAPSHOT", image))
+                mutation = _mutation(position, ordinal, now, schema, "SNAPSHOT", image)
+                policies.apply(mutation)
+                batch.mutations.append(mutation)
                 ordinal += 1
                 if len(batch.mutations) >= BASELINE_CHUNK_ROWS:
                     flush()

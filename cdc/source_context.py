@@ -88,7 +88,9 @@ def _extra_key(prefix: str, names: Sequence[str]) -> str:
     )
 
 
-def _config_function(name: str, returns: str, body: str, *, args: str = "", stable: bool = False) -> sql.Composable:
+def _config_function(
+    name: str, returns: str, body: str, *, args: str = "", stable: bool = False
+) -> sql.Composable:
     tag = "$cdc_config$"
     if tag in body:
         raise ConfigError([f"configuration value contains {tag!r}"])
@@ -199,7 +201,9 @@ def install_context(
                 conn.execute(statement)
             warnings.extend(_attach(conn, tables))
             superuser = _is_superuser(conn)
-            conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(EVENT_TRIGGER_NAME)))
+            conn.execute(
+                sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(EVENT_TRIGGER_NAME))
+            )
             if attach_new_tables and superuser:
                 conn.execute(
                     sql.SQL(
@@ -249,7 +253,9 @@ def _attach(conn: psycopg.Connection[Any], tables: Sequence[tuple[str, str]]) ->
             warnings.append(f"{name} is not a table: no context trigger")
             continue
         if persistence != "p":
-            warnings.append(f"{name} is {'unlogged' if persistence == 'u' else 'temporary'}: not captured, no trigger")
+            warnings.append(
+                f"{name} is {'unlogged' if persistence == 'u' else 'temporary'}: not captured, no trigger"
+            )
             continue
         if schema in _SYSTEM_SCHEMAS:
             warnings.append(f"{name} is in a system schema: no context trigger")

@@ -239,7 +239,7 @@ def mutation_view(m: Mutation, urls: Urls, *, with_diff: bool = False) -> Mutati
 # ============================================================================ rendering
 
 
-def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     ctx = context_of(request)
     base = str(request.scope.get("root_path") or "").rstrip("/")
     context.setdefault("urls", Urls(base))
@@ -252,7 +252,7 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
         ops=OPS,
         statuses=STATUSES,
     )
-    return HTMLResponse(html, status_code=status)
+    return HTMLResponse(html, status_code=status_code)
 
 
 def page_error(request: Request, exc: BaseException, route: str) -> tuple[int, str]:
@@ -268,8 +268,16 @@ def page_error(request: Request, exc: BaseException, route: str) -> tuple[int, s
 
 
 def error_page(request: Request, status: int, message: str) -> Response:
-    titles = {400: "Bad request", 401: "Log in", 404: "Not found", 405: "Method not allowed", 503: "Unavailable"}
-    return render(request, "error.html", status, title=titles.get(status, "Error"), message=message, status=status)
+    titles = {
+        400: "Bad request",
+        401: "Log in",
+        404: "Not found",
+        405: "Method not allowed",
+        503: "Unavailable",
+    }
+    return render(
+        request, "error.html", status, title=titles.get(status, "Error"), message=message, status=status
+    )
 
 
 def login_page(request: Request, error: str | None, status: int) -> Response:
@@ -313,7 +321,7 @@ async def log_page(request: Request) -> Response:
         found = [mutation_view(m, urls) for m in page]
         if cursor is not None:
             older = urls.log(**{k: v for k, v in values.items() if v}, cursor=format_cursor(cursor))
-    except Exception as exc:  # the page's error boundary: show the form with the error
+    except Exception as exc:  # noqa: BLE001 - the page's error boundary: the form and the error
         status, error = page_error(request, exc, "page_log")
         urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"))
     return render(
@@ -425,13 +433,15 @@ async def row_page(request: Request) -> Response:
             return page
 
         result = await ctx.run(work)
-    except Exception as exc:  # the page's error boundary
+    except Exception as exc:  # noqa: BLE001 - the page's error boundary
         status, message = page_error(request, exc, "page_row")
         return error_page(request, status, message)
     urls = Urls(base, {result.table: result.keyless})
     views = [mutation_view(m, urls, with_diff=True) for m in result.mutations]
     blame = [blame_view(e, urls) for e in result.blame] if result.blame is not None else None
-    at_values = [(c, value_of(result.at_row, c)) for c in result.at_row] if result.at_row is not None else None
+    at_values = (
+        [(c, value_of(result.at_row, c)) for c in result.at_row] if result.at_row is not None else None
+    )
     return render(
         request,
         "row.html",
@@ -467,7 +477,6 @@ _OUTCOMES = {
     "unknown": "unknown (no transaction of it was stored)",
 }
 _CONTEXT_LABELS = (
-    ("actor", "actor"),
     ("application_name", "application"),
     ("db_user", "database user"),
     ("client_addr", "client address"),
@@ -480,7 +489,7 @@ def context_items(context: Mapping[str, Any] | None) -> list[tuple[str, Value]]:
     if not context:
         return []
     items: list[tuple[str, Value]] = []
-    known = {k for k, _ in _CONTEXT_LABELS} | {"extra", "request_id"}
+    known = {k for k, _ in _CONTEXT_LABELS} | {"extra", "request_id", "actor"}  # actor: shown above
     for key, label in _CONTEXT_LABELS:
         if context.get(key) not in (None, ""):
             items.append((label, value_of(context, key)))
@@ -506,7 +515,7 @@ async def request_page(request: Request) -> Response:
             return record, keyless
 
         record, keyless = await ctx.run(work)
-    except Exception as exc:  # the page's error boundary
+    except Exception as exc:  # noqa: BLE001 - the page's error boundary
         status, message = page_error(request, exc, "page_request")
         return error_page(request, status, message)
     urls = Urls(base, keyless)
@@ -573,8 +582,9 @@ async def login(request: Request) -> Response:
             if len(body) > MAX_LOGIN_BODY:
                 return error_page(request, 400, "login form too large")
         form = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
-        token = (form.get("token") or [None])[-1]
-        next_url = safe_next((form.get("next") or ["/"])[-1])
+        tokens, targets = form.get("token") or [""], form.get("next") or ["/"]
+        token: str | None = tokens[-1]
+        next_url = safe_next(targets[-1])
     else:
         token = request.query_params.get("token")
         next_url = safe_next(request.query_params.get("next"))

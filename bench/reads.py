@@ -1,0 +1,307 @@
+"""Measurement 5: reads through the query layer (`cdc.query.Store`) on a large store.
+
+The store schema is created by the store DDL (`sql/store.sql`, as `cdc setup` applies it)
+and filled directly with generate_series: R rows (80 % in `public.accounts`, 20 % in
+`public.orders`, keys `{"id": n}`), each inserted once and then updated 9 times (10
+versions a row; the updates of consecutive transactions touch rows spread over the whole
+key range), 4 mutations a transaction, a request id on one transaction in three (with its
+`requests` record), before/after images of 5 columns, per-actor sequence numbers. The
+secondary indexes are built after the load, then VACUUM ANALYZE.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bench.harness import Background, connect, log, percentile, server
+from bench.model import Context, Figure, Measurement, Target
+from cdc.query import Store
+from cdc.setup import apply_store_schema
+
+SCHEMA = "hist_reads"
+SLOT = "bench_reads"
+BASE = 1 << 32  # the first transaction's position
+STEP = 1024  # positions of consecutive transactions
+PER_TXN = 4
+VERSIONS = 10
+ACCOUNTS_SHARE = 0.8
+SAMPLES = 200
+WARMUP = 20
+ROW_TARGET = Target("<", 5.0)
+
+COLUMNS = [
+    {"name": "id", "type_oid": 20, "type_modifier": -1, "key": True},
+    {"name": "name", "type_oid": 25, "type_modifier": -1, "key": False},
+    {"name": "balance", "type_oid": 1700, "type_modifier": -1, "key": False},
+    {"name": "status", "type_oid": 25, "type_modifier": -1, "key": False},
+    {"name": "updated_at", "type_oid": 1184, "type_modifier": -1, "key": False},
+]
+
+
+def _image(k: str) -> str:
+    """SQL of a row image at version ``k`` of row ``id`` (columns of the subquery below)."""
+    return (
+        "jsonb_build_object('id', id, 'name', 'customer ' || id, "
+        f"'balance', (({k}) * 10 + id % 7)::text || '.00', "
+        f"'status', (ARRAY['new', 'active', 'suspended'])[({k}) % 3 + 1], "
+        f"'updated_at', (ts - (9 - ({k})) * interval '1 hour')::text)"
+    )
+
+
+def _mutations_sql(has_actor: bool) -> str:
+    return _mutations_sql_raw(has_actor).replace(" % ", " %% ")
+
+
+def _mutations_sql_raw(has_actor: bool) -> str:
+    extra_cols = ", actor, actor_seq" if has_actor else ""
+    extra_vals = ", CASE WHEN req IS NOT NULL THEN actor END, CASE WHEN req IS NOT NULL THEN i END" if has_actor else ""
+    return f"""
+INSERT INTO mutations (position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key,
+                       before, after, changed, status, request_id, context, schema_id{extra_cols})
+SELECT pos, ord, pos, pos - 512 + ord * 64, xid, ts, tbl, CASE WHEN k = 0 THEN 'INSERT' ELSE 'UPDATE' END,
+       jsonb_build_object('id', id), NULL,
+       CASE WHEN k > 0 THEN {_image("k - 1")} END, {_image("k")},
+       CASE WHEN k = 0 THEN ARRAY['id', 'name', 'balance', 'status', 'updated_at']
+            ELSE ARRAY['balance', 'status', 'updated_at'] END,
+       'committed', req,
+       jsonb_build_object('request_id', req, 'actor', CASE WHEN req IS NOT NULL THEN actor END,
+                          'application_name', 'shop', 'db_user', 'app', 'client_addr', '10.0.0.7',
+                          'backend_pid', 4000 + t % 64,
+                          'source', CASE WHEN req IS NOT NULL THEN 'setting' ELSE 'none' END, 'extra', '{{}}'::jsonb),
+       sid{extra_vals}
+FROM (
+    SELECT i, t, ord, pos, xid, ts, k,
+           CASE WHEN r <= %(accounts)s THEN 'public.accounts' ELSE 'public.orders' END AS tbl,
+           CASE WHEN r <= %(accounts)s THEN r ELSE r - %(accounts)s END AS id,
+           CASE WHEN r <= %(accounts)s THEN %(sid_a)s ELSE %(sid_o)s END AS sid,
+           CASE WHEN t % 3 = 0 THEN 'req-' || substr(md5(t::text), 1, 16) END AS req,
+           'user-' || (t % 50) AS actor
+    FROM (
+        SELECT i, i / {PER_TXN} AS t, (i % {PER_TXN})::int AS ord,
+               %(base)s + (i / {PER_TXN}) * {STEP} AS pos, 1000 + i / {PER_TXN} AS xid,
+               timestamptz '2026-01-01 00:00:00+00' + (i / {PER_TXN}) * interval '10 ms' AS ts,
+               CASE WHEN i < %(rows)s THEN i + 1 ELSE (i * 7919) % %(rows)s + 1 END AS r,
+               (i / %(rows)s)::int AS k
+        FROM generate_series(%(lo)s::bigint, %(hi)s::bigint - 1) AS i
+    ) a
+) b
+"""
+
+
+TRANSACTIONS_SQL = f"""
+INSERT INTO transactions (position, xid, version, commit_lsn, status, committed_at, origin, mutation_count,
+                          request_ids)
+SELECT %(base)s + t * {STEP}, 1000 + t, %(base)s + t * {STEP}, %(base)s + t * {STEP} - 64, 'committed',
+       timestamptz '2026-01-01 00:00:00+00' + t * interval '10 ms', NULL, {PER_TXN},
+       CASE WHEN t % 3 = 0 THEN ARRAY['req-' || substr(md5(t::text), 1, 16)] ELSE '{{}}'::text[] END
+FROM generate_series(0::bigint, %(txns)s::bigint - 1) AS t
+""".replace(" % ", " %% ")
+
+REQUESTS_SQL = """
+INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, committed_count)
+SELECT 'req-' || substr(md5(t::text), 1, 16), 'user-' || (t % 50),
+       jsonb_build_object('request_id', 'req-' || substr(md5(t::text), 1, 16), 'actor', 'user-' || (t % 50),
+                          'application_name', 'shop', 'db_user', 'app', 'source', 'setting'),
+       timestamptz '2026-01-01 00:00:00+00' + t * interval '10 ms',
+       timestamptz '2026-01-01 00:00:00+00' + t * interval '10 ms', 1
+FROM generate_series(0::bigint, %(txns)s::bigint - 1) AS t WHERE t % 3 = 0
+ON CONFLICT (request_id) DO NOTHING
+""".replace(" % ", " %% ")
+
+
+def _secondary_indexes(conn: psycopg.Connection[Any]) -> list[str]:
+    rows = conn.execute(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT i.indisprimary "
+        "AND NOT i.indisunique AND c.relname IN ('mutations', 'transactions', 'requests')",
+        (SCHEMA,),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
+    """Create and fill the store schema; return its shape and how long each step took."""
+    rows = mutations // VERSIONS
+    accounts = int(rows * ACCOUNTS_SHARE)
+    txns = mutations // PER_TXN
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    with connect(dsn) as conn:
+        apply_store_schema(conn, SCHEMA)
+        conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
+        for index in _secondary_indexes(conn):
+            conn.execute(f"DROP INDEX {index}")
+        has_actor = bool(
+            conn.execute(
+                "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'mutations' AND column_name IN ('actor', 'actor_seq')",
+                (SCHEMA,),
+            ).fetchone()[0]  # type: ignore[index]
+            == 2
+        )
+        sids = {}
+        for table in ("public.accounts", "public.orders"):
+            row = conn.execute(
+                "INSERT INTO table_schemas (table_name, relation_oid, replica_identity, key_columns, columns, "
+                "fingerprint, first_position) VALUES (%s, %s, 'd', ARRAY['id'], %s, %s, %s) RETURNING schema_id",
+                (table, 16384 + len(sids), psycopg.types.json.Jsonb(COLUMNS), f"bench-{table}", BASE - STEP),
+            ).fetchone()
+            assert row is not None
+            sids[table] = int(row[0])
+        conn.execute(
+            "INSERT INTO capture_state (slot_name, source_system_id, source_database, acked_lsn, baseline_lsn, "
+            "baseline_done, history_floor) VALUES (%s, 'bench', 'bench', %s, %s, true, %s)",
+            (SLOT, BASE + (txns - 1) * STEP, BASE - STEP, BASE - STEP),
+        )
+    query = _mutations_sql(has_actor)
+    half = (txns // 2) * PER_TXN
+
+    def load(lo: int, hi: int) -> None:
+        with connect(dsn) as conn:
+            conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
+            conn.execute(
+                query,  # type: ignore[arg-type]
+                {
+                    "lo": lo,
+                    "hi": hi,
+                    "rows": rows,
+                    "accounts": accounts,
+                    "sid_a": sids["public.accounts"],
+                    "sid_o": sids["public.orders"],
+                    "base": BASE,
+                },
+            )
+
+    def load_rest() -> None:
+        with connect(dsn) as conn:
+            conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
+            conn.execute(TRANSACTIONS_SQL, {"base": BASE, "txns": txns})  # type: ignore[arg-type]
+            conn.execute(REQUESTS_SQL, {"txns": txns})  # type: ignore[arg-type]
+
+    workers = [
+        Background(lambda: load(0, half), "fill-1"),
+        Background(lambda: load(half, txns * PER_TXN), "fill-2"),
+    ]
+    for worker in workers:
+        worker.start()
+    load_rest()
+    for worker in workers:
+        worker.value()
+    timings["load_s"] = time.monotonic() - started
+    log(f"reads: {txns * PER_TXN:,} mutations loaded in {timings['load_s']:.0f} s; building indexes")
+    started = time.monotonic()
+    with connect(dsn) as conn:
+        apply_store_schema(conn, SCHEMA)  # CREATE INDEX IF NOT EXISTS: the indexes dropped above
+    timings["index_s"] = time.monotonic() - started
+    started = time.monotonic()
+    with connect(dsn) as conn:
+        for table in ("mutations", "transactions", "requests", "table_schemas", "capture_state"):
+            conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(SCHEMA, table)))
+        size = conn.execute(
+            "SELECT pg_total_relation_size(%s::regclass)", (f"{SCHEMA}.mutations",)
+        ).fetchone()
+    timings["vacuum_analyze_s"] = time.monotonic() - started
+    return {
+        "mutations": txns * PER_TXN,
+        "rows": rows,
+        "transactions": txns,
+        "versions_per_row": VERSIONS,
+        "mutations_table_mb": round(int(size[0]) / 1024**2) if size else None,
+        **{k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def _timed(fn: Callable[[], Any], samples: int) -> list[float]:
+    for _ in range(WARMUP):
+        fn()
+    out = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def measure(ctx: Context) -> Measurement:
+    mutations = 1_000_000 if ctx.quick else 10_000_000
+    m = Measurement(
+        "reads",
+        "Reads on a large store (query layer)",
+        method=(
+            "A store schema filled directly (see `bench/reads.py`): 10 versions per row, 80 % of the "
+            "rows in one table and 20 % in another, 4 mutations per transaction, a request id on one "
+            "transaction in three, 5-column jsonb images; indexes from `sql/store.sql`; VACUUM ANALYZE. "
+            f"Each call through `cdc.query.Store` on one connection, {WARMUP} warm-up calls then "
+            f"{SAMPLES} timed samples with random rows, versions, requests and cursors. Times are "
+            "wall-clock in the client, Python decoding included."
+        ),
+    )
+    with server(ctx.flavor) as pg:
+        dsn = pg.create_database("bench_reads")
+        log(f"reads: filling a store with {mutations:,} mutations")
+        m.params = fill_store(dsn, mutations)
+        m.params["server_version"] = pg.version
+        rows, txns = m.params["rows"], m.params["transactions"]
+        accounts = int(rows * ACCOUNTS_SHARE)
+        rng = random.Random(42)
+
+        def random_row() -> tuple[str, int]:
+            r = rng.randint(1, rows)
+            return ("accounts", r) if r <= accounts else ("orders", r - accounts)
+
+        def random_version() -> int:
+            return BASE + rng.randrange(txns) * STEP
+
+        def random_request() -> str:
+            import hashlib
+
+            t = rng.randrange(0, txns, 3)
+            return "req-" + hashlib.md5(str(t).encode()).hexdigest()[:16]  # noqa: S324 - test data
+
+        with Store(dsn, schema=SCHEMA) as store:
+            cases: dict[str, tuple[str, Callable[[], Any], bool]] = {
+                "row_at": ("row at a version (`row_at`)", lambda: store.row_at(*random_row(), random_version()), True),
+                "row_history": ("row history (`row_history`)", lambda: store.row_history(*random_row()), True),
+                "blame": ("blame (`blame`)", lambda: store.blame(*random_row()), True),
+                "request": ("request record (`request`)", lambda: store.request(random_request()), False),
+                "table_at": (
+                    "table page at a version, 100 rows (`table_at`)",
+                    lambda: store.table_at(
+                        "accounts", random_version(), after_key=rng.randint(1, accounts), limit=100
+                    ),
+                    False,
+                ),
+                "mutation_log": (
+                    "mutation log page, 100 mutations (`mutation_log`)",
+                    lambda: store.mutation_log(limit=100, before=(random_version(), 0)),
+                    False,
+                ),
+            }
+            for name, (label, fn, targeted) in cases.items():
+                times = _timed(fn, SAMPLES)
+                run = {
+                    "query": name,
+                    "samples": len(times),
+                    "p50_ms": percentile(times, 50),
+                    "p99_ms": percentile(times, 99),
+                    "max_ms": max(times),
+                }
+                m.runs.append(run)
+                log(f"reads: {name}: p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms")
+                m.figures.append(Figure(f"reads.{name}.p50", f"{label}, p50", "ms", [run["p50_ms"]]))
+                m.figures.append(
+                    Figure(
+                        f"reads.{name}.p99",
+                        f"{label}, p99",
+                        "ms",
+                        [run["p99_ms"]],
+                        target=ROW_TARGET if targeted else None,
+                    )
+                )
+    return m

@@ -1,0 +1,284 @@
+"""Measurement 1: capture throughput, `cdc run` against pg_recvlogical on the same backlog.
+
+Both consumers drain the same WAL: every slot (the daemons' and pg_recvlogical's) exists
+before the workload is written, with every daemon stopped. pg_recvlogical gets the options
+`cdc run` uses (proto_version, publication_names, messages, streaming) and, for the
+"immediate" mode, the same session setting debug_logical_replication_streaming=immediate
+(PGOPTIONS); it drains to /dev/null up to the end position (-E). The daemon is timed from
+the moment its slot turns active (START_REPLICATION: process start-up left out, reported
+apart) until the store holds the workload's end marker and has acknowledged it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import psycopg
+
+from bench import profile
+from bench.harness import (
+    Capture,
+    Daemon,
+    ProtocolOptions,
+    connect,
+    create_logical_slot,
+    drop_slot,
+    log,
+    marker_position,
+    median,
+    new_capture,
+    recvlogical_drain,
+    server,
+    script_dir,
+    wait_for_marker,
+    write_marker,
+)
+from bench.model import Context, Figure, Measurement, Target
+from bench.workloads import (
+    SMALL_CHANGES_PER_TXN,
+    count_changes,
+    create_source_tables,
+    run_large,
+    run_small,
+    small_script,
+)
+
+RATIO_TARGET = Target(">=", 0.8)
+
+
+def _params(ctx: Context) -> dict[str, Any]:
+    if ctx.quick:
+        return {"runs": 2, "small_txns": 4_000, "large_rows": 200_000, "large_budget_s": 8.0}
+    return {"runs": 3, "small_txns": 20_000, "large_rows": 1_000_000, "large_budget_s": 30.0}
+
+
+def time_daemon(
+    capture: Capture, marker: int, log_name: str, ctx: Context, profile_name: str | None = None
+) -> dict[str, float]:
+    """Start `cdc run`, wait for ``marker``; start-up, drain and wall seconds, and peak RSS."""
+    wrapper = profile.wrapper(ctx.log_path(profile_name)) if profile_name else []
+    daemon = Daemon(capture, ctx.log_path(log_name), wrapper).start()
+    try:
+        with connect(capture.source_dsn) as source:
+            while not capture.slot_active(source):
+                daemon.check_alive()
+                if time.monotonic() - daemon.started_at > 120:
+                    raise TimeoutError("the daemon did not start streaming within 120 s")
+                time.sleep(0.005)
+        active = time.monotonic()
+        done = wait_for_marker(capture, marker, daemon, interval=0.02)
+        rss = daemon.peak_rss_mb() or 0.0
+    finally:
+        daemon.stop()
+        daemon.kill()
+    return {
+        "startup_s": active - daemon.started_at,
+        "drain_s": done - active,
+        "wall_s": done - daemon.started_at,
+        "peak_rss_mb": rss,
+    }
+
+
+def measure(ctx: Context) -> Measurement:
+    p = _params(ctx)
+    m = Measurement(
+        "throughput",
+        "Capture throughput (end to end) vs pg_recvlogical",
+        method=(
+            "One server, a source and a store database. Slots of two daemons (`cdc run` with "
+            "`source.stream_in_progress` at its default, which on PostgreSQL 16+ streams every "
+            "transaction as it happens, and with it `off`) and of pg_recvlogical exist before the "
+            "workload; the workload is written with every consumer stopped, so each drains the same "
+            "backlog. Small transactions: pgbench, 2 clients, each transaction sets a request id, "
+            "updates 2 rows and inserts 1 (3 changes). Large: one INSERT ... SELECT transaction. "
+            "pg_recvlogical gets the daemon's protocol options (proto_version, publication_names, "
+            "messages, streaming) and, in the immediate mode, the same session setting; it writes to "
+            "/dev/null and stops at the end LSN (-E). The daemon is timed from START_REPLICATION "
+            "(its slot turning active; Python start-up is reported apart) until the store has written "
+            "and acknowledged the workload's end marker. Changes are counted in the store."
+        ),
+        params=dict(p),
+    )
+    runs: int = p["runs"]
+    with server(ctx.flavor) as pg:
+        src = pg.create_database("bench_src")
+        store = pg.create_database("bench_store")
+        create_source_tables(src)
+        immediate_ok = pg.version >= 16
+        modes = ["immediate", "off"] if immediate_ok else ["default"]
+        captures: dict[str, Capture] = {}
+        for mode in modes:
+            extra = {"CDC_SOURCE__STREAM_IN_PROGRESS": "off"} if mode == "off" else {}
+            captures[mode] = new_capture(pg, src, store, f"tp_{mode}", extra)
+            captures[mode].setup(ctx.log_path("setup.log"))
+        with psycopg.connect(src) as conn:
+            options = ProtocolOptions.for_server(conn.info.server_version)
+        m.params.update(
+            server_version=pg.version,
+            modes=modes,
+            proto_version=options.proto_version,
+            streaming=options.streaming,
+        )
+        # Where each store stands: changes are counted between consecutive markers.
+        last_position: dict[str, int] = {}
+        for mode, capture in captures.items():
+            with capture.store() as conn:
+                last_position[mode] = capture.acked_lsn(conn)
+        scripts = script_dir()
+        script = small_script(scripts)
+        large_rows: int = p["large_rows"]
+        next_id = 1
+        results: list[dict[str, Any]] = []
+        for rep in range(runs):
+            for kind in ("small", "large"):
+                if kind == "large" and rep == 0:
+                    large_rows = _scaled_rows(ctx, p, results, m)
+                slots = {mode: f"rl_{mode}_{rep}_{kind}" for mode in modes}
+                for slot in slots.values():
+                    create_logical_slot(src, slot)
+                try:
+                    started = time.monotonic()
+                    if kind == "small":
+                        run_small(pg, script, "bench_src", p["small_txns"])
+                    else:
+                        run_large(src, large_rows, next_id)
+                        next_id += large_rows
+                    write_s = time.monotonic() - started
+                    marker, end_lsn = write_marker(src)
+                    log(f"throughput: run {rep + 1}/{runs}, {kind}: workload written in {write_s:.1f} s")
+                    run: dict[str, Any] = {"rep": rep, "kind": kind, "write_s": write_s}
+                    order = [(c, mode) for mode in modes for c in ("recvlogical", "daemon")]
+                    if rep % 2:
+                        order.reverse()
+                    for consumer, mode in order:
+                        if consumer == "recvlogical":
+                            seconds = recvlogical_drain(
+                                pg,
+                                src,
+                                slots[mode],
+                                captures[mode].slot,
+                                end_lsn,
+                                options,
+                                immediate=(mode == "immediate"),
+                            )
+                            run[f"recvlogical_{mode}_s"] = seconds
+                        else:
+                            profile_name = f"profile-{kind}-{mode}.txt" if ctx.profile else None
+                            timing = time_daemon(
+                                captures[mode], marker, f"daemon-throughput-{mode}.log", ctx, profile_name
+                            )
+                            run.update({f"daemon_{mode}_{k}": v for k, v in timing.items()})
+                            seconds = timing["drain_s"]
+                        log(f"throughput:   {consumer} ({mode}) drained in {seconds:.2f} s")
+                    for mode, capture in captures.items():
+                        with capture.store() as conn:
+                            position = marker_position(conn, marker)
+                            assert position is not None
+                            run[f"changes_{mode}"] = count_changes(conn, last_position[mode], position)
+                            last_position[mode] = position
+                    changes = run[f"changes_{modes[0]}"]
+                    run["changes"] = changes
+                    for mode in modes:
+                        if run[f"changes_{mode}"] != changes:
+                            m.notes.append(
+                                f"run {rep} {kind}: the {mode} store holds {run[f'changes_{mode}']} changes, "
+                                f"the {modes[0]} store {changes}"
+                            )
+                        run[f"recvlogical_{mode}_rate"] = changes / run[f"recvlogical_{mode}_s"]
+                        run[f"daemon_{mode}_rate"] = changes / run[f"daemon_{mode}_drain_s"]
+                        run[f"ratio_{mode}"] = run[f"daemon_{mode}_rate"] / run[f"recvlogical_{mode}_rate"]
+                        log(
+                            f"throughput:   {mode}: daemon {run[f'daemon_{mode}_rate']:,.0f} changes/s, "
+                            f"pg_recvlogical {run[f'recvlogical_{mode}_rate']:,.0f}/s, "
+                            f"ratio {run[f'ratio_{mode}']:.2f}"
+                        )
+                    results.append(run)
+                finally:
+                    for slot in slots.values():
+                        drop_slot(src, slot)
+        m.runs = results
+        m.params["large_rows_used"] = large_rows
+        _figures(m, modes, results)
+        small_rates = [r[f"daemon_{modes[0]}_rate"] for r in results if r["kind"] == "small"]
+        ctx.capture_rate = median(small_rates)
+        ctx.changes_per_txn = SMALL_CHANGES_PER_TXN
+        if ctx.profile:
+            for kind in ("small", "large"):
+                for mode in modes:
+                    path = ctx.log_path(f"profile-{kind}-{mode}.txt")
+                    with contextlib.suppress(OSError):
+                        m.notes.append(
+                            f"py-spy profile of the daemon, {kind} transactions, {mode}: "
+                            + profile.summary_line(path)
+                        )
+    return m
+
+
+def _scaled_rows(ctx: Context, p: dict[str, Any], results: list[dict[str, Any]], m: Measurement) -> int:
+    """The large transaction's size: nominal, or what the daemon drains within the budget."""
+    nominal: int = p["large_rows"]
+    if not ctx.scale:
+        return nominal
+    rates = [v for r in results for k, v in r.items() if k.startswith("daemon_") and k.endswith("_rate")]
+    if not rates:
+        return nominal
+    fit = int(min(rates) * p["large_budget_s"] / 10_000) * 10_000
+    rows = max(20_000, min(nominal, fit))
+    if rows < nominal:
+        m.notes.append(
+            f"The large transaction has {rows:,} rows instead of {nominal:,}: scaled to drain in about "
+            f"{p['large_budget_s']:.0f} s at the daemon's measured rate of {min(rates):,.0f} changes/s "
+            "(`--no-scale` for the nominal size)."
+        )
+    return rows
+
+
+def _figures(m: Measurement, modes: list[str], results: list[dict[str, Any]]) -> None:
+    for kind, what in (("small", "small transactions"), ("large", "one large transaction")):
+        rows = [r for r in results if r["kind"] == kind]
+        if not rows:
+            continue
+        for mode in modes:
+            label_mode = {
+                "immediate": "streaming every transaction (default on PG16+)",
+                "off": "stream_in_progress off",
+                "default": "default options",
+            }[mode]
+            m.figures.append(
+                Figure(
+                    f"throughput.{kind}.{mode}.recvlogical",
+                    f"pg_recvlogical, {what}, {label_mode}",
+                    "changes/s",
+                    [r[f"recvlogical_{mode}_rate"] for r in rows],
+                )
+            )
+            m.figures.append(
+                Figure(
+                    f"throughput.{kind}.{mode}.daemon",
+                    f"cdc run, {what}, {label_mode}",
+                    "changes/s",
+                    [r[f"daemon_{mode}_rate"] for r in rows],
+                    note=f"changes per run: {rows[0]['changes']:,}; daemon start-up (not counted): "
+                    f"{median([r[f'daemon_{mode}_startup_s'] for r in rows]) or 0:.1f} s",
+                )
+            )
+            m.figures.append(
+                Figure(
+                    f"throughput.{kind}.{mode}.ratio",
+                    f"ratio cdc run / pg_recvlogical, {what}, {label_mode}",
+                    "",
+                    [r[f"ratio_{mode}"] for r in rows],
+                    target=RATIO_TARGET,
+                )
+            )
+        if "immediate" in modes and "off" in modes:
+            m.figures.append(
+                Figure(
+                    f"throughput.{kind}.streaming_cost",
+                    f"cdc run rate, {what}: streaming every transaction / stream_in_progress off",
+                    "",
+                    [r["daemon_immediate_rate"] / r["daemon_off_rate"] for r in rows],
+                )
+            )

@@ -1,0 +1,171 @@
+"""``cdc serve``: the HTTP API, the pages and ``/metrics`` over the history store, with uvicorn.
+
+The store comes from ``--store``, else ``CDC_STORE_DSN``, else ``store.dsn`` of the config file;
+the address from ``--listen``, else ``server.listen`` (``127.0.0.1:8400``); the token from
+``--token``, else ``server.token`` / ``CDC_SERVER__TOKEN`` (prefer these: a command-line token is
+visible to every user of the machine). Without a token, ``--open`` (or ``server.open: true``)
+must say that unauthenticated access is intended; on a non-loopback address that prints a warning.
+
+Errors are one line on stderr (``error: ...``) and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from typing import Any
+
+import click
+import structlog
+from pydantic import ValidationError
+
+from cdc.config import ServerConfig, load_config
+from cdc.errors import CdcError, ConfigError
+from cdc.query import DEFAULT_SCHEMA, Store
+
+__all__ = ["bind_socket", "serve"]
+
+log = structlog.get_logger("cdc.web")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 literals too); OSError when it cannot bind."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family = infos[0][0]
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+@click.command()
+@click.option(
+    "--store",
+    "store_dsn",
+    envvar="CDC_STORE_DSN",
+    metavar="DSN",
+    help="History store DSN (else CDC_STORE_DSN, else store.dsn of the config file).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="CDC_CONFIG",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="YAML config file (env CDC_CONFIG).",
+)
+@click.option(
+    "--schema",
+    "store_schema",
+    metavar="NAME",
+    help=f"Schema of the history store (else store.schema, else {DEFAULT_SCHEMA}).",
+)
+@click.option(
+    "--listen", metavar="HOST:PORT", help="Address to listen on (else server.listen, 127.0.0.1:8400)."
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    help="Bearer token required on the API and pages (else server.token / CDC_SERVER__TOKEN).",
+)
+@click.option(
+    "--open",
+    "open_access",
+    is_flag=True,
+    help="Allow serving without a token (anyone who can connect reads the history).",
+)
+def serve(
+    *,
+    store_dsn: str | None,
+    config_path: str | None,
+    store_schema: str | None,
+    listen: str | None,
+    token: str | None,
+    open_access: bool,
+) -> None:
+    """Serve the HTTP API (/api/v1/, /openapi.json), the mutation pages, /metrics, /healthz, /readyz.
+
+    \b
+      CDC_SERVER__TOKEN=... cdc serve --listen 0.0.0.0:8400
+      cdc serve --open                      # loopback only, no token
+    /healthz, /readyz and /metrics need no token.
+    """
+    from cdc.logs import configure_logging
+    from cdc.web.api import create_app
+
+    try:
+        config = load_config(config_path)
+        server = ServerConfig.model_validate(
+            {
+                "listen": listen if listen is not None else config.server.listen,
+                "token": token if token is not None else config.server.token,
+                "open": open_access or config.server.open,
+            }
+        )
+        dsn = store_dsn or (config.store.dsn.get_secret_value() if config.store.dsn is not None else None)
+        schema = store_schema or config.store.schema_name
+        secret = server.token.get_secret_value() if server.token is not None else None
+        app = create_app(dsn or "", schema=schema, token=secret, open_access=server.open)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
+        ]
+        _fail(str(ConfigError([f"server.{p}" for p in problems])).replace("\n", " "), 2)
+        return
+    except CdcError as exc:
+        _fail(" ".join(str(exc).split()), exc.exit_code)
+        return
+
+    configure_logging(config.logging.level, config.logging.format)
+    if secret is None and not server.is_loopback:
+        click.echo(
+            f"warning: serving without a token on {server.listen}, which is not a loopback address: "
+            "anyone who can connect reads the whole history (set server.token / CDC_SERVER__TOKEN)",
+            err=True,
+        )
+    _probe_store(dsn or "", schema)
+    try:
+        sock = bind_socket(server.host, server.port)
+    except OSError as exc:
+        _fail(f"cannot listen on {server.listen}: {exc.strerror or exc}")
+        return
+    run_server(app, sock, listen=server.listen, secured=secret is not None)
+
+
+def _probe_store(dsn: str, schema: str) -> None:
+    """Say at startup when the store cannot be read (serving goes on: /readyz reports it)."""
+    try:
+        with Store(dsn, schema=schema) as store:
+            store.current_version()
+    except CdcError as exc:
+        click.echo(
+            f"warning: {exc.message} (serving anyway; /readyz answers 503 until it can be read)", err=True
+        )
+
+
+def run_server(app: Any, sock: socket.socket, *, listen: str, secured: bool) -> None:
+    """Run uvicorn on an already bound socket until SIGINT/SIGTERM."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        access_log=False,  # our middleware logs requests without paths (keys) or query strings (tokens)
+        log_level="warning",
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    log.info("serving", listen=listen, url=f"http://{listen}/", token_required=secured)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
