@@ -23,10 +23,10 @@ from bench.harness import (
     percentile,
     pgbench_tps,
     running_daemon,
-    server,
     script_dir,
-    write_marker,
+    server,
     wait_for_marker,
+    write_marker,
 )
 from bench.model import Context, Figure, Measurement, Target
 from bench.throughput import time_daemon

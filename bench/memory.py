@@ -10,7 +10,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.harness import catch_up, connect, log, new_capture, running_daemon, server, wait_for_marker, write_marker
+from bench.harness import (
+    catch_up,
+    connect,
+    log,
+    new_capture,
+    running_daemon,
+    server,
+    wait_for_marker,
+    write_marker,
+)
 from bench.model import Context, Figure, Measurement, Target
 from bench.workloads import create_source_tables, run_large
 

@@ -118,15 +118,15 @@ def measure(ctx: Context) -> Measurement:
         "source_cost",
         "Cost on the source: pgbench TPC-B-like",
         method=(
-            "`pgbench -i -s 10`, then `pgbench -c 2 -j 2 -T {d}` (built-in TPC-B-like script) in "
-            "turn for each configuration, {r} times; figures are medians, losses relative to (a). "
+            f"`pgbench -i -s 10`, then `pgbench -c 2 -j 2 -T {duration}` (built-in TPC-B-like script) in "
+            f"turn for each configuration, {reps} times; figures are medians, losses relative to (a). "
             "(a) no capture: context trigger disabled, daemon stopped; (b0) the context trigger "
             "alone; (b) capture: context trigger and `cdc run` running (the daemon and the store "
             "share the machine's 2 cores with pgbench and the source); (c) a classic row-level "
             "audit trigger inserting `to_jsonb(OLD)`/`to_jsonb(NEW)` into an audit table "
             "(`bench/source_cost.py`). All at wal_level=logical with the slot in place; the slot is "
             "fast-forwarded between runs."
-        ).format(d=duration, r=reps),
+        ),
         params={"duration_s": duration, "alternations": reps, "scale": 10, "clients": 2},
     )
     with server(ctx.flavor) as pg:

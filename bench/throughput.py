@@ -30,8 +30,8 @@ from bench.harness import (
     median,
     new_capture,
     recvlogical_drain,
-    server,
     script_dir,
+    server,
     wait_for_marker,
     write_marker,
 )

@@ -51,7 +51,9 @@ def small_script(directory: Path) -> Path:
 def run_small(pg: LocalPostgres, script: Path, dbname: str, transactions: int, clients: int = 2) -> str:
     """``transactions`` small transactions in all, over ``clients`` connections."""
     per_client = max(1, transactions // clients)
-    return pgbench(pg, ["-n", "-f", str(script), "-t", str(per_client), "-c", str(clients), "-j", str(clients)], dbname)
+    return pgbench(
+        pg, ["-n", "-f", str(script), "-t", str(per_client), "-c", str(clients), "-j", str(clients)], dbname
+    )
 
 
 def run_large(source_dsn: str, rows: int, first_id: int) -> None:

@@ -15,7 +15,7 @@ import click
 
 from cdc import __version__
 from cdc.config import Config, load_config
-from cdc.errors import CdcError
+from cdc.errors import CdcError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,8 +54,15 @@ def main() -> None:
 
 @main.command()
 @config_option
-def run(config_path: str | None) -> None:
-    """Run the capture daemon (SIGTERM stops it cleanly, SIGHUP reloads the config)."""
+@click.option("--no-http", is_flag=True, help="Do not serve /metrics, /healthz and /readyz.")
+def run(config_path: str | None, no_http: bool) -> None:
+    """Run the capture daemon (SIGTERM stops it cleanly, SIGHUP reloads the config).
+
+    Serves /metrics, /healthz and /readyz on server.listen (default 127.0.0.1:8400).
+    Exit codes: 0 stopped, 1 unexpected, 2 config, 3 protocol, 4 setup, 5 slot lost.
+    """
+    import structlog
+
     from cdc.daemon import Daemon
     from cdc.logs import configure_logging
 
@@ -68,7 +75,29 @@ def run(config_path: str | None) -> None:
     configure_logging(config.logging.level, config.logging.format)
     daemon = Daemon(config, config_path=config_path)
     daemon.install_signal_handlers()
-    sys.exit(daemon.run())
+    endpoints = None
+    if not no_http:
+        from cdc.health import HealthServer
+
+        try:
+            endpoints = HealthServer(
+                config.server.host, config.server.port, daemon.metrics.registry, daemon.health, daemon.ready
+            ).start()
+        except OSError as exc:
+            fail(
+                UsageError(
+                    f"cannot listen on {config.server.listen} for /metrics and /healthz: {exc}",
+                    hint="set server.listen (CDC_SERVER__LISTEN) or pass --no-http",
+                )
+            )
+    if endpoints is not None:
+        structlog.get_logger("cdc.daemon").info(
+            "http_listening", host=config.server.host, port=endpoints.port, paths="/metrics /healthz /readyz"
+        )
+    code = daemon.run()
+    if endpoints is not None:
+        endpoints.stop()
+    sys.exit(code)
 
 
 @main.command()

@@ -9,6 +9,7 @@ acknowledged only up to the last position whose store transaction has committed.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -67,6 +68,8 @@ class Daemon:
         self.last_error: str | None = None
         self.acked_lsn = 0
         self.standby = False
+        # The loop beats at least once a second; a minute of silence means it is stuck.
+        self.health_max_age_seconds = max(60.0, 3 * config.capture.status_interval_seconds)
 
     # -- control ---------------------------------------------------------------
     def request_stop(self) -> None:
@@ -102,7 +105,7 @@ class Daemon:
                     log.info("standby", reason=exc.message)
                 self.standby = True
                 self.metrics.standby.set(1)
-                self._stop.wait(self.STANDBY_POLL_SECONDS)
+                self._wait(self.STANDBY_POLL_SECONDS)
                 continue
             except _Reload as exc:
                 log.info("config_reloaded", action=exc.message)
@@ -128,12 +131,30 @@ class Daemon:
             if time.monotonic() - started > 30:
                 backoff = self.config.reconnect.initial_backoff_seconds
             self.metrics.reconnects.inc()
-            self._stop.wait(backoff)
+            self._wait(backoff)
             backoff = min(backoff * 2, self.config.reconnect.max_backoff_seconds)
         log.info("daemon_stopped", exit_code=EXIT_OK, acked_lsn=format_lsn(self.acked_lsn))
         return EXIT_OK
 
     STANDBY_POLL_SECONDS = 1.0
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep until stopped, beating: waiting on purpose is not being stuck."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.beat()
+            self._stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness: the main loop beat recently (it beats at least every second)."""
+        age = time.monotonic() - self.last_heartbeat
+        return age <= self.health_max_age_seconds, {"heartbeat_age_seconds": round(age, 3), "standby": self.standby}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness: streaming (store reachable, since writes succeed), or a healthy standby."""
+        ok, detail = self.health()
+        detail.update({"streaming": self.streaming, "acked_lsn": format_lsn(self.acked_lsn)})
+        return ok and (self.streaming or self.standby), detail
 
     def _record_error(self, message: str) -> None:
         """Best effort: leave the last error where `cdc status` can read it."""
@@ -281,6 +302,12 @@ class _Session:
         self.slot = daemon.config.source.slot
         self.batch = Batch()
         self.batch_started: float | None = None
+        # Store writes overlap decoding: one writer thread, FIFO, so acks stay in order.
+        self.pending: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
+        self.writer_error: BaseException | None = None
+        self.writer_thread = threading.Thread(
+            target=self._write_batches, name="cdc-store-writer", daemon=True
+        )
         self.acked = daemon.acked_lsn  # written to the store and acknowledged
         self.finished_position = self.acked  # last finished transaction (maybe not yet written)
         self.server_wal_end = 0
@@ -289,11 +316,21 @@ class _Session:
         self.last_data = time.monotonic()
         self.last_slot_check = 0.0
         self.last_lag_warning = 0.0
-        self.last_commit_time: datetime | None = None
 
     def loop(self) -> None:
+        self.writer_thread.start()
+        try:
+            self._loop()
+            self._flush()
+        finally:
+            self._drain()
+        self._raise_writer_error()
+        self._send_status(force=True)
+
+    def _loop(self) -> None:
         daemon = self.daemon
         while not daemon._stop.is_set():
+            self._raise_writer_error()
             daemon.beat()
             daemon.reload_if_requested()
             self._watch_slot()
@@ -328,8 +365,6 @@ class _Session:
             ):
                 self._flush()
             self._send_status()
-        self._flush()
-        self._send_status(force=True)
 
     def _watch_slot(self) -> None:
         """Every status interval: slot health, retained WAL, lag, and a heartbeat when idle."""
@@ -420,7 +455,6 @@ class _Session:
         self.batch.transactions.append(txn)
         self.finished_position = max(self.finished_position, event.position)
         self.batch.ack_lsn = max(self.finished_position, self.batch.ack_lsn or 0)
-        self.last_commit_time = event.committed_at
         self._mark_batch()
 
     def _mark_batch(self) -> None:
@@ -428,14 +462,45 @@ class _Session:
             self.batch_started = time.monotonic()
 
     def _flush(self) -> None:
+        """Hand the batch to the store writer thread (blocks while two batches are pending)."""
+        self._raise_writer_error()
         batch = self.batch
         if batch.empty():
             self.batch_started = None
             return
-        started = time.perf_counter()
-        self.writer.write(batch)
-        elapsed = time.perf_counter() - started
+        self.batch = Batch()
+        self.batch_started = None
         self.last_write = time.monotonic()
+        while True:
+            try:
+                self.pending.put(batch, timeout=1.0)
+                break
+            except queue.Full:
+                self._raise_writer_error()
+                self.daemon.beat()  # a slow store is not a stuck loop
+                self._send_status()
+
+    def _raise_writer_error(self) -> None:
+        if self.writer_error is not None:
+            raise self.writer_error
+
+    def _write_batches(self) -> None:
+        """The store writer thread: batches in order, each one store transaction then its ack."""
+        while True:
+            batch = self.pending.get()
+            if batch is None:
+                return
+            try:
+                started = time.perf_counter()
+                self.writer.write(batch)
+            except BaseException as exc:  # handed to the main loop, which owns error handling
+                self.writer_error = exc
+                while self.pending.get() is not None:  # drop the rest: nothing after is acked
+                    pass
+                return
+            self._written(batch, time.perf_counter() - started)
+
+    def _written(self, batch: Batch, elapsed: float) -> None:
         self.metrics.store_write_seconds.observe(elapsed)
         self.metrics.batch_rows.observe(len(batch.mutations))
         counts = Counter((m.table, m.op, m.status) for m in batch.mutations)
@@ -447,13 +512,15 @@ class _Session:
             self.acked = max(self.acked, batch.ack_lsn)
             self.daemon.acked_lsn = self.acked
             self.metrics.written_lsn.set(self.acked)
-            if batch.transactions and self.last_commit_time is not None:
-                lag = (datetime.now(UTC) - self.last_commit_time).total_seconds()
+            if batch.transactions:
+                lag = (datetime.now(UTC) - batch.transactions[-1].committed_at).total_seconds()
                 self.metrics.lag_seconds.set(max(0.0, lag))
             log.debug("batch_written", lsn=format_lsn(self.acked), mutations=len(batch.mutations))
-        self.batch = Batch()
-        self.batch_started = None
-        self._send_status(force=True)
+
+    def _drain(self) -> None:
+        """Write what is pending and stop the writer thread."""
+        self.pending.put(None)
+        self.writer_thread.join()
 
     def _update_gauges(self) -> None:
         self.metrics.received_lsn.set(self.stream.last_received_lsn)

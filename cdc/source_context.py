@@ -237,7 +237,8 @@ def _attach(conn: psycopg.Connection[Any], tables: Sequence[tuple[str, str]]) ->
                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
                             WHERE t.tgrelid = c.oid AND t.tgname = %s
                               AND t.tgfoid = 'cdc.context_trigger()'::pg_catalog.regprocedure
-                              AND t.tgtype = 62 AND t.tgenabled = 'O')
+                              AND t.tgtype = 62 AND t.tgenabled = 'O'
+                              AND t.tgqual IS NULL AND t.tgnargs = 0)
               FROM pg_catalog.pg_class AS c
               JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
              WHERE n.nspname = %s AND c.relname = %s

@@ -101,6 +101,7 @@ MAX_KEY_CHARS = 4096  # a row key in a path or a filter (scalar text or JSON)
 MAX_AFTER_CHARS = 16384  # a table page cursor (a whole row for tables without a key)
 MAX_TEXT_CHARS = 1024  # table names, request ids, actors, times, versions
 MAX_CURSOR_CHARS = 64
+MAX_TABLE_CHARS = 300  # two quoted identifiers of 63 bytes with every quote doubled
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 MAX_LOGIN_BODY = 8192
@@ -109,9 +110,9 @@ POOL_SIZE = 8
 POOL_WAIT_SECONDS = 30.0
 
 WEB_DIR = Path(__file__).resolve().parent
-_BIGINT_MAX = 2**63 - 1
 _LSN_MAX = 2**64 - 1
-_CURSOR_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,10})", re.ASCII)
+_CURSOR_RE = re.compile(r"([0-9]{1,18})-([0-9]{1,9})", re.ASCII)
+_VERSION_RE = re.compile(r"[0-9]{1,19}|[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", re.ASCII)
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/login", "/logout"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -251,7 +252,7 @@ def parse_key(text: str, what: str = "key", max_chars: int = MAX_KEY_CHARS) -> K
 def parse_version(text: str, what: str = "version") -> int:
     """An integer version or ``X/Y``."""
     check_text(text, what, 64)
-    if text.strip().startswith(("+", "-")) or "_" in text:
+    if _VERSION_RE.fullmatch(text) is None:
         raise UsageError(f"invalid {what} {text!r}: expected X/Y (e.g. 0/16B3748) or an integer")
     value = parse_lsn(text)
     if value > _LSN_MAX:
@@ -307,13 +308,18 @@ def format_cursor(cursor: tuple[int, int] | None) -> str | None:
 
 def parse_cursor(text: str) -> tuple[int, int]:
     check_text(text, "cursor", MAX_CURSOR_CHARS)
-    match = _CURSOR_RE.fullmatch(text.strip())
+    match = _CURSOR_RE.fullmatch(text)
     if match is None:
         raise UsageError("invalid cursor: pass the 'next' value of the previous page")
-    position, ordinal = int(match.group(1)), int(match.group(2))
-    if position > _BIGINT_MAX or ordinal > 2**31 - 1:
-        raise UsageError("invalid cursor: out of range")
-    return position, ordinal
+    return int(match.group(1)), int(match.group(2))
+
+
+def allow_params(request: Request, *names: str) -> None:
+    """Refuse query parameters the endpoint does not know (a misspelt filter must not be ignored)."""
+    unknown = sorted(set(request.query_params.keys()) - set(names))
+    if unknown:
+        expected = ", ".join(names) if names else "none"
+        raise UsageError(f"unknown query parameter {unknown[0][:40]!r}: expected {expected}")
 
 
 def query_text(request: Request, name: str, max_chars: int = MAX_TEXT_CHARS) -> str | None:
@@ -358,7 +364,8 @@ def resolve_version(store: Store, version: int | None, at: datetime | None) -> t
             return None, False
     if current is not None and version > current:
         raise VersionAheadError(
-            f"version {format_lsn(version)} is ahead of the history store (stored up to {format_lsn(current)})",
+            f"version {format_lsn(version)} is ahead of the history store "
+            f"(stored up to {format_lsn(current)})",
             hint="capture has not caught up yet: retry shortly",
         )
     return version, store.check_version(version)
@@ -572,7 +579,8 @@ class AccessMiddleware:
                 self.ctx.requests_total.labels(route=route, method=method, status=str(status_holder[0])).inc()
             if self.ctx.request_seconds is not None:
                 self.ctx.request_seconds.labels(route=route).observe(elapsed)
-            log.info(
+            quiet = route in ("healthz", "readyz", "metrics", "static")  # probes and scrapes: debug
+            (log.debug if quiet else log.info)(
                 "http_request",
                 method=method,
                 route=route,
@@ -618,6 +626,8 @@ def _version_json(version: int | None) -> dict[str, Any]:
 
 
 async def list_tables(request: Request, ctx: WebContext) -> dict[str, Any]:
+    allow_params(request)
+
     def work(store: Store) -> dict[str, Any]:
         tables = []
         for name in store.known_tables():
@@ -636,6 +646,7 @@ async def list_tables(request: Request, ctx: WebContext) -> dict[str, Any]:
 
 
 async def versions(request: Request, ctx: WebContext) -> dict[str, Any]:
+    allow_params(request, "at")
     at_text = query_text(request, "at", 64)
     when = parse_when(at_text, "at") if at_text is not None else None
 
@@ -668,7 +679,7 @@ async def tables_dispatch(request: Request, ctx: WebContext) -> Any:
     """``/api/v1/tables/{table}/rows[/{key}[/history|/blame]]``, split on the raw path."""
     parts = path_segments(request)[4:]
     if len(parts) >= 2 and parts[1] == "rows" and parts[0]:
-        table = check_text(parts[0], "table")
+        table = check_text(parts[0], "table", MAX_TABLE_CHARS)
         rest = parts[2:]
         if not rest:
             return await table_rows(request, ctx, table)
@@ -683,6 +694,7 @@ async def tables_dispatch(request: Request, ctx: WebContext) -> Any:
 
 
 async def table_rows(request: Request, ctx: WebContext, table: str) -> dict[str, Any]:
+    allow_params(request, "version", "at", "after", "limit")
     version, when = _version_args(request)
     after_text = query_text(request, "after", MAX_AFTER_CHARS)
     after = parse_key(after_text, "after", MAX_AFTER_CHARS) if after_text is not None else None
@@ -710,6 +722,7 @@ async def table_rows(request: Request, ctx: WebContext, table: str) -> dict[str,
 
 
 async def row_at(request: Request, ctx: WebContext, table: str, key_text: str) -> dict[str, Any]:
+    allow_params(request, "version", "at")
     version, when = _version_args(request)
 
     def work(store: Store) -> dict[str, Any]:
@@ -725,6 +738,7 @@ async def row_at(request: Request, ctx: WebContext, table: str, key_text: str) -
 
 
 async def row_history(request: Request, ctx: WebContext, table: str, key_text: str) -> dict[str, Any]:
+    allow_params(request, "since", "until", "committed_only")
     since_text, until_text = query_text(request, "since", 64), query_text(request, "until", 64)
     since = parse_when(since_text, "since") if since_text is not None else None
     until = parse_when(until_text, "until", end=True) if until_text is not None else None
@@ -746,6 +760,8 @@ async def row_history(request: Request, ctx: WebContext, table: str, key_text: s
 
 
 async def row_blame(request: Request, ctx: WebContext, table: str, key_text: str) -> dict[str, Any]:
+    allow_params(request)
+
     def work(store: Store) -> dict[str, Any]:
         info = store.table(table)
         stored = store.stored_key(info, parse_key(key_text))
@@ -756,6 +772,9 @@ async def row_blame(request: Request, ctx: WebContext, table: str, key_text: str
         }
 
     return await ctx.run(work)
+
+
+LOG_PARAMS = ("table", "key", "request", "actor", "since", "until", "status", "op", "cursor", "limit")
 
 
 @dataclass(frozen=True)
@@ -781,18 +800,18 @@ class LogFilters:
         if status is not None and status not in STATUSES:
             raise UsageError(f"invalid status {status!r}: expected one of {', '.join(STATUSES)}")
         op = query_text(request, "op", 32)
-        if op is not None and op.upper() not in OPS:
+        if op is not None and op not in OPS:
             raise UsageError(f"invalid op {op!r}: expected one of {', '.join(OPS)}")
         cursor_text = query_text(request, "cursor", MAX_CURSOR_CHARS)
         filters = cls(
-            table=query_text(request, "table"),
+            table=query_text(request, "table", MAX_TABLE_CHARS),
             key=parse_key(key_text) if key_text is not None else None,
             request_id=query_text(request, "request"),
             actor=query_text(request, "actor"),
             since=parse_when(since_text, "since") if since_text is not None else None,
             until=parse_when(until_text, "until", end=True) if until_text is not None else None,
             status=status,
-            op=op.upper() if op is not None else None,
+            op=op,
             cursor=parse_cursor(cursor_text) if cursor_text is not None else None,
             limit=parse_limit(request.query_params.get("limit"), default_limit),
         )
@@ -818,6 +837,7 @@ class LogFilters:
 
 
 async def mutations(request: Request, ctx: WebContext) -> dict[str, Any]:
+    allow_params(request, *LOG_PARAMS)
     filters = LogFilters.from_request(request)
 
     def work(store: Store) -> dict[str, Any]:
@@ -834,6 +854,7 @@ async def request_record(request: Request, ctx: WebContext) -> dict[str, Any]:
     parts = path_segments(request)[4:]
     if len(parts) != 1 or not parts[0]:
         raise NotFoundError("no such endpoint: expected /api/v1/requests/{request_id}")
+    allow_params(request, "limit", "cursor")
     request_id = check_text(parts[0], "request id")
     limit = parse_limit(request.query_params.get("limit"), MAX_LIMIT)
     cursor_text = query_text(request, "cursor", MAX_CURSOR_CHARS)
@@ -1241,16 +1262,8 @@ def _text(
     return schema
 
 
-_IDENTIFIER = "[A-Za-z_][A-Za-z0-9_$]{0,62}"
-TABLE_PATTERN = f"^(?:{_IDENTIFIER}\\.)?{_IDENTIFIER}$"
-VERSION_PATTERN = "^(?:[0-9]{1,19}|[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8})$"
-TIME_PATTERN = (
-    "^(?:now|[0-9]{1,5}(?:ms|s|m|h|d|w)"
-    "|[1-9][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
-    "(?:T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\\.[0-9]{1,6})?)?"
-    "(?:Z|[+-](?:0[0-9]|1[0-3]):[0-5][0-9])?)?)$"
-)
-CURSOR_PATTERN = "^[0-9]{1,18}-[0-9]{1,9}$"
+VERSION_PATTERN = "^(?:[0-9]{1,19}|[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8})?$"
+CURSOR_PATTERN = "^(?:[0-9]{1,18}-[0-9]{1,9})?$"
 _TIME_TEXT = (
     "ISO 8601 (`2026-03-10`, `2026-03-10T14:00:00Z`; without an offset: UTC), `now`, "
     "or a duration ago (`30m`, `24h`, `7d`)"
@@ -1259,7 +1272,7 @@ _TIME_TEXT = (
 _P_TABLE = _param(
     "table",
     "path",
-    _text(127, 1, TABLE_PATTERN),
+    _text(MAX_TABLE_CHARS, 1),
     '`name` (schema public) or `schema.name`; double-quote other identifiers (`"My Table"`, URL-encoded)',
     "users",
 )
@@ -1274,20 +1287,18 @@ _P_KEY = _param(
 _P_VERSION = _param(
     "version",
     "query",
-    _text(64, 1, VERSION_PATTERN),
+    _text(64, 0, VERSION_PATTERN),
     "A version: an integer LSN or `X/Y` (default: the current version)",
     "1/300",
 )
-_P_AT = _param("at", "query", _text(64, 1, TIME_PATTERN), f"Read at this time instead: {_TIME_TEXT}")
-_P_SINCE = _param("since", "query", _text(64, 1, TIME_PATTERN), f"Committed at or after: {_TIME_TEXT}")
-_P_UNTIL = _param(
-    "until", "query", _text(64, 1, TIME_PATTERN), f"Committed before (a date alone: its end): {_TIME_TEXT}"
-)
+_P_AT = _param("at", "query", _text(64), f"Read at this time instead: {_TIME_TEXT}")
+_P_SINCE = _param("since", "query", _text(64), f"Committed at or after: {_TIME_TEXT}")
+_P_UNTIL = _param("until", "query", _text(64), f"Committed before (a date alone: its end): {_TIME_TEXT}")
 _P_LIMIT = _param(
     "limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "Page size (default 100)"
 )
 _P_CURSOR = _param(
-    "cursor", "query", _text(MAX_CURSOR_CHARS, 1, CURSOR_PATTERN), "The `next` value of the previous page"
+    "cursor", "query", _text(MAX_CURSOR_CHARS, 0, CURSOR_PATTERN), "The `next` value of the previous page"
 )
 
 _ERROR_TEXTS = {
@@ -1335,7 +1346,7 @@ def _health(ok: str, not_ok: str) -> dict[str, Any]:
 
 def openapi_document(*, secured: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the API (every endpoint, parameter and response)."""
-    auth = (401,) if secured else ()
+    auth = (401,) if secured else ()  # optional query parameters: empty means absent (HTML forms)
     plain = (400, *auth, 503)
     errors = (400, *auth, 404, 503)
     versioned = (400, *auth, 404, 409, 503)
@@ -1345,7 +1356,7 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
         ),
         "/api/v1/versions": _get(
             "Versions",
-            [_param("at", "query", _text(64, 1, TIME_PATTERN), f"Also resolve the version at: {_TIME_TEXT}")],
+            [_param("at", "query", _text(64), f"Also resolve the version at: {_TIME_TEXT}")],
             _responses("Versions", "The readable range of versions", *plain),
         ),
         "/api/v1/tables/{table}/rows": _get(
@@ -1354,7 +1365,7 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
                 _P_TABLE,
                 _P_VERSION,
                 _P_AT,
-                _param("after", "query", _text(MAX_AFTER_CHARS, 1), "The `next` value of the previous page"),
+                _param("after", "query", _text(MAX_AFTER_CHARS), "The `next` value of the previous page"),
                 _P_LIMIT,
             ],
             _responses("TablePage", "One page of the table's rows in key order", *versioned),
@@ -1383,18 +1394,20 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
         "/api/v1/mutations": _get(
             "Mutation log",
             [
-                _param("table", "query", _text(127, 1, TABLE_PATTERN), "Only this table", "users"),
-                _param("key", "query", _text(MAX_KEY_CHARS, 1), "Only this row (needs `table`)", "42"),
                 _param(
-                    "request", "query", _text(MAX_TEXT_CHARS, 1), "Only this request (id or unique prefix)"
+                    "table",
+                    "query",
+                    _text(MAX_TABLE_CHARS),
+                    "Only this table",
+                    "users",
                 ),
-                _param(
-                    "actor", "query", _text(MAX_TEXT_CHARS, 1), "Only mutations whose context's actor is this"
-                ),
+                _param("key", "query", _text(MAX_KEY_CHARS), "Only this row (needs `table`)", "42"),
+                _param("request", "query", _text(), "Only this request (id or unique prefix)"),
+                _param("actor", "query", _text(), "Only mutations whose context's actor is this"),
                 _P_SINCE,
                 _P_UNTIL,
-                _param("status", "query", {"type": "string", "enum": list(STATUSES)}, "Only this outcome"),
-                _param("op", "query", {"type": "string", "enum": list(OPS)}, "Only this operation"),
+                _param("status", "query", {"type": "string", "enum": ["", *STATUSES]}, "Only this outcome"),
+                _param("op", "query", {"type": "string", "enum": ["", *OPS]}, "Only this operation"),
                 _P_CURSOR,
                 _P_LIMIT,
             ],
@@ -1422,989 +1435,6 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
         ),
         "/healthz": _get("Liveness", [], _health("Healthy", "Unhealthy"), open_=True),
         "/readyz": _get("Readiness", [], _health("Ready", "Not ready"), open_=True),
-        "/metrics": _get(
-            "Prometheus metrics",
-            [],
-            {
-                "200": {
-                    "description": "Metrics in the Prometheus text format",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
-            },
-            open_=True,
-        ),
-    }
-    document: dict[str, Any] = {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "cdc history API",
-            "version": "1",
-            "description": (
-                "Row history of a PostgreSQL database captured by cdc: what changed a row, when, and "
-                "which request did it. Times are UTC; values are the server's text output (integers "
-                "and booleans as JSON). /healthz, /readyz and /metrics need no token."
-            ),
-        },
-        "paths": paths,
-        "components": {"schemas": _SCHEMAS},
-    }
-    if secured:
-        document["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
-        document["security"] = [{"bearerAuth": []}]
-    return document
-
-
-# ============================================================================ the app's context
-
-
-@dataclass
-class WebContext:
-    """What every endpoint needs; kept on ``app.state.cdc``."""
-
-    pool: StorePool
-    token: str | None
-    registry: CollectorRegistry
-    health: Callable[[], Mapping[str, Any]] | None
-    ready: Callable[[], bool] | None
-    requests_total: Counter | None = None
-    request_seconds: Histogram | None = None
-    unauthorized_page: Callable[[Request, str | None, int], Response] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def cookie_value(self) -> str | None:
-        """The session cookie: an HMAC of the token (the cookie never holds the token itself)."""
-        if self.token is None:
-            return None
-        return hmac.new(self.token.encode("utf-8"), b"cdc-web-session-v1", hashlib.sha256).hexdigest()
-
-    async def run(self, work: Callable[[Store], T]) -> T:
-        """``work(store)`` in a worker thread with a pooled store."""
-        return await run_in_threadpool(self.pool.call, work)
-
-    def token_ok(self, given: str | None) -> bool:
-        if self.token is None:
-            return True
-        if given is None:
-            return False
-        return hmac.compare_digest(given.encode("utf-8"), self.token.encode("utf-8"))
-
-    def authorized(self, headers: Headers, *, allow_cookie: bool) -> bool:
-        if self.token is None:
-            return True
-        scheme, _, credentials = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and self.token_ok(credentials.strip()):
-            return True
-        if allow_cookie:
-            cookie = _cookie(headers, COOKIE_NAME)
-            expected = self.cookie_value
-            if cookie is not None and expected is not None:
-                return hmac.compare_digest(cookie.encode("utf-8"), expected.encode("utf-8"))
-        return False
-
-
-def _cookie(headers: Headers, name: str) -> str | None:
-    for header in headers.getlist("cookie"):
-        for part in header.split(";"):
-            key, sep, value = part.strip().partition("=")
-            if sep and key == name:
-                return value.strip()
-    return None
-
-
-def context_of(request: Request) -> WebContext:
-    ctx = request.app.state.cdc
-    assert isinstance(ctx, WebContext)
-    return ctx
-
-
-# ============================================================================ middleware
-
-_ROUTES = (
-    (re.compile(r"/api/v1/tables/[^/]+/rows/.+/history"), "api_row_history"),
-    (re.compile(r"/api/v1/tables/[^/]+/rows/.+/blame"), "api_row_blame"),
-    (re.compile(r"/api/v1/tables/[^/]+/rows/.+"), "api_row"),
-    (re.compile(r"/api/v1/tables/[^/]+/rows"), "api_table_rows"),
-    (re.compile(r"/api/v1/tables"), "api_tables"),
-    (re.compile(r"/api/v1/versions"), "api_versions"),
-    (re.compile(r"/api/v1/mutations"), "api_mutations"),
-    (re.compile(r"/api/v1/requests/.+"), "api_request"),
-    (re.compile(r"/api/.*"), "api_other"),
-    (re.compile(r"/"), "page_log"),
-    (re.compile(r"/tables/.+"), "page_row"),
-    (re.compile(r"/requests/.+"), "page_request"),
-    (re.compile(r"/static/.*"), "static"),
-    (re.compile(r"/(healthz|readyz|metrics|login|logout)"), ""),
-    (re.compile(r"/openapi\.json"), "openapi"),
-)
-
-
-def route_label(path: str) -> str:
-    """A bounded label for metrics and logs (never the path itself: it may hold a row key)."""
-    for pattern, label in _ROUTES:
-        if pattern.fullmatch(path):
-            return label or path.strip("/")
-    return "other"
-
-
-class AccessMiddleware:
-    """Token check, security headers, request metrics and an access log without paths or tokens."""
-
-    def __init__(self, app: ASGIApp, ctx: WebContext) -> None:
-        self.app = app
-        self.ctx = ctx
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        path = str(scope.get("path", "/"))
-        root = str(scope.get("root_path") or "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        route = route_label(path)
-        is_api = path.startswith("/api/")
-        status_holder = [500]
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_holder[0] = int(message["status"])
-                headers = MutableHeaders(scope=message)
-                for name, value in _COMMON_HEADERS.items():
-                    headers.setdefault(name, value)
-                content_type = headers.get("content-type", "")
-                if content_type.startswith("text/html"):
-                    headers.setdefault("Content-Security-Policy", _PAGE_CSP)
-                if is_api or content_type.startswith("text/html"):
-                    headers.setdefault("Cache-Control", "no-store")
-            await send(message)
-
-        try:
-            open_path = path in _OPEN_PATHS or path.startswith("/static/")
-            if self.ctx.token is not None and not open_path:
-                headers = Headers(scope=scope)
-                if not self.ctx.authorized(headers, allow_cookie=not is_api):
-                    response = self._unauthorized(scope, is_api, headers)
-                    await response(scope, receive, send_with_headers)
-                    return
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            elapsed = time.perf_counter() - started
-            method = str(scope.get("method", "GET"))
-            if self.ctx.requests_total is not None:
-                self.ctx.requests_total.labels(route=route, method=method, status=str(status_holder[0])).inc()
-            if self.ctx.request_seconds is not None:
-                self.ctx.request_seconds.labels(route=route).observe(elapsed)
-            log.info(
-                "http_request",
-                method=method,
-                route=route,
-                status=status_holder[0],
-                ms=round(elapsed * 1000, 1),
-            )
-
-    def _unauthorized(self, scope: Scope, is_api: bool, headers: Headers) -> Response:
-        given = "authorization" in headers or _cookie(headers, COOKIE_NAME) is not None
-        if is_api or self.ctx.unauthorized_page is None:
-            message = "invalid token" if given else "missing token: send Authorization: Bearer <token>"
-            return JsonResponse(
-                error_body("unauthorized", message),
-                status_code=401,
-                headers={"WWW-Authenticate": 'Bearer realm="cdc"'},
-            )
-        return self.ctx.unauthorized_page(Request(scope), "invalid token" if given else None, 401)
-
-
-# ============================================================================ API endpoints
-
-ApiHandler = Callable[[Request, WebContext], Awaitable[Any]]
-
-
-def api(route: str, handler: ApiHandler) -> Callable[[Request], Awaitable[Response]]:
-    """The error boundary of one API endpoint: CdcError → its status, anything else → a logged 500."""
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            result = await handler(request, context_of(request))
-        except Exception as exc:  # noqa: BLE001 - the API boundary: never a traceback to the client
-            return api_error_response(exc, route)
-        if isinstance(result, Response):
-            return result
-        return JsonResponse(result)
-
-    endpoint.__name__ = route
-    return endpoint
-
-
-def _version_json(version: int | None) -> dict[str, Any]:
-    return {"version": version, "version_lsn": format_lsn(version) if version is not None else None}
-
-
-async def list_tables(request: Request, ctx: WebContext) -> dict[str, Any]:
-    def work(store: Store) -> dict[str, Any]:
-        tables = []
-        for name in store.known_tables():
-            info = store.table(name)
-            tables.append(
-                {
-                    "name": info.name,
-                    "key_columns": list(info.key_columns),
-                    "columns": list(info.columns),
-                    "keyless": info.keyless,
-                }
-            )
-        return {"tables": tables}
-
-    return await ctx.run(work)
-
-
-async def versions(request: Request, ctx: WebContext) -> dict[str, Any]:
-    at_text = query_text(request, "at", 64)
-    when = parse_when(at_text, "at") if at_text is not None else None
-
-    def work(store: Store) -> dict[str, Any]:
-        found = store.versions()
-        data = found.to_json()
-        data["floor"] = found.earliest
-        data["floor_lsn"] = data["earliest_lsn"]
-        if when is not None:
-            version = store.version_at_timestamp(when)
-            data["at"] = when.isoformat()
-            data["version_at"] = version
-            data["version_at_lsn"] = format_lsn(version) if version is not None else None
-        return data
-
-    return await ctx.run(work)
-
-
-def _version_args(request: Request) -> tuple[int | None, datetime | None]:
-    version_text = query_text(request, "version", 64)
-    at_text = query_text(request, "at", 64)
-    if version_text is not None and at_text is not None:
-        raise UsageError("give at most one of version or at")
-    version = parse_version(version_text) if version_text is not None else None
-    when = parse_when(at_text, "at") if at_text is not None else None
-    return version, when
-
-
-async def tables_dispatch(request: Request, ctx: WebContext) -> Any:
-    """``/api/v1/tables/{table}/rows[/{key}[/history|/blame]]``, split on the raw path."""
-    parts = path_segments(request)[4:]
-    if len(parts) >= 2 and parts[1] == "rows" and parts[0]:
-        table = check_text(parts[0], "table")
-        rest = parts[2:]
-        if not rest:
-            return await table_rows(request, ctx, table)
-        key = check_text(rest[0], "key", MAX_KEY_CHARS)  # parsed once the table is known
-        if len(rest) == 1:
-            return await row_at(request, ctx, table, key)
-        if len(rest) == 2 and rest[1] == "history":
-            return await row_history(request, ctx, table, key)
-        if len(rest) == 2 and rest[1] == "blame":
-            return await row_blame(request, ctx, table, key)
-    raise NotFoundError("no such endpoint: expected /api/v1/tables/{table}/rows[/{key}[/history|/blame]]")
-
-
-async def table_rows(request: Request, ctx: WebContext, table: str) -> dict[str, Any]:
-    version, when = _version_args(request)
-    after_text = query_text(request, "after", MAX_AFTER_CHARS)
-    after = parse_key(after_text, "after", MAX_AFTER_CHARS) if after_text is not None else None
-    limit = parse_limit(request.query_params.get("limit"))
-
-    def work(store: Store) -> dict[str, Any]:
-        info = store.table(table)
-        resolved, exact = resolve_version(store, version, when)
-        rows: list[dict[str, Any]] = []
-        next_after: str | None = None
-        if exact and resolved is not None:
-            page = store.table_at(info.name, resolved, after_key=after, limit=limit)
-            rows = page.rows
-            if page.next_after is not None:
-                next_after = json.dumps(page.next_after, ensure_ascii=False, separators=(",", ":"))
-        return {
-            "table": info.name,
-            **_version_json(resolved),
-            "exact": exact,
-            "rows": rows,
-            "next": next_after,
-        }
-
-    return await ctx.run(work)
-
-
-async def row_at(request: Request, ctx: WebContext, table: str, key_text: str) -> dict[str, Any]:
-    version, when = _version_args(request)
-
-    def work(store: Store) -> dict[str, Any]:
-        info = store.table(table)
-        stored = store.stored_key(info, parse_key(key_text))
-        resolved, exact = resolve_version(store, version, when)
-        row = store.row_at(info.name, stored, resolved) if exact and resolved is not None else None
-        if row is None and not store.has_history(info.name, stored):
-            raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
-        return {"table": info.name, "key": stored, **_version_json(resolved), "exact": exact, "row": row}
-
-    return await ctx.run(work)
-
-
-async def row_history(request: Request, ctx: WebContext, table: str, key_text: str) -> dict[str, Any]:
-    since_text, until_text = query_text(request, "since", 64), query_text(request, "until", 64)
-    since = parse_when(since_text, "since") if since_text is not None else None
-    until = parse_when(until_text, "until", end=True) if until_text is not None else None
-    committed_only = parse_bool(request.query_params.get("committed_only"), "committed_only")
-
-    def work(store: Store) -> dict[str, Any]:
-        info = store.table(table)
-        stored = store.stored_key(info, parse_key(key_text))
-        found = store.row_history(
-            info.name, stored, since=since, until=until, include_rolled_back=not committed_only
-        )
-        return {
-            "table": info.name,
-            "key": stored,
-            "mutations": [mutation_record(m, utc=True) for m in found],
-        }
-
-    return await ctx.run(work)
-
-
-async def row_blame(request: Request, ctx: WebContext, table: str, key_text: str) -> dict[str, Any]:
-    def work(store: Store) -> dict[str, Any]:
-        info = store.table(table)
-        stored = store.stored_key(info, parse_key(key_text))
-        return {
-            "table": info.name,
-            "key": stored,
-            "columns": [e.to_json() for e in store.blame(info.name, stored)],
-        }
-
-    return await ctx.run(work)
-
-
-@dataclass(frozen=True)
-class LogFilters:
-    """The mutation log's filters, as parsed from a query string (shared with the page)."""
-
-    table: str | None = None
-    key: Key | None = None
-    request_id: str | None = None
-    actor: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    status: str | None = None
-    op: str | None = None
-    cursor: tuple[int, int] | None = None
-    limit: int = DEFAULT_LIMIT
-
-    @classmethod
-    def from_request(cls, request: Request, default_limit: int = DEFAULT_LIMIT) -> LogFilters:
-        key_text = query_text(request, "key", MAX_KEY_CHARS)
-        since_text, until_text = query_text(request, "since", 64), query_text(request, "until", 64)
-        status = query_text(request, "status", 32)
-        if status is not None and status not in STATUSES:
-            raise UsageError(f"invalid status {status!r}: expected one of {', '.join(STATUSES)}")
-        op = query_text(request, "op", 32)
-        if op is not None and op.upper() not in OPS:
-            raise UsageError(f"invalid op {op!r}: expected one of {', '.join(OPS)}")
-        cursor_text = query_text(request, "cursor", MAX_CURSOR_CHARS)
-        filters = cls(
-            table=query_text(request, "table"),
-            key=parse_key(key_text) if key_text is not None else None,
-            request_id=query_text(request, "request"),
-            actor=query_text(request, "actor"),
-            since=parse_when(since_text, "since") if since_text is not None else None,
-            until=parse_when(until_text, "until", end=True) if until_text is not None else None,
-            status=status,
-            op=op.upper() if op is not None else None,
-            cursor=parse_cursor(cursor_text) if cursor_text is not None else None,
-            limit=parse_limit(request.query_params.get("limit"), default_limit),
-        )
-        if filters.key is not None and filters.table is None:
-            raise UsageError("a key filter needs a table")
-        return filters
-
-    def page(self, store: Store) -> tuple[list[Any], tuple[int, int] | None]:
-        request_id = store.resolve_request(self.request_id) if self.request_id is not None else None
-        found = store.mutation_log(
-            table=self.table,
-            key=self.key,
-            request_id=request_id,
-            actor=self.actor,
-            since=self.since,
-            until=self.until,
-            status=self.status,
-            op=self.op,
-            before=self.cursor,
-            limit=self.limit,
-        )
-        return found.mutations, found.next_cursor
-
-
-async def mutations(request: Request, ctx: WebContext) -> dict[str, Any]:
-    filters = LogFilters.from_request(request)
-
-    def work(store: Store) -> dict[str, Any]:
-        found, next_cursor = filters.page(store)
-        return {
-            "mutations": [mutation_record(m, utc=True) for m in found],
-            "next": format_cursor(next_cursor),
-        }
-
-    return await ctx.run(work)
-
-
-async def request_record(request: Request, ctx: WebContext) -> dict[str, Any]:
-    parts = path_segments(request)[4:]
-    if len(parts) != 1 or not parts[0]:
-        raise NotFoundError("no such endpoint: expected /api/v1/requests/{request_id}")
-    request_id = check_text(parts[0], "request id")
-    limit = parse_limit(request.query_params.get("limit"), MAX_LIMIT)
-    cursor_text = query_text(request, "cursor", MAX_CURSOR_CHARS)
-    cursor = parse_cursor(cursor_text) if cursor_text is not None else None
-
-    def work(store: Store) -> dict[str, Any]:
-        record = store.request(request_id, mutation_limit=0 if cursor is not None else limit)
-        found = record.mutations
-        if cursor is not None:
-            found = store.request_mutations(record.request_id, limit=limit, after=cursor)
-        data = record.to_json()
-        data["mutations"] = [mutation_record(m, utc=True) for m in found]
-        data["next"] = format_cursor(found[-1].cursor) if len(found) == limit else None
-        return data
-
-    return await ctx.run(work)
-
-
-# ============================================================================ health, metrics, schema
-
-
-async def healthz(request: Request) -> Response:
-    """200 while the main loop's heartbeat is recent (``health()["ok"]``), else 503."""
-    ctx = context_of(request)
-    if ctx.health is not None:
-        health = ctx.health
-        try:
-            info = dict(await run_in_threadpool(health))
-        except Exception as exc:  # noqa: BLE001 - a broken health callable means unhealthy
-            log_unexpected(exc, "healthz")
-            return JsonResponse({"status": "unhealthy", "ok": False}, status_code=503)
-        ok = bool(info.get("ok"))
-        return JsonResponse(
-            {**info, "status": "ok" if ok else "unhealthy", "ok": ok}, status_code=200 if ok else 503
-        )
-    return await _store_probe(ctx, "healthz")
-
-
-async def readyz(request: Request) -> Response:
-    """200 when ready (``ready()``, else the history store answers), else 503."""
-    ctx = context_of(request)
-    if ctx.ready is not None:
-        ready = ctx.ready
-        try:
-            ok = bool(await run_in_threadpool(ready))
-        except Exception as exc:  # noqa: BLE001 - a broken ready callable means not ready
-            log_unexpected(exc, "readyz")
-            ok = False
-        return JsonResponse({"status": "ok" if ok else "not_ready", "ok": ok}, status_code=200 if ok else 503)
-    return await _store_probe(ctx, "readyz")
-
-
-async def _store_probe(ctx: WebContext, route: str) -> Response:
-    try:
-        await ctx.run(lambda store: store.current_version())
-    except Exception as exc:  # noqa: BLE001 - unreachable, not set up, anything: not OK
-        if isinstance(exc, CdcError):
-            log.warning("history_store_unavailable", route=route, error=exc.message)
-        else:
-            log_unexpected(exc, route)
-        return JsonResponse({"status": "unavailable", "ok": False, "store": "unreachable"}, status_code=503)
-    return JsonResponse({"status": "ok", "ok": True, "store": "reachable"})
-
-
-async def metrics(request: Request) -> Response:
-    registry = context_of(request).registry
-    body = await run_in_threadpool(generate_latest, registry)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-
-async def openapi(request: Request) -> Response:
-    ctx = context_of(request)
-    document = ctx.extra.get("openapi")
-    if document is None:
-        document = ctx.extra["openapi"] = openapi_document(secured=ctx.token is not None)
-    return JsonResponse(document)
-
-
-async def http_exception(request: Request, exc: Exception) -> Response:
-    """Unknown paths and methods: JSON under /api/, a page elsewhere."""
-    assert isinstance(exc, HTTPException)
-    headers = dict(exc.headers or {})
-    if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JsonResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
-    ctx = context_of(request)
-    page = ctx.extra.get("error_page")
-    if page is None:
-        return Response(str(exc.detail), status_code=exc.status_code, headers=headers)
-    response: Response = page(request, exc.status_code, str(exc.detail))
-    response.headers.update(headers)
-    return response
-
-
-# ============================================================================ OpenAPI
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    kind = schema.get("type")
-    if isinstance(kind, str):
-        return {**schema, "type": [kind, "null"]}
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-_STRING = {"type": "string"}
-_INT = {"type": "integer"}
-_TIME = {"type": "string", "format": "date-time"}
-_OBJECT = {"type": "object"}
-
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {
-                        "type": "string",
-                        "enum": [
-                            "bad_request",
-                            "not_found",
-                            "unauthorized",
-                            "store_unavailable",
-                            "internal",
-                            "method_not_allowed",
-                            "version_ahead",
-                            "http_error",
-                        ],
-                    },
-                    "message": _STRING,
-                    "hint": _STRING,
-                    "id": _STRING,
-                },
-            }
-        },
-    },
-    "Row": {
-        "type": "object",
-        "description": "A row image: column → value (the server's text output; "
-        "integers and booleans as JSON). Absent columns did not exist at that version.",
-    },
-    "Mutation": {
-        "type": "object",
-        "required": [
-            "version",
-            "version_lsn",
-            "lsn",
-            "lsn_text",
-            "xid",
-            "committed_at",
-            "table",
-            "key",
-            "op",
-            "before",
-            "after",
-            "changed",
-            "request_id",
-            "context",
-            "status",
-        ],
-        "properties": {
-            "version": {**_nullable(_INT), "description": "End LSN of the transaction; null: rolled back"},
-            "version_lsn": _nullable(_STRING),
-            "lsn": _INT,
-            "lsn_text": _STRING,
-            "xid": _INT,
-            "committed_at": _TIME,
-            "table": _STRING,
-            "key": _nullable(_OBJECT),
-            "op": {"type": "string", "enum": list(OPS)},
-            "before": _nullable(_OBJECT),
-            "after": _nullable(_OBJECT),
-            "changed": {"type": "array", "items": _STRING},
-            "request_id": _nullable(_STRING),
-            "context": _nullable(_OBJECT),
-            "status": {"type": "string", "enum": list(STATUSES)},
-        },
-    },
-    "Table": {
-        "type": "object",
-        "required": ["name", "key_columns", "columns", "keyless"],
-        "properties": {
-            "name": _STRING,
-            "key_columns": {"type": "array", "items": _STRING},
-            "columns": {"type": "array", "items": _STRING},
-            "keyless": {"type": "boolean"},
-        },
-    },
-    "TableList": {
-        "type": "object",
-        "required": ["tables"],
-        "properties": {"tables": {"type": "array", "items": _ref("Table")}},
-    },
-    "Versions": {
-        "type": "object",
-        "required": [
-            "earliest",
-            "earliest_lsn",
-            "earliest_at",
-            "current",
-            "current_lsn",
-            "current_at",
-            "floor",
-            "floor_lsn",
-        ],
-        "properties": {
-            "earliest": _nullable(_INT),
-            "earliest_lsn": _nullable(_STRING),
-            "earliest_at": _nullable(_TIME),
-            "current": _nullable(_INT),
-            "current_lsn": _nullable(_STRING),
-            "current_at": _nullable(_TIME),
-            "floor": _nullable(_INT),
-            "floor_lsn": _nullable(_STRING),
-            "at": _TIME,
-            "version_at": _nullable(_INT),
-            "version_at_lsn": _nullable(_STRING),
-        },
-    },
-    "RowAt": {
-        "type": "object",
-        "required": ["table", "key", "version", "version_lsn", "exact", "row"],
-        "properties": {
-            "table": _STRING,
-            "key": _OBJECT,
-            "version": _nullable(_INT),
-            "version_lsn": _nullable(_STRING),
-            "exact": {"type": "boolean", "description": "false below the history floor: nothing is read"},
-            "row": _nullable(_OBJECT),
-        },
-    },
-    "TablePage": {
-        "type": "object",
-        "required": ["table", "version", "version_lsn", "exact", "rows", "next"],
-        "properties": {
-            "table": _STRING,
-            "version": _nullable(_INT),
-            "version_lsn": _nullable(_STRING),
-            "exact": {"type": "boolean"},
-            "rows": {"type": "array", "items": _ref("Row")},
-            "next": {**_nullable(_STRING), "description": "pass as `after` for the next page"},
-        },
-    },
-    "RowHistory": {
-        "type": "object",
-        "required": ["table", "key", "mutations"],
-        "properties": {
-            "table": _STRING,
-            "key": _OBJECT,
-            "mutations": {"type": "array", "items": _ref("Mutation")},
-        },
-    },
-    "BlameEntry": {
-        "type": "object",
-        "required": [
-            "column",
-            "value",
-            "request_id",
-            "committed_at",
-            "version",
-            "op",
-            "rolled_back",
-            "rolled_back_request_id",
-            "rolled_back_at",
-        ],
-        "properties": {
-            "column": _STRING,
-            "value": {},
-            "request_id": _nullable(_STRING),
-            "committed_at": _nullable(_TIME),
-            "version": _nullable(_INT),
-            "op": _nullable(_STRING),
-            "rolled_back": {"type": "boolean"},
-            "rolled_back_request_id": _nullable(_STRING),
-            "rolled_back_at": _nullable(_TIME),
-        },
-    },
-    "Blame": {
-        "type": "object",
-        "required": ["table", "key", "columns"],
-        "properties": {
-            "table": _STRING,
-            "key": _OBJECT,
-            "columns": {"type": "array", "items": _ref("BlameEntry")},
-        },
-    },
-    "MutationPage": {
-        "type": "object",
-        "required": ["mutations", "next"],
-        "properties": {
-            "mutations": {"type": "array", "items": _ref("Mutation")},
-            "next": {**_nullable(_STRING), "description": "pass as `cursor` for the next (older) page"},
-        },
-    },
-    "Transaction": {
-        "type": "object",
-        "required": [
-            "position",
-            "position_lsn",
-            "xid",
-            "version",
-            "commit_lsn",
-            "status",
-            "committed_at",
-            "origin",
-            "mutation_count",
-        ],
-        "properties": {
-            "position": _INT,
-            "position_lsn": _STRING,
-            "xid": _INT,
-            "version": _nullable(_INT),
-            "commit_lsn": _nullable(_INT),
-            "status": {"type": "string", "enum": list(STATUSES)},
-            "committed_at": _TIME,
-            "origin": _nullable(_STRING),
-            "mutation_count": _INT,
-        },
-    },
-    "Request": {
-        "type": "object",
-        "required": [
-            "request_id",
-            "actor",
-            "outcome",
-            "context",
-            "first_seen_at",
-            "last_seen_at",
-            "committed_count",
-            "rolled_back_count",
-            "error",
-            "transactions",
-            "mutation_count",
-            "mutations",
-            "next",
-        ],
-        "properties": {
-            "request_id": _STRING,
-            "actor": _nullable(_STRING),
-            "outcome": {
-                "type": "string",
-                "enum": ["committed", "rolled_back", "partly_rolled_back", "unknown"],
-            },
-            "context": _nullable(_OBJECT),
-            "first_seen_at": _nullable(_TIME),
-            "last_seen_at": _nullable(_TIME),
-            "committed_count": _INT,
-            "rolled_back_count": _INT,
-            "error": _nullable(
-                {
-                    "type": "object",
-                    "required": ["type", "message", "location", "at"],
-                    "properties": {
-                        "type": _nullable(_STRING),
-                        "message": _nullable(_STRING),
-                        "location": _nullable(_STRING),
-                        "at": _nullable(_TIME),
-                    },
-                }
-            ),
-            "transactions": {"type": "array", "items": _ref("Transaction")},
-            "mutation_count": _INT,
-            "mutations": {"type": "array", "items": _ref("Mutation")},
-            "next": {
-                **_nullable(_STRING),
-                "description": "pass as `cursor` for the request's next mutations",
-            },
-        },
-    },
-    "Health": {
-        "type": "object",
-        "required": ["status", "ok"],
-        "properties": {"status": _STRING, "ok": {"type": "boolean"}},
-    },
-}
-
-
-def _param(name: str, where: str, schema: dict[str, Any], description: str, required: bool = False) -> Any:
-    return {
-        "name": name,
-        "in": where,
-        "required": required or where == "path",
-        "schema": schema,
-        "description": description,
-    }
-
-
-def _text(max_length: int = MAX_TEXT_CHARS, min_length: int = 0) -> dict[str, Any]:
-    return {"type": "string", "minLength": min_length, "maxLength": max_length}
-
-
-_P_TABLE = _param("table", "path", _text(min_length=1), "`name` (schema public) or `schema.name`")
-_P_KEY = _param(
-    "key",
-    "path",
-    _text(MAX_KEY_CHARS, 1),
-    'The row\'s key: a scalar (`42`, `abc`) or a JSON object for a composite key (`{"a":1,"b":"x"}`), '
-    "URL-encoded",
-)
-_P_VERSION = _param("version", "query", _text(64), "A version: integer LSN or `X/Y` (default: current)")
-_P_AT = _param("at", "query", _text(64), "A time (ISO 8601, naive = UTC; `now`; or a duration ago: `24h`)")
-_P_SINCE = _param("since", "query", _text(64), "Only mutations committed at or after this time")
-_P_UNTIL = _param("until", "query", _text(64), "Only mutations committed before this time")
-_P_LIMIT = _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "Page size")
-_P_CURSOR = _param("cursor", "query", _text(MAX_CURSOR_CHARS), "The `next` value of the previous page")
-
-
-def _responses(schema: str, description: str, *statuses: int) -> dict[str, Any]:
-    texts = {
-        400: "Bad argument",
-        401: "Missing or invalid token",
-        404: "Unknown table, row, request or path",
-        503: "History store unreachable or not set up",
-    }
-    out: dict[str, Any] = {
-        "200": {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
-    }
-    for status in statuses:
-        out[str(status)] = {
-            "description": texts[status],
-            "content": {"application/json": {"schema": _ref("Error")}},
-        }
-    return out
-
-
-def _get(
-    summary: str, params: list[Any], responses: dict[str, Any], *, open_: bool = False
-) -> dict[str, Any]:
-    operation: dict[str, Any] = {
-        "summary": summary,
-        "operationId": re.sub(r"[^a-z0-9]+", "_", summary.lower()).strip("_"),
-        "parameters": params,
-        "responses": responses,
-    }
-    if open_:
-        operation["security"] = []
-    return {"get": operation}
-
-
-def openapi_document(*, secured: bool) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the API (every endpoint, parameter and response)."""
-    errors = (400, 401, 404, 503) if secured else (400, 404, 503)
-    plain = tuple(s for s in errors if s != 404)
-    paths: dict[str, Any] = {
-        "/api/v1/tables": _get(
-            "List captured tables", [], _responses("TableList", "Captured tables", *plain)
-        ),
-        "/api/v1/versions": _get(
-            "Versions",
-            [_param("at", "query", _text(64), "Also resolve the version at this time (`version_at`)")],
-            _responses("Versions", "The readable range of versions", *plain),
-        ),
-        "/api/v1/tables/{table}/rows": _get(
-            "Table at a version",
-            [
-                _P_TABLE,
-                _P_VERSION,
-                _P_AT,
-                _param("after", "query", _text(MAX_AFTER_CHARS), "The `next` value of the previous page"),
-                _P_LIMIT,
-            ],
-            _responses("TablePage", "One page of the table's rows in key order", *errors),
-        ),
-        "/api/v1/tables/{table}/rows/{key}": _get(
-            "Row at a version",
-            [_P_TABLE, _P_KEY, _P_VERSION, _P_AT],
-            _responses("RowAt", "The row (null when absent at that version)", *errors),
-        ),
-        "/api/v1/tables/{table}/rows/{key}/history": _get(
-            "Row history",
-            [
-                _P_TABLE,
-                _P_KEY,
-                _P_SINCE,
-                _P_UNTIL,
-                _param("committed_only", "query", {"type": "boolean"}, "Leave out rolled-back attempts"),
-            ],
-            _responses("RowHistory", "The row's mutations, oldest first", *errors),
-        ),
-        "/api/v1/tables/{table}/rows/{key}/blame": _get(
-            "Row blame",
-            [_P_TABLE, _P_KEY],
-            _responses("Blame", "For each column: the last committed write to it", *errors),
-        ),
-        "/api/v1/mutations": _get(
-            "Mutation log",
-            [
-                _param("table", "query", _text(), "Only this table"),
-                _param("key", "query", _text(MAX_KEY_CHARS), "Only this row (needs `table`)"),
-                _param("request", "query", _text(), "Only this request (id or unique prefix)"),
-                _param("actor", "query", _text(), "Only mutations whose context's actor is this"),
-                _P_SINCE,
-                _P_UNTIL,
-                _param("status", "query", {"type": "string", "enum": list(STATUSES)}, "Only this outcome"),
-                _param("op", "query", {"type": "string", "enum": list(OPS)}, "Only this operation"),
-                _P_CURSOR,
-                _P_LIMIT,
-            ],
-            _responses("MutationPage", "Mutations, newest first", *errors),
-        ),
-        "/api/v1/requests/{request_id}": _get(
-            "Request",
-            [
-                _param("request_id", "path", _text(min_length=1), "A request id or a unique prefix of one"),
-                _param(
-                    "limit",
-                    "query",
-                    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                    "Mutations to include (default 1000)",
-                ),
-                _P_CURSOR,
-            ],
-            _responses("Request", "The request's context, outcome, error and data changes", *errors),
-        ),
-        "/healthz": _get(
-            "Liveness",
-            [],
-            {
-                "200": {
-                    "description": "Healthy",
-                    "content": {"application/json": {"schema": _ref("Health")}},
-                },
-                "503": {
-                    "description": "Unhealthy",
-                    "content": {"application/json": {"schema": _ref("Health")}},
-                },
-            },
-            open_=True,
-        ),
-        "/readyz": _get(
-            "Readiness",
-            [],
-            {
-                "200": {"description": "Ready", "content": {"application/json": {"schema": _ref("Health")}}},
-                "503": {
-                    "description": "Not ready",
-                    "content": {"application/json": {"schema": _ref("Health")}},
-                },
-            },
-            open_=True,
-        ),
         "/metrics": _get(
             "Prometheus metrics",
             [],

@@ -11,9 +11,12 @@ Errors are one line on stderr (``error: ...``) and a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -163,9 +166,23 @@ def run_server(app: Any, sock: socket.socket, *, listen: str, secured: bool) -> 
         proxy_headers=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after a graceful stop; we exit 0 instead (handlers below)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server = Server(config)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, server.handle_exit)  # first: graceful stop; a second SIGINT: force
     log.info("serving", listen=listen, url=f"http://{listen}/", token_required=secured)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped", listen=listen)

@@ -4,6 +4,7 @@ process here, so SIGKILL is the real thing."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -41,6 +42,7 @@ class DaemonProcess:
                 "CDC_RECONNECT__INITIAL_BACKOFF_SECONDS": "0.2",
                 "CDC_RECONNECT__MAX_BACKOFF_SECONDS": "1",
                 "CDC_LOGGING__FORMAT": "json",
+                "CDC_SERVER__LISTEN": "127.0.0.1:0",
             }
         )
         environ.update(self.extra)
@@ -57,6 +59,12 @@ class DaemonProcess:
             assert self.proc is not None and self.proc.poll() is None, "daemon exited"
             assert time.monotonic() < deadline, "daemon did not start streaming"
             time.sleep(0.05)
+
+    def http_port(self) -> int:
+        for line in self.log_path.read_text().splitlines():
+            if '"http_listening"' in line:
+                return int(json.loads(line)["port"])
+        raise AssertionError("the daemon did not log its HTTP port")
 
     def kill(self) -> None:
         assert self.proc is not None

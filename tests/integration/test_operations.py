@@ -53,6 +53,60 @@ def test_metrics_move_with_the_workload(capture: CaptureEnv) -> None:
     assert sample(registry, "cdc_streaming") == 0
 
 
+def test_health_endpoints_follow_the_main_loop(capture: CaptureEnv, tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from cdc.health import HealthServer
+
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE h (id int PRIMARY KEY)")
+    capture.setup()
+    daemon = capture.start()
+    server = HealthServer("127.0.0.1", 0, daemon.metrics.registry, daemon.health, daemon.ready).start()
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        with capture.source() as conn:
+            conn.execute("INSERT INTO h VALUES (1)")
+        capture.wait_caught_up()
+        assert get("/healthz")[0] == 200
+        assert get("/readyz")[0] == 200
+        code, text = get("/metrics")
+        assert code == 200 and 'cdc_mutations_total{op="INSERT",status="committed",table="public.h"} 1.0' in text
+        # A stuck loop stops beating: liveness fails, readiness too.
+        daemon.health_max_age_seconds = 0.5
+        daemon.beat = lambda: None  # type: ignore[method-assign]
+        time.sleep(1.0)
+        assert get("/healthz")[0] == 503
+        assert get("/readyz")[0] == 503
+    finally:
+        server.stop()
+    assert capture.stop() == 0
+
+
+def test_daemon_process_serves_metrics_and_health(capture: CaptureEnv, tmp_path: Path) -> None:
+    import urllib.request
+
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE hp (id int PRIMARY KEY)")
+    capture.setup()
+    proc = DaemonProcess(capture, tmp_path / "d.log")
+    proc.start()
+    proc.wait_streaming()
+    port = proc.http_port()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            assert response.status == 200
+    assert proc.stop() == 0
+
+
 def test_idle_captured_table_does_not_hold_wal_written_elsewhere(capture: CaptureEnv) -> None:
     capture.extra_env["CDC_CAPTURE__HEARTBEAT_INTERVAL_SECONDS"] = "1"
     with capture.source() as conn:

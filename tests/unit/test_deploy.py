@@ -9,6 +9,7 @@ config`, `test rules`), hadolint, systemd-analyze, kubernetes-validate and check
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import re
@@ -44,6 +45,7 @@ YAMLLINT_CONFIG = "{extends: default, rules: {line-length: {max: 120}, document-
 #: Labels Prometheus or the Kubernetes service discovery attach to every scraped series.
 TARGET_LABELS = {"job", "instance", "pod", "namespace", "container", "service", "endpoint", "node"}
 
+
 def _tool(name: str) -> str | None:
     """``name`` on PATH, else next to the running interpreter (a virtualenv that is not activated)."""
     found = shutil.which(name)
@@ -57,7 +59,16 @@ YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in {".yaml", ".yml"
 
 
 def test_deploy_files_exist() -> None:
-    for path in (DASHBOARD, ALERTS, PROMETHEUS_YML, UNIT, ENV_EXAMPLE, DOCKERFILE, COMPOSE, DEPLOY / "README.md"):
+    for path in (
+        DASHBOARD,
+        ALERTS,
+        PROMETHEUS_YML,
+        UNIT,
+        ENV_EXAMPLE,
+        DOCKERFILE,
+        COMPOSE,
+        DEPLOY / "README.md",
+    ):
         assert path.is_file(), f"missing {path.relative_to(ROOT)}"
     assert list(K8S.glob("*.yaml")), "no Kubernetes manifests"
 
@@ -185,7 +196,9 @@ def check_promql(expr: str, where: str) -> None:
         assert label in allowed, f"{where}: {metric or 'selector'} has no label {label!r} ({expr!r})"
     labels_in_scope = TARGET_LABELS.union(*(known[n] for n in names))
     for label in grouping:
-        assert label in labels_in_scope, f"{where}: grouping label {label!r} not on {sorted(names)} ({expr!r})"
+        assert label in labels_in_scope, (
+            f"{where}: grouping label {label!r} not on {sorted(names)} ({expr!r})"
+        )
 
 
 def test_promql_scanner() -> None:
@@ -250,7 +263,9 @@ def test_dashboard_structure() -> None:
     assert {"datasource", "job", "instance"} <= variables
     for panel in panels:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, f"panel {panel['title']!r} is wider than the grid"
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, (
+            f"panel {panel['title']!r} is wider than the grid"
+        )
         if panel["type"] == "row":
             continue
         assert panel.get("title"), f"panel {panel['id']} has no title"
@@ -280,7 +295,9 @@ def test_dashboard_queries_use_exported_metrics() -> None:
 
 
 def test_dashboard_covers_the_operational_questions() -> None:
-    exprs = " ".join(t["expr"] for p in _all_panels(_load_dashboard()["panels"]) for t in p.get("targets", []))
+    exprs = " ".join(
+        t["expr"] for p in _all_panels(_load_dashboard()["panels"]) for t in p.get("targets", [])
+    )
     for metric in (
         "cdc_lag_bytes",
         "cdc_lag_seconds",
@@ -317,7 +334,7 @@ def test_alert_rules() -> None:
         if "for" in rule:
             assert re.fullmatch(r"([0-9]+[smhdwy])+", rule["for"]), rule["alert"]
         check_promql(rule["expr"], f"alert {rule['alert']}")
-        assert 'job="cdc"' in rule["expr"], f"alert {rule['alert']} does not select job=\"cdc\""
+        assert 'job="cdc"' in rule["expr"], f'alert {rule["alert"]} does not select job="cdc"'
 
 
 def test_alerts_cover_the_failure_modes() -> None:
@@ -399,6 +416,8 @@ HEALTHY_PAIR = {  # instance a streams, b is the standby (its loop heartbeat nev
     'cdc_standby{job="cdc", instance="a"}': "0x40",
     'cdc_standby{job="cdc", instance="b"}': "1x40",
     'cdc_lag_bytes{job="cdc", instance="a"}': "1000x40",
+    'cdc_lag_bytes{job="cdc", instance="b"}': "2147483648x40",  # stale: from before it became standby
+    'cdc_slot_retained_wal_bytes{job="cdc", instance="b"}': "1e11x40",
     'cdc_slot_wal_status{job="cdc", instance="a", status="reserved"}': "1x40",
     'cdc_slot_wal_status{job="cdc", instance="a", status="lost"}': "0x40",
     'cdc_slot_safe_wal_size_bytes{job="cdc", instance="a"}': "-1x40",
@@ -416,6 +435,7 @@ ALERT_TESTS: list[dict[str, Any]] = [
                 "CdcLoopStalled",
                 "CdcNotStreaming",
                 "CdcLagBytesHigh",
+                "CdcSlotRetainedWalHigh",
                 "CdcSlotLost",
                 "CdcSlotSafeWalSizeLow",
             )
@@ -434,7 +454,11 @@ ALERT_TESTS: list[dict[str, Any]] = [
     {  # nobody streams: both instances reconnecting
         "interval": "1m",
         "input_series": _series(
-            {**HEALTHY_PAIR, 'cdc_streaming{job="cdc", instance="a"}': "1x5 0x35", 'up{job="cdc", instance="b"}': "0x40"}
+            {
+                **HEALTHY_PAIR,
+                'cdc_streaming{job="cdc", instance="a"}': "1x5 0x35",
+                'up{job="cdc", instance="b"}': "0x40",
+            }
         ),
         "alert_rule_test": [
             {"eval_time": "10m", **_alert("CdcNotStreaming")},
@@ -451,6 +475,8 @@ ALERT_TESTS: list[dict[str, Any]] = [
                 'cdc_slot_wal_status{job="cdc", instance="a", status="lost"}': "0x20 1x20",
                 'cdc_lag_bytes{job="cdc", instance="a"}': "2147483648x40",
                 'cdc_lag_seconds{job="cdc", instance="a"}': "600x40",
+                'cdc_slot_retained_wal_bytes{job="cdc", instance="a"}': "2e10x40",
+                'cdc_slot_wal_status{job="cdc", instance="a", status="unreserved"}': "0x5 1x35",
             }
         ),
         "alert_rule_test": [
@@ -459,6 +485,8 @@ ALERT_TESTS: list[dict[str, Any]] = [
             {"eval_time": "25m", **_alert("CdcSlotLost", job="cdc", severity="critical")},
             {"eval_time": "25m", **_alert("CdcLagBytesHigh", job="cdc", instance="a", severity="warning")},
             {"eval_time": "25m", **_alert("CdcLagSecondsHigh", job="cdc", instance="a", severity="warning")},
+            {"eval_time": "25m", **_alert("CdcSlotRetainedWalHigh", job="cdc", severity="warning")},
+            {"eval_time": "10m", **_alert("CdcSlotWalUnreserved", job="cdc", severity="critical")},
         ],
     },
     {  # no cdc series at all
@@ -489,9 +517,15 @@ def test_promtool_alert_unit_tests(tmp_path: Path) -> None:
 DSN_ENV = {"CDC_SOURCE_DSN": "host=src dbname=app", "CDC_STORE_DSN": "host=store dbname=history"}
 
 
+@functools.cache
+def _k8s_yaml(path: Path) -> tuple[dict[str, Any], ...]:
+    return tuple(d for d in yaml.safe_load_all(path.read_text()) if d)
+
+
 def _k8s_docs(*names: str) -> list[dict[str, Any]]:
+    """The documents of ``names`` (default: every manifest); parsed once, do not modify them."""
     paths = [K8S / n for n in names] if names else sorted(K8S.glob("*.yaml"))
-    return [d for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
+    return [d for p in paths for d in _k8s_yaml(p)]
 
 
 def _k8s_objects() -> list[dict[str, Any]]:
@@ -606,7 +640,7 @@ def test_k8s_references_resolve() -> None:
     secret_keys = set(secret["stringData"])
     configmaps = {c["metadata"]["name"] for c in _by_kind("ConfigMap")}
     accounts = {a["metadata"]["name"] for a in _by_kind("ServiceAccount")}
-    for name, meta, pod in _pod_specs():
+    for name, _meta, pod in _pod_specs():
         assert pod["serviceAccountName"] in accounts, name
         for volume in pod.get("volumes", []):
             if "configMap" in volume:
@@ -700,21 +734,36 @@ def test_systemd_unit() -> None:
     assert _unit_values("Service", "SystemCallFilter"), "no SystemCallFilter"
 
 
+def _exit_codes() -> dict[int, list[str]]:
+    """Every exit code of cdc/errors.py -> the error classes that use it."""
+    codes: dict[int, list[str]] = {0: ["clean stop"]}
+    pending: list[type[errors.CdcError]] = [errors.CdcError]
+    while pending:
+        cls = pending.pop()
+        codes.setdefault(cls.exit_code, []).append(cls.__name__)
+        pending.extend(cls.__subclasses__())
+    return codes
+
+
 def test_systemd_restart_policy_matches_exit_codes() -> None:
     prevent = {int(c) for v in _unit_values("Service", "RestartPreventExitStatus") for c in v.split()}
     assert prevent == {errors.ConfigError.exit_code, errors.SlotLostError.exit_code}
-    text = UNIT.read_text()
-    for cls in (errors.ConfigError, errors.ProtocolError, errors.SetupError, errors.SlotLostError):
-        assert f"{cls.exit_code} " in text, f"exit code {cls.exit_code} ({cls.__name__}) not documented in the unit"
+    header = UNIT.read_text().split("[Unit]")[0]
     readme = (DEPLOY / "README.md").read_text()
-    for cls in (errors.ConfigError, errors.ProtocolError, errors.SetupError, errors.SlotLostError):
-        assert re.search(rf"\|\s*`?{cls.exit_code}`?\s*\|", readme), f"exit code {cls.exit_code} not in README"
+    for code, classes in _exit_codes().items():
+        assert re.search(rf"\b{code} ", header), f"exit code {code} ({classes}) not documented in the unit"
+        assert re.search(rf"^\|\s*`?{code}`?\s*\|", readme, re.M), (
+            f"exit code {code} ({classes}) not in README"
+        )
 
 
 def test_systemd_spill_dir_is_writable() -> None:
     env = dict(v.split("=", 1) for v in _unit_values("Service", "Environment"))
     cache = _unit_values("Service", "CacheDirectory")
-    assert cache and env["CDC_CAPTURE__SPILL_DIR"] == f"/var/cache/{cache[0]}"
+    # capture.spill_dir defaults to the temporary directory: TMPDIR, on disk and writable.
+    assert cache and env["TMPDIR"] == f"/var/cache/{cache[0]}"
+    # CDC_* settings in the unit would silently override /etc/cdc/cdc.yaml.
+    assert {k for k in env if k.startswith("CDC_")} == {"CDC_CONFIG"}
 
 
 def _env_file(path: Path, *, include_commented: bool) -> dict[str, str]:

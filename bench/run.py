@@ -1,0 +1,170 @@
+"""Run the benchmarks and write bench/out/results.json and docs/benchmarks.md.
+
+    python -m bench.run [--quick] [--only NAME,...] [--flavor embedded|system]
+
+Measurements, in this order (later ones use the capture rate the first one measured):
+throughput, lag, memory, source_cost, reads. `make bench` runs the full suite (under 25
+minutes on 2 cores); `--quick` shrinks every workload (under 5 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.harness import BENCH_SETTINGS, OUT_DIR, ROOT, log
+from bench.model import Context, Measurement
+
+NAMES = ("throughput", "lag", "memory", "source_cost", "reads")
+ALIASES = {"cost": "source_cost", "source": "source_cost", "read": "reads", "mem": "memory"}
+TITLES = {
+    "throughput": "Capture throughput (end to end) vs pg_recvlogical",
+    "lag": "Lag: commit on the source to visible in the store",
+    "memory": "Memory: peak RSS of `cdc run` during one large transaction",
+    "source_cost": "Cost on the source: pgbench TPC-B-like",
+    "reads": "Reads on a large store (query layer)",
+}
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def _names(text: str) -> list[str]:
+    names = []
+    for raw in text.split(","):
+        name = raw.strip().lower().replace("-", "_")
+        if not name:
+            continue
+        name = ALIASES.get(name, name)
+        if name not in NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown measurement {raw.strip()!r}: choose from {', '.join(NAMES)}"
+            )
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise argparse.ArgumentTypeError("no measurement named")
+    return names
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small workloads (under 5 minutes)")
+    parser.add_argument(
+        "--only", type=_names, default=list(NAMES), metavar="NAME,...", help=f"among {', '.join(NAMES)}"
+    )
+    parser.add_argument("--flavor", choices=("embedded", "system"), default="embedded")
+    parser.add_argument(
+        "--no-scale",
+        dest="scale",
+        action="store_false",
+        help="use the nominal workload sizes even when the daemon is too slow to drain them in the time budget",
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy profiles of the daemon (throughput)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="raw results and logs (default bench/out)")
+    parser.add_argument(
+        "--docs", type=Path, default=DOCS, help="the markdown report (default docs/benchmarks.md)"
+    )
+    parser.add_argument("--no-docs", dest="write_docs", action="store_false", help="do not write the report")
+    args = parser.parse_args(list(argv))
+    args.only = [n for n in NAMES if n in args.only]  # always in the suite's order
+    return args
+
+
+def measurement_functions() -> dict[str, Callable[[Context], Measurement]]:
+    from bench import lag, memory, reads, source_cost, throughput
+
+    return {
+        "throughput": throughput.measure,
+        "lag": lag.measure,
+        "memory": memory.measure,
+        "source_cost": source_cost.measure,
+        "reads": reads.measure,
+    }
+
+
+def run_one(name: str, fn: Callable[[Context], Measurement], ctx: Context) -> Measurement:
+    started = time.monotonic()
+    log(f"=== {name}")
+    try:
+        result = fn(ctx)
+    except Exception:
+        result = Measurement(name, TITLES[name], error=traceback.format_exc())
+        log(f"{name} failed:\n{result.error}")
+    result.seconds = time.monotonic() - started
+    log(f"=== {name} done in {result.seconds:.0f} s")
+    return result
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    # SIGTERM (make interrupted, a CI timeout) unwinds like Ctrl-C: every finally block stops
+    # its daemon and its server.
+    signal.signal(signal.SIGTERM, _interrupt)
+    from bench.report import machine_info, render_markdown
+
+    ctx = Context(
+        flavor=args.flavor, quick=args.quick, scale=args.scale, profile=args.profile, out_dir=args.out
+    )
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "meta": {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": shlex.join(["python", "-m", "bench.run", *argv]),
+            "quick": args.quick,
+            "flavor": args.flavor,
+            "only": args.only,
+            "machine": machine_info(),
+            "server_settings": {
+                "fsync": "off",
+                "full_page_writes": "off",
+                **{k: v for k, v in BENCH_SETTINGS.items() if not k.startswith("max_")},
+            },
+        },
+        "measurements": [],
+    }
+    functions = measurement_functions()
+    failed = False
+    for name in args.only:
+        measurement = run_one(name, functions[name], ctx)
+        failed = failed or measurement.error is not None
+        results["measurements"].append(measurement.to_json())
+        results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+        write_results(args.out / "results.json", results)
+    if args.write_docs:
+        args.docs.parent.mkdir(parents=True, exist_ok=True)
+        args.docs.write_text(render_markdown(results))
+        log(f"wrote {args.docs}")
+    summary = [
+        f"{f['label']}: {f['value']!r} {f['unit']} (target {f['target']['op']} {f['target']['value']}: "
+        f"{'met' if f['met'] else 'NOT met'})"
+        for m in results["measurements"]
+        for f in m["figures"]
+        if f.get("target")
+    ]
+    print("\n".join(summary))
+    log(f"total {time.monotonic() - started:.0f} s; results in {args.out / 'results.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
