@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-faults lint format typecheck bench clean postgres
+.PHONY: install demo test test-unit test-integration test-faults lint format typecheck bench clean system-deps check-deploy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,27 +14,34 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The system PostgreSQL 15 is the second server the tests run on (Debian's postgresql-15).
-postgres:
-	@if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then \
+# Debian packages the tests use: PostgreSQL 15 (the second server the integration tests
+# run on), Chromium (the page test) and promtool (alert rule checks). Installed when root.
+SYSTEM_PACKAGES := postgresql-15 chromium prometheus
+system-deps:
+	@missing=""; \
+	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing="$$missing postgresql-15"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; \
-	  else echo "PostgreSQL 15 missing: apt-get install postgresql-15 (tests then run on PG18 only)"; fi; \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
 	fi
 
 demo: $(STAMP)
 	$(BIN)/cdc demo
 
-test: $(STAMP) postgres
+test: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-test-integration: $(STAMP) postgres
+test-integration: $(STAMP) system-deps
 	$(BIN)/pytest -q tests/integration
 
-test-faults: $(STAMP) postgres
+test-faults: $(STAMP) system-deps
 	$(BIN)/pytest -q -m faults tests
 
 lint: $(STAMP)
@@ -49,8 +56,21 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP) postgres
+bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+
+YAMLLINT_CONFIG := {extends: default, rules: {line-length: {max: 120}, document-start: disable}}
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/kubernetes/*.yaml))
+
+# The deploy/ files checked with their ecosystems' tools (also run by tests/unit/test_deploy.py).
+check-deploy: $(STAMP) system-deps
+	$(BIN)/yamllint --strict -d '$(YAMLLINT_CONFIG)' deploy/
+	$(BIN)/hadolint deploy/docker/Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker/compose.yaml
+	$(BIN)/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
+	promtool check rules deploy/prometheus/alerts.yaml
+	promtool check config --syntax-only deploy/prometheus/prometheus.yml
+	$(BIN)/pytest -q tests/unit/test_deploy.py

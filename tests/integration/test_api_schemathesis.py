@@ -25,6 +25,7 @@ from tests.integration.test_api import AUTH, TOKEN, build_web_seed
 from tests.store_builder import StoreBuilder
 
 EXAMPLES_PER_OPERATION = 25
+BASE_URL = "http://testserver"
 
 CHECKS = [
     checks.not_a_server_error,
@@ -57,7 +58,7 @@ def app(seed: StoreBuilder) -> Starlette:
 
 
 # The document is built without a store (schemathesis' lazy fixture loader does not support this
-# pytest); the cases are sent to the app of the `app` fixture over ASGI.
+# pytest); the cases go to the app of the `app` fixture, in-process over ASGI.
 schema = schemathesis.openapi.from_dict(openapi_document(secured=True))
 
 
@@ -69,4 +70,4 @@ schema = schemathesis.openapi.from_dict(openapi_document(secured=True))
     database=None,
 )
 def test_api_conforms_to_its_openapi(case: schemathesis.Case, app: Starlette) -> None:
-    case.call_and_validate(app=app, headers=dict(AUTH), checks=CHECKS)
+    case.call_and_validate(app=app, base_url=BASE_URL, headers=dict(AUTH), checks=CHECKS)
