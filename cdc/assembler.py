@@ -250,7 +250,7 @@ class _TxnBuffer:
         """Move the in-memory entries to a temp file; return the bytes of memory freed."""
         if self.file is None:
             # Unlinked at once: nothing is left behind if the process dies.
-            self.file = tempfile.TemporaryFile(prefix="cdc-spill-", dir=self.spill_dir)
+            self.file = tempfile.TemporaryFile(prefix="cdc-spill-", dir=self.spill_dir)  # noqa: SIM115 - closed by close()
         for lsn, subxid, payload in self.entries:
             self.file.write(_ENTRY_HEADER.pack(lsn, subxid, len(payload)))
             self.file.write(payload)

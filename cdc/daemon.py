@@ -148,7 +148,10 @@ class Daemon:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Liveness: the main loop beat recently (it beats at least every second)."""
         age = time.monotonic() - self.last_heartbeat
-        return age <= self.health_max_age_seconds, {"heartbeat_age_seconds": round(age, 3), "standby": self.standby}
+        return age <= self.health_max_age_seconds, {
+            "heartbeat_age_seconds": round(age, 3),
+            "standby": self.standby,
+        }
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness: streaming (store reachable, since writes succeed), or a healthy standby."""
@@ -493,7 +496,7 @@ class _Session:
             try:
                 started = time.perf_counter()
                 self.writer.write(batch)
-            except BaseException as exc:  # handed to the main loop, which owns error handling
+            except BaseException as exc:  # noqa: BLE001 - handed to the main loop, which owns error handling
                 self.writer_error = exc
                 while self.pending.get() is not None:  # drop the rest: nothing after is acked
                     pass

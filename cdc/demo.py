@@ -35,7 +35,7 @@ INSERT INTO orders VALUES ('81b2', 7, 'pending', 129.90);
 """
 
 
-class PaymentTimeout(Exception):
+class PaymentTimeout(Exception):  # noqa: N818 - the name the demo's history shows
     """Stands in for the third-party failure that makes the last request roll back."""
 
 
@@ -69,7 +69,7 @@ def wait_caught_up(source_dsn: str, store_dsn: str, schema: str, timeout: float 
     deadline = time.monotonic() + timeout
     with psycopg.connect(store_dsn, autocommit=True) as store:
         while time.monotonic() < deadline:
-            found = store.execute(f"SELECT max(acked_lsn) FROM {schema}.capture_state").fetchone()  # noqa: S608
+            found = store.execute(f"SELECT max(acked_lsn) FROM {schema}.capture_state").fetchone()
             if found and found[0] is not None and found[0] >= target:
                 return
             time.sleep(0.1)
@@ -102,7 +102,7 @@ def run_demo(*, keep: bool = False) -> None:
         daemon.request_stop()
         thread.join(timeout=30)
     os.environ["CDC_STORE_DSN"] = store
-    for title, args in (
+    for _title, args in (
         ("Row history", ["state", "history", "users", "--id", "42"]),
         ("Per-column blame", ["state", "blame", "users", "--id", "42"]),
         ("Why did request 550e8400 fail?", ["why", "550e8400"]),

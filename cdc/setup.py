@@ -224,8 +224,6 @@ def create_slot_with_baseline(
         row = repl.execute(command.format(sql.Identifier(slot))).fetchone()
         assert row is not None
         consistent_point, snapshot = parse_lsn(row[1]), str(row[2])
-        system = repl.execute("IDENTIFY_SYSTEM").fetchone() if False else None  # noqa: SIM108
-        del system
         system_id = str(src.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0])  # type: ignore[index]
         previous = writer.load_state()
         previous_ack = previous.acked_lsn if previous is not None else 0

@@ -171,8 +171,8 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         return str(value)
 
     lines = [
-        ("source", status.source_error and f"UNREACHABLE: {status.source_error}" or show(status.source)),
-        ("store", status.store_error and f"ERROR: {status.store_error}" or show(status.store)),
+        ("source", (status.source_error and f"UNREACHABLE: {status.source_error}") or show(status.source)),
+        ("store", (status.store_error and f"ERROR: {status.store_error}") or show(status.store)),
         (
             "slot",
             f"{status.slot} ({'exists' if status.slot_exists else 'MISSING'})"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from cdc.devdb import HINT_ANY, LocalPostgres, available_flavors, find_bindir, postgres_version
-from tests.capture_env import CaptureEnv, new_env
 from cdc.errors import SetupError
+from tests.capture_env import CaptureEnv, new_env
 
 # ============================================================================ PostgreSQL servers (cdc.devdb)
 #

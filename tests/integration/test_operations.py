@@ -79,7 +79,9 @@ def test_health_endpoints_follow_the_main_loop(capture: CaptureEnv, tmp_path: Pa
         assert get("/healthz")[0] == 200
         assert get("/readyz")[0] == 200
         code, text = get("/metrics")
-        assert code == 200 and 'cdc_mutations_total{op="INSERT",status="committed",table="public.h"} 1.0' in text
+        assert (
+            code == 200 and 'cdc_mutations_total{op="INSERT",status="committed",table="public.h"} 1.0' in text
+        )
         # A stuck loop stops beating: liveness fails, readiness too.
         daemon.health_max_age_seconds = 0.5
         daemon.beat = lambda: None  # type: ignore[method-assign]
@@ -181,7 +183,9 @@ def test_sigterm_mid_workload_loses_nothing(capture: CaptureEnv, tmp_path: Path)
             i = 0
             while not stop.is_set():
                 i += 1
-                conn.execute("INSERT INTO s VALUES (%s, 0) ON CONFLICT (id) DO UPDATE SET n = s.n + 1", (i % 300,))
+                conn.execute(
+                    "INSERT INTO s VALUES (%s, 0) ON CONFLICT (id) DO UPDATE SET n = s.n + 1", (i % 300,)
+                )
 
     writer = threading.Thread(target=load)
     writer.start()
@@ -315,7 +319,11 @@ def test_sighup_reloads_the_config(capture: CaptureEnv, tmp_path: Path) -> None:
 @pytest.mark.parametrize("argv", [["run"], ["setup"]])
 def test_commands_without_dsn_say_what_to_set(argv: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "cdc", *argv], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}
+        [sys.executable, "-m", "cdc", *argv],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
     )
     assert result.returncode == 2
     assert "CDC_SOURCE_DSN" in result.stderr and "Traceback" not in result.stderr

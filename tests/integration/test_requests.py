@@ -21,7 +21,7 @@ INSERT INTO orders VALUES ('81b2', 42, 'pending');
 """
 
 
-class PaymentTimeout(Exception):
+class PaymentTimeout(Exception):  # noqa: N818 - the seed's error type
     pass
 
 
