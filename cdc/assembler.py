@@ -68,6 +68,8 @@ from cdc.protocol.pgoutput import (
 from cdc.values import Converter, converter_for
 
 Row = dict[str, Any]
+# Images of rows changed by a rolled-back part of the transaction being replayed.
+LocalImages = dict[tuple[str, tuple[Any, ...]], tuple[Row, tuple[str, ...]] | None]
 # Given a relation whose protocol key flags do not name the row (REPLICA IDENTITY FULL or
 # NOTHING), return its primary key columns, or None when it has none (the whole row is the key).
 PrimaryKeyLookup = Callable[[Relation], tuple[str, ...] | None]
@@ -92,6 +94,8 @@ class TableSchema:
     converters: tuple[Converter, ...] = field(compare=False, repr=False)
     fingerprint: str = ""
     column_names: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # (name, converter) of the columns whose text is converted (integers, booleans).
+    typed_columns: tuple[tuple[str, Callable[[str], Any]], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def table(self) -> str:
@@ -143,6 +147,11 @@ def build_schema(relation: Relation, primary_key: PrimaryKeyLookup | None) -> Ta
         converters=schema.converters,
         fingerprint=digest,
         column_names=tuple(c.name for c in relation.columns),
+        typed_columns=tuple(
+            (c.name, convert)
+            for c, convert in zip(relation.columns, schema.converters, strict=True)
+            if convert
+        ),
     )
 
 
@@ -288,15 +297,15 @@ class _ImageCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         # value: (image, columns of the image still unknown here)
-        self._rows: OrderedDict[tuple[str, str], tuple[Row, tuple[str, ...]]] = OrderedDict()
+        self._rows: OrderedDict[tuple[str, tuple[Any, ...]], tuple[Row, tuple[str, ...]]] = OrderedDict()
 
-    def get(self, table: str, key: str) -> tuple[Row, tuple[str, ...]] | None:
+    def get(self, table: str, key: tuple[Any, ...]) -> tuple[Row, tuple[str, ...]] | None:
         found = self._rows.get((table, key))
         if found is not None:
             self._rows.move_to_end((table, key))
         return found
 
-    def put(self, table: str, key: str, image: Row | None, unknown: tuple[str, ...] = ()) -> None:
+    def put(self, table: str, key: tuple[Any, ...], image: Row | None, unknown: tuple[str, ...] = ()) -> None:
         if image is None:
             # Deleted: remember absence so a re-insert is not mistaken for a stale image.
             self._rows.pop((table, key), None)
@@ -312,6 +321,11 @@ class _ImageCache:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def _cache_key(schema: TableSchema, key: Row) -> tuple[Any, ...]:
+    """A cheap hashable form of a key (values in key-column order) for the image cache."""
+    return tuple(key.get(name) for name in schema.key_columns)
 
 
 def key_text(key: Row) -> str:
@@ -507,7 +521,7 @@ class Assembler:
         self, buffer: _TxnBuffer, position: int, status: str, committed_at: datetime
     ) -> Iterator[Mutation]:
         overlay: dict[int, TableSchema] = {}
-        local_images: dict[tuple[str, str], tuple[Row, tuple[str, ...]] | None] = {}
+        local_images: LocalImages = {}
         context: RequestContext | None = None
         ordinal = 0
         rolled_back_txn = status != COMMITTED
@@ -551,7 +565,7 @@ class Assembler:
         self,
         message: PgOutputMessage,
         overlay: dict[int, TableSchema],
-        local_images: dict[tuple[str, str], tuple[Row, tuple[str, ...]] | None],
+        local_images: LocalImages,
         status: str,
         position: int,
         lsn: int,
@@ -658,7 +672,7 @@ class Assembler:
         xid: int,
         committed_at: datetime,
         context: RequestContext | None,
-        local_images: dict[tuple[str, str], tuple[Row, tuple[str, ...]] | None],
+        local_images: LocalImages,
     ) -> Mutation:
         after, toast = _image(schema, message.new)
         old_key: Row | None = None
@@ -719,10 +733,10 @@ class Assembler:
         schema: TableSchema,
         key: Row,
         status: str,
-        local_images: dict[tuple[str, str], tuple[Row, tuple[str, ...]] | None],
+        local_images: LocalImages,
     ) -> tuple[Row | None, bool | tuple[str, ...]]:
         """The row's last image we know of, and what the store must still fill in it."""
-        text = key_text(key)
+        text = _cache_key(schema, key)
         if status != COMMITTED and (schema.table, text) in local_images:
             local = local_images[(schema.table, text)]
             if local is None:
@@ -741,19 +755,19 @@ class Assembler:
         image: Row | None,
         unknown: tuple[str, ...],
         status: str,
-        local_images: dict[tuple[str, str], tuple[Row, tuple[str, ...]] | None],
+        local_images: LocalImages,
         moved_from: Row | None = None,
     ) -> None:
         if not schema.key_columns:
             return  # keyless rows are named by their content; the server sends full images
-        text = key_text(key)
+        text = _cache_key(schema, key)
         if status == COMMITTED:
             if moved_from is not None and moved_from != key:
-                self._images.put(schema.table, key_text(moved_from), None)
+                self._images.put(schema.table, _cache_key(schema, moved_from), None)
             self._images.put(schema.table, text, image, unknown)
         else:
             if moved_from is not None and moved_from != key:
-                local_images[(schema.table, key_text(moved_from))] = None
+                local_images[(schema.table, _cache_key(schema, moved_from))] = None
             local_images[(schema.table, text)] = (image, unknown) if image is not None else None
 
 
@@ -763,23 +777,21 @@ _MESSAGE = ord("M")
 
 def _image(schema: TableSchema, values: TupleData) -> tuple[Row, tuple[str, ...]]:
     """Row image of a tuple, and the columns sent as unchanged TOAST (absent from it)."""
-    columns = schema.columns
-    if len(values) != len(columns):
+    if len(values) != len(schema.columns):
         raise ProtocolError(
-            f"tuple of {len(values)} columns for {schema.table} whose schema has {len(columns)}"
+            f"tuple of {len(values)} columns for {schema.table} whose schema has {len(schema.columns)}"
         )
-    row: Row = {}
-    unknown: list[str] = []
-    for name, convert, value in zip(schema.column_names, schema.converters, values, strict=True):
-        if value is None or (convert is None and value.__class__ is str):
-            row[name] = value
-        elif value is UNCHANGED_TOAST:
-            unknown.append(name)
-        elif isinstance(value, str):
-            row[name] = convert(value) if convert is not None else value
-        elif isinstance(value, bytes):
-            row[name] = "\\x" + value.hex()
-    return row, tuple(unknown)
+    row: Row = dict(zip(schema.column_names, values, strict=True))
+    unknown: tuple[str, ...] = ()
+    if UNCHANGED_TOAST in values:  # a C-level scan; rare
+        unknown = tuple(n for n, v in zip(schema.column_names, values, strict=True) if v is UNCHANGED_TOAST)
+        for name in unknown:
+            del row[name]
+    for name, convert in schema.typed_columns:
+        value = row.get(name)
+        if value is not None:
+            row[name] = convert(value)
+    return row, unknown
 
 
 def _key(schema: TableSchema, image: Row) -> Row:

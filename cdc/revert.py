@@ -582,8 +582,13 @@ def _follow(mutations: Sequence[Mutation], infos: Mapping[str, TableInfo]) -> li
     return tracks
 
 
-def _later_changes(store: Store, track: _Track, request_id: str) -> list[Conflict]:
-    """Committed mutations of other requests on the row after the request first touched it."""
+def _later_changes(
+    store: Store, track: _Track, request_id: str, last_truncate: dict[str, Mutation | None]
+) -> list[Conflict]:
+    """Committed mutations of other requests on the row after the request first touched it.
+
+    ``last_truncate`` caches the newest committed TRUNCATE of each table (None: none).
+    """
     conflicts: list[Conflict] = []
     seen: set[tuple[int, int]] = set()
     for key in {_canonical(k): k for k in track.keys}.values():
@@ -605,9 +610,11 @@ def _later_changes(store: Store, track: _Track, request_id: str) -> list[Conflic
                 )
                 for column in overlap
             )
-    truncates = store.mutation_log(table=track.table, op="TRUNCATE", status="committed", limit=1).mutations
-    if truncates and truncates[0].position > track.first_position:
-        t = truncates[0]
+    if track.table not in last_truncate:
+        found = store.mutation_log(table=track.table, op="TRUNCATE", status="committed", limit=1).mutations
+        last_truncate[track.table] = found[0] if found else None
+    t = last_truncate[track.table]
+    if t is not None and t.position > track.first_position:
         conflicts.append(
             Conflict(
                 track.table, dict(track.keys[-1]), None, t.request_id, t.version, "table truncated later"
@@ -736,8 +743,9 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
         statements, expected_rows = _group(steps, _related(source_conn, tables.values()))
         final: dict[tuple[str, str], RowExpectation] = {}
         keyless_rows: list[RowExpectation] = []
+        last_truncate: dict[str, Mutation | None] = {}
         for track in _follow(mutations, infos):
-            conflicts.extend(_later_changes(store, track, full))
+            conflicts.extend(_later_changes(store, track, full, last_truncate))
             image = (
                 None
                 if track.final is None
