@@ -178,15 +178,15 @@ def demo(keep: bool) -> None:
         fail(exc)
 
 
-def _add_readers() -> None:
-    try:
-        from cdc.cli_readers import state, why
-    except ImportError:  # pragma: no cover - readers are part of the package
-        return
-    main.add_command(state)
-    main.add_command(why)
+def _add_commands() -> None:
+    from cdc.cli_readers import state, why
+    from cdc.cli_revert import restore, revert
+    from cdc.web.serve import serve
+
+    for command in (state, why, revert, restore, serve):
+        main.add_command(command)
 
 
-_add_readers()
+_add_commands()
 
 __all__ = ["json", "main"]

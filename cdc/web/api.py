@@ -17,9 +17,12 @@ A thin shell over :class:`cdc.query.Store`, like the CLI and the Python API:
 
 Keys in a path are a scalar (``42``, ``abc``) or URL-encoded JSON for a composite key
 (``{"a":1,"b":"x"}``). Versions are integers or ``X/Y``; times are ISO 8601 (naive: UTC), ``now``
-or a duration ago (``24h``). Every time in a response is UTC. Errors are
-``{"error": {"code": ..., "message": ...}}`` with 400 (bad argument), 401 (token), 404 (unknown
-table, row or request), 503 (history store unreachable); never a traceback.
+or a duration ago (``24h``); an empty query parameter is an absent one (HTML forms), an unknown
+one is refused (a misspelt filter must not silently widen a query). Every time in a response is
+UTC. Errors are ``{"error": {"code": ..., "message": ...}}`` with 400 (bad argument), 401
+(token), 404 (unknown table, row or request), 409 (a version the store has not caught up with:
+retry), 503 (history store unreachable); never a traceback: anything unexpected is a JSON 500
+with an id, logged with its type and stack frames but never its message (it may hold values).
 
 Access: with a token, every ``/api/`` request needs ``Authorization: Bearer <token>`` and every
 page that header or the ``cdc_token`` cookie set by ``/login``. ``/healthz``, ``/readyz``,
@@ -41,7 +44,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,7 +61,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -72,7 +75,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cdc.config import redact_dsn
 from cdc.errors import CdcError, ConfigError, NotFoundError, StoreUnavailableError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.query import DEFAULT_SCHEMA, OPS, STATUSES, Key, Store, format_key
+from cdc.query import (
+    DEFAULT_SCHEMA,
+    OPS,
+    STATUSES,
+    BlameEntry,
+    Key,
+    Mutation,
+    RequestRecord,
+    Store,
+    VersionRange,
+    format_key,
+)
 from cdc.render import mutation_record
 
 __all__ = [
@@ -96,6 +110,9 @@ __all__ = [
 log = structlog.get_logger("cdc.web")
 
 T = TypeVar("T")
+
+#: A liveness/readiness probe: returns a bool, ``(ok, detail)`` or a mapping with ``ok``.
+Probe = Callable[[], Any]
 
 MAX_KEY_CHARS = 4096  # a row key in a path or a filter (scalar text or JSON)
 MAX_AFTER_CHARS = 16384  # a table page cursor (a whole row for tables without a key)
@@ -425,16 +442,40 @@ class StorePool:
             store.close()
 
 
-def reader_dsn(dsn: str) -> str:
-    """``dsn`` with the session time zone set to UTC (every time read is UTC) and our app name."""
+def check_dsn(dsn: str) -> None:
+    """:class:`ConfigError` unless ``dsn`` parses (the store is connected to lazily, per request)."""
     try:
-        params: dict[str, Any] = conninfo_to_dict(dsn)
+        conninfo_to_dict(dsn)
     except psycopg.Error as exc:
         raise ConfigError([f"store.dsn: invalid DSN: {redact_dsn(str(exc).strip())}"]) from None
-    options = str(params.get("options") or "")
-    params["options"] = f"{options} -c TimeZone=UTC".strip()
-    params.setdefault("application_name", "cdc-web")
-    return make_conninfo("", **params)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def blame_json(entry: BlameEntry) -> dict[str, Any]:
+    return replace(
+        entry, committed_at=utc(entry.committed_at), rolled_back_at=utc(entry.rolled_back_at)
+    ).to_json()
+
+
+def versions_json(found: VersionRange) -> dict[str, Any]:
+    return replace(found, earliest_at=utc(found.earliest_at), current_at=utc(found.current_at)).to_json()
+
+
+def request_json(record: RequestRecord, mutations: list[Mutation]) -> dict[str, Any]:
+    """The request's record with every time in UTC and ``mutations`` (one page of them)."""
+    data = replace(
+        record,
+        first_seen_at=utc(record.first_seen_at),
+        last_seen_at=utc(record.last_seen_at),
+        error_at=utc(record.error_at),
+        transactions=[replace(t, committed_at=t.committed_at.astimezone(UTC)) for t in record.transactions],
+        mutations=[],
+    ).to_json()
+    data["mutations"] = [mutation_record(m, utc=True) for m in mutations]
+    return data
 
 
 # ============================================================================ the app's context
@@ -447,8 +488,8 @@ class WebContext:
     pool: StorePool
     token: str | None
     registry: CollectorRegistry
-    health: Callable[[], Mapping[str, Any]] | None
-    ready: Callable[[], bool] | None
+    health: Probe | None
+    ready: Probe | None
     requests_total: Counter | None = None
     request_seconds: Histogram | None = None
     unauthorized_page: Callable[[Request, str | None, int], Response] | None = None
@@ -652,12 +693,12 @@ async def versions(request: Request, ctx: WebContext) -> dict[str, Any]:
 
     def work(store: Store) -> dict[str, Any]:
         found = store.versions()
-        data = found.to_json()
+        data = versions_json(found)
         data["floor"] = found.earliest
         data["floor_lsn"] = data["earliest_lsn"]
         if when is not None:
             version = store.version_at_timestamp(when)
-            data["at"] = when.isoformat()
+            data["at"] = when.astimezone(UTC).isoformat()
             data["version_at"] = version
             data["version_at_lsn"] = format_lsn(version) if version is not None else None
         return data
@@ -768,7 +809,7 @@ async def row_blame(request: Request, ctx: WebContext, table: str, key_text: str
         return {
             "table": info.name,
             "key": stored,
-            "columns": [e.to_json() for e in store.blame(info.name, stored)],
+            "columns": [blame_json(e) for e in store.blame(info.name, stored)],
         }
 
     return await ctx.run(work)
@@ -865,8 +906,7 @@ async def request_record(request: Request, ctx: WebContext) -> dict[str, Any]:
         found = record.mutations
         if cursor is not None:
             found = store.request_mutations(record.request_id, limit=limit, after=cursor)
-        data = record.to_json()
-        data["mutations"] = [mutation_record(m, utc=True) for m in found]
+        data = request_json(record, found)
         data["next"] = format_cursor(found[-1].cursor) if len(found) == limit else None
         return data
 
@@ -876,20 +916,31 @@ async def request_record(request: Request, ctx: WebContext) -> dict[str, Any]:
 # ============================================================================ health, metrics, schema
 
 
+def probe_result(value: Any) -> tuple[bool, dict[str, Any]]:
+    """A probe's answer as ``(ok, detail)``: it may return a bool, ``(ok, detail)`` (the daemon's
+    ``Daemon.health``/``Daemon.ready``) or a mapping whose ``ok`` says it."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return bool(value[0]), dict(value[1] or {})
+    if isinstance(value, Mapping):
+        return bool(value.get("ok")), dict(value)
+    return bool(value), {}
+
+
+async def _probe(probe: Probe, route: str) -> Response:
+    try:
+        ok, detail = probe_result(await run_in_threadpool(probe))
+    except Exception as exc:  # noqa: BLE001 - a broken probe means not OK, never a 500
+        log_unexpected(exc, route)
+        ok, detail = False, {}
+    body = {**detail, "status": "ok" if ok else "unavailable", "ok": ok}
+    return JsonResponse(body, status_code=200 if ok else 503)
+
+
 async def healthz(request: Request) -> Response:
-    """200 while the main loop's heartbeat is recent (``health()["ok"]``), else 503."""
+    """200 while the main loop's heartbeat is recent (``health()``), else 503."""
     ctx = context_of(request)
     if ctx.health is not None:
-        health = ctx.health
-        try:
-            info = dict(await run_in_threadpool(health))
-        except Exception as exc:  # noqa: BLE001 - a broken health callable means unhealthy
-            log_unexpected(exc, "healthz")
-            return JsonResponse({"status": "unhealthy", "ok": False}, status_code=503)
-        ok = bool(info.get("ok"))
-        return JsonResponse(
-            {**info, "status": "ok" if ok else "unhealthy", "ok": ok}, status_code=200 if ok else 503
-        )
+        return await _probe(ctx.health, "healthz")
     return await _store_probe(ctx, "healthz")
 
 
@@ -897,13 +948,7 @@ async def readyz(request: Request) -> Response:
     """200 when ready (``ready()``, else the history store answers), else 503."""
     ctx = context_of(request)
     if ctx.ready is not None:
-        ready = ctx.ready
-        try:
-            ok = bool(await run_in_threadpool(ready))
-        except Exception as exc:  # noqa: BLE001 - a broken ready callable means not ready
-            log_unexpected(exc, "readyz")
-            ok = False
-        return JsonResponse({"status": "ok" if ok else "not_ready", "ok": ok}, status_code=200 if ok else 503)
+        return await _probe(ctx.ready, "readyz")
     return await _store_probe(ctx, "readyz")
 
 
@@ -1496,8 +1541,8 @@ def create_app(
     token: str | None = None,
     open_access: bool = False,
     registry: CollectorRegistry | None = None,
-    health: Callable[[], Mapping[str, Any]] | None = None,
-    ready: Callable[[], bool] | None = None,
+    health: Probe | None = None,
+    ready: Probe | None = None,
     pool_size: int = POOL_SIZE,
 ) -> Starlette:
     """The ASGI app: JSON API, pages, ``/openapi.json``, ``/metrics``, ``/healthz``, ``/readyz``.
@@ -1505,9 +1550,10 @@ def create_app(
     ``token``: required on every API and page request (Bearer header; pages also the ``cdc_token``
     cookie set by ``/login``). Without one, ``open_access`` must be true, else :class:`ConfigError`.
     ``registry``: the Prometheus registry ``/metrics`` exposes (the daemon's, or a new one with
-    process metrics). ``health``: returns a dict whose ``ok`` says whether the main loop's heartbeat
-    is recent (``/healthz``); ``ready``: whether the daemon is ready (``/readyz``). Without them
-    both answer whether the history store answers.
+    process metrics). ``health``: whether the main loop's heartbeat is recent (``/healthz``);
+    ``ready``: whether the daemon is ready (``/readyz``). Each returns ``(ok, detail)`` like
+    ``Daemon.health``/``Daemon.ready``, a mapping with ``ok``, or a bool; the detail is added to the
+    JSON answer. Without them both answer whether the history store answers.
     """
     problems: list[str] = []
     if not store_dsn or not store_dsn.strip():
@@ -1521,10 +1567,9 @@ def create_app(
             "server.token: not set; set CDC_SERVER__TOKEN or server.token, or allow unauthenticated "
             "access explicitly with server.open: true (cdc serve --open)"
         )
-    dsn = ""
     if not problems:
         try:
-            dsn = reader_dsn(store_dsn)
+            check_dsn(store_dsn)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -1536,7 +1581,7 @@ def create_app(
         PlatformCollector(registry=registry)
     requests_total, request_seconds = _http_metrics(registry)
     ctx = WebContext(
-        pool=StorePool(dsn, schema, size=pool_size),
+        pool=StorePool(store_dsn, schema, size=pool_size),
         token=token,
         registry=registry,
         health=health,

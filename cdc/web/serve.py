@@ -119,12 +119,17 @@ def serve(
         app = create_app(dsn or "", schema=schema, token=secret, open_access=server.open)
     except ValidationError as exc:
         problems = [
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
+            f"server.{'.'.join(str(p) for p in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False)
         ]
-        _fail(str(ConfigError([f"server.{p}" for p in problems])).replace("\n", " "), 2)
+        _fail("; ".join(problems), ConfigError.exit_code)
+        return
+    except ConfigError as exc:
+        _fail("; ".join(" ".join(p.split()) for p in exc.problems), exc.exit_code)
         return
     except CdcError as exc:
-        _fail(" ".join(str(exc).split()), exc.exit_code)
+        message = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
+        _fail(" ".join(message.split()), exc.exit_code)
         return
 
     configure_logging(config.logging.level, config.logging.format)

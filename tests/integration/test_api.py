@@ -413,6 +413,25 @@ def test_request(client: TestClient, seed: StoreBuilder) -> None:
     error(client, "/api/v1/requests/550e8400?limit=0", 400, "bad_request", "limit")
 
 
+def test_times_are_utc_whatever_the_session_time_zone(seed: StoreBuilder) -> None:
+    dsn = f"{seed.dsn} options='-c TimeZone=Asia/Kolkata'"
+    with TestClient(create_app(dsn, token=TOKEN), headers=AUTH) as c:
+        history = get(c, row_url("users", "42", "/history"))["mutations"]
+        blame = get(c, row_url("users", "42", "/blame"))["columns"]
+        request = get(c, "/api/v1/requests/550e8400")
+        versions = get(c, "/api/v1/versions?at=2026-03-10T20:00:00%2B05:30")
+        page = c.get("/tables/users/rows/42").text
+    times = [m["committed_at"] for m in history] + [b["committed_at"] for b in blame]
+    times += [b["rolled_back_at"] for b in blame if b["rolled_back_at"]]
+    times += [request["first_seen_at"], request["last_seen_at"], request["error"]["at"]]
+    times += [t["committed_at"] for t in request["transactions"]] + [versions["current_at"], versions["at"]]
+    assert times and all(t.endswith("+00:00") for t in times), times
+    assert history[0]["committed_at"] == "2026-03-10T12:00:00+00:00"
+    assert versions["at"] == "2026-03-10T14:30:00+00:00"
+    assert versions["version_at"] == seed.positions[3]
+    assert "2026-03-10T12:00:00Z" in page and "+05:30" not in page
+
+
 # ============================================================================ errors, limits, headers
 
 
@@ -545,7 +564,9 @@ def test_no_token_needs_open_access(seed: StoreBuilder) -> None:
 
 def test_metrics_expose_the_registry(seed: StoreBuilder) -> None:
     registry = CollectorRegistry()
-    Counter("cdc_mutations_total", "Row mutations written", ["table"], registry=registry).labels("users").inc(7)
+    Counter("cdc_mutations_total", "Row mutations written", ["table"], registry=registry).labels("users").inc(
+        7
+    )
     with TestClient(create_app(seed.dsn, token=TOKEN, registry=registry)) as c:
         c.get("/api/v1/tables", headers=AUTH)
         response = c.get("/metrics")
@@ -576,11 +597,33 @@ def test_healthz_follows_the_heartbeat(seed: StoreBuilder) -> None:
         assert fresh.json() == {"ok": True, "heartbeat_age_seconds": 0.5, "status": "ok"}
         state.update(ok=False, heartbeat_age_seconds=120.0)
         stale = c.get("/healthz")
-        assert stale.status_code == 503 and stale.json()["status"] == "unhealthy"
+        assert stale.status_code == 503 and stale.json()["status"] == "unavailable"
         assert stale.json()["heartbeat_age_seconds"] == 120.0
         assert c.get("/readyz").status_code == 503
         ready["value"] = True
         assert c.get("/readyz").json() == {"status": "ok", "ok": True}
+
+
+def test_probes_in_the_daemons_shape(seed: StoreBuilder) -> None:
+    """``Daemon.health``/``Daemon.ready`` return ``(ok, detail)``: they can be passed as they are."""
+    beat = {"age": 0.2}
+
+    def health() -> tuple[bool, dict[str, Any]]:
+        return beat["age"] <= 30, {"heartbeat_age_seconds": beat["age"], "standby": False}
+
+    def ready() -> tuple[bool, dict[str, Any]]:
+        ok, detail = health()
+        return ok, {**detail, "streaming": True, "acked_lsn": "0/16B3748"}
+
+    with TestClient(create_app(seed.dsn, token=TOKEN, health=health, ready=ready)) as c:
+        assert c.get("/healthz").json() == {
+            "heartbeat_age_seconds": 0.2, "standby": False, "status": "ok", "ok": True,
+        }  # fmt: skip
+        assert c.get("/readyz").json()["acked_lsn"] == "0/16B3748"
+        beat["age"] = 95.0
+        stale = c.get("/healthz")
+        assert stale.status_code == 503 and stale.json()["heartbeat_age_seconds"] == 95.0
+        assert c.get("/readyz").status_code == 503
 
 
 def test_healthz_when_health_raises(seed: StoreBuilder) -> None:
@@ -589,7 +632,7 @@ def test_healthz_when_health_raises(seed: StoreBuilder) -> None:
 
     with TestClient(create_app(seed.dsn, open_access=True, health=health)) as c:
         response = c.get("/healthz")
-    assert response.status_code == 503 and response.json() == {"status": "unhealthy", "ok": False}
+    assert response.status_code == 503 and response.json() == {"status": "unavailable", "ok": False}
 
 
 def test_healthz_without_daemon_asks_the_store(seed: StoreBuilder) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import schemathesis
@@ -25,7 +26,6 @@ from tests.integration.test_api import AUTH, TOKEN, build_web_seed
 from tests.store_builder import StoreBuilder
 
 EXAMPLES_PER_OPERATION = 25
-BASE_URL = "http://testserver"
 
 CHECKS = [
     checks.not_a_server_error,
@@ -54,12 +54,25 @@ def app(seed: StoreBuilder) -> Starlette:
     app = create_app(seed.dsn, token=TOKEN)
     with TestClient(app) as client:  # the document fuzzed below is the one the app serves
         assert client.get("/openapi.json").json() == openapi_document(secured=True)
+    APP.target = app
     return app
 
 
+class AppProxy:
+    """The ASGI app the cases go to: the `app` fixture's (one per PostgreSQL flavor)."""
+
+    target: Starlette | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        assert self.target is not None
+        await self.target(scope, receive, send)
+
+
 # The document is built without a store (schemathesis' lazy fixture loader does not support this
-# pytest); the cases go to the app of the `app` fixture, in-process over ASGI.
+# pytest); the cases go in-process to APP, as with schemathesis.openapi.from_asgi().
+APP = AppProxy()
 schema = schemathesis.openapi.from_dict(openapi_document(secured=True))
+schema.app = APP
 
 
 @schema.parametrize()
@@ -70,4 +83,5 @@ schema = schemathesis.openapi.from_dict(openapi_document(secured=True))
     database=None,
 )
 def test_api_conforms_to_its_openapi(case: schemathesis.Case, app: Starlette) -> None:
-    case.call_and_validate(app=app, base_url=BASE_URL, headers=dict(AUTH), checks=CHECKS)
+    assert APP.target is app
+    case.call_and_validate(headers=dict(AUTH), checks=CHECKS)

@@ -236,7 +236,11 @@ def test_pages_need_the_token_or_the_cookie(seed: StoreBuilder) -> None:
         ok = c.get(f"/login?token={TOKEN}&next=/requests/550e8400", follow_redirects=False)
         assert ok.status_code == 303 and ok.headers["location"] == "/requests/550e8400"
         cookie = ok.headers["set-cookie"]
-        assert "cdc_token=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        assert (
+            "cdc_token=" in cookie
+            and "HttpOnly" in cookie
+            and "SameSite=strict" in cookie.replace("Strict", "strict")
+        )
         assert TOKEN not in cookie  # the cookie is derived from the token, not the token
         assert c.get("/tables/users/rows/42").status_code == 200
 
