@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from cdc.history import History
+    from cdc.dryrun import asimulate, simulate
 
-__all__ = ["History", "__version__"]
+__all__ = ["History", "__version__", "asimulate", "simulate"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from cdc.history import History
 
         return History
+    if name in ("simulate", "asimulate"):
+        from cdc import dryrun
+
+        return getattr(dryrun, name)
     raise AttributeError(f"module 'cdc' has no attribute {name!r}")

@@ -600,6 +600,13 @@ class LoggingConfig(_Section):
     format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
 
 
+class SimulateConfig(_Section):
+    """Dry-run support (`cdc.simulate`): a row trigger that costs a little on every write."""
+
+    enabled: bool = False
+    tables: Annotated[tuple[TableKey, ...], BeforeValidator(_split_list), AfterValidator(_unique)] = ()
+
+
 class ReconnectConfig(_Section):
     """Backoff between reconnection attempts."""
 
@@ -638,6 +645,7 @@ class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
 
     def require_source(self) -> str:
         """The source DSN; raises :class:`ConfigError` when none is configured."""

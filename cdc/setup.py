@@ -26,6 +26,7 @@ from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreU
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import ColumnPolicies
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
+from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.source_context import context_installed, install_context, uninstall_context
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
@@ -166,6 +167,13 @@ def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
             )
         )
         report.did(f"source: context trigger on {len(tables)} table(s)")
+        if config.simulate.enabled:
+            wanted = set(config.simulate.tables)
+            chosen = [(t.schema, t.name) for t in tables if not wanted or t.qualified in wanted]
+            report.warnings.extend(
+                install_simulate(src, chosen, exclude_schemas=(schema,) if exclude else ())
+            )
+            report.did(f"source: dry-run trigger on {len(chosen)} table(s)")
 
         writer = StoreWriter(store_dsn, schema, slot)
         try:
@@ -368,6 +376,9 @@ def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
             report.did(f"source: slot {slot} dropped")
         src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
         report.did(f"source: publication {publication} dropped")
+        if simulate_installed(src):
+            uninstall_simulate(src)
+            report.did("source: dry-run trigger removed")
         if context_installed(src):
             uninstall_context(src)
             report.did("source: context trigger removed")

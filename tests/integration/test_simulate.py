@@ -14,7 +14,7 @@ import pytest
 from cdc import client
 from cdc.devdb import LocalPostgres
 from cdc.errors import SetupError, UsageError
-from cdc.simulate import (
+from cdc.dryrun import (
     Delta,
     asimulate,
     install_simulate,
