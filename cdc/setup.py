@@ -123,6 +123,13 @@ def ensure_publication(
     return "schemas " + ", ".join(schemas)
 
 
+def install_await_capture(conn: psycopg.Connection[Any], slot: str) -> None:
+    """The function the client helper calls before rolling back a failed request."""
+    text = (SQL_DIR / "await_capture.sql").read_text().replace("{slot}", sql.Literal(slot).as_string(conn))
+    with conn.transaction():
+        conn.execute(text.encode())
+
+
 def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | None] | None:
     row = conn.execute(
         "SELECT plugin, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
@@ -166,6 +173,7 @@ def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
                 settings_prefix=config.context.settings_prefix,
             )
         )
+        install_await_capture(src, slot)
         report.did(f"source: context trigger on {len(tables)} table(s)")
         if config.simulate.enabled:
             wanted = set(config.simulate.tables)
@@ -376,6 +384,8 @@ def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
             report.did(f"source: slot {slot} dropped")
         src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
         report.did(f"source: publication {publication} dropped")
+        src.execute("DROP FUNCTION IF EXISTS cdc.await_capture(pg_lsn, integer)")
+        src.execute("DROP FUNCTION IF EXISTS cdc.capture_slot()")
         if simulate_installed(src):
             uninstall_simulate(src)
             report.did("source: dry-run trigger removed")

@@ -29,6 +29,7 @@ from cdc.assembler import COMMITTED, Mutation, TableSchema, key_text
 from cdc.config import redact_dsn
 from cdc.context import ReportedError
 from cdc.errors import SetupError, StandbyError, StoreUnavailableError
+from cdc.store.retention import PartitionCache
 
 _MUTATION_COLUMNS = (
     "position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, "
@@ -112,6 +113,9 @@ class StoreWriter:
         self._conn: psycopg.Connection[Any] | None = None
         self._schema_ids: dict[str, int] = {}
         self._max_written_position = 0
+        # (retention) The time partitions known to exist: a batch outside them creates its
+        # partitions first (cdc/store/retention.py); in the steady state a few comparisons.
+        self._partitions = PartitionCache(schema)
 
     # -- connection ------------------------------------------------------------
     def connect(self) -> None:
@@ -128,6 +132,13 @@ class StoreWriter:
                         f"the history store has no schema {self.schema!r}",
                         hint="run `cdc setup` first",
                     )
+                cur.execute("SELECT to_regclass('mutations_all') IS NOT NULL")  # (retention)
+                row = cur.fetchone()
+                if not row or not row[0]:
+                    raise SetupError(
+                        f"the history store schema {self.schema!r} predates partitioning",
+                        hint="stop the daemon and run `cdc setup`: it converts the store in place",
+                    )
                 # One active daemon per slot: a session-level advisory lock on the store,
                 # released by the server the moment this connection dies.
                 cur.execute(
@@ -141,6 +152,7 @@ class StoreWriter:
                 cur.execute("SELECT coalesce(max(position), 0) FROM mutations")
                 found = cur.fetchone()
                 self._max_written_position = int(found[0]) if found else 0
+                self._partitions.load(self._conn)  # (retention)
             self._conn.commit()
         except psycopg.OperationalError as exc:
             self.close()
@@ -217,6 +229,7 @@ class StoreWriter:
         """Write the batch and its ack LSN in one store transaction."""
         with self._guard():
             conn = self.conn
+            self._ensure_partitions(batch)  # (retention) in a short transaction of its own
             try:
                 with conn.cursor() as cur:
                     if batch.mutations:
@@ -244,6 +257,17 @@ class StoreWriter:
 
     def _guard(self) -> _StoreGuard:
         return _StoreGuard(self)
+
+    def _ensure_partitions(self, batch: Batch) -> None:
+        """(retention) Create the partitions the batch's commit times need, if any is missing.
+
+        Committed before the batch's own transaction, so the batch never holds the partition
+        lock. Never waits for a prune and gives up under a short lock timeout: the rows then
+        land in the DEFAULT partition, which the pruner empties later."""
+        times = [m.committed_at for m in batch.mutations] + [t.committed_at for t in batch.transactions]
+        if not times or self._partitions.covers(min(times), max(times)):
+            return
+        self._partitions.ensure(self.conn, times)
 
     def schema_id(self, cur: psycopg.Cursor[Any], schema: TableSchema, position: int) -> int:
         found = self._schema_ids.get(schema.fingerprint)
@@ -277,15 +301,48 @@ class StoreWriter:
         keys = [key_text(m.old_key if m.old_key is not None else (m.key or {})) for m in needs]
         positions = [m.position for m in needs]
         ordinals = [m.ordinal for m in needs]
+        # (retention) Two passes, so that a row's last image costs an index seek in the recent
+        # partitions (this interval and the previous one), not one in every partition. A hit
+        # there is the last image only if it is newer than every committed position stored
+        # outside them (older partitions, mutations_keep): checked with one max() per batch;
+        # the rows without such a hit are looked up everywhere (mutations_all: all partitions
+        # and the keyframes of pruned rows).
+        cut = self._partitions.recent_cut(min(m.committed_at for m in needs))
         cur.execute(
-            "SELECT n.i, p.after FROM unnest(%s::text[], %s::jsonb[], %s::bigint[], %s::int[]) "
+            "SELECT n.i, p.after, coalesce(p.position > o.m, false) FROM ("
+            "  SELECT coalesce(greatest((SELECT max(position) FROM mutations WHERE committed_at < %s "
+            "  AND version IS NOT NULL), (SELECT max(position) FROM mutations_keep WHERE version IS NOT NULL)), -1) AS m"
+            ") o CROSS JOIN unnest(%s::text[], %s::jsonb[], %s::bigint[], %s::int[]) "
             "WITH ORDINALITY AS n(table_name, key, position, ordinal, i) "
-            "LEFT JOIN LATERAL (SELECT m.after FROM mutations m WHERE m.table_name = n.table_name "
-            "AND m.key = n.key AND m.version IS NOT NULL AND (m.position, m.ordinal) < (n.position, n.ordinal) "
+            "LEFT JOIN LATERAL (SELECT m.after, m.position FROM mutations m WHERE m.committed_at >= %s "
+            "AND m.table_name = n.table_name AND m.key = n.key AND m.version IS NOT NULL "
+            "AND (m.position, m.ordinal) < (n.position, n.ordinal) "
             "ORDER BY m.position DESC, m.ordinal DESC LIMIT 1) p ON true",
-            (tables, keys, positions, ordinals),
+            (cut, tables, keys, positions, ordinals, cut),
         )
-        images: dict[int, dict[str, Any] | None] = {int(i): after for i, after in cur.fetchall()}
+        images: dict[int, dict[str, Any] | None] = {}
+        missing: list[int] = []
+        for i, after, exact in cur.fetchall():
+            if exact:
+                images[int(i)] = after
+            else:
+                missing.append(int(i) - 1)
+        if missing:
+            cur.execute(
+                "SELECT n.i, p.after FROM unnest(%s::text[], %s::jsonb[], %s::bigint[], %s::int[]) "
+                "WITH ORDINALITY AS n(table_name, key, position, ordinal, i) "
+                "LEFT JOIN LATERAL (SELECT m.after FROM mutations_all m WHERE m.table_name = n.table_name "
+                "AND m.key = n.key AND m.version IS NOT NULL AND (m.position, m.ordinal) < (n.position, n.ordinal) "
+                "ORDER BY m.position DESC, m.ordinal DESC LIMIT 1) p ON true",
+                (
+                    [tables[j] for j in missing],
+                    [keys[j] for j in missing],
+                    [positions[j] for j in missing],
+                    [ordinals[j] for j in missing],
+                ),
+            )
+            for i, after in cur.fetchall():
+                images[missing[int(i) - 1] + 1] = after
         for index, mutation in enumerate(needs, start=1):
             _apply_fill(mutation, images.get(index))
 
@@ -341,9 +398,15 @@ class StoreWriter:
         with cur.copy(f"COPY {target} ({_MUTATION_COLUMNS}) FROM STDIN") as copy:
             copy.write(data)
         if not direct:
+            # (retention) The key is (position, ordinal, committed_at): committed_at is the commit
+            # time from the WAL, the same on a replay, except for a rolled-back transaction before
+            # PG16 (the daemon's clock when the abort arrived): those rows also skip a stored
+            # (position, ordinal).
             cur.execute(
-                f"INSERT INTO mutations ({_MUTATION_COLUMNS}) SELECT {_MUTATION_COLUMNS} FROM _staging "
-                "ON CONFLICT (position, ordinal) DO NOTHING"
+                f"INSERT INTO mutations ({_MUTATION_COLUMNS}) SELECT {_MUTATION_COLUMNS} FROM _staging s "
+                "WHERE s.status = 'committed' OR NOT EXISTS (SELECT 1 FROM mutations m "
+                "WHERE m.position = s.position AND m.ordinal = s.ordinal) "
+                "ON CONFLICT (position, ordinal, committed_at) DO NOTHING"
             )
             cur.execute("TRUNCATE _staging")
 
@@ -362,49 +425,65 @@ class StoreWriter:
         return {str(actor): int(last) - counts[str(actor)] + 1 for actor, last in cur.fetchall()}
 
     def _insert_transactions(self, cur: psycopg.Cursor[Any], transactions: list[TransactionRow]) -> None:
-        cur.executemany(
+        # (retention) Keyed on (position, committed_at); as for mutations, a rolled-back
+        # transaction replayed with another abort time is skipped by its position alone.
+        # One statement per batch, whatever its number of (small) transactions.
+        cur.execute(
             "INSERT INTO transactions (position, xid, version, commit_lsn, status, committed_at, origin, "
-            "mutation_count, request_ids) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (position) DO NOTHING",
-            [
-                (
-                    t.position,
-                    t.xid,
-                    t.position if t.status == COMMITTED else None,
-                    t.commit_lsn,
-                    t.status,
-                    t.committed_at,
-                    t.origin,
-                    t.mutation_count,
-                    sorted(t.requests),
-                )
-                for t in transactions
-            ],
+            "mutation_count, request_ids) "
+            "SELECT t.position, t.xid, t.version, t.commit_lsn, t.status, t.committed_at, t.origin, "
+            "t.mutation_count, ARRAY(SELECT jsonb_array_elements_text(t.request_ids)) "
+            "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::timestamptz[], "
+            "%s::text[], %s::integer[], %s::jsonb[]) "
+            "AS t(position, xid, version, commit_lsn, status, committed_at, origin, mutation_count, request_ids) "
+            "WHERE t.status = 'committed' OR NOT EXISTS (SELECT 1 FROM transactions x WHERE x.position = t.position) "
+            "ON CONFLICT (position, committed_at) DO NOTHING",
+            (
+                [t.position for t in transactions],
+                [t.xid for t in transactions],
+                [t.position if t.status == COMMITTED else None for t in transactions],
+                [t.commit_lsn for t in transactions],
+                [t.status for t in transactions],
+                [t.committed_at for t in transactions],
+                [t.origin for t in transactions],
+                [t.mutation_count for t in transactions],
+                [orjson.dumps(sorted(t.requests)).decode() for t in transactions],
+            ),
         )
-        request_rows: list[tuple[Any, ...]] = []
+        # Requests: aggregated per batch, then one upsert.
+        merged: dict[str, list[Any]] = {}
         for txn in transactions:
             for request_id, (context, committed, actor) in txn.requests.items():
-                request_rows.append(
-                    (
-                        request_id,
-                        actor,
-                        json.dumps(context),
-                        txn.committed_at,
-                        int(committed),
-                        int(not committed),
-                    )
-                )
-        if request_rows:
-            cur.executemany(
+                row = merged.get(request_id)
+                if row is None:
+                    merged[request_id] = [actor, context, txn.committed_at, txn.committed_at, 0, 0]
+                    row = merged[request_id]
+                row[0] = actor or row[0]
+                row[2] = min(row[2], txn.committed_at)
+                row[3] = max(row[3], txn.committed_at)
+                row[4 if committed else 5] += 1
+        if merged:
+            ids = list(merged)
+            cur.execute(
                 "INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, "
-                "committed_count, rolled_back_count) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "committed_count, rolled_back_count) "
+                "SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::timestamptz[], %s::timestamptz[], "
+                "%s::integer[], %s::integer[]) "
                 "ON CONFLICT (request_id) DO UPDATE SET "
                 "actor = coalesce(EXCLUDED.actor, requests.actor), "
                 "last_seen_at = greatest(requests.last_seen_at, EXCLUDED.last_seen_at), "
                 "first_seen_at = least(requests.first_seen_at, EXCLUDED.first_seen_at), "
                 "committed_count = requests.committed_count + EXCLUDED.committed_count, "
                 "rolled_back_count = requests.rolled_back_count + EXCLUDED.rolled_back_count",
-                [(r[0], r[1], r[2], r[3], r[3], r[4], r[5]) for r in request_rows],
+                (
+                    ids,
+                    [merged[i][0] for i in ids],
+                    [orjson.dumps(merged[i][1]).decode() for i in ids],
+                    [merged[i][2] for i in ids],
+                    [merged[i][3] for i in ids],
+                    [merged[i][4] for i in ids],
+                    [merged[i][5] for i in ids],
+                ),
             )
 
     def _record_errors(self, cur: psycopg.Cursor[Any], errors: Iterable[ReportedError]) -> None:
