@@ -141,6 +141,22 @@ def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | No
 
 def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
     """Prepare the source and the store. Safe to run again at any time."""
+    try:
+        return _setup(config, recreate_slot=recreate_slot)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise SetupError(
+            f"a privilege is missing: {str(exc).strip().splitlines()[0]}",
+            hint="FOR ALL TABLES publications need a superuser: set source.tables to tables the role owns, "
+            "or have an administrator create the publication and grant what sql/grants.sql lists "
+            "(docs/security.md)",
+        ) from exc
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailableError(f"setup lost its connection: {str(exc).strip()}") from exc
+    except psycopg.Error as exc:
+        raise SetupError(f"setup failed: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
     source_dsn = config.require_source()
     store_dsn = config.require_store()
     slot, publication, schema = config.source.slot, config.source.publication, config.store.schema_name

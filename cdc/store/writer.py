@@ -125,6 +125,8 @@ class StoreWriter:
             self._conn = psycopg.connect(self.dsn, autocommit=False, connect_timeout=10)
             with self._conn.cursor() as cur:
                 cur.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(self.schema)))
+                # The slot moves on once a batch commits: that commit must be durable.
+                cur.execute("SET synchronous_commit = on")
                 cur.execute("SELECT to_regclass('mutations') IS NOT NULL")
                 row = cur.fetchone()
                 if not row or not row[0]:
