@@ -7,12 +7,14 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +123,46 @@ def write_script(directory: Path, name: str, text: str) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- CPU time
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU of a process (and of its reaped children), in seconds."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    # Fields after the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / _TICKS
+
+
+def server_cpu_seconds(pg: LocalPostgres) -> float:
+    """CPU used by a server so far: the postmaster with every child it reaped, plus its live
+    children (backends, walsenders, background processes). A difference of two readings is
+    the CPU the server spent in between, whatever else the machine was doing."""
+    postmaster = pg.pid
+    if postmaster is None:
+        return 0.0
+    total = process_cpu_seconds(postmaster)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[1]) == postmaster:
+                total += process_cpu_seconds(int(entry.name))
+    return total
+
+
 # --------------------------------------------------------------------------- capture set-ups
 
 
@@ -207,6 +249,27 @@ def unique(prefix: str) -> str:
 # --------------------------------------------------------------------------- the daemon
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format → {metric name: value summed over its label sets}."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0].strip()
+        try:
+            found[name] = found.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return found
+
+
 class Daemon:
     """`cdc run` as a real process (log to a file); SIGTERM to stop, SIGKILL when it hangs."""
 
@@ -216,6 +279,16 @@ class Daemon:
         self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self.http_port = 0
+
+    def metrics(self) -> dict[str, float]:
+        """The daemon's Prometheus metrics, summed over labels (empty when unreachable)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except (OSError, ValueError):
+            return {}
+        return parse_metrics(text)
 
     @property
     def pid(self) -> int:
@@ -224,11 +297,15 @@ class Daemon:
 
     def start(self) -> Daemon:
         log_file = self.log_path.open("ab")
+        # /metrics on a free port: the default 8400 may be taken by another daemon on the machine.
+        self.http_port = free_port()
+        env = self.capture.env()
+        env["CDC_SERVER__LISTEN"] = f"127.0.0.1:{self.http_port}"
         try:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
                 [*self.wrapper, sys.executable, "-m", "cdc", "run"],
-                env=self.capture.env(),
+                env=env,
                 stdout=log_file,
                 stderr=log_file,
                 cwd=ROOT,

@@ -28,16 +28,18 @@ PROBE_ROWS = 50_000
 
 
 def _sizes(ctx: Context, rate: float | None, m: Measurement) -> list[int]:
+    """The nominal sizes, or, when the daemon is too slow to drain the largest within the
+    budget, the same sizes scaled down together (the largest never below ``floor`` rows)."""
     nominal = [1_000_000] if ctx.quick else [1_000_000, 5_000_000]
-    budget = 40.0 if ctx.quick else 200.0  # seconds of draining for the largest size
+    budget = 30.0 if ctx.quick else 180.0  # seconds of draining for the largest size
+    floor = 100_000 if ctx.quick else 500_000
     if not ctx.scale or not rate:
         return nominal
     largest = max(nominal)
-    fit = int(rate * budget / 50_000) * 50_000
+    fit = max(floor, int(rate * budget / 50_000) * 50_000)
     if fit >= largest:
         return nominal
-    factor = max(fit, 2 * PROBE_ROWS) / largest
-    sizes = [max(2 * PROBE_ROWS, int(n * factor / 10_000) * 10_000) for n in nominal]
+    sizes = [max(10_000, int(n * fit / largest / 10_000) * 10_000) for n in nominal]
     m.notes.append(
         f"Sizes scaled from {', '.join(f'{n:,}' for n in nominal)} rows to {', '.join(f'{n:,}' for n in sizes)} "
         f"to drain the largest in about {budget:.0f} s at the measured {rate:,.0f} rows/s of a large "
@@ -90,9 +92,12 @@ def measure(ctx: Context) -> Measurement:
             )
             return run
 
-        probe = one(PROBE_ROWS)
-        m.runs.append(probe)
-        sizes = _sizes(ctx, probe["rows_per_s"], m)
+        rate = ctx.large_rate
+        if rate is None and ctx.scale:
+            probe = one(PROBE_ROWS)
+            m.runs.append(probe)
+            rate = probe["rows_per_s"]
+        sizes = _sizes(ctx, rate, m)
         m.params["sizes"] = sizes
         for rows in sizes:
             m.runs.append(one(rows))

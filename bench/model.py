@@ -127,6 +127,8 @@ class Context:
     capture_rate: float | None = None
     #: changes per transaction of the small workload, to turn the rate into transactions/s
     changes_per_txn: float | None = None
+    #: the daemon's measured rate of changes per second in one large transaction
+    large_rate: float | None = None
 
     def log_path(self, name: str) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ and filled directly with generate_series: R rows (80 % in `public.accounts`, 20 
 `public.orders`, keys `{"id": n}`), each inserted once and then updated 9 times (10
 versions a row; the updates of consecutive transactions touch rows spread over the whole
 key range), 4 mutations a transaction, a request id on one transaction in three (with its
-`requests` record), before/after images of 5 columns, per-actor sequence numbers. The
-secondary indexes are built after the load, then VACUUM ANALYZE.
+`requests` record), before/after images of 5 columns, per-actor sequence numbers, commit
+times spread over 14 days (partitions created as the daemon would when the store is
+partitioned). The secondary indexes are built after the load, then ANALYZE.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -34,7 +36,8 @@ ACCOUNTS_SHARE = 0.8
 SAMPLES = 200
 WARMUP = 20
 ROW_TARGET = Target("<", 5.0)
-QUERY_BUDGET_S = 20.0  # per query kind, warm-up and samples each
+START = "2026-01-01 00:00:00+00"  # the first commit time; the history spans SPAN
+SPAN = timedelta(days=14)
 
 COLUMNS = [
     {"name": "id", "type_oid": 20, "type_modifier": -1, "key": True},
@@ -90,7 +93,7 @@ FROM (
     FROM (
         SELECT i, i / {PER_TXN} AS t, (i % {PER_TXN})::int AS ord,
                %(base)s + (i / {PER_TXN}) * {STEP} AS pos, 1000 + i / {PER_TXN} AS xid,
-               timestamptz '2026-01-01 00:00:00+00' + (i / {PER_TXN}) * interval '10 ms' AS ts,
+               timestamptz '{START}' + (i / {PER_TXN}) * %(step_us)s * interval '1 microsecond' AS ts,
                CASE WHEN i < %(rows)s THEN i + 1 ELSE (i * 7919) % %(rows)s + 1 END AS r,
                (i / %(rows)s)::int AS k
         FROM generate_series(%(lo)s::bigint, %(hi)s::bigint - 1) AS i
@@ -103,18 +106,18 @@ TRANSACTIONS_SQL = f"""
 INSERT INTO transactions (position, xid, version, commit_lsn, status, committed_at, origin, mutation_count,
                           request_ids)
 SELECT %(base)s + t * {STEP}, 1000 + t, %(base)s + t * {STEP}, %(base)s + t * {STEP} - 64, 'committed',
-       timestamptz '2026-01-01 00:00:00+00' + t * interval '10 ms', NULL, {PER_TXN},
+       timestamptz '{START}' + t * %(step_us)s * interval '1 microsecond', NULL, {PER_TXN},
        CASE WHEN t % 3 = 0 THEN ARRAY['req-' || substr(md5(t::text), 1, 16)] ELSE '{{}}'::text[] END
 FROM generate_series(0::bigint, %(txns)s::bigint - 1) AS t
 """.replace(" % ", " %% ")
 
-REQUESTS_SQL = """
+REQUESTS_SQL = f"""
 INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, committed_count)
 SELECT 'req-' || substr(md5(t::text), 1, 16), 'user-' || (t % 50),
        jsonb_build_object('request_id', 'req-' || substr(md5(t::text), 1, 16), 'actor', 'user-' || (t % 50),
                           'application_name', 'shop', 'db_user', 'app', 'source', 'setting'),
-       timestamptz '2026-01-01 00:00:00+00' + t * interval '10 ms',
-       timestamptz '2026-01-01 00:00:00+00' + t * interval '10 ms', 1
+       timestamptz '{START}' + t * %(step_us)s * interval '1 microsecond',
+       timestamptz '{START}' + t * %(step_us)s * interval '1 microsecond', 1
 FROM generate_series(0::bigint, %(txns)s::bigint - 1) AS t WHERE t % 3 = 0
 ON CONFLICT (request_id) DO NOTHING
 """.replace(" % ", " %% ")
@@ -135,11 +138,22 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
     rows = mutations // VERSIONS
     accounts = int(rows * ACCOUNTS_SHARE)
     txns = mutations // PER_TXN
+    step_us = int(SPAN.total_seconds() * 1e6 / txns)
     timings: dict[str, float] = {}
     started = time.monotonic()
+    partitions = 0
     with connect(dsn) as conn:
         apply_store_schema(conn, SCHEMA)
         conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass('mutations')").fetchone()
+        if kind is not None and kind[0] == "p":
+            # A partitioned store: the partitions the daemon would have created for this span.
+            from cdc.store import retention
+
+            first = datetime.fromisoformat(START)
+            with conn.transaction():
+                created = retention.ensure_partitions(conn, SCHEMA, first, first + SPAN)
+            partitions = len(created or []) // 2
         for index in _secondary_indexes(conn):
             conn.execute(f"DROP INDEX {index}")
         has_actor = bool(
@@ -180,14 +194,16 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
                     "sid_a": sids["public.accounts"],
                     "sid_o": sids["public.orders"],
                     "base": BASE,
+                    "step_us": step_us,
                 },
             )
 
     def load_rest() -> None:
         with connect(dsn) as conn:
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
-            conn.execute(TRANSACTIONS_SQL, {"base": BASE, "txns": txns})  # type: ignore[arg-type]
-            conn.execute(REQUESTS_SQL, {"txns": txns})  # type: ignore[arg-type]
+            params = {"base": BASE, "txns": txns, "step_us": step_us}
+            conn.execute(TRANSACTIONS_SQL, params)  # type: ignore[arg-type]
+            conn.execute(REQUESTS_SQL, params)  # type: ignore[arg-type]
 
     workers = [
         Background(lambda: load(0, half), "fill-1"),
@@ -206,17 +222,41 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
     timings["index_s"] = time.monotonic() - started
     started = time.monotonic()
     with connect(dsn) as conn:
-        for table in ("mutations", "transactions", "requests", "table_schemas", "capture_state"):
-            conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(SCHEMA, table)))
+        leaves = [
+            str(r[0])
+            for table in ("mutations", "transactions", "requests", "table_schemas", "capture_state")
+            for r in conn.execute(
+                "SELECT relid::regclass::text FROM pg_partition_tree(%s::regclass) WHERE isleaf "
+                "ORDER BY pg_relation_size(relid) DESC",
+                (f"{SCHEMA}.{table}",),
+            ).fetchall()
+        ]
         size = conn.execute(
-            "SELECT pg_total_relation_size(%s::regclass)", (f"{SCHEMA}.mutations",)
+            "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree(%s::regclass)",
+            (f"{SCHEMA}.mutations",),
         ).fetchone()
-    timings["vacuum_analyze_s"] = time.monotonic() - started
+
+    def analyze(tables: list[str]) -> None:
+        with connect(dsn) as conn:
+            for table in tables:
+                conn.execute(f"ANALYZE {table}")
+
+    # ANALYZE, no VACUUM (none of the queries can be index-only), of the leaf tables only, as
+    # autovacuum would (it never analyzes a partitioned parent). Two sessions (2 cores), the
+    # largest tables dealt out in turn.
+    workers = [Background(lambda part=leaves[i::2]: analyze(part), f"analyze-{i}") for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.value()
+    timings["analyze_s"] = time.monotonic() - started
     return {
         "mutations": txns * PER_TXN,
         "rows": rows,
         "transactions": txns,
         "versions_per_row": VERSIONS,
+        "history_span_days": SPAN.days,
+        "partitions_per_table": partitions,
         "mutations_table_mb": round(int(size[0]) / 1024**2) if size else None,
         **{k: round(v, 1) for k, v in timings.items()},
     }
@@ -242,13 +282,16 @@ def _timed(fn: Callable[[], Any], samples: int, budget_s: float) -> list[float]:
 
 def measure(ctx: Context) -> Measurement:
     mutations = 1_000_000 if ctx.quick else 10_000_000
+    budget = 10.0 if ctx.quick else 30.0  # seconds per query kind, for the warm-up and again the samples
     m = Measurement(
         "reads",
         "Reads on a large store (query layer)",
         method=(
             "A store schema filled directly (see `bench/reads.py`): 10 versions per row, 80 % of the "
             "rows in one table and 20 % in another, 4 mutations per transaction, a request id on one "
-            "transaction in three, 5-column jsonb images; indexes from `sql/store.sql`; VACUUM ANALYZE. "
+            "transaction in three, 5-column jsonb images, commit times spread over 14 days (when the store "
+            "is partitioned, its partitions are created as the daemon would, with "
+            "`cdc.store.retention.ensure_partitions`); indexes from `sql/store.sql`; ANALYZE of every table (of each partition, as autovacuum does). "
             f"Each call through `cdc.query.Store` on one connection, {WARMUP} warm-up calls then "
             f"{SAMPLES} timed samples with random rows, versions, requests and cursors. Times are "
             "wall-clock in the client, Python decoding included."
@@ -304,7 +347,7 @@ def measure(ctx: Context) -> Measurement:
                 ),
             }
             for name, (label, fn, targeted) in cases.items():
-                times = _timed(fn, SAMPLES, QUERY_BUDGET_S)
+                times = _timed(fn, SAMPLES, budget)
                 run = {
                     "query": name,
                     "samples": len(times),
@@ -316,11 +359,17 @@ def measure(ctx: Context) -> Measurement:
                 log(f"reads: {name}: p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms")
                 if len(times) < SAMPLES:
                     m.notes.append(
-                        f"{name}: {len(times)} samples instead of {SAMPLES}, cut at the {QUERY_BUDGET_S:.0f} s "
+                        f"{name}: {len(times)} samples instead of {SAMPLES}, cut at the {budget:.0f} s "
                         "time budget of each query kind."
                     )
                 m.figures.append(
-                    Figure(f"reads.{name}.p50", f"{label}, p50", "ms", [run["p50_ms"]], note=f"{len(times)} samples")
+                    Figure(
+                        f"reads.{name}.p50",
+                        f"{label}, p50",
+                        "ms",
+                        [run["p50_ms"]],
+                        note=f"{len(times)} samples",
+                    )
                 )
                 m.figures.append(
                     Figure(

@@ -123,6 +123,20 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"- Server settings: {shown}. Throwaway servers, one per measurement, on this machine; "
             "durability is off (fsync=off), so the figures leave the disk out."
         )
+    loads = [
+        float(v)
+        for m in measurements
+        for k, v in m.params.items()
+        if k in ("load_average_before", "load_average_after") and isinstance(v, int | float)
+    ]
+    nproc = machine.get("nproc") or 1
+    if loads and max(loads) > nproc / 2:
+        lines.append(
+            f"- **The machine was busy with other work during this run**: the 1-minute load average reached "
+            f"{max(loads):.1f} on {nproc} CPUs (see each measurement's parameters). Every figure here shares "
+            "the CPUs with that work: rates are low and latencies high compared with an idle machine, and "
+            "run-to-run spread is wide."
+        )
     lines.append("")
 
     targeted = [(m, f) for m in measurements for f in m.figures if f.target is not None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -92,13 +93,17 @@ def measurement_functions() -> dict[str, Callable[[Context], Measurement]]:
 
 def run_one(name: str, fn: Callable[[Context], Measurement], ctx: Context) -> Measurement:
     started = time.monotonic()
-    log(f"=== {name}")
+    load_before = os.getloadavg()[0]
+    log(f"=== {name} (load average {load_before:.1f})")
     try:
         result = fn(ctx)
     except Exception:
         result = Measurement(name, TITLES[name], error=traceback.format_exc())
         log(f"{name} failed:\n{result.error}")
     result.seconds = time.monotonic() - started
+    # Other work on the machine skews every figure: keep the 1-minute load average around it.
+    result.params["load_average_before"] = round(load_before, 1)
+    result.params["load_average_after"] = round(os.getloadavg()[0], 1)
     log(f"=== {name} done in {result.seconds:.0f} s")
     return result
 
@@ -150,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["measurements"].append(measurement.to_json())
         results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
         write_results(args.out / "results.json", results)
+        # Also kept per mode and flavor, so that a quick run does not hide the last full one.
+        write_results(args.out / f"results-{'quick' if args.quick else 'full'}-{args.flavor}.json", results)
     if args.write_docs:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
         args.docs.write_text(render_markdown(results))

@@ -10,16 +10,22 @@ Configurations, run in turn (a, b0, b, c) several times on the same database:
 
 Every configuration runs at wal_level=logical with the publication and the slot in place (a
 slot costs the source nothing while nobody reads it). Between runs the slot is fast-forwarded
-to the current WAL position, so the daemon never starts a run with a backlog.
+to the current WAL position, so the daemon never starts a run with a backlog. The store is a
+second server (on the same machine). Besides transactions/s, which depend on whatever else
+runs on the machine, the CPU time the source server spends per transaction is measured from
+/proc: the cost on the source proper.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import psycopg
 
 from bench.harness import (
+    MARKER_DDL,
     Capture,
     catch_up,
     connect,
@@ -28,9 +34,11 @@ from bench.harness import (
     new_capture,
     pgbench,
     pgbench_tps,
+    process_cpu_seconds,
     running_daemon,
     scalar,
     server,
+    server_cpu_seconds,
 )
 from bench.model import Context, Figure, Measurement, Target
 
@@ -111,6 +119,20 @@ def _check_context_trigger(conn: psycopg.Connection[Any]) -> None:
             raise RuntimeError(f"cdc setup did not install the context trigger on {table}")
 
 
+def _processed(output: str) -> int:
+    match = re.search(r"number of transactions actually processed: (\d+)", output)
+    if match is None:
+        raise RuntimeError(f"no transaction count in pgbench output: {output[-1000:]}")
+    return int(match.group(1))
+
+
+def _reset(conn: psycopg.Connection[Any]) -> None:
+    """What pgbench does before a run (we run it with -n, so this stays out of the timing)."""
+    conn.execute("VACUUM pgbench_branches")
+    conn.execute("VACUUM pgbench_tellers")
+    conn.execute("TRUNCATE pgbench_history")
+
+
 def measure(ctx: Context) -> Measurement:
     duration = 10 if ctx.quick else 30
     reps = 2 if ctx.quick else 3
@@ -118,20 +140,26 @@ def measure(ctx: Context) -> Measurement:
         "source_cost",
         "Cost on the source: pgbench TPC-B-like",
         method=(
-            f"`pgbench -i -s 10`, then `pgbench -c 2 -j 2 -T {duration}` (built-in TPC-B-like script) in "
-            f"turn for each configuration, {reps} times; figures are medians, losses relative to (a). "
+            f"`pgbench -i -s 10`, then `pgbench -n -c 2 -j 2 -T {duration}` (built-in TPC-B-like script; "
+            "the branches and tellers vacuumed and the history truncated before each run, as pgbench does) "
+            f"in turn for each configuration, {reps} times; figures are medians, losses relative to (a). "
             "(a) no capture: context trigger disabled, daemon stopped; (b0) the context trigger "
-            "alone; (b) capture: context trigger and `cdc run` running (the daemon and the store "
-            "share the machine's 2 cores with pgbench and the source); (c) a classic row-level "
+            "alone; (b) capture: context trigger and `cdc run` running; (c) a classic row-level "
             "audit trigger inserting `to_jsonb(OLD)`/`to_jsonb(NEW)` into an audit table "
             "(`bench/source_cost.py`). All at wal_level=logical with the slot in place; the slot is "
-            "fast-forwarded between runs."
+            "fast-forwarded between runs. The store is a second server, but on the same 2 CPUs: in (b) "
+            "the daemon and the store compete with pgbench and the source for them. Besides "
+            "transactions/s, the CPU time the source server used per transaction (all its processes: "
+            "backends, walsender, background; read from /proc) is the cost on the source proper, and "
+            "does not depend on what else the machine runs."
         ),
         params={"duration_s": duration, "alternations": reps, "scale": 10, "clients": 2},
     )
-    with server(ctx.flavor) as pg:
+    with server(ctx.flavor) as pg, server(ctx.flavor) as store_pg:
         src = pg.create_database("tpcb")
-        store = pg.create_database("tpcb_store")
+        store = store_pg.create_database("tpcb_store")
+        with connect(src) as conn:
+            conn.execute(MARKER_DDL)
         capture: Capture = new_capture(pg, src, store, "cost")
         capture.setup(ctx.log_path("setup.log"))
         log("source cost: pgbench -i -s 10")
@@ -144,31 +172,56 @@ def measure(ctx: Context) -> Measurement:
             conn.execute("CHECKPOINT")
         capture.advance_slot()
         m.params["server_version"] = pg.version
-        tps: dict[str, list[float]] = {c: [] for c in CONFIGS}
+        args = ["-n", "-c", "2", "-j", "2", "-T", str(duration)]
         for rep in range(reps):
-            for config in CONFIGS:
+            for config, label in CONFIGS.items():
                 with connect(src) as conn:
                     configure(conn, config)
-                args = ["-c", "2", "-j", "2", "-T", str(duration)]
+                    _reset(conn)
                 run: dict[str, Any] = {"rep": rep, "config": config}
                 if config == "b":
                     with running_daemon(capture, ctx.log_path("daemon-source-cost.log")) as daemon:
                         catch_up(capture, daemon)
+                        cpu = (server_cpu_seconds(pg), process_cpu_seconds(daemon.pid, False))
+                        store_cpu = server_cpu_seconds(store_pg)
                         out = pgbench(pg, args, "tpcb")
+                        time.sleep(0.3)  # the backends' exit, so that their CPU is counted
                         daemon.check_alive()
+                        run["source_cpu_s"] = server_cpu_seconds(pg) - cpu[0]
+                        run["daemon_cpu_s"] = process_cpu_seconds(daemon.pid, False) - cpu[1]
+                        run["store_cpu_s"] = server_cpu_seconds(store_pg) - store_cpu
                         with connect(src) as conn, capture.store() as st:
                             wal = int(scalar(conn, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
                             run["daemon_behind_bytes_at_end"] = max(0, wal - capture.acked_lsn(st))
                 else:
+                    cpu = (server_cpu_seconds(pg), 0.0)
                     out = pgbench(pg, args, "tpcb")
+                    time.sleep(0.3)
+                    run["source_cpu_s"] = server_cpu_seconds(pg) - cpu[0]
                 capture.advance_slot()
                 run["tps"] = pgbench_tps(out)
-                tps[config].append(run["tps"])
+                run["transactions"] = _processed(out)
+                for what in ("source", "daemon", "store"):
+                    if f"{what}_cpu_s" in run:
+                        run[f"{what}_cpu_ms_per_txn"] = (
+                            run[f"{what}_cpu_s"] * 1000 / max(1, run["transactions"])
+                        )
                 m.runs.append(run)
-                log(f"source cost: run {rep + 1}/{reps} ({config}) {CONFIGS[config]}: {run['tps']:,.0f} tps")
-    base = median(tps["a"])
+                log(
+                    f"source cost: run {rep + 1}/{reps} ({config}) {label}: {run['tps']:,.0f} tps, "
+                    f"source CPU {run['source_cpu_ms_per_txn']:.2f} ms/transaction"
+                )
+    _figures(m)
+    return m
+
+
+def _figures(m: Measurement) -> None:
+    by_config = {c: [r for r in m.runs if r["config"] == c] for c in CONFIGS}
+    tps = {c: [r["tps"] for r in runs] for c, runs in by_config.items()}
+    cpu = {c: [r["source_cpu_ms_per_txn"] for r in runs] for c, runs in by_config.items()}
     for config, label in CONFIGS.items():
         m.figures.append(Figure(f"source_cost.{config}.tps", f"({config}) {label}", "tps", tps[config]))
+    base = median(tps["a"])
     if base:
         for config in ("b0", "b", "c"):
             value = median(tps[config])
@@ -185,11 +238,42 @@ def measure(ctx: Context) -> Measurement:
                     note="loss of the medians; runs: loss of each alternation",
                 )
             )
-    behind = [r["daemon_behind_bytes_at_end"] for r in m.runs if "daemon_behind_bytes_at_end" in r]
+    for config, label in CONFIGS.items():
+        m.figures.append(
+            Figure(
+                f"source_cost.{config}.cpu",
+                f"({config}) source server CPU per transaction",
+                "ms",
+                cpu[config],
+                note=label,
+            )
+        )
+    base_cpu = median(cpu["a"])
+    if base_cpu:
+        for config in ("b0", "b", "c"):
+            value = median(cpu[config])
+            m.figures.append(
+                Figure(
+                    f"source_cost.{config}.cpu_overhead",
+                    f"({config}) source CPU per transaction vs (a)",
+                    "%",
+                    [(v / base_cpu - 1) * 100 for v in cpu[config]],
+                    value=None if value is None else (value / base_cpu - 1) * 100,
+                    note="more CPU than (a), of the medians",
+                )
+            )
+    for what, label in (("daemon", "`cdc run`"), ("store", "the store server")):
+        values = [r[f"{what}_cpu_ms_per_txn"] for r in by_config["b"] if f"{what}_cpu_ms_per_txn" in r]
+        if values:
+            m.figures.append(
+                Figure(
+                    f"source_cost.b.{what}_cpu", f"(b) CPU of {label} per source transaction", "ms", values
+                )
+            )
+    behind = [r["daemon_behind_bytes_at_end"] for r in by_config["b"] if "daemon_behind_bytes_at_end" in r]
     if behind:
         m.notes.append(
             "At the end of each (b) run the daemon was "
             + ", ".join(f"{b / 1024**2:.1f} MiB" for b in behind)
             + " of WAL behind the source."
         )
-    return m

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from cdc.history import History
     from cdc.dryrun import asimulate, simulate
+    from cdc.history import History
 
 __all__ = ["History", "__version__", "asimulate", "simulate"]
 

@@ -180,10 +180,11 @@ def demo(keep: bool) -> None:
 
 def _add_commands() -> None:
     from cdc.cli_readers import state, why
+    from cdc.cli_retention import erase, prune
     from cdc.cli_revert import restore, revert
     from cdc.web.serve import serve
 
-    for command in (state, why, revert, restore, serve):
+    for command in (state, why, revert, restore, serve, prune, erase):
         main.add_command(command)
 
 

@@ -10,7 +10,10 @@ connection (or a SQLAlchemy Engine/Connection). Inside a transaction it
    context reaches the WAL even for tables without the trigger, and records the fingerprint the
    trigger compares (``cdc._emitted``), so the trigger does not emit a second one;
 3. when the block raises, writes a NON-transactional ``cdc.error`` message (error type, message,
-   the application's file:line, request id, xid) that survives the rollback, then re-raises.
+   the application's file:line, request id, xid) that survives the rollback and, when ``cdc
+   setup`` installed ``cdc.await_capture()`` and the transaction is still alive, waits (bounded)
+   until the capture daemon has decoded past it, so the attempted changes are captured before
+   the rollback discards them (PostgreSQL 16+ streaming); then re-raises.
 
 All of step 1 and 2 is one round trip. Transactions: with an autocommit connection the block
 runs in its own transaction (``conn.transaction()``: committed at the end, rolled back on an
@@ -44,7 +47,7 @@ import sys
 import sysconfig
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
@@ -56,8 +59,8 @@ from psycopg.pq import TransactionStatus
 
 from cdc.context import (
     CONTEXT_PREFIX,
-    ERROR_PREFIX,
     EMITTED_SETTING,
+    ERROR_PREFIX,
     MAX_EXTRA_KEYS,
     MAX_EXTRA_VALUE_CHARS,
     MAX_ID_CHARS,
@@ -168,8 +171,8 @@ def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict
     }
 
 
-# One round trip: set the settings, emit the context, record the trigger's fingerprint
-# (request_id US actor US application_name, see cdc.context.context_fingerprint) and return
+# One round trip: set the settings, emit the context, record the fingerprint the trigger
+# compares (request_id US application_name, see cdc.context.context_fingerprint) and return
 # the transaction id (column 2). The columns do not depend on each other, so their order of
 # evaluation does not matter. Only `%(name)s` placeholders and no `::` casts: the same text
 # serves psycopg and (after a placeholder rewrite) SQLAlchemy's text().
@@ -190,21 +193,36 @@ SELECT pg_catalog.set_config(CAST(%(k_rid)s AS text), CAST(%(rid)s AS text), tru
            || ',"backend_pid":' || CAST(pg_catalog.pg_backend_pid() AS text)
            || ',' || CAST(%(tail)s AS text)),
        pg_catalog.set_config(CAST(%(k_emitted)s AS text),
-           CAST(%(rid)s AS text) || pg_catalog.chr(31) || CAST(%(actor)s AS text) || pg_catalog.chr(31)
-           || coalesce(pg_catalog.current_setting('application_name', true), ''), true)
+           CAST(%(rid)s AS text) || pg_catalog.chr(31) || pg_catalog.current_setting('application_name'), true)
 """
 
-_ERROR_SQL: Final = "SELECT pg_catalog.pg_logical_emit_message(false, %(prefix)s, CAST(%(content)s AS text))"
+# The error message, non-transactional (it survives the rollback), and whether `cdc setup`
+# installed cdc.await_capture() (sql/await_capture.sql). Column 1 is the end of the message.
+_ERROR_SQL: Final = """
+SELECT CAST(pg_catalog.pg_logical_emit_message(false, CAST(%(prefix)s AS text), CAST(%(content)s AS text)) AS text),
+       pg_catalog.to_regprocedure('cdc.await_capture(pg_lsn,integer)') IS NOT NULL
+"""
+# Before a failed request's transaction rolls back: wait (bounded, by default 2 s) until the
+# capture daemon's walsender has decoded past the error message. PostgreSQL 16+ streams a
+# transaction's changes as it decodes them but drops them if the transaction has aborted by
+# then, so without the wait the attempted changes of a failed request may never be captured.
+# Only useful while the transaction is still alive (an exception raised by the application);
+# after a failed statement the transaction has aborted already.
+_AWAIT_SQL: Final = "SELECT cdc.await_capture(CAST(%(lsn)s AS pg_lsn))"
 
 
 def _error_content(scope: RequestScope, exc: BaseException) -> str:
-    message = str(exc)
-    if not message and exc.args:
-        message = repr(exc.args[0])
+    # A driver error wrapped by SQLAlchemy: report the database's error, not the wrapper (whose
+    # text also carries the SQL statement and its parameters).
+    orig = getattr(exc, "orig", None)
+    reported = orig if isinstance(orig, BaseException) else exc
+    message = str(reported)
+    if not message and reported.args:
+        message = repr(reported.args[0])
     content = {
         "request_id": scope.request_id,
         "xid": scope.xid,
-        "error_type": type(exc).__name__,
+        "error_type": type(reported).__name__,
         "message": truncate_utf8(message, MAX_MESSAGE_BYTES),
         "location": error_location(exc),
         "actor": scope.actor,
@@ -228,10 +246,8 @@ def _library_dirs() -> tuple[str, ...]:
         path = sysconfig.get_paths().get(key)
         if path:
             dirs.add(path)
-    try:
+    with suppress(AttributeError):  # some virtualenv layouts have no getsitepackages()
         dirs.update(site.getsitepackages())
-    except AttributeError:  # pragma: no cover - some virtualenv layouts
-        pass
     user_site = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
     if isinstance(user_site, str):
         dirs.add(user_site)
@@ -295,10 +311,8 @@ def _mark_reported(exc: BaseException) -> bool:
     """True the first time for ``exc``: nested request() blocks report an error once."""
     if getattr(exc, "_cdc_reported", False):
         return False
-    try:
+    with suppress(AttributeError):  # exceptions with __slots__
         exc._cdc_reported = True  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover - exceptions with __slots__
-        pass
     return True
 
 
@@ -324,12 +338,14 @@ def _separate_conninfo(info: Any) -> str:
 
 
 def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: BaseException) -> None:
-    params = _error_params(scope, exc)
     try:
+        params = _error_params(scope, exc)
         status = conn.info.transaction_status
         if _usable(status) and not conn.closed:
             started = status == TransactionStatus.IDLE and not conn.autocommit
-            conn.execute(_ERROR_SQL, params)
+            row = conn.execute(_ERROR_SQL, params).fetchone()
+            if row is not None and row[1] and status == TransactionStatus.INTRANS:
+                conn.execute(_AWAIT_SQL, {"lsn": row[0]})
             if started:
                 conn.rollback()  # the message is non-transactional: it is written already
             return
@@ -357,7 +373,7 @@ def _psycopg_request(
     token = _open_scopes.set((*stack, (id(conn), scope)))
     rid_token = _request_id.set(rid)
     try:
-        with conn.transaction() if owned else _nullcontext():
+        with conn.transaction() if owned else nullcontext():
             scope = RequestScope(rid, actor, scope.extra, conn, _begin_sync(conn, rid, actor, extra))
             try:
                 yield scope
@@ -386,32 +402,21 @@ def _restore_outer_sync(conn: psycopg.Connection[Any], stack: tuple[tuple[int, R
         _begin_sync(conn, outer.request_id, outer.actor, outer.extra)
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
 # ============================================================================ psycopg (async)
 
 
 async def _emit_error_async(
     conn: psycopg.AsyncConnection[Any], scope: RequestScope, exc: BaseException
 ) -> None:
-    params = _error_params(scope, exc)
     try:
+        params = _error_params(scope, exc)
         status = conn.info.transaction_status
         if _usable(status) and not conn.closed:
             started = status == TransactionStatus.IDLE and not conn.autocommit
-            await conn.execute(_ERROR_SQL, params)
+            cur = await conn.execute(_ERROR_SQL, params)
+            row = await cur.fetchone()
+            if row is not None and row[1] and status == TransactionStatus.INTRANS:
+                await conn.execute(_AWAIT_SQL, {"lsn": row[0]})
             if started:
                 await conn.rollback()
             return
@@ -450,7 +455,7 @@ async def arequest(
     token = _open_scopes.set((*stack, (id(aconn), scope)))
     rid_token = _request_id.set(rid)
     try:
-        async with aconn.transaction() if owned else _nullcontext():
+        async with aconn.transaction() if owned else nullcontext():
             scope = RequestScope(rid, actor, scope.extra, aconn, await _begin_async(aconn, rid, actor, clean))
             try:
                 yield scope
@@ -517,10 +522,12 @@ def _sa_begin(sa_conn: Any, rid: str, actor: str | None, extra: Mapping[str, str
 
 
 def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usable: bool) -> None:
-    params = _error_params(scope, exc)
     try:
+        params = _error_params(scope, exc)
         if usable:
-            sa_conn.execute(_sa_text(_ERROR_SQL), params)
+            row = sa_conn.execute(_sa_text(_ERROR_SQL), params).fetchone()
+            if row is not None and row[1]:
+                sa_conn.execute(_sa_text(_AWAIT_SQL), {"lsn": row[0]})
             return
         with sa_conn.engine.connect() as other:  # another pooled connection
             other.execute(_sa_text(_ERROR_SQL), params)
@@ -543,9 +550,8 @@ def _sqlalchemy_request(
 ) -> Iterator[RequestScope]:
     sqlalchemy = importlib.import_module("sqlalchemy")
     if isinstance(target, sqlalchemy.engine.Engine):
-        with target.begin() as sa_conn:
-            with _sqlalchemy_on(sa_conn, rid, actor, extra, owned=True) as scope:
-                yield scope
+        with target.begin() as sa_conn, _sqlalchemy_on(sa_conn, rid, actor, extra, owned=True) as scope:
+            yield scope
         return
     if not isinstance(target, sqlalchemy.engine.Connection):
         raise TypeError(f"request() supports SQLAlchemy Engine and Connection, not {type(target).__name__}")
@@ -553,9 +559,8 @@ def _sqlalchemy_request(
         with _sqlalchemy_on(target, rid, actor, extra, owned=False) as scope:
             yield scope
     else:
-        with target.begin():
-            with _sqlalchemy_on(target, rid, actor, extra, owned=True) as scope:
-                yield scope
+        with target.begin(), _sqlalchemy_on(target, rid, actor, extra, owned=True) as scope:
+            yield scope
 
 
 @contextmanager

@@ -27,9 +27,11 @@ by :func:`pattern_to_postgres` into the PostgreSQL regular expression that the t
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +63,7 @@ __all__ = [
     "parse_error",
     "pattern_to_postgres",
     "request_id_from_application_name",
+    "required_literal",
     "truncate_utf8",
     "validate_setting_name",
 ]
@@ -69,15 +72,16 @@ CONTEXT_PREFIX: Final = "cdc.context"
 ERROR_PREFIX: Final = "cdc.error"
 HEARTBEAT_PREFIX: Final = "cdc.heartbeat"
 
-#: The transaction-local setting holding the fingerprint of the last emitted context.
+#: The setting holding the fingerprint of the last emitted context (see context_fingerprint).
 EMITTED_SETTING: Final = "cdc._emitted"
 
 DEFAULT_APPLICATION_NAME_PATTERN: Final = r"req:(?P<id>[A-Za-z0-9._:-]+)"
 
 #: Extra ``cdc.*`` settings read by the trigger when no list is configured. PostgreSQL cannot
 #: enumerate custom (placeholder) settings from SQL (pg_settings hides them), so the trigger
-#: reads a known list; the client helper sends whatever keys it is given.
-DEFAULT_EXTRA_SETTINGS: Final = ("tenant", "trace_id", "span_id", "session_id", "job", "route")
+#: reads a known list (each name costs one current_setting() per emission); the client helper
+#: sends whatever keys it is given.
+DEFAULT_EXTRA_SETTINGS: Final = ("tenant",)
 
 # Size limits, the same on every side (SQL, client, parser).
 MAX_MESSAGE_BYTES: Final = 4096  # ReportedError.message, UTF-8 bytes
@@ -332,12 +336,14 @@ def parse_error(content: bytes) -> ReportedError:
 # Fingerprint: what the trigger compares to decide whether the context changed.
 
 
-def context_fingerprint(request_id: str | None, actor: str | None, application_name: str | None) -> str:
-    """The value of ``cdc._emitted`` for these raw settings (``None`` and '' are the same).
+def context_fingerprint(request_id: str | None, application_name: str) -> str:
+    """The value of ``cdc._emitted`` after an emission for these raw settings.
 
-    Must match the expression in ``cdc.context_trigger()`` exactly.
+    ``request_id`` is the raw ``cdc.request_id`` setting (``None`` and '' are the same). The
+    trigger emits again when this changes. Must match ``cdc.context_fingerprint()`` in
+    ``sql/context.sql``.
     """
-    return _UNIT_SEPARATOR.join((request_id or "", actor or "", application_name or ""))
+    return (request_id or "") + _UNIT_SEPARATOR + application_name
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +393,34 @@ def request_id_from_application_name(
     return found or None
 
 
+def required_literal(pattern: str) -> str | None:
+    """The longest run of plain characters every match of ``pattern`` must contain, if any.
+
+    The trigger tests it with a cheap ``strpos()`` before running the regular expression (a
+    regex evaluation costs several microseconds, and runs on every statement). None for
+    case-insensitive patterns and patterns with no mandatory top-level literal.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            parser: Any = importlib.import_module("re._parser")  # CPython's own regex parser
+            parsed = parser.parse(pattern)
+    except Exception:  # noqa: BLE001 - no prefilter is always a correct answer
+        return None
+    if parsed.state.flags & re.IGNORECASE:
+        return None
+    best = ""
+    run: list[str] = []
+    for op, arg in [*parsed.data, (None, None)]:
+        if str(op) == "LITERAL" and isinstance(arg, int):
+            run.append(chr(arg))
+            continue
+        if len(run) > len(best):
+            best = "".join(run)
+        run = []
+    return best or None
+
+
 _CLASS_ESCAPES: Final = frozenset("dDsSwWntrfv")
 _QUANTIFIER_CHARS: Final = frozenset("*+?}")
 
@@ -405,8 +439,10 @@ def pattern_to_postgres(pattern: str) -> str:
     remaining differences (newlines, Unicode classes) out of play.
     """
     try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "possible nested set": refused below
+            compiled = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
         raise ConfigError([f"application_name pattern {pattern!r}: {exc}"]) from None
     if "id" in compiled.groupindex:
         id_group = compiled.groupindex["id"]

@@ -40,6 +40,7 @@ from cdc.policies import ColumnPolicies
 from cdc.protocol.frames import PrimaryKeepalive, XLogData
 from cdc.protocol.pgoutput import Relation
 from cdc.source import primary_key
+from cdc.store.retention import Pruner
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import ReplicationStream, choose_options
 
@@ -271,7 +272,16 @@ class Daemon:
                 server_version=stream.server_version,
             )
             writer.record_daemon()
-            _Session(self, stream, writer, assembler, catalog).loop()
+            # Only the active instance prunes, on its own thread and connection.
+            pruner = Pruner(store_dsn, cfg.store.schema_name, cfg.retention, metrics=self.metrics)
+            prune_stop = threading.Event()
+            prune_thread = pruner.start(prune_stop)
+            try:
+                _Session(self, stream, writer, assembler, catalog).loop()
+            finally:
+                prune_stop.set()
+                prune_thread.join(timeout=30)
+                pruner.close()
         finally:
             stream.close()
             writer.close()

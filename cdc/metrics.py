@@ -75,3 +75,23 @@ class Metrics:
         self.heartbeats = Counter(
             "cdc_heartbeats_total", "Heartbeat messages written to the source", registry=r
         )
+        # Retention (set by cdc.store.retention.Pruner).
+        self.retention_rows = Gauge(
+            "cdc_retention_rows", "Mutations retained in the store (catalog estimate)", registry=r
+        )
+        self.retention_bytes = Gauge(
+            "cdc_retention_bytes", "Total size of the mutations partitions and kept rows", registry=r
+        )
+        self.retention_partitions = Gauge(
+            "cdc_retention_partitions", "Partitions of the mutations table", registry=r
+        )
+        self.retention_oldest_seconds = Gauge(
+            "cdc_retention_oldest_seconds", "Unix time of the oldest retained commit", registry=r
+        )
+        self.pruned_partitions = Counter(
+            "cdc_pruned_partitions_total", "Partitions dropped by pruning", registry=r
+        )
+        self.prune_seconds = Gauge("cdc_prune_seconds", "Duration of the last prune", registry=r)
+        self.keyframes_written = Counter(
+            "cdc_keyframes_written_total", "Keyframes written by pruning", registry=r
+        )

@@ -88,6 +88,10 @@ _TABLE_CACHE_SECONDS = 30.0
 _TIME_SKEW = timedelta(seconds=60)  # commit timestamps vs WAL order, see version_at_timestamp
 _DEFAULT_CONNECT_TIMEOUT = "10"
 
+#: Every stored mutation: the time partitions of ``mutations`` and ``mutations_keep`` (the
+#: keyframes written by pruning and the rows of longer-retention tables), see sql/store.sql.
+_MUTATIONS = "mutations_all"
+
 _MUTATION_COLUMNS = sql.SQL(
     "position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, "
     "before, after, changed, status, request_id, context, schema_id"
@@ -122,6 +126,11 @@ class Mutation:
     @property
     def rolled_back(self) -> bool:
         return self.status == "rolled_back"
+
+    @property
+    def is_keyframe(self) -> bool:
+        """A SNAPSHOT written by pruning: the row's image at the history floor, not a change."""
+        return self.op == "SNAPSHOT" and bool((self.context or {}).get("keyframe"))
 
     @property
     def cursor(self) -> tuple[int, int]:
@@ -605,7 +614,7 @@ class Store:
             sql.SQL(
                 "SELECT key, coalesce(after, before) AS image FROM {} WHERE table_name = %(t)s "
                 "ORDER BY position DESC LIMIT 20"
-            ).format(self._t("mutations")),
+            ).format(self._t(_MUTATIONS)),
             {"t": full},
         )
         if not rows:
@@ -720,7 +729,7 @@ class Store:
         """Whether any mutation (committed or not) ever named this row."""
         info = self.table(table)
         stored = self.stored_key(info, key)
-        m = self._t("mutations")
+        m = self._t(_MUTATIONS)
         rows = self._rows(
             sql.SQL(
                 "SELECT EXISTS (SELECT 1 FROM {m} WHERE table_name = %(t)s AND key = %(k)s) "
@@ -742,7 +751,7 @@ class Store:
     def _row_before(self, info: TableInfo, stored: Row, position: int, ordinal: int) -> Row | None:
         """The row as every committed mutation before ``(position, ordinal)`` left it."""
         params = {"t": info.name, "k": Jsonb(stored), "p": position, "o": ordinal}
-        m = self._t("mutations")
+        m = self._t(_MUTATIONS)
         bound = sql.SQL("position <= %(p)s AND (position < %(p)s OR ordinal < %(o)s)")
         if info.keyless:
             rows = self._rows(
@@ -805,7 +814,7 @@ class Store:
         """
         info = self.table(table)
         stored = self.stored_key(info, key)
-        m = self._t("mutations")
+        m = self._t(_MUTATIONS)
         filters: sql.Composable = sql.SQL("")
         params: dict[str, Any] = {"t": info.name, "k": Jsonb(stored), "since": since, "until": until}
         if since is not None:
@@ -871,6 +880,9 @@ class Store:
         for _ in range(_MAX_KEY_HOPS):  # a row moved between keys is followed to its old key
             moved_from: Mutation | None = None
             for mutation in self._walk_back(info, key_now, bound_position, bound_ordinal):
+                if mutation.is_keyframe:
+                    unresolved.clear()  # older writes were pruned: "written before the history floor"
+                    break
                 if mutation.op == "DELETE" and not mutation.rolled_back:
                     unresolved.clear()  # the row was born after this (cannot happen for a live row)
                     break
@@ -922,7 +934,7 @@ class Store:
             "SELECT {cols} FROM {m} WHERE table_name = %(t)s AND key = %(k)s "
             "AND position <= %(p)s AND (position < %(p)s OR ordinal < %(o)s) "
             "ORDER BY position DESC, ordinal DESC LIMIT %(limit)s"
-        ).format(cols=_MUTATION_COLUMNS, m=self._t("mutations"))
+        ).format(cols=_MUTATION_COLUMNS, m=self._t(_MUTATIONS))
         while True:
             batch = self._mutations(
                 query, {"t": info.name, "k": Jsonb(key), "p": position, "o": ordinal, "limit": _BATCH}
@@ -947,7 +959,7 @@ class Store:
             raise UsageError(f"invalid limit {limit}: must be positive")
         info = self.table(table)
         after = self.stored_key(info, after_key) if after_key is not None else None
-        m = self._t("mutations")
+        m = self._t(_MUTATIONS)
         trunc = self._rows(
             sql.SQL(
                 "SELECT position, ordinal FROM {m} WHERE table_name = %(t)s AND op = 'TRUNCATE' "
@@ -1005,7 +1017,7 @@ class Store:
     def _keyless_page(
         self, info: TableInfo, live: sql.Composable, params: dict[str, Any], after: Row | None, limit: int
     ) -> TablePage:
-        m = self._t("mutations")
+        m = self._t(_MUTATIONS)
         after_filter = sql.SQL("")
         if after is not None:
             after_filter = sql.SQL(" AND key > %(after)s")
@@ -1110,7 +1122,7 @@ class Store:
         found = self._mutations(
             sql.SQL(
                 "SELECT {cols} FROM {m} WHERE {cond} ORDER BY position DESC, ordinal DESC LIMIT %(limit)s"
-            ).format(cols=_MUTATION_COLUMNS, m=self._t("mutations"), cond=condition),
+            ).format(cols=_MUTATION_COLUMNS, m=self._t(_MUTATIONS), cond=condition),
             params,
         )
         return MutationPage(mutations=found, next_cursor=found[-1].cursor if len(found) == limit else None)
@@ -1130,7 +1142,7 @@ class Store:
             sql.SQL(
                 "SELECT EXISTS (SELECT 1 FROM {r} WHERE request_id = %(id)s) "
                 "OR EXISTS (SELECT 1 FROM {m} WHERE request_id = %(id)s) AS found"
-            ).format(r=self._t("requests"), m=self._t("mutations")),
+            ).format(r=self._t("requests"), m=self._t(_MUTATIONS)),
             {"id": wanted},
         )
         if rows[0]["found"]:
@@ -1152,7 +1164,7 @@ class Store:
                     sql.SQL(
                         "SELECT DISTINCT request_id FROM {} WHERE request_id LIKE %(like)s "
                         "ORDER BY 1 LIMIT 11"
-                    ).format(self._t("mutations")),
+                    ).format(self._t(_MUTATIONS)),
                     params,
                 )
             ]
@@ -1183,7 +1195,7 @@ class Store:
             sql.SQL(
                 "SELECT {cols} FROM {m} WHERE request_id = %(r)s{f} "
                 "ORDER BY position, ordinal LIMIT %(limit)s"
-            ).format(cols=_MUTATION_COLUMNS, m=self._t("mutations"), f=after_filter),
+            ).format(cols=_MUTATION_COLUMNS, m=self._t(_MUTATIONS), f=after_filter),
             params,
         )
 
@@ -1198,7 +1210,7 @@ class Store:
             sql.SQL(
                 "SELECT count(*) AS n, array_agg(DISTINCT position) AS positions "
                 "FROM {} WHERE request_id = %(r)s"
-            ).format(self._t("mutations")),
+            ).format(self._t(_MUTATIONS)),
             {"r": full},
         )
         count = int(count_rows[0]["n"])

@@ -56,10 +56,10 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from cdc.config import normalize_table
+from cdc.dryrun import parse_record
 from cdc.errors import CdcError, NotFoundError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.query import Mutation, Row, Store, TableInfo, format_key
-from cdc.dryrun import parse_record
 from cdc.values import converter_for
 
 __all__ = [

@@ -22,11 +22,11 @@ from psycopg import sql
 import cdc
 from cdc.assembler import COMMITTED, Mutation, TableSchema, build_schema
 from cdc.config import Config, redact_dsn
+from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import ColumnPolicies
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
-from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.source_context import context_installed, install_context, uninstall_context
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string

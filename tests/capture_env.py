@@ -178,9 +178,6 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
             found = list(copy.rows())
     rows: Counter[str] = Counter()
     for row in found:
-        image = {
-            c: convert(converter_for(t), v)
-            for (c, t), v in zip(columns, row, strict=True)
-        }
+        image = {c: convert(converter_for(t), v) for (c, t), v in zip(columns, row, strict=True)}
         rows[json.dumps(image, sort_keys=True)] += 1
     return rows

@@ -32,7 +32,9 @@ def test_excluded_hashed_and_masked_columns(capture: CaptureEnv) -> None:
     capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__EMAIL"] = "hash"
     capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__SSN"] = "mask"
     with capture.source() as conn:
-        conn.execute("CREATE TABLE users (id int PRIMARY KEY, email text, ssn text, password_digest text, n int)")
+        conn.execute(
+            "CREATE TABLE users (id int PRIMARY KEY, email text, ssn text, password_digest text, n int)"
+        )
         conn.execute("INSERT INTO users VALUES (1, 'a@b.com', '123-45-6789', %s, 0)", (SECRET + "-baseline",))
     capture.setup()
     capture.start()

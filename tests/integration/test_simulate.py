@@ -13,7 +13,6 @@ import pytest
 
 from cdc import client
 from cdc.devdb import LocalPostgres
-from cdc.errors import SetupError, UsageError
 from cdc.dryrun import (
     Delta,
     asimulate,
@@ -23,6 +22,7 @@ from cdc.dryrun import (
     simulate_tables,
     uninstall_simulate,
 )
+from cdc.errors import SetupError, UsageError
 from tests.capture_env import CaptureEnv
 from tests.integration.test_capture import ALL_TYPES, TYPED_ROWS
 

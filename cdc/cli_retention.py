@@ -1,0 +1,352 @@
+"""The retention commands of the CLI: ``cdc prune`` and ``cdc erase TABLE --id ID``.
+
+Thin shells over :mod:`cdc.store.retention`. Both take ``--store DSN`` (else ``CDC_STORE_DSN``,
+else ``store.dsn`` of the config file given by ``--config`` / ``CDC_CONFIG``) and ``--schema``
+(else ``store.schema``); ``cdc prune`` reads ``retention.*`` from the config, ``cdc erase``
+checks the source (``--source``, else ``CDC_SOURCE_DSN``, else ``source.dsn``).
+
+Exit codes: 0 done; 2 bad input or a refusal (unknown table or row, the row still exists on
+the source, the source could not be checked: pass ``--force``); 1 the store could not be
+reached or the prune could not take its locks. Errors are one ``error: ...`` line on stderr.
+
+Wire into ``cdc/cli.py``::
+
+    from cdc.cli_retention import erase, prune
+    main.add_command(prune)
+    main.add_command(erase)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+import psycopg
+
+from cdc.config import Config, format_duration, load_config, redact_dsn
+from cdc.errors import CdcError, SourceUnavailableError, StoreUnavailableError, UsageError
+from cdc.lsn import format_lsn
+from cdc.query import DEFAULT_SCHEMA, Store, format_key, key_from_text
+
+__all__ = ["erase", "prune"]
+
+
+def _fail(exc: CdcError) -> NoReturn:
+    message = exc.message.rstrip()
+    if exc.hint:
+        message = f"{message} (hint: {exc.hint})"
+    click.echo(f"error: {message}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def _boundary() -> Iterator[None]:
+    if hasattr(time, "tzset"):
+        time.tzset()
+    try:
+        yield
+    except CdcError as exc:
+        _fail(exc)
+    except psycopg.Error as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(StoreUnavailableError(f"the history store refused the SQL: {redact_dsn(text)}"))
+
+
+def _config(config_path: str | None, store_dsn: str | None, source_dsn: str | None = None) -> Config:
+    import os
+
+    env = dict(os.environ)
+    if store_dsn:
+        env["CDC_STORE_DSN"] = store_dsn
+    if source_dsn:
+        env["CDC_SOURCE_DSN"] = source_dsn
+    return load_config(config_path, env=env)
+
+
+def _store_dsn(config: Config) -> str:
+    if config.store.dsn is None:
+        raise UsageError(
+            "no history store given: pass --store DSN, set CDC_STORE_DSN, or set store.dsn in the config file"
+        )
+    return config.store.dsn.get_secret_value()
+
+
+def _size(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _store_options(func: Any) -> Any:
+    options = [
+        click.option("--store", "store_dsn", envvar="CDC_STORE_DSN", metavar="DSN",
+                     help="History store DSN (else CDC_STORE_DSN, else store.dsn of the config file)."),
+        click.option("--config", "config_path", envvar="CDC_CONFIG", metavar="FILE",
+                     type=click.Path(dir_okay=False), help="YAML config file (env CDC_CONFIG)."),
+        click.option("--schema", "store_schema", metavar="NAME",
+                     help=f"Schema of the history store (else store.schema, else {DEFAULT_SCHEMA})."),
+        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                     show_default=True, help="Output format."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+# ============================================================================ cdc prune
+
+
+@click.command()
+@_store_options
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be dropped and the new floor; change nothing."
+)
+@click.option(
+    "--as-of",
+    "as_of",
+    metavar="TIME",
+    help="Prune as if it were TIME: ISO 8601 (naive = UTC), or a duration ago such as 2d. Default: now.",
+)
+def prune(
+    store_dsn: str | None,
+    config_path: str | None,
+    store_schema: str | None,
+    fmt: str,
+    dry_run: bool,
+    as_of: str | None,
+) -> None:
+    """Drop the history partitions past retention.default, keyframes first.
+
+    Every row that still existed at the new history floor and whose last change is in a dropped
+    partition gets a keyframe (its image at the floor), so time travel stays exact from the floor
+    on; versions below it read as None. Tables with a longer retention (retention.tables) keep
+    their rows. The daemon does the same every retention.prune_interval.
+    """
+    from cdc.cli_readers import parse_time
+    from cdc.logs import configure_logging
+    from cdc.store.retention import Pruner
+
+    configure_logging("warning", "console")
+    with _boundary():
+        config = _config(config_path, store_dsn)
+        dsn = _store_dsn(config)
+        schema = store_schema or config.store.schema_name
+        now = parse_time(as_of, utc=True) if as_of else datetime.now(UTC)
+        with Pruner(dsn, schema, config.retention) as pruner:
+            report = pruner.prune(now, dry_run=dry_run)
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    verb = "would drop" if dry_run else "dropped"
+    retention = config.retention
+    lines: list[tuple[str, str]] = [
+        ("retention", format_duration(retention.default) + (" (per table: " + ", ".join(
+            f"{t} {format_duration(d)}" for t, d in sorted(retention.tables.items())) + ")"
+            if retention.tables else "")),
+        ("as of", now.isoformat(timespec="seconds")),
+        ("horizon", report.horizon.isoformat(timespec="seconds") if report.horizon else "- (nothing has expired)"),
+    ]  # fmt: skip
+    for name in report.partitions + report.transaction_partitions:
+        lines.append((verb, name))
+    if report.partitions:
+        lines.append(("", f"≈ {report.dropped_rows:,} mutations, {_size(report.dropped_bytes)}"))
+    old = format_lsn(report.old_floor) if report.old_floor is not None else "-"
+    new = format_lsn(report.floor) if report.floor is not None else "-"
+    lines.append(("history floor", f"{old} → {new}" if old != new else f"{new} (unchanged)"))
+    lines.append(
+        (
+            "keyframes",
+            f"{report.keyframes:,} {'to write' if dry_run else 'written'} "
+            "(rows changed in what goes, as they are at the new floor)",
+        )
+    )
+    if report.kept_rows:
+        lines.append(("kept", f"{report.kept_rows:,} rows of longer-retention tables"))
+    if report.expired_rows:
+        lines.append(("expired", f"{report.expired_rows:,} kept rows past their table's retention"))
+    if report.straggler_rows or report.transactions_removed or report.requests_removed:
+        lines.append(
+            (
+                "removed",
+                f"{report.straggler_rows:,} mutations and {report.transactions_removed:,} transactions at or "
+                f"below the floor outside the partitions, {report.requests_removed:,} request records",
+            )
+        )
+    if not dry_run:
+        lines.append(
+            (
+                "took",
+                f"{report.seconds:.3f} s (keyframes {report.keyframe_seconds:.3f} s, drop {report.drop_seconds:.3f} s)",
+            )
+        )
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        click.echo(f"  {label:<{width}}  {value}")
+
+
+# ============================================================================ cdc erase
+
+
+@click.command()
+@click.argument("table")
+@click.option(
+    "--id",
+    "key_text",
+    required=True,
+    metavar="ID",
+    help="""The row's key: 42, or '{"a": 1, "b": "x"}' (a keyless table: every column).""",
+)
+@click.option(
+    "--between",
+    nargs=2,
+    metavar="T1 T2",
+    help="Only images committed in [T1, T2) (ISO 8601 or a duration ago such as 30d).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Erase even if the row still exists on the source, or the source cannot be checked.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--actor", metavar="NAME", help="Who asks for the erasure (recorded; default: the OS user).")
+@click.option(
+    "--source",
+    "source_dsn",
+    envvar="CDC_SOURCE_DSN",
+    metavar="DSN",
+    help="Source DSN, to check the row is gone there (else CDC_SOURCE_DSN, else source.dsn).",
+)
+@click.option("--utc", is_flag=True, help="Read naive --between times as UTC, not local time.")
+@_store_options
+def erase(
+    table: str,
+    key_text: str,
+    between: tuple[str, str] | None,
+    force: bool,
+    yes: bool,
+    actor: str | None,
+    source_dsn: str | None,
+    utc: bool,
+    store_dsn: str | None,
+    config_path: str | None,
+    store_schema: str | None,
+    fmt: str,
+) -> None:  # fmt: skip
+    """Remove every image of one row from the history (right to erasure).
+
+    Deletes each stored mutation whose key or old key is the row (its before and after images;
+    keyframes included), one partition at a time in one transaction, and records the erasure in
+    the store's `erasures` table: who, when, the table and a SHA-256 of the key, never the data.
+
+    Refuses (exit 2) while the row still exists on the source (it would be captured again), when
+    the source cannot be reached, and when the history has no such row; --force overrides the
+    first two. The store's WAL, backups and replicas keep the bytes until they age out.
+    """
+    from cdc.cli_readers import parse_time
+    from cdc.logs import configure_logging
+    from cdc.store.retention import RowStillLiveError, default_actor, erase_row, row_on_source
+
+    configure_logging("warning", "console")
+    with _boundary():
+        config = _config(config_path, store_dsn, source_dsn)
+        dsn = _store_dsn(config)
+        schema = store_schema or config.store.schema_name
+        since = until = None
+        if between:
+            since, until = parse_time(between[0], utc=utc), parse_time(between[1], utc=utc, end=True)
+            if until <= since:
+                raise UsageError(f"--between: {between[1]!r} is not after {between[0]!r}")
+        with Store(dsn, schema=schema) as store:
+            info = store.table(table)
+            key = store.stored_key(info, key_from_text(key_text))
+            name = f"{info.name} {format_key(key)}"
+            if not store.has_history(info.name, key):
+                from cdc.errors import NotFoundError
+
+                raise NotFoundError(f"no history for {name}: nothing to erase")
+        check, reason = _check_source(config, info.name, key, info.keyless, row_on_source)
+        if check != "absent" and not force:
+            if check == "live":
+                raise RowStillLiveError(
+                    f"{name} still exists on the source: its images would be captured again",
+                    hint="delete it on the source first, or pass --force to erase its history anyway",
+                )
+            raise RowStillLiveError(
+                f"cannot check that {name} is gone from the source ({reason})",
+                hint="pass --source DSN (or set CDC_SOURCE_DSN / source.dsn), or --force to erase unchecked",
+            )
+        who = actor or default_actor()
+        columns = list(info.key_columns) or list(key)
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="cdc-erase") as conn:
+            if not yes:
+                plan = erase_row(
+                    conn, schema, info.name, key, columns, actor=who, source_check=check, forced=force,
+                    since=since, until=until, dry_run=True,
+                )  # fmt: skip
+                window = (
+                    f" committed in [{since.isoformat()}, {until.isoformat()})" if since and until else ""
+                )
+                click.echo(
+                    f"{plan.mutations_removed} image(s) of {name}{window} will be removed "
+                    f"({plan.keyframes_removed} keyframe(s)); source: {check}"
+                    + (f" ({reason})" if reason else "")
+                )
+                click.confirm("erase them?", abort=True)
+            report = erase_row(
+                conn, schema, info.name, key, columns, actor=who, source_check=check, forced=force,
+                since=since, until=until,
+            )  # fmt: skip
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    click.echo(
+        f"erased {report.mutations_removed} image(s) of {name} ({report.keyframes_removed} keyframe(s)) "
+        f"from {len(report.partitions)} partition(s); erasure #{report.erasure_id} recorded by {who} "
+        f"(key sha256 {report.key_sha256[:16]}...)"
+    )
+    if check == "live":
+        click.echo("note: the row still exists on the source: its next changes will be captured again")
+    click.echo(
+        "note: the bytes stay in the store's WAL, backups and replicas until they age out, and in its "
+        "table files until VACUUM reuses the space (VACUUM FULL or pg_repack rewrites them now)"
+    )
+
+
+def _check_source(
+    config: Config, table: str, key: dict[str, Any], keyless: bool, probe: Any
+) -> tuple[str, str]:
+    """("absent" | "live" | "unreachable" | "not_checked", reason)."""
+    from cdc.stream.replication import OUTPUT_SETTINGS, options_string
+
+    if config.source.dsn is None:
+        return "not_checked", "no source DSN given"
+    dsn = config.source.dsn.get_secret_value()
+    try:
+        with psycopg.connect(
+            dsn, autocommit=True, connect_timeout=10, application_name="cdc-erase",
+            options=options_string(OUTPUT_SETTINGS),
+        ) as source:  # fmt: skip
+            source.execute("SET default_transaction_read_only = on")
+            return ("live" if probe(source, table, key, keyless) else "absent"), ""
+    except psycopg.OperationalError as exc:
+        error = SourceUnavailableError(f"cannot connect to the source ({redact_dsn(dsn)}): {_line(exc)}")
+        return "unreachable", error.message
+    except (psycopg.Error, UsageError) as exc:
+        return "unreachable", f"the source refused the check: {_line(exc)}"
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return redact_dsn(text.splitlines()[0] if text else type(exc).__name__)
