@@ -82,6 +82,8 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    date: str = ""  # when it ran (UTC), and by which command: set by bench.run
+    command: str = ""
 
     def figure(self, name: str) -> Figure | None:
         return next((f for f in self.figures if f.name == name), None)
@@ -97,6 +99,8 @@ class Measurement:
             "notes": self.notes,
             "error": self.error,
             "seconds": round(self.seconds, 1),
+            "date": self.date,
+            "command": self.command,
         }
 
     @classmethod
@@ -111,6 +115,8 @@ class Measurement:
             notes=list(data.get("notes", [])),
             error=data.get("error"),
             seconds=float(data.get("seconds", 0.0)),
+            date=str(data.get("date", "")),
+            command=str(data.get("command", "")),
         )
 
 

@@ -102,11 +102,18 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"- Date: {meta.get('date', 'unknown')}")
     lines.append(f"- Command: `{meta.get('command', 'python -m bench.run')}`")
+    for merged in meta.get("merged", []):
+        lines.append(f"- Merged from an earlier run (`--merge`): `{merged.replace(' at ', '` at ', 1)}")
     mode = "quick" if meta.get("quick") else "full"
     duration = meta.get("duration_s")
     lines.append(
         f"- Mode: {mode}; server flavor `{meta.get('flavor', '?')}`"
         + (f"; took {duration / 60:.1f} min" if duration else "")
+        + (
+            f" (with the merged measurements: {sum(m.seconds for m in measurements) / 60:.1f} min)"
+            if meta.get("merged")
+            else ""
+        )
     )
     pg_versions = machine.get("postgres", {})
     pg_text = ", ".join(f"{v} ({k})" for k, v in pg_versions.items()) or "unknown"
@@ -157,6 +164,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
     for number, m in enumerate(measurements, start=1):
         lines += [f"## {number}. {m.title}", ""]
+        if m.date and m.date != meta.get("date"):
+            lines += [f"Measured {m.date} by `{m.command}`.", ""]
         if m.method:
             lines += [m.method, ""]
         if m.error:

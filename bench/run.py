@@ -74,6 +74,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--docs", type=Path, default=DOCS, help="the markdown report (default docs/benchmarks.md)"
     )
     parser.add_argument("--no-docs", dest="write_docs", action="store_false", help="do not write the report")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the measurements not run now from the last run of the same mode and flavor "
+        "(bench/out/results-<quick|full>-<flavor>.json); the report dates each one",
+    )
     args = parser.parse_args(list(argv))
     args.only = [n for n in NAMES if n in args.only]  # always in the suite's order
     return args
@@ -89,6 +95,33 @@ def measurement_functions() -> dict[str, Callable[[Context], Measurement]]:
         "source_cost": source_cost.measure,
         "reads": reads.measure,
     }
+
+
+def _previous(path: Path, names: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The meta and the measurements (those not in ``names``) of an earlier results file."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}, []
+    meta = earlier.get("meta", {})
+    kept = []
+    for measurement in earlier.get("measurements", []):
+        if measurement.get("name") in names:
+            continue
+        measurement.setdefault("date", meta.get("date", ""))
+        measurement.setdefault("command", meta.get("command", ""))
+        if not measurement["date"]:
+            measurement["date"] = meta.get("date", "")
+        if not measurement["command"]:
+            measurement["command"] = meta.get("command", "")
+        kept.append(measurement)
+    return meta, kept
+
+
+def _ordered(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(
+        measurements, key=lambda m: NAMES.index(m["name"]) if m.get("name") in NAMES else len(NAMES)
+    )
 
 
 def run_one(name: str, fn: Callable[[Context], Measurement], ctx: Context) -> Measurement:
@@ -147,16 +180,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "measurements": [],
     }
+    mode_file = args.out / f"results-{'quick' if args.quick else 'full'}-{args.flavor}.json"
+    kept: list[dict[str, Any]] = []
+    if args.merge:
+        _, kept = _previous(mode_file, args.only)
+        results["meta"]["merged"] = sorted({m["command"] + " at " + m["date"] for m in kept})
     functions = measurement_functions()
     failed = False
+    done: list[dict[str, Any]] = []
     for name in args.only:
         measurement = run_one(name, functions[name], ctx)
+        measurement.date = results["meta"]["date"]
+        measurement.command = results["meta"]["command"]
         failed = failed or measurement.error is not None
-        results["measurements"].append(measurement.to_json())
+        done.append(measurement.to_json())
+        results["measurements"] = _ordered(kept + done)
         results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
         write_results(args.out / "results.json", results)
         # Also kept per mode and flavor, so that a quick run does not hide the last full one.
-        write_results(args.out / f"results-{'quick' if args.quick else 'full'}-{args.flavor}.json", results)
+        write_results(mode_file, results)
     if args.write_docs:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
         args.docs.write_text(render_markdown(results))

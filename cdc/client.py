@@ -202,6 +202,19 @@ _ERROR_SQL: Final = """
 SELECT CAST(pg_catalog.pg_logical_emit_message(false, CAST(%(prefix)s AS text), CAST(%(content)s AS text)) AS text),
        pg_catalog.to_regprocedure('cdc.await_capture(pg_lsn,integer)') IS NOT NULL
 """
+# PostgreSQL 17+: flush the message, so the walsender (which reads only flushed WAL) can reach
+# it and the changes before it while the transaction is still alive.
+_ERROR_SQL_FLUSH: Final = """
+SELECT CAST(pg_catalog.pg_logical_emit_message(false, CAST(%(prefix)s AS text), CAST(%(content)s AS text), true)
+            AS text),
+       pg_catalog.to_regprocedure('cdc.await_capture(pg_lsn,integer)') IS NOT NULL
+"""
+
+
+def _error_sql(server_version: int) -> str:
+    return _ERROR_SQL_FLUSH if server_version >= 170000 else _ERROR_SQL
+
+
 # Before a failed request's transaction rolls back: wait (bounded, by default 2 s) until the
 # capture daemon's walsender has decoded past the error message. PostgreSQL 16+ streams a
 # transaction's changes as it decodes them but drops them if the transaction has aborted by
@@ -343,7 +356,7 @@ def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: Ba
         status = conn.info.transaction_status
         if _usable(status) and not conn.closed:
             started = status == TransactionStatus.IDLE and not conn.autocommit
-            row = conn.execute(_ERROR_SQL, params).fetchone()
+            row = conn.execute(_error_sql(conn.info.server_version), params).fetchone()
             if row is not None and row[1] and status == TransactionStatus.INTRANS:
                 conn.execute(_AWAIT_SQL, {"lsn": row[0]})
             if started:
@@ -413,7 +426,7 @@ async def _emit_error_async(
         status = conn.info.transaction_status
         if _usable(status) and not conn.closed:
             started = status == TransactionStatus.IDLE and not conn.autocommit
-            cur = await conn.execute(_ERROR_SQL, params)
+            cur = await conn.execute(_error_sql(conn.info.server_version), params)
             row = await cur.fetchone()
             if row is not None and row[1] and status == TransactionStatus.INTRANS:
                 await conn.execute(_AWAIT_SQL, {"lsn": row[0]})
@@ -525,7 +538,7 @@ def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usa
     try:
         params = _error_params(scope, exc)
         if usable:
-            row = sa_conn.execute(_sa_text(_ERROR_SQL), params).fetchone()
+            row = sa_conn.execute(_sa_text(_error_sql(_sa_server_version(sa_conn))), params).fetchone()
             if row is not None and row[1]:
                 sa_conn.execute(_sa_text(_AWAIT_SQL), {"lsn": row[0]})
             return
@@ -534,6 +547,14 @@ def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usa
             other.commit()
     except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
         _report_failed("sqlalchemy", err)
+
+
+def _sa_server_version(sa_conn: Any) -> int:
+    """The server version as libpq spells it (150004), 0 when the dialect does not know it."""
+    info = getattr(sa_conn.dialect, "server_version_info", None) or ()
+    major = info[0] if info and isinstance(info[0], int) else 0
+    minor = info[1] if len(info) > 1 and isinstance(info[1], int) else 0
+    return major * 10000 + minor if major >= 10 else 0
 
 
 def _sa_usable(sa_conn: Any, exc: BaseException) -> bool:

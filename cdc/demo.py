@@ -96,6 +96,9 @@ def run_demo(*, keep: bool = False) -> None:
     thread = threading.Thread(target=daemon.run, name="cdc-daemon", daemon=True)
     thread.start()
     try:
+        deadline = time.monotonic() + 30
+        while not daemon.streaming and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # requests before the stream is open would race its start
         play_scenario(source)
         wait_caught_up(source, store, config.store.schema_name)
     finally:

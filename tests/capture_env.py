@@ -68,6 +68,11 @@ class CaptureEnv:
 
         self.thread = threading.Thread(target=run, name="cdc-daemon", daemon=True)
         self.thread.start()
+        deadline = time.monotonic() + 30
+        while not daemon.streaming:  # a workload before that would race the first connection
+            assert self.thread.is_alive(), f"daemon exited with {self.exit_code}"
+            assert time.monotonic() < deadline, "daemon did not start streaming"
+            time.sleep(0.02)
         return daemon
 
     def stop(self) -> int | None:

@@ -597,7 +597,11 @@ class Pruner:
             raise StoreUnavailableError(
                 f"cannot reach the history store ({redact_dsn(self.dsn)}): {_first_line(exc)}"
             ) from None
-        if conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.mutations_keep",)).fetchone() == (None,):
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL",
+            (sql.Identifier(self.schema, "mutations_keep").as_string(conn),),
+        ).fetchone()
+        if not found or not found[0]:
             conn.close()
             raise StoreUnavailableError(
                 f"the history store has no partitioned schema {self.schema!r}",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -227,8 +228,24 @@ class StoreWriter:
         return CaptureState(self.slot_name, int(row[0]), row[1], bool(row[2]), row[3])
 
     # -- writing ---------------------------------------------------------------
+    DEADLOCK_RETRIES = 5
+
     def write(self, batch: Batch) -> None:
-        """Write the batch and its ack LSN in one store transaction."""
+        """Write the batch and its ack LSN in one store transaction.
+
+        A deadlock (the pruner dropping a partition while this batch writes) rolls the
+        transaction back; the batch is written again, which is safe because it is idempotent.
+        """
+        for attempt in range(self.DEADLOCK_RETRIES):
+            try:
+                self._write_once(batch)
+                return
+            except psycopg.errors.DeadlockDetected:
+                if attempt == self.DEADLOCK_RETRIES - 1:
+                    raise StoreUnavailableError("history store write kept deadlocking") from None
+                time.sleep(0.05 * (attempt + 1))
+
+    def _write_once(self, batch: Batch) -> None:
         with self._guard():
             conn = self.conn
             self._ensure_partitions(batch)  # (retention) in a short transaction of its own
@@ -522,6 +539,8 @@ class _StoreGuard:
         return None
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, psycopg.errors.DeadlockDetected):
+            return  # rolled back already; write() retries the batch on the same connection
         if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown):
             self.writer.close()
             raise StoreUnavailableError(f"history store write failed: {exc}") from exc

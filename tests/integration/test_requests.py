@@ -94,6 +94,39 @@ def test_seed_scenario_history_request_and_cause(capture: CaptureEnv) -> None:
     assert capture.stop() == 0
 
 
+def test_failed_request_lists_every_attempted_change(capture: CaptureEnv) -> None:
+    if not streams_in_progress(capture):
+        pytest.skip("PostgreSQL < 16 does not stream in-progress transactions")
+    with capture.source() as conn:
+        conn.execute(SHOP)
+        conn.execute("INSERT INTO users (id, email, plan) VALUES (42, 'a@b.com', 'free')")
+    capture.setup()
+    capture.start()
+    with psycopg.connect(capture.source_dsn, autocommit=True) as conn:
+        with client.request(conn, "4f9a3b2c", actor="billing"):
+            conn.execute("UPDATE users SET plan = 'pro' WHERE id = 42")
+        with pytest.raises(PaymentTimeout), client.request(conn, "550e8400", actor="billing"):
+            conn.execute("UPDATE users SET plan = NULL WHERE id = 42")
+            conn.execute("UPDATE orders SET status = NULL WHERE id = '81b2'")
+            raise PaymentTimeout("Stripe API timeout after 10s")
+    capture.wait_caught_up()
+    with Store(capture.store_dsn) as store:
+        record = store.request("550e8400")
+    with capture.store() as raw:
+        stored = raw.execute(
+            "SELECT table_name, status, op FROM mutations WHERE request_id = '550e8400' ORDER BY position, ordinal"
+        ).fetchall()
+    assert [(t, s) for t, s, _ in stored] == [
+        ("public.users", "rolled_back"),
+        ("public.orders", "rolled_back"),
+    ], stored
+    assert {(m.table, m.status) for m in record.mutations} == {
+        ("public.users", "rolled_back"),
+        ("public.orders", "rolled_back"),
+    }
+    assert capture.stop() == 0
+
+
 def test_context_changing_mid_transaction_tags_each_statement(capture: CaptureEnv) -> None:
     with capture.source() as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")

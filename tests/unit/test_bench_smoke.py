@@ -172,3 +172,31 @@ def test_profile_summary(tmp_path: Path) -> None:
     assert own[0] == ("wait (connection.py:495)", 75.0)
     assert ("loop (cdc/daemon.py:300)", 100.0) in inclusive
     assert "40 samples" in profile.summary_line(raw)
+
+
+def test_merge_keeps_the_measurements_not_run_again(tmp_path: Path) -> None:
+    earlier = _fake_results()
+    path = tmp_path / "results-full-embedded.json"
+    run.write_results(path, earlier)
+    meta, kept = run._previous(path, ["reads"])
+    assert meta["date"] == "2026-01-02 03:04 UTC"
+    assert [m["name"] for m in kept] == ["throughput", "lag"]
+    assert all(m["date"] == "2026-01-02 03:04 UTC" and m["command"] for m in kept)
+    fresh = Measurement(
+        "reads", "Reads", date="2026-02-03 04:05 UTC", command="python -m bench.run --only reads"
+    )
+    ordered = run._ordered([fresh.to_json(), *kept])
+    assert [m["name"] for m in ordered] == ["throughput", "lag", "reads"]
+    results = {
+        "meta": {**earlier["meta"], "date": fresh.date, "command": fresh.command, "merged": ["x at y"]},
+        "measurements": ordered,
+    }
+    text = render_markdown(results)
+    assert "Measured 2026-01-02 03:04 UTC by `python -m bench.run --quick`." in text
+    assert "Merged from an earlier run" in text
+    assert run._previous(tmp_path / "missing.json", []) == ({}, [])
+
+
+def test_parse_args_merge_flag() -> None:
+    assert run.parse_args(["--merge", "--only", "reads"]).merge
+    assert not run.parse_args([]).merge
