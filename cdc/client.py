@@ -551,7 +551,7 @@ def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usa
 
 def _sa_server_version(sa_conn: Any) -> int:
     """The server version as libpq spells it (150004), 0 when the dialect does not know it."""
-    info = getattr(sa_conn.dialect, "server_version_info", None) or ()
+    info: tuple[Any, ...] = tuple(getattr(sa_conn.dialect, "server_version_info", None) or ())
     major = info[0] if info and isinstance(info[0], int) else 0
     minor = info[1] if len(info) > 1 and isinstance(info[1], int) else 0
     return major * 10000 + minor if major >= 10 else 0
