@@ -187,6 +187,9 @@ def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
                 [(t.schema, t.name) for t in tables],
                 application_name_pattern=config.context.application_name_pattern,
                 settings_prefix=config.context.settings_prefix,
+                # New tables join only an all-tables publication; never the store's own tables.
+                attach_new_tables=not config.source.tables,
+                exclude_schemas=(schema,) if exclude else (),
             )
         )
         install_await_capture(src, slot)
