@@ -21,7 +21,7 @@ def wrapper(output: Path) -> list[str]:
     exe = py_spy()
     if exe is None:
         return []
-    return [exe, "record", "--nonblocking", "--idle", "-f", "raw", "-o", str(output), "--"]
+    return [exe, "record", "--nonblocking", "--idle", "--threads", "-f", "raw", "-o", str(output), "--"]
 
 
 def _short(frame: str) -> str:
@@ -34,8 +34,15 @@ def _short(frame: str) -> str:
     return f"{name} ({tail}:{line})" if where else name
 
 
+#: Leaf frames of threads with nothing to do (the HTTP server, a queue's consumer, a timer).
+IDLE_LEAVES = ("_PollLikeSelector.select", "EpollSelector.select", "Condition.wait", "Event.wait")
+
+
 def summarize(path: Path, top: int = 12) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
-    """(samples, top self frames, top inclusive frames below the daemon loop) as (frame, %)."""
+    """(samples, top self frames, top inclusive frames below the daemon loop) as (frame, %).
+
+    Samples of every thread (py-spy --idle), except those parked with nothing to do; waits on
+    the source or the store (a socket read, ``Connection.wait``) stay in."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -44,17 +51,21 @@ def summarize(path: Path, top: int = 12) -> tuple[int, list[tuple[str, float]], 
         if not stack or not count.isdigit():
             continue
         n = int(count)
+        # With --threads the first frame names the thread ("thread (123): cdc-store-writer").
+        frames = [f for f in stack.split(";") if not f.startswith("thread (")] or ["(idle)"]
+        if frames[-1].startswith(IDLE_LEAVES) or frames == ["(idle)"]:
+            continue  # a thread parked on a queue or an idle server socket: no work
         total += n
-        frames = stack.split(";")
         own[_short(frames[-1])] += n
         for frame in {_short(f) for f in frames}:
             inclusive[frame] += n
     if total == 0:
         return 0, [], []
-    skip = ("runpy", "click/", "core.py", "__main__", "cli.py", "<module>", "_bootstrap")
+    skip = ("runpy", "click/", "core.py", "__main__", "cli.py", "<module>", "_bootstrap", "Thread.run")
+    skip += ("Daemon.run", "Daemon._session", "_Session.loop")
     own_top = [(f, 100 * n / total) for f, n in own.most_common(top)]
     incl_top = [
-        (f, 100 * n / total) for f, n in inclusive.most_common(top * 3) if not any(s in f for s in skip)
+        (f, 100 * n / total) for f, n in inclusive.most_common(top * 8) if not any(s in f for s in skip)
     ][:top]
     return total, own_top, incl_top
 

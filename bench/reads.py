@@ -263,7 +263,7 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
 
 
 def _timed(fn: Callable[[], Any], samples: int, budget_s: float) -> list[float]:
-    """``samples`` timings in ms after the warm-up; fewer (at least 5) when over ``budget_s``."""
+    """``samples`` timings in ms after the warm-up; fewer (at least 3) when over ``budget_s``."""
     deadline = time.monotonic() + budget_s
     for _ in range(WARMUP):
         fn()
@@ -275,7 +275,7 @@ def _timed(fn: Callable[[], Any], samples: int, budget_s: float) -> list[float]:
         started = time.perf_counter()
         fn()
         out.append((time.perf_counter() - started) * 1000)
-        if len(out) >= 5 and time.monotonic() > deadline:
+        if len(out) >= 3 and time.monotonic() > deadline:
             break
     return out
 

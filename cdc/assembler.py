@@ -358,7 +358,8 @@ class Assembler:
         self.spilled_transactions = 0
         # Transactions at or before this position are already in the store: skip them.
         self.skip_through = skip_through
-        self.new_schemas: list[TableSchema] = []
+        # Streaming every transaction resends its Relation messages: build each schema once.
+        self._schemas: dict[tuple[Any, ...], TableSchema] = {}
 
     # -- state -----------------------------------------------------------------
     @property
@@ -536,12 +537,11 @@ class Assembler:
                         context = None
                 continue
             if isinstance(message, Relation):
-                schema = build_schema(message, self._primary_key)
+                schema = self._schema_for(message)
                 if buffer.streamed:
                     overlay[message.oid] = schema
                 else:
                     self._relations[message.oid] = schema
-                self.new_schemas.append(schema)
                 continue
             if isinstance(message, Type):
                 continue
@@ -554,6 +554,16 @@ class Assembler:
                 yield mutation
         if status == COMMITTED and overlay:
             self._relations.update(overlay)
+
+    def _schema_for(self, relation: Relation) -> TableSchema:
+        key = (relation.oid, relation.namespace, relation.name, relation.replica_identity, relation.columns)
+        schema = self._schemas.get(key)
+        if schema is None:
+            if len(self._schemas) > 10_000:
+                self._schemas.clear()
+            schema = build_schema(relation, self._primary_key)
+            self._schemas[key] = schema
+        return schema
 
     def _schema(self, oid: int, overlay: dict[int, TableSchema]) -> TableSchema:
         schema = overlay.get(oid) or self._relations.get(oid)

@@ -164,8 +164,10 @@ def test_measurement_json_round_trip(tmp_path: Path) -> None:
 def test_profile_summary(tmp_path: Path) -> None:
     raw = tmp_path / "profile.txt"
     raw.write_text(
-        "<module> (cdc/__main__.py:3);loop (cdc/daemon.py:300);wait (psycopg/connection.py:495) 30\n"
-        "<module> (cdc/__main__.py:3);loop (cdc/daemon.py:300);decode (cdc/protocol/pgoutput.py:10) 10\n"
+        "thread (7): MainThread;<module> (cdc/__main__.py:3);loop (cdc/daemon.py:300);"
+        "wait (psycopg/connection.py:495) 30\n"
+        "thread (7): MainThread;<module> (cdc/__main__.py:3);loop (cdc/daemon.py:300);"
+        "decode (cdc/protocol/pgoutput.py:10) 10\n"
     )
     total, own, inclusive = profile.summarize(raw)
     assert total == 40
