@@ -3,7 +3,7 @@
     python -m bench.run [--quick] [--only NAME,...] [--flavor embedded|system]
 
 Measurements, in this order (later ones use the capture rate the first one measured):
-throughput, lag, memory, source_cost, reads. `make bench` runs the full suite (under 25
+throughput, lag, memory, source_cost, reads, retention. `make bench` runs the full suite (about 35
 minutes on 2 cores); `--quick` shrinks every workload (under 5 minutes).
 """
 
@@ -25,14 +25,21 @@ from typing import Any
 from bench.harness import BENCH_SETTINGS, OUT_DIR, ROOT, log
 from bench.model import Context, Measurement
 
-NAMES = ("throughput", "lag", "memory", "source_cost", "reads")
-ALIASES = {"cost": "source_cost", "source": "source_cost", "read": "reads", "mem": "memory"}
+NAMES = ("throughput", "lag", "memory", "source_cost", "reads", "retention")
+ALIASES = {
+    "cost": "source_cost",
+    "source": "source_cost",
+    "read": "reads",
+    "mem": "memory",
+    "prune": "retention",
+}
 TITLES = {
     "throughput": "Capture throughput (end to end) vs pg_recvlogical",
     "lag": "Lag: commit on the source to visible in the store",
     "memory": "Memory: peak RSS of `cdc run` during one large transaction",
     "source_cost": "Cost on the source: pgbench TPC-B-like",
     "reads": "Reads on a large store (query layer)",
+    "retention": "Retention: pruning a day, and capture while pruning",
 }
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -86,7 +93,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def measurement_functions() -> dict[str, Callable[[Context], Measurement]]:
-    from bench import lag, memory, reads, source_cost, throughput
+    from bench import lag, memory, reads, retention, source_cost, throughput
 
     return {
         "throughput": throughput.measure,
@@ -94,6 +101,7 @@ def measurement_functions() -> dict[str, Callable[[Context], Measurement]]:
         "memory": memory.measure,
         "source_cost": source_cost.measure,
         "reads": reads.measure,
+        "retention": retention.measure,
     }
 
 

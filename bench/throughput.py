@@ -29,9 +29,11 @@ from bench.harness import (
     marker_position,
     median,
     new_capture,
+    process_cpu_seconds,
     recvlogical_drain,
     script_dir,
     server,
+    server_cpu_seconds,
     wait_for_marker,
     write_marker,
 )
@@ -80,7 +82,12 @@ def time_daemon(
                     raise TimeoutError("the daemon did not start streaming within 120 s")
                 time.sleep(0.005)
         active = time.monotonic()
+        pid = daemon.daemon_pid() or daemon.pid
+        cpu_before = process_cpu_seconds(pid)
+        server_before = server_cpu_seconds(capture.pg)
         done = wait_for_marker(capture, marker, daemon, interval=0.02)
+        cpu_s = process_cpu_seconds(pid) - cpu_before
+        server_cpu_s = server_cpu_seconds(capture.pg) - server_before
         rss = daemon.peak_rss_mb() or 0.0
         metrics = daemon.metrics()
     finally:
@@ -91,6 +98,10 @@ def time_daemon(
         "drain_s": done - active,
         "wall_s": done - daemon.started_at,
         "peak_rss_mb": rss,
+        # Where the CPU went while draining: the daemon's process, and the server's (the
+        # walsender decoding, the store's backend writing, both on this machine's 2 cores).
+        "cpu_s": cpu_s,
+        "server_cpu_s": server_cpu_s,
         # What the store writes cost, from the daemon's own metrics (0 when not exposed).
         "store_writes": metrics.get("cdc_batch_rows_count", 0.0),
         "store_write_s": metrics.get("cdc_store_write_seconds_sum", 0.0),
@@ -170,6 +181,7 @@ def measure(ctx: Context) -> Measurement:
                         order.reverse()
                     for consumer, mode in order:
                         if consumer == "recvlogical":
+                            server_before = server_cpu_seconds(pg)
                             seconds = recvlogical_drain(
                                 pg,
                                 src,
@@ -180,6 +192,7 @@ def measure(ctx: Context) -> Measurement:
                                 immediate=(mode == "immediate"),
                             )
                             run[f"recvlogical_{mode}_s"] = seconds
+                            run[f"recvlogical_{mode}_server_cpu_s"] = server_cpu_seconds(pg) - server_before
                         else:
                             profile_name = f"profile-{kind}-{mode}.txt" if ctx.profile else None
                             timing = time_daemon(
@@ -267,6 +280,21 @@ def _daemon_note(rows: list[dict[str, Any]], mode: str) -> str:
             ]
         )
         note += f"; {writes:,.0f} store writes per run, {100 * (share or 0):.0f} % of the drain time in them"
+    changes = [r["changes"] for r in rows if r["changes"]]
+    if changes and all(f"daemon_{mode}_cpu_s" in r for r in rows):
+        per_change = {
+            what: median([1e6 * r[key] / r["changes"] for r in rows if r["changes"]]) or 0.0
+            for what, key in (
+                ("daemon", f"daemon_{mode}_cpu_s"),
+                ("server", f"daemon_{mode}_server_cpu_s"),
+                ("recvlogical", f"recvlogical_{mode}_server_cpu_s"),
+            )
+        }
+        note += (
+            f"; CPU per change while draining: daemon process {per_change['daemon']:.0f} µs, server "
+            f"{per_change['server']:.0f} µs (walsender + store backend; with pg_recvlogical the server "
+            f"spends {per_change['recvlogical']:.0f} µs)"
+        )
     return note
 
 

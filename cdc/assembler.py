@@ -325,7 +325,10 @@ class _ImageCache:
 
 def _cache_key(schema: TableSchema, key: Row) -> tuple[Any, ...]:
     """A cheap hashable form of a key (values in key-column order) for the image cache."""
-    return tuple(key.get(name) for name in schema.key_columns)
+    names = schema.key_columns
+    if len(names) == 1:  # the usual case; a generator costs more than the lookup
+        return (key.get(names[0]),)
+    return tuple([key.get(name) for name in names])
 
 
 def key_text(key: Row) -> str:

@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final, Literal, cast
 
+import orjson
+
 from cdc.errors import ConfigError, ProtocolError
 
 __all__ = [
@@ -184,17 +186,14 @@ def _load_object(content: bytes, what: str) -> dict[str, Any]:
     if len(content) > MAX_CONTENT_BYTES:
         raise ProtocolError(f"{what} message: {len(content)} bytes, more than {MAX_CONTENT_BYTES}")
     try:
-        text = bytes(content).decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant)
+        # orjson: C speed on the hot path (a message per transaction); like the reject hook
+        # it had, it refuses NaN/Infinity, and invalid UTF-8.
+        value = orjson.loads(bytes(content))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{what} message: not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} message: JSON {type(value).__name__}, not an object")
     return cast(dict[str, Any], value)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def _opt_str(obj: Mapping[str, Any], key: str, what: str, limit: int | None = None) -> str | None:

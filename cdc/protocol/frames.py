@@ -42,7 +42,7 @@ _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _ONE_US: Final = timedelta(microseconds=1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class XLogData:
     """'w': a chunk of WAL data; for logical replication ``payload`` is one pgoutput message."""
 
@@ -52,7 +52,7 @@ class XLogData:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class PrimaryKeepalive:
     """'k': the server's current WAL end; ``reply_requested`` asks for a status update now."""
 
@@ -61,7 +61,7 @@ class PrimaryKeepalive:
     reply_requested: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StandbyStatusUpdate:
     """'r': the client's progress report (sent by the client, parsed for tests and tools)."""
 

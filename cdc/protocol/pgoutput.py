@@ -1,8 +1,10 @@
 """Decoder for the pgoutput logical replication messages, protocol versions 1 to 4.
 
 One call turns one message payload (the bytes carried by an XLogData frame) into
-a frozen dataclass. Times stay ints (microseconds since 2000-01-01 UTC) and LSNs
-stay ints, exactly as on the wire; see ``cdc.protocol.frames`` for conversions.
+a slotted dataclass, to be treated as immutable (not ``frozen``: a frozen dataclass's
+``__init__`` sets each field through ``object.__setattr__``, 3.6x the cost, per message).
+Times stay ints (microseconds since 2000-01-01 UTC) and LSNs stay ints, exactly as on
+the wire; see ``cdc.protocol.frames`` for conversions.
 
 This module must not do I/O, open sockets, import a database driver or know
 anything about the rest of cdc: it only parses bytes. It sits on the hot path,
@@ -95,7 +97,7 @@ TupleData: TypeAlias = tuple[str | bytes | _UnchangedToast | None, ...]
 # --------------------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Column:
     """One column of a Relation message."""
 
@@ -110,7 +112,7 @@ class Column:
         return bool(self.flags & 1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Begin:
     """'B': start of a (non-streamed) transaction."""
 
@@ -119,7 +121,7 @@ class Begin:
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Commit:
     """'C': end of a transaction."""
 
@@ -129,7 +131,7 @@ class Commit:
     commit_time: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Origin:
     """'O': the replication origin the transaction came from."""
 
@@ -137,7 +139,7 @@ class Origin:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Relation:
     """'R': the shape of a table, sent before the first change to it in a session."""
 
@@ -149,7 +151,7 @@ class Relation:
     columns: tuple[Column, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Type:
     """'Y': a non-builtin data type used by a column of a following Relation."""
 
@@ -159,7 +161,7 @@ class Type:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Insert:
     """'I': a new row."""
 
@@ -168,7 +170,7 @@ class Insert:
     new: TupleData
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Update:
     """'U': a changed row; ``old`` is present when the key changed ('K') or identity is FULL ('O')."""
 
@@ -179,7 +181,7 @@ class Update:
     new: TupleData
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Delete:
     """'D': a deleted row: its key columns ('K') or the whole old row ('O')."""
 
@@ -189,7 +191,7 @@ class Delete:
     old_kind: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Truncate:
     """'T': TRUNCATE of one or more tables."""
 
@@ -208,7 +210,7 @@ class Truncate:
         return bool(self.options & 2)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Message:
     """'M': a logical decoding message from ``pg_logical_emit_message``."""
 
@@ -219,7 +221,7 @@ class Message:
     content: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StreamStart:
     """'S' (protocol 2+): start of a block of changes of an in-progress transaction."""
 
@@ -227,12 +229,12 @@ class StreamStart:
     first_segment: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StreamStop:
     """'E' (protocol 2+): end of a streamed block."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StreamCommit:
     """'c' (protocol 2+): commit of a streamed transaction."""
 
@@ -243,7 +245,7 @@ class StreamCommit:
     commit_time: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StreamAbort:
     """'A' (protocol 2+): abort of a streamed transaction (``subxid == xid``) or subtransaction.
 
@@ -257,7 +259,7 @@ class StreamAbort:
     abort_time: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class BeginPrepare:
     """'b' (protocol 3+): start of a transaction being prepared (two-phase)."""
 
@@ -268,7 +270,7 @@ class BeginPrepare:
     gid: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Prepare:
     """'P' (protocol 3+): PREPARE TRANSACTION."""
 
@@ -280,7 +282,7 @@ class Prepare:
     gid: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CommitPrepared:
     """'K' (protocol 3+): COMMIT PREPARED."""
 
@@ -292,7 +294,7 @@ class CommitPrepared:
     gid: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RollbackPrepared:
     """'r' (protocol 3+): ROLLBACK PREPARED."""
 
@@ -305,7 +307,7 @@ class RollbackPrepared:
     gid: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StreamPrepare:
     """'p' (protocol 3+): PREPARE TRANSACTION of a streamed transaction."""
 

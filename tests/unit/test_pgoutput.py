@@ -827,8 +827,11 @@ def test_unchanged_toast_is_a_singleton() -> None:
     assert pickle.loads(pickle.dumps(insert)).new[1] is UNCHANGED_TOAST
 
 
-def test_messages_are_frozen() -> None:
+def test_messages_are_slotted_and_hashable() -> None:
+    # Not frozen (its __init__ is 3.6x slower), but no per-instance dict, no stray attributes,
+    # and usable as dict keys like before.
     message = Insert(None, 1, ("a",))
-    with pytest.raises(AttributeError):
-        message.relation_oid = 2  # type: ignore[misc]
     assert not hasattr(message, "__dict__")
+    with pytest.raises(AttributeError):
+        message.no_such_field = 2  # type: ignore[attr-defined]
+    assert {message: 1}[Insert(None, 1, ("a",))] == 1
