@@ -230,6 +230,7 @@ def measure(ctx: Context) -> Measurement:
         m.runs = results
         m.params["large_rows_used"] = large_rows
         _figures(m, modes, results)
+        _store_ceiling(m, pg, captures[modes[-1]])
         small_rates = [r[f"daemon_{modes[0]}_rate"] for r in results if r["kind"] == "small"]
         ctx.capture_rate = median(small_rates)
         ctx.changes_per_txn = SMALL_CHANGES_PER_TXN
@@ -344,3 +345,49 @@ def _figures(m: Measurement, modes: list[str], results: list[dict[str, Any]]) ->
                     [r["daemon_immediate_rate"] / r["daemon_off_rate"] for r in rows],
                 )
             )
+
+
+def _store_ceiling(m: Measurement, pg: Any, capture: Capture, batch_rows: int = 2_000) -> None:
+    """What the history store alone accepts: the small transactions' mutations the daemon
+    stored, COPYed again into a table like ``mutations`` (its indexes, no partitions) by a
+    bare client, in transactions of ``batch_rows`` like the daemon's batches. No decoding, no
+    Python per row: the bound the store's write path puts on any capture into it."""
+    columns = (
+        "position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before, after, "
+        "changed, status, request_id, context, schema_id, actor, actor_seq"
+    )
+    with capture.store() as conn:
+        conn.execute(
+            "CREATE TEMP TABLE ceiling (LIKE mutations INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)"
+        )
+        lines: list[bytes] = []
+        with conn.cursor().copy(
+            f"COPY (SELECT {columns} FROM mutations WHERE table_name IN "
+            "('public.bench_accounts', 'public.bench_history') ORDER BY position, ordinal LIMIT 200000) TO STDOUT"
+        ) as copy:
+            pending = b""
+            for chunk in copy:
+                pending += bytes(chunk)
+                *complete, pending = pending.split(b"\n")
+                lines += complete
+        if not lines:
+            return
+        batches = [b"\n".join(lines[i : i + batch_rows]) + b"\n" for i in range(0, len(lines), batch_rows)]
+        backend = conn.info.backend_pid
+        cpu_before = process_cpu_seconds(backend)
+        started = time.monotonic()
+        for data in batches:
+            with conn.transaction(), conn.cursor().copy(f"COPY ceiling ({columns}) FROM STDIN") as copy:
+                copy.write(data)
+        seconds = time.monotonic() - started
+        cpu = process_cpu_seconds(backend) - cpu_before
+    m.figures.append(
+        Figure(
+            "throughput.store_ceiling",
+            "the history store alone: COPY of captured mutations into a table like `mutations` (its "
+            f"indexes), {batch_rows:,} rows a transaction, by a bare client",
+            "rows/s",
+            [len(lines) / seconds],
+            note=f"{len(lines):,} rows; store backend CPU {1e6 * cpu / len(lines):.0f} µs a row",
+        )
+    )

@@ -51,6 +51,7 @@ from psycopg.errors import Diagnostic
 from psycopg.pq import TransactionStatus
 
 from cdc.errors import SetupError, UsageError
+from cdc.source_context import tables_with_trigger
 from cdc.values import converter_for
 
 __all__ = [
@@ -666,17 +667,7 @@ def simulate_tables(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
     """The (schema, table) pairs that carry the simulate row trigger, sorted."""
     if not simulate_installed(conn):
         return []
-    rows = conn.execute(
-        """
-        SELECT n.nspname, c.relname
-          FROM pg_catalog.pg_trigger AS t
-          JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid
-          JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-         WHERE t.tgfoid = 'cdc.simulate_capture()'::pg_catalog.regprocedure AND NOT t.tgisinternal
-         ORDER BY 1, 2
-        """
-    ).fetchall()
-    return [(str(schema), str(table)) for schema, table in rows]
+    return tables_with_trigger(conn, "cdc.simulate_capture()")
 
 
 def uninstall_simulate(conn: psycopg.Connection[Any]) -> None:

@@ -393,14 +393,21 @@ def context_tables(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
     """The (schema, table) pairs that carry the context trigger, sorted."""
     if not context_installed(conn):
         return []
+    return tables_with_trigger(conn, "cdc.context_trigger()")
+
+
+def tables_with_trigger(conn: psycopg.Connection[Any], function: str) -> list[tuple[str, str]]:
+    """The (schema, table) pairs with a (user) trigger running ``function`` (its signature,
+    which must exist), sorted."""
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname
           FROM pg_catalog.pg_trigger AS t
           JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid
           JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-         WHERE t.tgfoid = 'cdc.context_trigger()'::pg_catalog.regprocedure
+         WHERE t.tgfoid = %s::pg_catalog.regprocedure AND NOT t.tgisinternal
          ORDER BY 1, 2
-        """
+        """,
+        (function,),
     ).fetchall()
     return [(str(schema), str(table)) for schema, table in rows]

@@ -87,7 +87,7 @@ from cdc.query import (
     VersionRange,
     format_key,
 )
-from cdc.render import mutation_record
+from cdc.render import MUTATION_CSV_FIELDS, mutation_record
 
 __all__ = [
     "MAX_KEY_CHARS",
@@ -1049,23 +1049,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Mutation": {
         "type": "object",
-        "required": [
-            "version",
-            "version_lsn",
-            "lsn",
-            "lsn_text",
-            "xid",
-            "committed_at",
-            "table",
-            "key",
-            "op",
-            "before",
-            "after",
-            "changed",
-            "request_id",
-            "context",
-            "status",
-        ],
+        "required": list(MUTATION_CSV_FIELDS),  # the fields of mutation_record, as in the CSV export
         "properties": {
             "version": {**_nullable(_INT), "description": "End LSN of the transaction; null: rolled back"},
             "version_lsn": _nullable(_STRING),
