@@ -14,15 +14,11 @@ from typing import Any, TypeVar
 import click
 
 from cdc import __version__
+from cdc.cli_errors import fail
 from cdc.config import Config, load_config
 from cdc.errors import CdcError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(exc: CdcError) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(exc.exit_code)
 
 
 def load(config_path: str | None, source: str | None = None, store: str | None = None) -> Config:

@@ -13,17 +13,15 @@ traceback.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
+from cdc.cli_errors import boundary
 from cdc.config import load_config, parse_duration
-from cdc.errors import CdcError, NotFoundError, UsageError
+from cdc.errors import NotFoundError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.query import DEFAULT_SCHEMA, Mutation, Store, format_key, key_from_text
 from cdc.render import (
@@ -53,27 +51,6 @@ FORMATS = ("table", "json", "csv")
 
 
 # ============================================================================ shared plumbing
-
-
-def _fail(exc: CdcError) -> NoReturn:
-    message = exc.message.rstrip()
-    if exc.hint:
-        message = f"{message} (hint: {exc.hint})"
-    click.echo(f"error: {message}", err=True)
-    sys.exit(exc.exit_code)
-
-
-@contextlib.contextmanager
-def _boundary() -> Iterator[None]:
-    """Every CdcError → one line on stderr and its exit code."""
-    if hasattr(time, "tzset"):
-        time.tzset()  # honour TZ as it is now (wrappers, tests), for display and for naive times
-    try:
-        yield
-    except CdcError as exc:
-        _fail(exc)
-    except BrokenPipeError:  # `cdc state history ... | head`
-        sys.exit(0)
 
 
 def reader_options(func: F) -> F:
@@ -228,7 +205,7 @@ def history(
       cdc state history --request 550e8400
       cdc state history users --id 42 --format json > mutations.json
     """
-    with _boundary():
+    with boundary():
         start, stop = _time_window(since, between or None, utc)
         if request_id is not None:
             if table is not None or key_text is not None:
@@ -294,7 +271,7 @@ def blame(
 
     ``✗ rolled back req:...`` marks a later attempt on the column that was rolled back.
     """
-    with _boundary(), open_store(store_dsn, config_path, store_schema) as store:
+    with boundary(), open_store(store_dsn, config_path, store_schema) as store:
         entries = store.blame(table, key_from_text(key_text))
         records = []
         for e in entries:
@@ -332,7 +309,7 @@ def at(
     utc: bool,
 ) -> None:
     """The row as it was at a version (--version V) or at a time (--at TIME)."""
-    with _boundary():
+    with boundary():
         if (version_text is None) == (at_text is None):
             raise UsageError("give exactly one of --version V or --at TIME")
         requested = parse_lsn(version_text) if version_text is not None else None
@@ -410,7 +387,7 @@ def why(
 
     REQ is a request id or a unique prefix of one (8 characters are usually enough).
     """
-    with _boundary(), open_store(store_dsn, config_path, store_schema) as store:
+    with boundary(), open_store(store_dsn, config_path, store_schema) as store:
         record = store.request(request_id, mutation_limit=None if fmt != "table" else max_changes)
         if fmt == "json":
             data = record.to_json()

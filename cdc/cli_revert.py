@@ -14,16 +14,14 @@ one ``error: ...`` message on stderr, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any
 
 import click
 import psycopg
 
+from cdc.cli_errors import boundary
 from cdc.cli_readers import open_store, parse_time
 from cdc.config import load_config, redact_dsn
 from cdc.errors import CdcError, SourceUnavailableError, UsageError
@@ -43,28 +41,8 @@ __all__ = ["restore", "revert"]
 FORMATS = ("sql", "json")
 
 
-def _fail(exc: CdcError) -> NoReturn:
-    message = exc.message.rstrip()
-    if exc.hint:
-        message = f"{message}\n  hint: {exc.hint}" if "\n" in message else f"{message} (hint: {exc.hint})"
-    click.echo(f"error: {message}", err=True)
-    sys.exit(exc.exit_code)
-
-
-@contextlib.contextmanager
-def _boundary() -> Iterator[None]:
-    """Every CdcError → its message on stderr and its exit code; SQL errors → exit 1."""
-    if hasattr(time, "tzset"):
-        time.tzset()
-    try:
-        yield
-    except CdcError as exc:
-        _fail(exc)
-    except psycopg.Error as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _fail(CdcError(f"the source refused the SQL: {redact_dsn(text)}"))
-    except BrokenPipeError:
-        sys.exit(0)
+def _refused(text: str) -> CdcError:
+    return CdcError(f"the source refused the SQL: {text}")
 
 
 def open_source(source_dsn: str | None, config_path: str | None) -> psycopg.Connection[Any]:
@@ -172,7 +150,7 @@ def revert(
       cdc revert 550e8400 --apply         # run it; prints the new request id
       cdc revert 550e8400 --apply --force
     """
-    with _boundary():
+    with boundary(_refused):
         store = open_store(store_dsn, config_path, store_schema)
         with store, open_source(source_dsn, config_path) as source:
             plan = plan_revert(store, source, request_id)
@@ -231,7 +209,7 @@ def restore(
       cdc restore users --id 42 --version 0/16B3748
       cdc restore users --id 42 --at 2026-03-10T14:00 --apply
     """
-    with _boundary():
+    with boundary(_refused):
         if (version_text is None) == (at_text is None):
             raise UsageError("give exactly one of --version V or --at TIME")
         when = parse_time(at_text, utc=utc) if at_text is not None else None
