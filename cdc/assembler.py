@@ -363,6 +363,7 @@ class Assembler:
         self.skip_through = skip_through
         # Streaming every transaction resends its Relation messages: build each schema once.
         self._schemas: dict[tuple[Any, ...], TableSchema] = {}
+        self._schemas_by_body: dict[bytes, TableSchema] = {}
 
     # -- state -----------------------------------------------------------------
     @property
@@ -530,7 +531,18 @@ class Assembler:
         ordinal = 0
         rolled_back_txn = status != COMMITTED
         aborted = buffer.aborted_subxids
+        relation_body = 5 if buffer.streamed else 1  # a streamed message carries its xid first
         for lsn, subxid, payload in buffer:
+            if payload[0] == _RELATION:
+                # Streaming every transaction resends its Relation messages: the same bytes
+                # (after the xid) give the same schema, without decoding them again.
+                known = self._schemas_by_body.get(payload[relation_body:])
+                if known is not None:
+                    if buffer.streamed:
+                        overlay[known.relation_oid] = known
+                    else:
+                        self._relations[known.relation_oid] = known
+                    continue
             message = decode_message(payload, in_stream=buffer.streamed)
             if isinstance(message, Message):
                 if message.prefix == CONTEXT_PREFIX:
@@ -541,6 +553,9 @@ class Assembler:
                 continue
             if isinstance(message, Relation):
                 schema = self._schema_for(message)
+                if len(self._schemas_by_body) > 10_000:
+                    self._schemas_by_body.clear()
+                self._schemas_by_body[payload[relation_body:]] = schema
                 if buffer.streamed:
                     overlay[message.oid] = schema
                 else:
@@ -786,6 +801,7 @@ class Assembler:
 
 _DATA_KINDS = frozenset(b"RYIUDTM")
 _MESSAGE = ord("M")
+_RELATION = ord("R")
 
 
 def _image(schema: TableSchema, values: TupleData) -> tuple[Row, tuple[str, ...]]:
