@@ -483,6 +483,9 @@ class SourceConfig(_Section):
     tables: Annotated[tuple[TableKey, ...], BeforeValidator(_split_list), AfterValidator(_unique)] = ()
     stream_in_progress: Annotated[OnOffAuto, BeforeValidator(_on_off)] = "auto"
     connect_timeout_seconds: PositiveSeconds = 10.0
+    #: silence after which a source connection counts as broken (a query unanswered, the
+    #: replication stream quiet although pinged): the daemon then reconnects
+    timeout_seconds: PositiveSeconds = 30.0
 
 
 class StoreConfig(_Section):
@@ -491,6 +494,9 @@ class StoreConfig(_Section):
     dsn: OptionalDsn = None
     #: the ``schema`` key (``BaseModel.schema`` is taken)
     schema_name: Name = Field(default="cdc_history", alias="schema")
+    #: a store write lasting longer makes the daemon unready and check on the store; the
+    #: write is abandoned (and retried) when the store is unreachable or no longer working on it
+    timeout_seconds: PositiveSeconds = 30.0
 
 
 class CaptureConfig(_Section):

@@ -67,9 +67,12 @@ INSERT INTO tags SELECT 'seed' || (g % 5), g FROM generate_series(1, 20) g;
 """
 
 # Daemon settings for the suite: quick reconnects, and store batches smaller than the bulk
-# transactions, so a crash can fall between two chunks of one source transaction.
+# transactions, so a crash can fall between two chunks of one source transaction. A silent
+# source or store is given up after 10 s (default 30 s), like wal_sender_timeout here.
 DAEMON_ENV = {
     "CDC_CAPTURE__BATCH_MAX_ROWS": "400",
+    "CDC_SOURCE__TIMEOUT_SECONDS": "10",
+    "CDC_STORE__TIMEOUT_SECONDS": "10",
     "CDC_LOGGING__LEVEL": "info",
 }
 
