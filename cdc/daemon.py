@@ -24,7 +24,7 @@ import structlog
 
 from cdc.assembler import COMMITTED, Assembler, FinishedTransaction, LogicalMessage
 from cdc.config import Config, load_config, redact_dsn
-from cdc.context import ERROR_PREFIX, HEARTBEAT_PREFIX, parse_error
+from cdc.context import ERROR_PREFIX, HEARTBEAT_PREFIX, RequestContext, parse_error
 from cdc.errors import (
     CdcError,
     ProtocolError,
@@ -32,6 +32,7 @@ from cdc.errors import (
     SlotLostError,
     SourceUnavailableError,
     StandbyError,
+    StoreUnavailableError,
 )
 from cdc.logs import configure_logging
 from cdc.lsn import format_lsn
@@ -43,6 +44,7 @@ from cdc.source import primary_key
 from cdc.store.retention import Pruner
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import ReplicationStream, choose_options
+from cdc.watchdog import Deadline, abort, probe_session
 
 log = structlog.get_logger("cdc.daemon")
 
@@ -69,6 +71,9 @@ class Daemon:
         self.last_error: str | None = None
         self.acked_lsn = 0
         self.standby = False
+        # When the store write in progress began (None: none is): one lasting longer than
+        # store.timeout_seconds makes the daemon unready (see _Session._watch_writes).
+        self.store_write_started: float | None = None
         # The loop beats at least once a second; a minute of silence means it is stuck.
         self.health_max_age_seconds = max(60.0, 3 * config.capture.status_interval_seconds)
 
@@ -114,11 +119,18 @@ class Daemon:
             except CdcError as exc:
                 self.last_error = str(exc)
                 self.metrics.errors.labels(kind=type(exc).__name__).inc()
-                self._record_error(exc.message)
                 if not exc.retryable:
+                    self._record_error(exc.message)
                     log.error("daemon_stopped", error=exc.message, hint=exc.hint, exit_code=exc.exit_code)
                     return exc.exit_code
-                log.warning("capture_interrupted", error=exc.message, retry_in_seconds=round(backoff, 2))
+                # Logged first: recording it needs the store, which may be the one failing.
+                log.warning(
+                    "capture_interrupted",
+                    error=exc.message,
+                    hint=exc.hint,
+                    retry_in_seconds=round(backoff, 2),
+                )
+                self._record_error(exc.message)
             except Exception as exc:  # the cycle's error boundary: log, back off, retry
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.metrics.errors.labels(kind=type(exc).__name__).inc()
@@ -155,9 +167,14 @@ class Daemon:
         }
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: streaming (store reachable, since writes succeed), or a healthy standby."""
+        """Readiness: streaming (store reachable: no write outlasts store.timeout_seconds), or
+        a healthy standby."""
         ok, detail = self.health()
         detail.update({"streaming": self.streaming, "acked_lsn": format_lsn(self.acked_lsn)})
+        started = self.store_write_started
+        if started is not None and time.monotonic() - started > self.config.store.timeout_seconds:
+            detail["store_write_seconds"] = round(time.monotonic() - started, 1)
+            return False, detail
         return ok and (self.streaming or self.standby), detail
 
     def _record_error(self, message: str) -> None:
@@ -199,7 +216,9 @@ class Daemon:
         cfg = self.config
         source_dsn, store_dsn = cfg.require_source(), cfg.require_store()
         writer = StoreWriter(store_dsn, cfg.store.schema_name, cfg.source.slot)
-        stream = ReplicationStream(source_dsn, connect_timeout=cfg.source.connect_timeout_seconds)
+        stream = ReplicationStream(
+            source_dsn, connect_timeout=cfg.source.connect_timeout_seconds, timeout=cfg.source.timeout_seconds
+        )
         catalog: psycopg.Connection[Any] | None = None
         try:
             writer.connect()
@@ -207,7 +226,8 @@ class Daemon:
                 log.info("standby_taking_over", slot=cfg.source.slot)
             self.standby = False
             self.metrics.standby.set(0)
-            state = writer.load_state()
+            with Deadline(writer.conn, cfg.store.timeout_seconds, _store_silent):
+                state = writer.load_state()
             if state is None or not state.baseline_done:
                 raise SetupError(
                     f"the store has no completed setup for slot {cfg.source.slot!r}",
@@ -250,7 +270,11 @@ class Daemon:
             def lookup(relation: Relation) -> tuple[str, ...] | None:
                 if relation.oid not in keys:
                     assert catalog is not None
-                    keys[relation.oid] = primary_key(catalog, relation.oid)
+                    try:
+                        with Deadline(catalog, cfg.source.timeout_seconds, _source_silent):
+                            keys[relation.oid] = primary_key(catalog, relation.oid)
+                    except psycopg.OperationalError as exc:
+                        raise SourceUnavailableError(f"cannot read a table's primary key: {exc}") from exc
                 return keys[relation.oid]
 
             assembler = Assembler(
@@ -271,7 +295,8 @@ class Daemon:
                 immediate=options.stream_immediately,
                 server_version=stream.server_version,
             )
-            writer.record_daemon()
+            with Deadline(writer.conn, cfg.store.timeout_seconds, _store_silent):
+                writer.record_daemon()
             # Only the active instance prunes, on its own thread and connection.
             pruner = Pruner(store_dsn, cfg.store.schema_name, cfg.retention, metrics=self.metrics)
             prune_stop = threading.Event()
@@ -293,8 +318,18 @@ class _Reload(CdcError):  # noqa: N818 - internal control flow, never escapes ru
     retryable = True
 
 
+def _source_silent(what: str) -> SourceUnavailableError:
+    return SourceUnavailableError(f"the source went silent: a catalog query had {what}")
+
+
+def _store_silent(what: str) -> StoreUnavailableError:
+    return StoreUnavailableError(f"the history store went silent: a query had {what}")
+
+
 class _Session:
     """One streaming session: read frames, assemble, write batches, acknowledge."""
+
+    write_abandoned: str | None = None  # why the store watchdog shut the write's connection
 
     def __init__(
         self,
@@ -317,6 +352,12 @@ class _Session:
         self.batch_started: float | None = None
         # Store writes overlap decoding: one writer thread, FIFO, so acks stay in order.
         self.pending: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
+        # Batches handed to the writer and batches written: equal when it is idle, and then a
+        # finished transaction goes at once (low lag); while it writes, the next batch grows
+        # (group commit: batches as large as the store's speed requires). Each counter is
+        # written by one thread only, so no lock.
+        self.batches_handed = 0
+        self.batches_written = 0
         self.writer_error: BaseException | None = None
         self.writer_thread = threading.Thread(
             target=self._write_batches, name="cdc-store-writer", daemon=True
@@ -330,23 +371,40 @@ class _Session:
         self.last_slot_check = 0.0
         self.last_lag_warning = 0.0
 
+    #: How often the loop beats, checks for a reload, the writer's error and the slot (which
+    #: has its own, longer interval): a bound on how late any of them is noticed.
+    HOUSEKEEPING_SECONDS = 0.05
+
     def loop(self) -> None:
         self.writer_thread.start()
+        watch_stop = threading.Event()
+        threading.Thread(
+            target=self._watch_writes, args=(watch_stop,), name="cdc-store-watchdog", daemon=True
+        ).start()
         try:
             self._loop()
             self._flush()
         finally:
-            self._drain()
+            try:
+                self._drain()
+            finally:
+                watch_stop.set()
         self._raise_writer_error()
         self._send_status(force=True)
 
     def _loop(self) -> None:
         daemon = self.daemon
+        housekeeping = 0.0
         while not daemon._stop.is_set():
-            self._raise_writer_error()
-            daemon.beat()
-            daemon.reload_if_requested()
-            self._watch_slot()
+            now = time.monotonic()
+            if now - housekeeping >= self.HOUSEKEEPING_SECONDS:
+                # Not per message: at tens of thousands of messages a second, the heartbeat
+                # gauge and these checks alone cost several percent of the loop.
+                housekeeping = now
+                self._raise_writer_error()
+                daemon.beat()
+                daemon.reload_if_requested()
+                self._watch_slot()
             timeout = 1.0
             if self.batch_started is not None:
                 timeout = max(0.0, self.batch_started + self.cfg.batch_max_seconds - time.monotonic())
@@ -373,7 +431,8 @@ class _Session:
                     self._flush()
                     self._send_status(force=True)
             if self.batch_started is not None and (
-                len(self.batch) >= self.cfg.batch_max_rows
+                self.batches_handed == self.batches_written
+                or len(self.batch) >= self.cfg.batch_max_rows
                 or time.monotonic() - self.batch_started >= self.cfg.batch_max_seconds
             ):
                 self._flush()
@@ -385,12 +444,14 @@ class _Session:
         if now - self.last_slot_check < self.cfg.status_interval_seconds:
             return
         self.last_slot_check = now
+        timeout = self.daemon.config.source.timeout_seconds
         try:
-            row = self.catalog.execute(
-                "SELECT wal_status, safe_wal_size, (pg_current_wal_lsn() - restart_lsn)::bigint "
-                "FROM pg_replication_slots WHERE slot_name = %s",
-                (self.slot,),
-            ).fetchone()
+            with Deadline(self.catalog, timeout, _source_silent):
+                row = self.catalog.execute(
+                    "SELECT wal_status, safe_wal_size, (pg_current_wal_lsn() - restart_lsn)::bigint "
+                    "FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.slot,),
+                ).fetchone()
         except psycopg.Error as exc:
             raise SourceUnavailableError(f"cannot read the slot's state: {exc}") from exc
         if row is None:
@@ -425,9 +486,13 @@ class _Session:
         if interval > 0 and now - self.last_data >= interval:
             # Nothing published changed lately: a non-transactional message gives the slot
             # a decodable position to move to, so WAL written elsewhere is not held back.
-            self.catalog.execute(
-                "SELECT pg_logical_emit_message(false, %s, now()::text)", (HEARTBEAT_PREFIX,)
-            )
+            try:
+                with Deadline(self.catalog, timeout, _source_silent):
+                    self.catalog.execute(
+                        "SELECT pg_logical_emit_message(false, %s, now()::text)", (HEARTBEAT_PREFIX,)
+                    )
+            except psycopg.Error as exc:
+                raise SourceUnavailableError(f"cannot write a heartbeat: {exc}") from exc
             self.metrics.heartbeats.inc()
             self.last_data = now
 
@@ -452,15 +517,20 @@ class _Session:
             event.position, event.xid, event.commit_lsn, event.status, event.committed_at, event.origin
         )
         policies = self.policies
+        seen: dict[str, tuple[RequestContext, bool]] = {}
         for mutation in event.mutations():
             if policies:
                 policies.apply(mutation)
             txn.mutation_count += 1
             context = mutation.context
             if context is not None and context.request_id:
-                previous = txn.requests.get(context.request_id)
-                committed = mutation.status == COMMITTED or (previous is not None and previous[1])
-                txn.requests[context.request_id] = (context.as_json(), committed, context.actor)
+                request_id = context.request_id
+                last = seen.get(request_id)
+                committed = mutation.status == COMMITTED or (last is not None and last[1])
+                # A transaction's mutations share their context object: its JSON once, not per row.
+                if last is None or last[0] is not context or last[1] != committed:
+                    seen[request_id] = (context, committed)
+                    txn.requests[request_id] = (context.as_json(), committed, context.actor)
             self.batch.mutations.append(mutation)
             self._mark_batch()
             if len(self.batch.mutations) >= self.cfg.batch_max_rows:
@@ -484,6 +554,7 @@ class _Session:
         self.batch = Batch()
         self.batch_started = None
         self.last_write = time.monotonic()
+        self.batches_handed += 1
         while True:
             try:
                 self.pending.put(batch, timeout=1.0)
@@ -495,6 +566,11 @@ class _Session:
 
     def _raise_writer_error(self) -> None:
         if self.writer_error is not None:
+            if self.write_abandoned is not None and isinstance(self.writer_error, StoreUnavailableError):
+                raise StoreUnavailableError(
+                    f"history store write abandoned: {self.write_abandoned}",
+                    hint="check the network path to the store and the store server",
+                ) from self.writer_error
             raise self.writer_error
 
     def _write_batches(self) -> None:
@@ -505,13 +581,60 @@ class _Session:
                 return
             try:
                 started = time.perf_counter()
+                self.daemon.store_write_started = time.monotonic()
                 self.writer.write(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to the main loop, which owns error handling
+                self.daemon.store_write_started = None
                 self.writer_error = exc
                 while self.pending.get() is not None:  # drop the rest: nothing after is acked
                     pass
                 return
+            self.daemon.store_write_started = None
             self._written(batch, time.perf_counter() - started)
+            self.batches_written += 1
+
+    def _watch_writes(self, stop: threading.Event) -> None:
+        """The store watchdog thread: a write outlasting store.timeout_seconds is logged (the
+        daemon is unready meanwhile, see Daemon.ready) and the store is checked on a new
+        connection. When it cannot be reached, or no longer works on the write (the write's
+        packets are lost), the write's connection is shut: the write fails, nothing of it was
+        acknowledged, and the session starts again. A write the store is still running (slow,
+        waiting for a lock) is left alone."""
+        daemon = self.daemon
+        timeout = daemon.config.store.timeout_seconds
+        dsn = daemon.config.require_store()
+        reported: float | None = None  # start time of the write reported as stalled
+        next_probe = 0.0
+        while not stop.wait(min(1.0, timeout / 4)):
+            started = daemon.store_write_started
+            if started is None or time.monotonic() - started < timeout:
+                if reported is not None and started != reported:
+                    log.info("store_write_resumed")
+                    reported = None
+                continue
+            if reported != started:
+                reported, next_probe = started, 0.0
+                log.warning(
+                    "store_write_stalled",
+                    seconds=round(time.monotonic() - started, 1),
+                    timeout_seconds=timeout,
+                )
+            conn = self.writer._conn  # the writer thread's connection; only its socket is touched
+            if conn is None or time.monotonic() < next_probe:
+                continue
+            try:
+                pid = conn.info.backend_pid
+            except psycopg.Error:
+                continue  # closed meanwhile: the write is failing already
+            reason = probe_session(dsn, pid, timeout=min(10.0, timeout / 2), idle_after=timeout / 2)
+            if daemon.store_write_started != started:
+                continue  # finished meanwhile
+            if reason is None:
+                next_probe = time.monotonic() + timeout / 2
+                continue
+            log.warning("store_write_abandoned", reason=reason, seconds=round(time.monotonic() - started, 1))
+            self.write_abandoned = reason
+            abort(conn)
 
     def _written(self, batch: Batch, elapsed: float) -> None:
         self.metrics.store_write_seconds.observe(elapsed)
