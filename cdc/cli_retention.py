@@ -186,7 +186,9 @@ def prune(
         lines.append(
             (
                 "took",
-                f"{report.seconds:.3f} s (keyframes {report.keyframe_seconds:.3f} s, drop {report.drop_seconds:.3f} s)",
+                f"{report.seconds:.3f} s (keyframes staged ahead {report.stage_seconds:.3f} s; locked "
+                f"{report.publish_seconds:.3f} s: keyframes {report.keyframe_seconds:.3f} s"
+                f"{'' if report.staged else ' computed inline'}, drop {report.drop_seconds:.3f} s)",
             )
         )
     width = max(len(label) for label, _ in lines)

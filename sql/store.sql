@@ -209,17 +209,40 @@ CREATE INDEX IF NOT EXISTS mutations_keep_table_time ON mutations_keep (table_na
 CREATE INDEX IF NOT EXISTS mutations_keep_time ON mutations_keep (committed_at) WHERE NOT keyframe;
 CREATE INDEX IF NOT EXISTS mutations_keep_actor ON mutations_keep (actor, actor_seq) WHERE actor IS NOT NULL;
 
+-- Keyframes are computed ahead of a prune, outside its locked transaction ("staged"), and
+-- written at the floor F the prune will move to: such a keyframe is *pending*, invisible to every
+-- reader, until the prune's transaction moves capture_state.history_floor to F (the same commit
+-- that drops the partitions it replaces). So a keyframe is visible only at or below the floor;
+-- with no floor at all (never pruned) none is. The older keyframes the prune will delete when it
+-- publishes the staged ones are listed here, and the staging's identity is
+-- retention_state.staged (cdc/store/retention.py).
+CREATE TABLE IF NOT EXISTS keyframes_retire (
+    position         bigint NOT NULL,
+    ordinal          integer NOT NULL,
+    PRIMARY KEY (position, ordinal)
+);
+ALTER TABLE retention_state ADD COLUMN IF NOT EXISTS staged jsonb;
+
 -- Every stored mutation: what readers (cdc/query.py) and the writer's before-image fill read.
 -- A plain UNION ALL: the planner pushes each query's conditions into both sides and merges
--- their index scans.
+-- their index scans. Pending keyframes (above the history floor, see keyframes_retire) are left
+-- out by the outer WHERE: one InitPlan per query, a filter on mutations_keep's index scans only
+-- (folded away on the partitions' side, where keyframe is the constant false). The condition is
+-- outside the UNION ALL on purpose: a WHERE inside one of its branches would keep the planner
+-- from flattening it (no merged index scans, every table read sorted whole).
 CREATE OR REPLACE VIEW mutations_all AS
     SELECT position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before, after,
            changed, status, request_id, context, schema_id, actor, actor_seq
-    FROM mutations
-    UNION ALL
-    SELECT position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before, after,
-           changed, status, request_id, context, schema_id, actor, actor_seq
-    FROM mutations_keep;
+    FROM (
+        SELECT position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before,
+               after, changed, status, request_id, context, schema_id, actor, actor_seq, false AS keyframe
+        FROM mutations
+        UNION ALL
+        SELECT position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before,
+               after, changed, status, request_id, context, schema_id, actor, actor_seq, keyframe
+        FROM mutations_keep
+    ) m
+    WHERE NOT m.keyframe OR m.position <= (SELECT max(history_floor) FROM capture_state);
 
 -- Each prune: what went, where the floor moved (cdc prune prints the same).
 CREATE TABLE IF NOT EXISTS prunes (

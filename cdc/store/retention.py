@@ -8,13 +8,17 @@ See ``docs/retention.md`` for the semantics; in short:
   interval is not whole days). :func:`ensure_partitions` creates them; the writer calls it
   (through a :class:`PartitionCache`) before a batch that needs a partition that does not exist
   yet, and the :class:`Pruner` creates the next :data:`AHEAD` intervals every time it runs.
-* :class:`Pruner` drops the partitions older than ``retention.default`` in one store
-  transaction that first writes **keyframes** into ``mutations_keep`` (the image, at the new
-  history floor, of every row that still existed there and whose last change is being
-  dropped), copies the rows of tables with a longer retention into ``mutations_keep``, removes
-  the few rows at or below the floor left outside the dropped partitions, moves the floor, and
-  drops the partitions last. Pruning costs the keyframes of the rows last changed in the dropped
-  interval plus one short ``ACCESS EXCLUSIVE`` lock on the parent for the ``DROP``.
+* :class:`Pruner` drops the partitions older than ``retention.default``. It first **stages**
+  the **keyframes** (the image, at the new history floor, of every row that still existed there
+  and whose last change is being dropped) without any table lock: written into
+  ``mutations_keep`` at the future floor, where no reader sees them yet, with the list of older
+  keyframes they replace. Then one locked store transaction checks that nothing the staging
+  read has changed, deletes the replaced keyframes (or, if something changed, computes the
+  keyframes inline), copies the rows of tables with a longer retention into ``mutations_keep``,
+  removes the few rows at or below the floor left outside the dropped partitions, moves the
+  floor (which makes the staged keyframes visible), and drops the partitions last. The locked
+  part costs the replaced keyframes' deletion plus one short ``ACCESS EXCLUSIVE`` lock on the
+  parent for the ``DROP``.
 * :func:`erase_row` removes every image of one row (``cdc erase``) and records the erasure
   without its data.
 
@@ -504,9 +508,14 @@ class PruneReport:
     transactions_removed: int = 0  # transactions rows at or below the floor outside them
     requests_removed: int = 0
     partitions_created: list[str] = field(default_factory=list)
+    staged: bool = False  # the keyframes were computed ahead (stage) and published as they were
+    stage_seconds: float = 0.0  # the staging, before the locks (0 for a dry run)
+    # In the locked transaction, up to the drop: floor, keyframes (publishing the staged ones, or
+    # computing them inline), stragglers, bookkeeping.
     keyframe_seconds: float = 0.0
-    drop_seconds: float = 0.0
-    seconds: float = 0.0
+    publish_seconds: float = 0.0  # the locked transaction: its SHARE locks through the drop's commit
+    drop_seconds: float = 0.0  # the DROP of the partitions (ACCESS EXCLUSIVE wait included)
+    seconds: float = 0.0  # the whole prune: prepare, stage, publish, request records
 
     @property
     def changed(self) -> bool:
@@ -533,10 +542,49 @@ class PruneReport:
             "transactions_removed": self.transactions_removed,
             "requests_removed": self.requests_removed,
             "partitions_created": self.partitions_created,
+            "staged": self.staged,
+            "stage_seconds": round(self.stage_seconds, 6),
             "keyframe_seconds": round(self.keyframe_seconds, 6),
+            "publish_seconds": round(self.publish_seconds, 6),
             "drop_seconds": round(self.drop_seconds, 6),
             "seconds": round(self.seconds, 6),
         }
+
+
+@dataclass
+class _Plan:
+    """What one prune removes (computed by ``Pruner._plan``, for the staging and the publish)."""
+
+    old_floor: int | None
+    longer: dict[str, timedelta]
+    long_names: list[str]
+    horizon: datetime | None
+    drop_m: list[Partition]
+    drop_t: list[Partition]
+    keep_m: list[Partition]
+    keep_t: list[Partition]
+    default_m: Partition | None
+    default_t: Partition | None
+    params: dict[str, Any]
+    floor: int | None = None
+    gone: list[tuple[sql.Composable, sql.Composable]] = field(default_factory=list)
+    straggle: list[sql.Composable] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    sources: list[tuple[sql.Composable, sql.Composable]] = field(default_factory=list)
+
+
+def _staging_supported(conn: Conn, schema: str) -> bool:
+    """Whether the store schema has ``keyframes_retire`` and a ``mutations_all`` that hides
+    pending keyframes (``sql/store.sql`` of this version)."""
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL AND coalesce(position('history_floor' IN "
+        "pg_get_viewdef(to_regclass(%s))) > 0, false)",
+        (
+            sql.Identifier(schema, "keyframes_retire").as_string(conn),
+            sql.Identifier(schema, "mutations_all").as_string(conn),
+        ),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 class _DryRun(Exception):  # noqa: N818 - control flow: roll the prune transaction back
@@ -580,6 +628,8 @@ class Pruner:
         self.request_budget = request_budget
         self.work_mem = work_mem
         self._conn: Conn | None = None
+        self._staging: bool | None = None  # the store can stage keyframes (checked once a connection)
+        self._lock_started = 0.0
         self._last_attempt: datetime | None = None
         self._last_stats = 0.0
         self.last_report: PruneReport | None = None
@@ -610,6 +660,7 @@ class Pruner:
         # Before any temporary table of the session: room for the keyframe computation's.
         conn.execute("SET temp_buffers = '64MB'")
         self._conn = conn
+        self._staging = None
         return conn
 
     def close(self) -> None:
@@ -736,11 +787,18 @@ class Pruner:
 
     # ------------------------------------------------------------------ the prune
 
-    def prune(self, now: datetime | None = None, *, dry_run: bool = False) -> PruneReport:
+    def prune(self, now: datetime | None = None, *, dry_run: bool = False, stage: bool = True) -> PruneReport:
         """Drop the partitions past ``retention.default`` (keyframes first); see the module doc.
 
+        Two steps: :meth:`stage` computes the keyframes ahead, outside the locked transaction
+        (pending, invisible to readers); the prune transaction then takes its locks, checks that
+        nothing the staging read has changed, and publishes them with the floor move and the drop
+        (else it computes them inline, as a fallback).
+
         With ``dry_run`` nothing changes: the plan, the new floor and the number of keyframes
-        are computed in a transaction that is rolled back (and no partition is created).
+        are computed in a transaction that is rolled back (no staging, no partition created).
+        ``stage=False`` skips the staging step: a staging made earlier by :meth:`stage` is
+        published if still exact, else the keyframes are computed inline.
         """
         started = time.perf_counter()
         now = now or datetime.now(UTC)
@@ -748,6 +806,11 @@ class Pruner:
         report = PruneReport(dry_run=dry_run, now=now, horizon=None, old_floor=None, floor=None)
         if not dry_run:
             report.partitions_created = self.prepare(now)
+        if not dry_run and stage:
+            stage_started = time.perf_counter()
+            self.stage(now)
+            report.stage_seconds = time.perf_counter() - stage_started
+        self._lock_started = time.perf_counter()
         try:
             with conn.transaction():
                 self._prune_transaction(conn, report)
@@ -755,6 +818,7 @@ class Pruner:
                     raise _DryRun
         except _DryRun:
             pass
+        report.publish_seconds = time.perf_counter() - self._lock_started
         if not dry_run and report.horizon is not None:
             report.requests_removed = self._prune_requests(conn, report.horizon)
         report.seconds = time.perf_counter() - started
@@ -769,7 +833,10 @@ class Pruner:
             horizon=report.horizon.isoformat() if report.horizon else None,
             floor=format_lsn(report.floor) if report.floor is not None else None,
             keyframes=report.keyframes,
+            staged=report.staged,
             kept_rows=report.kept_rows,
+            stage_seconds=round(report.stage_seconds, 3),
+            publish_seconds=round(report.publish_seconds, 3),
             seconds=round(report.seconds, 3),
         )
         m = self.metrics
@@ -783,10 +850,132 @@ class Pruner:
         except (CdcError, psycopg.Error) as exc:
             log.warning("retention_stats_failed", error=_first_line(exc))
 
-    def _prune_transaction(self, conn: Conn, report: PruneReport) -> None:
+    # ------------------------------------------------------------------ staging
+
+    def _staging_supported(self, conn: Conn) -> bool:
+        """Whether the store has what staging needs (``keyframes_retire``, ``retention_state.staged``
+        and the ``mutations_all`` view that hides pending keyframes): a store created by an older
+        ``sql/store.sql`` gets them from ``cdc setup``; until then keyframes are computed inline."""
+        if self._staging is None:
+            self._staging = _staging_supported(conn, self.schema)
+            if not self._staging:
+                log.info(
+                    "keyframe_staging_unavailable",
+                    schema=self.schema,
+                    hint="run `cdc setup` to update the store schema; keyframes are computed inline meanwhile",
+                )
+        return self._staging
+
+    def stage(self, now: datetime | None = None) -> dict[str, Any] | None:
+        """Compute the keyframes of the next prune ahead of it, in a transaction of its own that
+        holds the pruner's advisory lock but no table lock (writers and readers go on).
+
+        The new keyframes go into ``mutations_keep`` at the future floor, where readers do not
+        see them until the prune moves the floor there (the ``mutations_all`` view); the older
+        keyframes that publishing must delete go into ``keyframes_retire``; what the staging read
+        is recorded in ``retention_state.staged`` (partitions, floor, horizon, configuration, and
+        the largest position of each relation that goes). A staging already there with the same
+        identity is reused; any other one is discarded first. Returns the recorded staging, or
+        None when there is nothing to stage (nothing expires, or the store cannot stage).
+        """
+        now = now or datetime.now(UTC)
+        conn = self._connection()
+        if not self._staging_supported(conn):
+            return None
+        scratch = PruneReport(dry_run=False, now=now, horizon=None, old_floor=None, floor=None)
+        started = time.perf_counter()
+        with conn.transaction():
+            cur = conn.cursor()
+            plan = self._plan(cur, scratch, lock=False)
+            identity = self._identity(cur, plan)
+            staged = self._read_staged(cur)
+            if identity is not None and staged is not None and staged.get("identity") == identity:
+                log.info("keyframes_staged", reused=True, keyframes=staged.get("keyframes"))
+                return staged
+            self._discard(cur, plan.old_floor, staged is not None)
+            if identity is None or plan.floor is None:
+                return None
+            written, replaced = self._keyframes(
+                cur, plan.sources, plan.params, plan.floor, plan.horizon, "stage", keyless=identity["keyless"]
+            )
+            found = cur.execute(
+                sql.SQL("SELECT max(position) FROM {}").format(self._t("mutations"))
+            ).fetchone()
+            staged = {
+                "identity": identity,
+                "keyframes": written,
+                "retire": replaced,
+                "store_position": int(found[0]) if found and found[0] is not None else None,
+                "staged_at": datetime.now(UTC).isoformat(),
+                "seconds": round(time.perf_counter() - started, 6),
+            }
+            cur.execute(
+                sql.SQL("UPDATE {} SET staged = %s, updated_at = now()").format(self._t("retention_state")),
+                (Jsonb(staged),),
+            )
+        log.info(
+            "keyframes_staged", reused=False, keyframes=written, retire=replaced, seconds=staged["seconds"]
+        )
+        return staged
+
+    def _read_staged(self, cur: psycopg.Cursor[Any]) -> dict[str, Any] | None:
+        row = cur.execute(sql.SQL("SELECT staged FROM {}").format(self._t("retention_state"))).fetchone()
+        return row[0] if row and isinstance(row[0], dict) else None
+
+    def _discard(self, cur: psycopg.Cursor[Any], visible_floor: int | None, recorded: bool) -> None:
+        """Forget a staging: its pending keyframes (above the visible floor), its retire list and
+        its record. Cheap when there is none (a range scan of the primary key above the floor)."""
+        cur.execute(
+            sql.SQL("DELETE FROM {} WHERE keyframe AND position > %s").format(self._t("mutations_keep")),
+            (visible_floor if visible_floor is not None else -1,),
+        )
+        pending = max(cur.rowcount, 0)
+        cur.execute(sql.SQL("TRUNCATE {}").format(self._t("keyframes_retire")))
+        if recorded:
+            cur.execute(
+                sql.SQL("UPDATE {} SET staged = NULL, updated_at = now()").format(self._t("retention_state"))
+            )
+        if pending or recorded:
+            log.info("keyframe_staging_discarded", pending_keyframes=pending)
+
+    def _identity(self, cur: psycopg.Cursor[Any], plan: _Plan) -> dict[str, Any] | None:
+        """What a staging depends on, as JSON: equal at publish time (under the SHARE locks)
+        means the staged keyframes are exactly what the inline computation would write. None when
+        there is nothing to stage, or the keyframes could not be hidden (the floor does not move:
+        pending keyframes are told apart by their position above the visible floor)."""
+        if plan.horizon is None or plan.floor is None:
+            return None
+        if plan.old_floor is not None and plan.floor <= plan.old_floor:
+            return None
+        # The writer writes in position order: a row written into what goes after this point
+        # raises one of these maxima (all rows, rolled back ones included).
+        marks = []
+        for rel, cond in plan.gone:
+            row = cur.execute(
+                sql.SQL("SELECT max(position) FROM {} WHERE {}").format(rel, cond), plan.params
+            ).fetchone()
+            marks.append(int(row[0]) if row and row[0] is not None else None)
+        return {
+            "partitions": [p.name for p in plan.drop_m + plan.drop_t],
+            "default": plan.default_m.name if plan.default_m is not None else None,
+            "horizon": plan.horizon.isoformat(),
+            "old_floor": plan.old_floor,
+            "floor": plan.floor,
+            "long": plan.long_names,
+            "orphans": plan.orphans,
+            "keyless": self._keyless(cur),
+            "keyframe_on_prune": self.retention.keyframe_on_prune,
+            "marks": marks,
+        }
+
+    # ------------------------------------------------------------------ the prune transaction
+
+    def _plan(self, cur: psycopg.Cursor[Any], report: PruneReport, *, lock: bool) -> _Plan:
+        """What a prune at ``report.now`` removes, its horizon and floor, and the keyframes'
+        sources; with ``lock``, the partitions that go are locked IN SHARE MODE first."""
+        conn = cur.connection
         now = report.now
         retention = self.retention
-        cur = conn.cursor()
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_ADVISORY + self.schema,))
         cur.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(self.work_mem)))
         row = cur.execute(
@@ -826,15 +1015,19 @@ class Pruner:
         report.horizon = horizon
         report.partitions = [p.name for p in drop_m]
         report.transaction_partitions = [p.name for p in drop_t]
+        params: dict[str, Any] = {"long": long_names, "horizon": horizon}
+        plan = _Plan(
+            old_floor=old_floor, longer=longer, long_names=long_names, horizon=horizon, drop_m=drop_m,
+            drop_t=drop_t, keep_m=keep_m, keep_t=keep_t, default_m=default_m, default_t=default_t,
+            params=params,
+        )  # fmt: skip
         if horizon is None:
-            report.keyframe_seconds = 0.0
-            self._expire_longer(cur, report, longer)
-            self._finish(cur, report, old_floor, horizon, [], 0.0)
-            return
-        if drop_m or drop_t:
+            return plan
+        if lock and (drop_m or drop_t):
             # No write may land in a partition between the keyframes computed from it and its
             # drop (a backlog replayed with old commit times would): SHARE blocks writers into
             # these partitions only, never readers, and first waits for writes in flight.
+            self._lock_started = time.perf_counter()
             cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal("10s")))
             cur.execute(
                 sql.SQL("LOCK TABLE {} IN SHARE MODE").format(
@@ -859,8 +1052,7 @@ class Pruner:
         ]
         if default_m is not None:
             gone.append((self._t(default_m.name), sql.SQL("committed_at < %(horizon)s")))
-        keyframe_started = time.perf_counter()
-        params: dict[str, Any] = {"long": long_names, "horizon": horizon}
+        plan.gone = gone
         found = cur.execute(
             sql.SQL("SELECT max(m) FROM ({}) x").format(
                 sql.SQL(" UNION ALL ").join(
@@ -875,13 +1067,63 @@ class Pruner:
         floor = old_floor
         if found and found[0] is not None:
             floor = max(floor or 0, int(found[0]))
-        report.floor = floor
+        report.floor = plan.floor = floor
         params["floor"] = floor if floor is not None else -1
+        if floor is None:
+            return plan
+        # The keyframes' sources. Removed: what goes, anything else at or below the floor
+        # (stragglers: commit times are not exactly in WAL order), and the kept rows of a table
+        # whose retention is no longer longer than the default.
+        plan.straggle = [self._t(p.name) for p in keep_m]
+        archived = self._archived_tables(cur)
+        plan.orphans = orphans = sorted(set(archived) - set(longer))
+        params["orphans"] = orphans
+        not_long = sql.SQL(" AND table_name <> ALL(%(long)s)")
+        sources: list[tuple[sql.Composable, sql.Composable]] = [
+            (rel, sql.SQL("{}{}").format(cond, not_long)) for rel, cond in gone
+        ]
+        sources += [(rel, sql.SQL("position <= %(floor)s{}").format(not_long)) for rel in plan.straggle]
+        if default_m is not None:
+            sources.append(
+                (
+                    self._t(default_m.name),
+                    sql.SQL("committed_at >= %(horizon)s AND position <= %(floor)s{}").format(not_long),
+                )
+            )
+        if orphans:
+            sources.append(
+                (
+                    self._t("mutations_keep"),
+                    sql.SQL(
+                        "NOT keyframe AND table_name = ANY(%(orphans)s) "
+                        "AND (position <= %(floor)s OR committed_at < %(horizon)s)"
+                    ),
+                )
+            )
+        plan.sources = sources
+        return plan
+
+    def _prune_transaction(self, conn: Conn, report: PruneReport) -> None:
+        """The locked part ("publish"): everything from the SHARE locks to the drops, one
+        transaction."""
+        cur = conn.cursor()
+        plan = self._plan(cur, report, lock=True)
+        horizon = plan.horizon
+        longer = plan.longer
+        old_floor = plan.old_floor
+        if horizon is None:
+            report.keyframe_seconds = 0.0
+            self._expire_longer(cur, report, longer)
+            self._finish(cur, report, old_floor, horizon, [], 0.0)
+            return
+        keyframe_started = time.perf_counter()
+        params = plan.params
+        floor = plan.floor
 
         # 1. Rows of longer-retention tables: copied out of what goes.
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in MUTATION_COLUMNS)
-        if long_names:
-            for rel, cond in gone:
+        if plan.long_names:
+            for rel, cond in plan.gone:
                 if report.dry_run:
                     counted = cur.execute(
                         sql.SQL("SELECT count(*) FROM {} WHERE {} AND table_name = ANY(%(long)s)").format(
@@ -900,42 +1142,40 @@ class Pruner:
                 )
                 report.kept_rows += max(cur.rowcount, 0)
 
-        # 2. Keyframes of every other table at the new floor. Removed: what goes, anything else at
-        #    or below the floor (stragglers: commit times are not exactly in WAL order), and the
-        #    kept rows of a table whose retention is no longer longer than the default.
+        # 2. Keyframes of every other table at the new floor: the staged ones if nothing they
+        #    depend on changed since (their older keyframes go, they become visible with the
+        #    floor), else computed here.
         written = 0
-        straggle: list[sql.Composable] = [self._t(p.name) for p in keep_m]
         if floor is not None:
-            archived = self._archived_tables(cur)
-            orphans = sorted(set(archived) - set(longer))
-            params["orphans"] = orphans
-            not_long = sql.SQL(" AND table_name <> ALL(%(long)s)")
-            sources: list[tuple[sql.Composable, sql.Composable]] = [
-                (rel, sql.SQL("{}{}").format(cond, not_long)) for rel, cond in gone
-            ]
-            sources += [(rel, sql.SQL("position <= %(floor)s{}").format(not_long)) for rel in straggle]
-            if default_m is not None:
-                sources.append(
-                    (
-                        self._t(default_m.name),
-                        sql.SQL("committed_at >= %(horizon)s AND position <= %(floor)s{}").format(not_long),
-                    )
-                )
-            if orphans:
-                sources.append(
-                    (
-                        self._t("mutations_keep"),
+            staging = self._staging_supported(conn)
+            staged = self._read_staged(cur) if staging else None
+            if staged is not None and not report.dry_run:
+                identity = self._identity(cur, plan)
+                if identity is not None and staged.get("identity") == identity:
+                    cur.execute(
                         sql.SQL(
-                            "NOT keyframe AND table_name = ANY(%(orphans)s) "
-                            "AND (position <= %(floor)s OR committed_at < %(horizon)s)"
-                        ),
+                            "DELETE FROM {k} k USING {r} r WHERE k.position = r.position AND k.ordinal = r.ordinal "
+                            "AND k.keyframe"
+                        ).format(k=self._t("mutations_keep"), r=self._t("keyframes_retire"))
                     )
+                    report.keyframes_replaced += max(cur.rowcount, 0)
+                    cur.execute(sql.SQL("TRUNCATE {}").format(self._t("keyframes_retire")))
+                    cur.execute(sql.SQL("UPDATE {} SET staged = NULL").format(self._t("retention_state")))
+                    written = int(staged.get("keyframes") or 0)
+                    report.keyframes += written
+                    report.staged = True
+                else:
+                    log.info("keyframe_staging_stale", note="computing the keyframes inline")
+            if not report.staged:
+                if staging:
+                    self._discard(cur, old_floor, staged is not None)
+                written, replaced = self._keyframes(
+                    cur, plan.sources, params, floor, horizon, "dry_run" if report.dry_run else "write"
                 )
-            written, replaced = self._keyframes(cur, sources, params, floor, horizon, report.dry_run)
-            report.keyframes += written
-            report.keyframes_replaced += replaced
+                report.keyframes += written
+                report.keyframes_replaced += replaced
             if not report.dry_run:
-                for rel in straggle:
+                for rel in plan.straggle:
                     cur.execute(
                         sql.SQL(
                             "DELETE FROM {} WHERE position <= %(floor)s AND table_name <> ALL(%(long)s)"
@@ -943,7 +1183,7 @@ class Pruner:
                         params,
                     )
                     report.straggler_rows += max(cur.rowcount, 0)
-                if orphans:
+                if plan.orphans:
                     cur.execute(
                         sql.SQL(
                             "DELETE FROM {} WHERE NOT keyframe AND table_name = ANY(%(orphans)s) "
@@ -953,16 +1193,16 @@ class Pruner:
                     )
                     report.straggler_rows += max(cur.rowcount, 0)
         if not report.dry_run:
-            if default_m is not None:
+            if plan.default_m is not None:
                 cur.execute(
                     sql.SQL(
                         "DELETE FROM {} WHERE committed_at < %(horizon)s "
                         "OR (position <= %(floor)s AND table_name <> ALL(%(long)s))"
-                    ).format(self._t(default_m.name)),
+                    ).format(self._t(plan.default_m.name)),
                     params,
                 )
                 report.straggler_rows += max(cur.rowcount, 0)
-            for p in [*keep_t, default_t]:
+            for p in [*plan.keep_t, plan.default_t]:
                 if p is None:
                     continue
                 cur.execute(
@@ -988,7 +1228,12 @@ class Pruner:
         self._expire_longer(cur, report, longer)
         report.keyframe_seconds = time.perf_counter() - keyframe_started
         self._finish(
-            cur, report, old_floor, horizon, [p.name for p in drop_m + drop_t], report.keyframe_seconds
+            cur,
+            report,
+            old_floor,
+            horizon,
+            [p.name for p in plan.drop_m + plan.drop_t],
+            report.stage_seconds + report.keyframe_seconds,
         )
 
     def _expire_longer(
@@ -1111,13 +1356,28 @@ class Pruner:
         ]
         written = replaced = 0
         if floor is not None:
-            written, replaced = self._keyframes(cur, sources, params, floor, horizon, dry_run)
+            written, replaced = self._keyframes(
+                cur, sources, params, floor, horizon, "dry_run" if dry_run else "write"
+            )
         if dry_run:
             return int(row[1]), written, replaced
         cur.execute(sql.SQL("DELETE FROM {} WHERE NOT keyframe AND {}").format(keep, condition), params)
         count = max(cur.rowcount, 0)
         cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(self._t("mutations"), condition), params)
         return count + max(cur.rowcount, 0), written, replaced
+
+    def _keyless(self, cur: psycopg.Cursor[Any]) -> list[str]:
+        """Tables without a key, by their latest schema, as the readers decide."""
+        return [
+            str(r[0])
+            for r in cur.execute(
+                sql.SQL(
+                    "SELECT table_name FROM (SELECT DISTINCT ON (table_name) table_name, key_columns FROM {} "
+                    "ORDER BY table_name, first_position DESC, schema_id DESC) s WHERE key_columns = '{{}}' "
+                    "ORDER BY 1"
+                ).format(self._t("table_schemas"))
+            ).fetchall()
+        ]
 
     def _keyframes(
         self,
@@ -1126,11 +1386,17 @@ class Pruner:
         params: Mapping[str, Any],
         floor: int,
         horizon: datetime | None,
-        dry_run: bool,
+        mode: str,
+        *,
+        keyless: list[str] | None = None,
     ) -> tuple[int, int]:
         """Keyframes for the rows whose last change up to ``floor`` is among the removed mutations
         (``sources``: (relation, condition) pairs) and that still exist at ``floor``; replace their
         older keyframes. Returns (written, replaced).
+
+        ``mode``: ``"write"`` deletes the older keyframes and inserts the new ones; ``"stage"``
+        inserts the new ones (pending: ``floor`` is above the visible floor) and lists the older
+        ones in ``keyframes_retire`` for the publish to delete; ``"dry_run"`` only counts.
 
         Set-based: per source, the last change per row of keyed tables in the order of the
         ``mutations_row`` index (``DISTINCT ON (table_name, key)``, no sort of the day), plus the
@@ -1141,16 +1407,8 @@ class Pruner:
         keep = self._t("mutations_keep")
         for name in ("_kf_trunc", "_kf_ev", "_kf_last", "_kf_count", "_kf_new"):
             cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
-        # Tables without a key, by their latest schema, as the readers decide.
-        keyless = [
-            str(r[0])
-            for r in cur.execute(
-                sql.SQL(
-                    "SELECT table_name FROM (SELECT DISTINCT ON (table_name) table_name, key_columns FROM {} "
-                    "ORDER BY table_name, first_position DESC, schema_id DESC) s WHERE key_columns = '{{}}'"
-                ).format(self._t("table_schemas"))
-            ).fetchall()
-        ]
+        if keyless is None:
+            keyless = self._keyless(cur)
         args = {**params, "keyless": keyless}
         cur.execute(
             sql.SQL(
@@ -1273,31 +1531,34 @@ class Pruner:
             # retention.keyframe_on_prune: false: rows not changed since the horizon drop out of
             # time travel (docs/retention.md). Superseded keyframes still go.
             written = 0
-        if dry_run:
+        if mode == "dry_run":
             return written, 0
         # Older keyframes these rows replace: superseded by a removed change, killed by a removed
-        # TRUNCATE, or (keyless) recounted above.
+        # TRUNCATE, or (keyless) recounted above. Deleted now, or (staging) listed for the publish.
+        retire = [  # (other relation, condition): k are the older keyframes
+            (
+                "_kf_last l",
+                "k.table_name = l.table_name AND k.key = l.k AND (k.position, k.ordinal) < (l.position, l.ordinal)",
+            ),
+            (
+                "_kf_trunc t",
+                "k.table_name = t.table_name AND (k.position, k.ordinal) < (t.position, t.ordinal)",
+            ),
+            ("_kf_count c", "k.table_name = c.table_name AND k.key = c.k"),
+        ]
         replaced = 0
-        cur.execute(
-            sql.SQL(
-                "DELETE FROM {keep} k USING _kf_last l WHERE k.keyframe AND k.table_name = l.table_name "
-                "AND k.key = l.k AND (k.position, k.ordinal) < (l.position, l.ordinal)"
-            ).format(keep=keep)
-        )
-        replaced += max(cur.rowcount, 0)
-        cur.execute(
-            sql.SQL(
-                "DELETE FROM {keep} k USING _kf_trunc t WHERE k.keyframe AND k.table_name = t.table_name "
-                "AND (k.position, k.ordinal) < (t.position, t.ordinal)"
-            ).format(keep=keep)
-        )
-        replaced += max(cur.rowcount, 0)
-        cur.execute(
-            sql.SQL(
-                "DELETE FROM {keep} k USING _kf_count c WHERE k.keyframe AND k.table_name = c.table_name AND k.key = c.k"
-            ).format(keep=keep)
-        )
-        replaced += max(cur.rowcount, 0)
+        for other, condition in retire:
+            if mode == "stage":
+                statement = sql.SQL(
+                    "INSERT INTO {r} SELECT k.position, k.ordinal FROM {keep} k, {o} WHERE k.keyframe AND {c} "
+                    "ON CONFLICT DO NOTHING"
+                ).format(r=self._t("keyframes_retire"), keep=keep, o=sql.SQL(other), c=sql.SQL(condition))
+            else:
+                statement = sql.SQL("DELETE FROM {keep} k USING {o} WHERE k.keyframe AND {c}").format(
+                    keep=keep, o=sql.SQL(other), c=sql.SQL(condition)
+                )
+            cur.execute(statement)
+            replaced += max(cur.rowcount, 0)
         if written:
             base = cur.execute(
                 sql.SQL(
@@ -1447,6 +1708,28 @@ def erase_row(
                 if row and row[0]:
                     removed[name] = int(row[0])
                     keyframes += int(row[1])
+            if _staging_supported(conn, schema):
+                # Keyframes staged for the next prune (pending, above the floor) go whatever the
+                # window: they may copy an image just erased. The staging is void (the publish
+                # computes the keyframes again).
+                row = conn.execute(
+                    sql.SQL(
+                        "WITH d AS (DELETE FROM {k} WHERE table_name = %(t)s AND key = %(k)s AND keyframe "
+                        "AND position > coalesce((SELECT max(history_floor) FROM {c}), -1) RETURNING 1) "
+                        "SELECT count(*) FROM d"
+                    ).format(k=_q(schema, "mutations_keep"), c=_q(schema, "capture_state")),
+                    params,
+                ).fetchone()
+                pending = int(row[0]) if row else 0
+                if pending:
+                    removed["mutations_keep"] = removed.get("mutations_keep", 0) + pending
+                    keyframes += pending
+                if removed:
+                    conn.execute(
+                        sql.SQL("UPDATE {} SET staged = NULL WHERE staged IS NOT NULL").format(
+                            _q(schema, "retention_state")
+                        )
+                    )
             total = sum(removed.values())
             if total == 0:
                 what = "in that time window" if since is not None or until is not None else "at all"
@@ -1564,9 +1847,12 @@ def bench_prune(
     of the ``hot`` rows (so each is changed every day; the ``cold`` ones never again). Pruning the
     oldest day (``mutations / days`` rows) writes one keyframe per row changed that day: ``hot +
     cold`` (the state at the new floor needs them all; a hot row's keyframe is replaced by the next
-    prune, a cold row's stays). ``keyframe_seconds`` is the prune transaction up to the drop
-    (keyframes, floor); ``drop_seconds`` the DROP of the two partitions (lock included). ``schema``
-    is dropped first, and at the end unless ``keep_schema``.
+    prune, a cold row's stays). ``stage_seconds`` is the keyframe computation ahead of the locks
+    (:meth:`Pruner.stage`); ``publish_seconds`` the locked transaction, from its SHARE locks through
+    the commit of the drop, of which ``keyframe_seconds`` up to the drop (publishing the staged
+    keyframes, floor, bookkeeping) and ``drop_seconds`` the DROP of the two partitions (lock
+    included); ``prune_seconds`` the whole prune. ``schema`` is dropped first, and at the end
+    unless ``keep_schema``.
 
     From the command line: ``python -m cdc.store.retention DSN [--mutations N] [--days D]
     [--hot H] [--cold C]``.
@@ -1654,6 +1940,9 @@ def bench_prune(
         dropped_rows=report.dropped_rows,
         dropped_bytes=report.dropped_bytes,
         keyframes=report.keyframes,
+        staged=report.staged,
+        stage_seconds=round(report.stage_seconds, 3),
+        publish_seconds=round(report.publish_seconds, 3),
         keyframe_seconds=round(report.keyframe_seconds, 3),
         drop_seconds=round(report.drop_seconds, 3),
         prune_seconds=round(report.seconds, 3),

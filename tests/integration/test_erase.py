@@ -9,6 +9,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from click.testing import CliRunner, Result
 from psycopg import sql
 
@@ -205,3 +206,62 @@ def test_erase_with_force_and_a_time_window(capture: CaptureEnv) -> None:
     assert report["mutations_removed"] == 2 and report["source_check"] == "live" and report["forced"]
     assert all(EMAIL not in text for text in dump_schema(capture).values())
     assert capture.stop() == 0
+
+
+def test_erase_removes_keyframes_staged_for_the_next_prune(pg: Any) -> None:
+    """Keyframes computed ahead of a prune (pending, above the floor) are images too: erasing
+    the row removes them, whatever the window, and voids the staging (the prune recomputes)."""
+    import uuid
+
+    from cdc.store.retention import erase_row
+    from tests.store_builder import INT8, TEXT, StoreBuilder
+
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    dsn = pg.create_database(name)
+    b = StoreBuilder(dsn)
+    try:
+        start = datetime(2026, 3, 1, tzinfo=UTC)
+        b.table("users", {"id": INT8, "email": TEXT})
+        with b.txn(start + timedelta(hours=1)) as t:
+            t.insert("users", {"id": 42, "email": EMAIL})
+            t.insert("users", {"id": 7, "email": "seven@example.org"})
+        with b.txn(start + DAY + timedelta(hours=1)) as t:
+            t.update("users", 7, {"email": "seven@example.net"})
+        b.finish(baseline=b.positions[0])
+        now = start + 2 * DAY + timedelta(hours=2)
+        config = RetentionConfig(default=DAY, partition_interval=DAY)
+        with Pruner(dsn, "cdc_history", config) as pruner:
+            pruner.prepare(now)
+            staged = pruner.stage(now)
+            assert staged is not None and staged["keyframes"] == 2
+            # A window that holds none of the row's changes nor the keyframe's time (the horizon):
+            # the pending keyframe goes all the same.
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                report = erase_row(
+                    conn, "cdc_history", "public.users", {"id": 42}, ["id"], actor="test",
+                    source_check="not_checked", forced=True,
+                    since=start + 5 * DAY, until=start + 6 * DAY,
+                )  # fmt: skip
+                assert report.keyframes_removed == 1 and report.mutations_removed == 1
+                left = conn.execute(
+                    "SELECT count(*) FILTER (WHERE keyframe), (SELECT staged FROM cdc_history.retention_state) "
+                    "FROM cdc_history.mutations_keep"
+                ).fetchone()
+                assert left == (1, None)
+            # The row's own images go with a plain erasure; the prune then computes its keyframes.
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                erase_row(
+                    conn, "cdc_history", "public.users", {"id": 42}, ["id"], actor="test",
+                    source_check="not_checked", forced=True,
+                )  # fmt: skip
+            pruned = pruner.prune(now, stage=False)  # (prune() would stage again first)
+        assert not pruned.staged and pruned.keyframes == 1
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            texts = conn.execute("SELECT t::text FROM cdc_history.mutations_all t").fetchall()
+        assert all(EMAIL not in r[0] for r in texts)
+        with History(dsn, schema="cdc_history") as h:
+            view = h.at(version=h.current_version())
+            assert view.table("users").collect() == [{"id": 7, "email": "seven@example.net"}]
+    finally:
+        b.close()
+        pg.drop_database(name)

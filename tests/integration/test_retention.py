@@ -30,6 +30,7 @@ from cdc.config import RetentionConfig
 from cdc.devdb import LocalPostgres
 from cdc.history import History
 from cdc.metrics import Metrics
+from cdc.query import Store
 from cdc.store.retention import (
     KEYFRAME_ORDINAL_BASE,
     Pruner,
@@ -760,3 +761,250 @@ def test_partition_arithmetic() -> None:
     assert _gaps(a, d, [(b, c)]) == [(a, b), (c, d)]
     assert _gaps(a, c, [(a, d)]) == []
     assert _gaps(b, d, [(a, c)]) == [(c, d)]
+
+
+# ============================================================================ staged keyframes
+
+
+def reads(dsn: str, versions: list[int]) -> dict[str, Any]:
+    """What the readers (cdc.query.Store) answer: every table at each version, each row ever
+    stored at the last version, and its history."""
+    out: dict[str, Any] = {}
+    store = Store(dsn, schema=SCHEMA)
+    try:
+        for table in TABLES:
+            for version in versions:
+                out[f"{table}@{version}"] = store.table_at(table, version, limit=100_000).rows
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            keys = conn.execute(
+                "SELECT DISTINCT table_name, key FROM cdc_history.mutations_all "
+                "WHERE key IS NOT NULL AND table_name <> 'public.loose' ORDER BY 1, 2"
+            ).fetchall()
+        for table, key in keys:
+            out[f"{table}:{json.dumps(key, sort_keys=True)}@{versions[-1]}"] = store.row_at(
+                table, key, versions[-1]
+            )
+            out[f"{table}:{json.dumps(key, sort_keys=True)}"] = [
+                m.to_json() for m in store.row_history(table, key)
+            ]
+    finally:
+        store.close()
+    return out
+
+
+def staging_left(dsn: str) -> tuple[Any, int, int]:
+    """(retention_state.staged, rows of keyframes_retire, keyframes above the floor)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET search_path = cdc_history")
+        staged = conn.execute("SELECT staged FROM retention_state").fetchone()
+        retire = conn.execute("SELECT count(*) FROM keyframes_retire").fetchone()
+        pending = conn.execute(
+            "SELECT count(*) FROM mutations_keep WHERE keyframe AND position > "
+            "coalesce((SELECT max(history_floor) FROM capture_state), -1)"
+        ).fetchone()
+    assert staged is not None and retire is not None and pending is not None
+    return staged[0], int(retire[0]), int(pending[0])
+
+
+def test_staged_keyframes_stay_invisible_until_published(ten_days: History10) -> None:
+    h10 = ten_days
+    dsn = h10.b.dsn
+    expected = {v: {t: oracle(dsn, t, v) for t in TABLES} for v in sorted(h10.model)}
+    versions = sorted(h10.model)
+    now = START + 10 * DAY + timedelta(hours=12)
+    with Pruner(dsn, SCHEMA, retention(4 * DAY, audit=60 * DAY)) as pruner:
+        pruner.prepare(now)  # (what prune() does first: the DEFAULT rows into partitions)
+        before = reads(dsn, versions)
+        staged = pruner.stage(now)
+        assert staged is not None and staged["keyframes"] > 0 and staged["retire"] == 0
+        assert staged["identity"]["floor"] == h10.floor_for(START + 6 * DAY)
+        # Stored, above the floor, and seen by no reader: every answer is as before.
+        left = staging_left(dsn)
+        assert left[0] == staged and left[2] == staged["keyframes"]
+        assert reads(dsn, versions) == before
+        assert_time_travel(dsn, expected, h10.baseline)
+        # Staging again with nothing changed reuses it.
+        assert pruner.stage(now) == staged
+        report = pruner.prune(now)
+    assert report.staged and report.keyframes == staged["keyframes"] and report.stage_seconds > 0
+    assert report.publish_seconds >= report.drop_seconds > 0
+    assert staging_left(dsn) == (None, 0, 0)
+    assert_time_travel(dsn, expected, h10.floor_for(START + 6 * DAY))
+    for table in TABLES:
+        assert rebuild_all(dsn, table) == h10.model[max(h10.model)][table]
+
+    # The next prune retires the keyframes its rows supersede (published with it).
+    for day in (10, 11):
+        h10.day(START + day * DAY, 10)
+    h10.b.finish(baseline=h10.baseline, floor=report.floor)
+    with Pruner(dsn, SCHEMA, retention(4 * DAY, audit=60 * DAY)) as pruner:
+        second = pruner.prune(START + 12 * DAY + timedelta(hours=1))
+    assert second.staged and second.keyframes_replaced > 0
+    assert staging_left(dsn) == (None, 0, 0)
+    assert_time_travel(dsn, h10.model, h10.floor_for(START + 8 * DAY))
+    for table in TABLES:
+        assert rebuild_all(dsn, table) == h10.model[max(h10.model)][table]
+
+
+@pytest.mark.parametrize("status", ["rolled_back", "committed"])
+def test_a_write_into_what_goes_after_staging_falls_back(ten_days: History10, status: str) -> None:
+    h10 = ten_days
+    dsn = h10.b.dsn
+    now = START + 10 * DAY + timedelta(hours=12)
+    with Pruner(dsn, SCHEMA, retention(4 * DAY, audit=60 * DAY)) as pruner:
+        pruner.prepare(now)
+        staged = pruner.stage(now)
+        assert staged is not None
+        # A late write with an old commit time (a backlog replay): into a partition that goes.
+        user = h10.b.state("users")[0]
+        with h10.b.txn(START + 2 * DAY + timedelta(hours=5), status=status) as t:
+            t.update("users", user["id"], {"plan": "late"})
+            t.insert("loose", {"x": 1, "y": "p"})
+        h10.b.finish(baseline=h10.baseline, floor=h10.baseline)
+        last = h10.b.position
+        expected = {v: {t: oracle(dsn, t, v) for t in TABLES} for v in sorted({*h10.model, *h10.b.positions})}
+        # Published without staging again: the publish sees the change and computes inline.
+        report = pruner.prune(now, stage=False)
+    assert not report.staged and report.keyframes > 0
+    assert staging_left(dsn) == (None, 0, 0)
+    # A committed late write has the largest position: the floor goes up to it.
+    floor = last if status == "committed" else h10.floor_for(START + 6 * DAY)
+    assert report.floor == floor
+    assert_time_travel(dsn, expected, floor)
+    for table in TABLES:
+        assert rebuild_all(dsn, table) == expected[max(expected)][table]
+
+
+def test_a_staging_left_by_a_crash_is_reused_or_discarded(ten_days: History10) -> None:
+    h10 = ten_days
+    dsn = h10.b.dsn
+    expected = {v: {t: oracle(dsn, t, v) for t in TABLES} for v in sorted(h10.model)}
+    now = START + 10 * DAY + timedelta(hours=12)
+    config = retention(4 * DAY, audit=60 * DAY)
+    # A pruner stages, then dies before its prune transaction.
+    crashed = Pruner(dsn, SCHEMA, config)
+    crashed.prepare(now)
+    staged = crashed.stage(now)
+    crashed.close()
+    assert staged is not None and staging_left(dsn)[2] == staged["keyframes"]
+    assert_time_travel(dsn, expected, h10.baseline)
+    with Pruner(dsn, SCHEMA, config) as pruner:
+        # A dry run computes the keyframes inline and leaves the staging as it was.
+        plan = pruner.prune(now, dry_run=True)
+        assert plan.keyframes == staged["keyframes"] and not plan.staged
+        assert staging_left(dsn)[0] == staged
+        # The next prune at the same time publishes it.
+        report = pruner.prune(now)
+    assert report.staged and report.keyframes == staged["keyframes"]
+    assert staging_left(dsn) == (None, 0, 0)
+    assert_time_travel(dsn, expected, h10.floor_for(START + 6 * DAY))
+
+    # A staging for other partitions (the prune that follows runs a day later): discarded.
+    for day in (10, 11):
+        h10.day(START + day * DAY, 10)
+    h10.b.finish(baseline=h10.baseline, floor=report.floor)
+    crashed = Pruner(dsn, SCHEMA, config)
+    stale = crashed.stage(START + 11 * DAY + timedelta(hours=1))
+    crashed.close()
+    assert stale is not None and stale["identity"]["partitions"] == [
+        "mutations_p20260307",
+        "transactions_p20260307",
+    ]
+    with Pruner(dsn, SCHEMA, config) as pruner:
+        later = pruner.prune(START + 12 * DAY + timedelta(hours=1))
+    assert later.staged and later.partitions == [partition_name("mutations", START + d * DAY) for d in (6, 7)]
+    assert staging_left(dsn) == (None, 0, 0)
+    assert_time_travel(dsn, h10.model, h10.floor_for(START + 8 * DAY))
+    for table in TABLES:
+        assert rebuild_all(dsn, table) == h10.model[max(h10.model)][table]
+
+
+def test_rows_gone_in_the_pruned_day_lose_their_older_keyframes(database: Any) -> None:
+    b = StoreBuilder(database())
+    try:
+        b.table("users", USERS)
+        b.table("loose", LOOSE, key=[])
+        with b.txn(START + timedelta(hours=1)) as t:
+            for i in range(1, 7):
+                t.insert("users", {"id": i, "email": f"u{i}@x.org", "plan": "free"})
+            for _ in range(3):
+                t.insert("loose", {"x": 1, "y": "p"})
+            t.insert("loose", {"x": 2, "y": "q"})
+        with b.txn(START + DAY + timedelta(hours=1)) as t:
+            t.update("users", 1, {"plan": "pro"})
+            t.delete("users", 2)
+            t.update("users", 3, {"id": 103})  # moved: 3 has no row any more
+            t.delete("loose", {"x": 1, "y": "p"})  # two identical rows left
+        with b.txn(START + 2 * DAY + timedelta(hours=1)) as t:
+            t.delete("users", 1)
+            t.delete("users", 103)
+            t.update("users", 4, {"plan": "team"})
+            t.delete("loose", {"x": 2, "y": "q"})
+        with b.txn(START + 3 * DAY + timedelta(hours=1)) as t:
+            t.update("users", 5, {"plan": "pro"})
+        with b.txn(START + 4 * DAY + timedelta(hours=1)) as t:
+            t.insert("users", {"id": 7, "email": "u7@x.org", "plan": "free"})
+        b.finish(baseline=b.positions[0])  # never pruned: no floor yet
+        dsn = b.dsn
+        expected = {v: {t: oracle(dsn, t, v) for t in ("public.users", "public.loose")} for v in b.positions}
+        config = retention(DAY)
+
+        def keyframes() -> dict[str, Counter[str]]:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                found = conn.execute(
+                    "SELECT table_name, after FROM cdc_history.mutations_keep WHERE keyframe"
+                ).fetchall()
+            out: dict[str, Counter[str]] = {}
+            for table, after in found:
+                out.setdefault(table, Counter())[json.dumps(after, sort_keys=True)] += 1
+            return out
+
+        with Pruner(dsn, SCHEMA, config) as pruner:
+            for day, alive in ((1, [1, 2, 3, 4, 5, 6]), (2, [1, 4, 5, 6, 103]), (3, [4, 5, 6])):
+                report = pruner.prune(START + (day + 1) * DAY + timedelta(hours=2))
+                assert report.staged and report.floor == b.positions[day - 1]
+                assert staging_left(dsn) == (None, 0, 0)
+                floor_state = expected[report.floor]
+                # Exactly the rows alive at the floor have keyframes, as they were there.
+                assert keyframes().get("public.users", Counter()) == floor_state["public.users"]
+                assert sorted(json.loads(r)["id"] for r in floor_state["public.users"]) == alive
+                assert keyframes().get("public.loose", Counter()) == floor_state["public.loose"]
+                assert_time_travel(dsn, {v: e for v, e in expected.items()}, report.floor)
+            assert report.keyframes_replaced > 0
+    finally:
+        b.close()
+
+
+def test_a_store_from_before_staging_prunes_inline_until_setup(ten_days: History10) -> None:
+    from cdc.setup import apply_store_schema
+
+    h10 = ten_days
+    dsn = h10.b.dsn
+    expected = {v: {t: oracle(dsn, t, v) for t in TABLES} for v in sorted(h10.model)}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET search_path = cdc_history")
+        columns = (
+            "position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before, after, "
+            "changed, status, request_id, context, schema_id, actor, actor_seq"
+        )
+        conn.execute(
+            f"CREATE OR REPLACE VIEW mutations_all AS SELECT {columns} FROM mutations "
+            f"UNION ALL SELECT {columns} FROM mutations_keep"
+        )
+        conn.execute("DROP TABLE keyframes_retire")
+    config = retention(4 * DAY, audit=60 * DAY)
+    with Pruner(dsn, SCHEMA, config) as pruner:
+        assert pruner.stage(START + 10 * DAY) is None
+        report = pruner.prune(START + 10 * DAY + timedelta(hours=12))
+    assert not report.staged and report.keyframes > 0
+    assert_time_travel(dsn, expected, h10.floor_for(START + 6 * DAY))
+    # `cdc setup` brings the view and the table: the next prune stages.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_store_schema(conn, SCHEMA)
+    for day in (10, 11):
+        h10.day(START + day * DAY, 10)
+    h10.b.finish(baseline=h10.baseline, floor=report.floor)
+    with Pruner(dsn, SCHEMA, config) as pruner:
+        second = pruner.prune(START + 12 * DAY + timedelta(hours=1))
+    assert second.staged
+    assert_time_travel(dsn, h10.model, h10.floor_for(START + 8 * DAY))
