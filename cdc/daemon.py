@@ -33,6 +33,7 @@ from cdc.errors import (
     SourceUnavailableError,
     StandbyError,
     StoreUnavailableError,
+    error_text,
 )
 from cdc.logs import configure_logging
 from cdc.lsn import format_lsn
@@ -132,10 +133,18 @@ class Daemon:
                 )
                 self._record_error(exc.message)
             except Exception as exc:  # the cycle's error boundary: log, back off, retry
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                # error_text: the server's message, never its CONTEXT (which can quote row values).
+                self.last_error = f"{type(exc).__name__}: {error_text(exc)}"
                 self.metrics.errors.labels(kind=type(exc).__name__).inc()
                 self._record_error(self.last_error)
-                log.exception("capture_failed", retry_in_seconds=round(backoff, 2))
+                log.error(
+                    "capture_failed",
+                    error=self.last_error,
+                    sqlstate=getattr(exc, "sqlstate", None),
+                    retry_in_seconds=round(backoff, 2),
+                    # A traceback for a bug; not for a database error, whose text can quote rows.
+                    exc_info=not isinstance(exc, psycopg.Error),
+                )
             finally:
                 self.streaming = False
                 self.metrics.streaming.set(0)

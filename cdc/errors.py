@@ -84,3 +84,15 @@ class StandbyError(CdcError):
 
 class ReadOnlyHistoryView(CdcError):  # noqa: N818 - the name is part of the public contract
     """A write was attempted through a time-travel view."""
+
+
+def error_text(exc: BaseException) -> str:
+    """One line describing a (database) error: the server's primary message when the error
+    carries one (psycopg's ``diag``), else the first line of its text.
+
+    Never the server's DETAIL or CONTEXT lines: those can quote row values (``COPY mutations,
+    line 35: ...``), which must not reach logs or the stored last error."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    text = str(primary or str(exc).strip() or type(exc).__name__)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -49,7 +49,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 
 from cdc.config import normalize_table, redact_dsn
-from cdc.errors import NotFoundError, StoreUnavailableError, UsageError
+from cdc.errors import NotFoundError, StoreUnavailableError, UsageError, error_text
 from cdc.lsn import format_lsn
 from cdc.values import key_value_from_user
 
@@ -471,11 +471,10 @@ class Store:
         if conn.closed or conn.broken:
             self._conn = None
             return StoreUnavailableError(
-                f"lost the connection to the history store ({self.describe()}): "
-                f"{redact_dsn(_first_line(exc))}"
+                f"lost the connection to the history store ({self.describe()}): {redact_dsn(error_text(exc))}"
             )
         return StoreUnavailableError(
-            f"query on the history store ({self.describe()}) failed: {redact_dsn(_first_line(exc))}"
+            f"query on the history store ({self.describe()}) failed: {redact_dsn(error_text(exc))}"
         )
 
     def _mutations(self, query: sql.Composed | sql.SQL, params: Mapping[str, Any]) -> list[Mutation]:
@@ -1288,10 +1287,3 @@ def _json_type_oid(value: Any) -> int:
     if isinstance(value, int):
         return 20
     return 25
-
-
-def _first_line(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None)
-    text = primary or str(exc).strip() or type(exc).__name__
-    return str(text).splitlines()[0]

@@ -29,7 +29,7 @@ from psycopg import sql
 from cdc.assembler import COMMITTED, Mutation, TableSchema
 from cdc.config import redact_dsn
 from cdc.context import ReportedError
-from cdc.errors import SetupError, StandbyError, StoreUnavailableError
+from cdc.errors import SetupError, StandbyError, StoreUnavailableError, error_text
 from cdc.store.retention import PartitionCache
 
 _MUTATION_COLUMNS = (
@@ -574,10 +574,10 @@ class _StoreGuard:
             return  # rolled back already; write() retries the batch on the same connection
         if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown):
             self.writer.close()
-            raise StoreUnavailableError(f"history store write failed: {exc}") from exc
+            raise StoreUnavailableError(f"history store write failed: {error_text(exc)}") from exc
         if isinstance(exc, psycopg.errors.DiskFull | psycopg.errors.InsufficientResources):
             self.writer.close()
-            raise StoreUnavailableError(f"history store is out of space: {exc}") from exc
+            raise StoreUnavailableError(f"history store is out of space: {error_text(exc)}") from exc
 
 
 def _apply_fill(mutation: Mutation, image: dict[str, Any] | None) -> None:
