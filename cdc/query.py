@@ -450,13 +450,31 @@ class Store:
         return sql.Identifier(self._schema, name)
 
     def _rows(
-        self, query: sql.Composed | sql.SQL, params: Mapping[str, Any] | Sequence[Any] = ()
+        self,
+        query: sql.Composed | sql.SQL,
+        params: Mapping[str, Any] | Sequence[Any] = (),
+        *,
+        presorted: bool = False,
     ) -> list[DictRow]:
+        """Run a query, rows as dicts. ``presorted``: plan it with sorts disabled, for a page
+        read in index order (see ``table_at``), then restore the caller's setting."""
         conn = self._connection()
         try:
             with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(query, params)
-                return cur.fetchall()
+                if not presorted:
+                    cur.execute(query, params)
+                    return cur.fetchall()
+                with conn.transaction():  # a savepoint when the caller is in a transaction
+                    cur.execute(
+                        "SELECT current_setting('enable_sort') AS was, set_config('enable_sort', 'off', true)"
+                    )
+                    found = cur.fetchone()
+                    cur.execute(query, params)
+                    rows = cur.fetchall()
+                    cur.execute(
+                        "SELECT set_config('enable_sort', %s, true)", (found["was"] if found else "on",)
+                    )
+                    return rows
         except psycopg.Error as exc:
             if not conn.autocommit and not conn.closed and not conn.broken:
                 conn.rollback()  # a caller's connection: leave it usable
@@ -1008,6 +1026,12 @@ class Store:
                 ") ORDER BY {order} LIMIT %(limit)s"
             ).format(m=m, live=live, after_filter=after_filter, order=order),
             params,
+            # The planner cannot estimate how many distinct keys the view yields (no statistics
+            # on a partitioned parent or a UNION ALL), guesses 200, and sorts the whole table's
+            # history to fill a page: 20 s on a 10-million-mutation store. In the index's order
+            # (a merge of each partition's (table, key, position) index) a page reads only its
+            # own rows' versions.
+            presorted=True,
         )
         out = [self._ordered(r["after"], r["schema_id"], info.name) or {} for r in rows]
         next_after = dict(rows[-1]["key"]) if len(rows) == limit else None
