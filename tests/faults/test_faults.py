@@ -258,9 +258,13 @@ def test_store_write_fails_mid_batch(fault_env: FaultEnv) -> None:
         for _ in range(8):
             time.sleep(0.5)
             assert env.mutation_count() == count, "rows of a failing batch were committed"
-            assert env.acked_lsn() == acked, "acknowledged while the store write fails"
-            now_confirmed = env.confirmed_flush_lsn()
-            assert now_confirmed is not None and now_confirmed <= acked
+            # The acknowledged position may still move up to where the source's walsender stands
+            # when a session starts (a keepalive with nothing in flight), never past the failing
+            # transaction: that would lose it, which env.finish() checks against the source.
+            now_confirmed = env.confirmed_flush_lsn()  # read first: the slot follows the store
+            now_acked = env.acked_lsn()
+            assert now_acked is not None and now_acked >= acked
+            assert now_confirmed is not None and now_confirmed <= now_acked
         with env.store() as conn:
             conn.execute("UPDATE faults.control SET armed = false")
         env.recovered(entry)
