@@ -18,16 +18,13 @@ Wire into ``cdc/cli.py``::
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import psycopg
 
+from cdc.cli_errors import boundary
 from cdc.config import Config, format_duration, load_config, redact_dsn
 from cdc.errors import CdcError, SourceUnavailableError, StoreUnavailableError, UsageError
 from cdc.lsn import format_lsn
@@ -36,25 +33,8 @@ from cdc.query import DEFAULT_SCHEMA, Store, format_key, key_from_text
 __all__ = ["erase", "prune"]
 
 
-def _fail(exc: CdcError) -> NoReturn:
-    message = exc.message.rstrip()
-    if exc.hint:
-        message = f"{message} (hint: {exc.hint})"
-    click.echo(f"error: {message}", err=True)
-    sys.exit(exc.exit_code)
-
-
-@contextlib.contextmanager
-def _boundary() -> Iterator[None]:
-    if hasattr(time, "tzset"):
-        time.tzset()
-    try:
-        yield
-    except CdcError as exc:
-        _fail(exc)
-    except psycopg.Error as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _fail(StoreUnavailableError(f"the history store refused the SQL: {redact_dsn(text)}"))
+def _refused(text: str) -> CdcError:
+    return StoreUnavailableError(f"the history store refused the SQL: {text}")
 
 
 def _config(config_path: str | None, store_dsn: str | None, source_dsn: str | None = None) -> Config:
@@ -135,7 +115,7 @@ def prune(
     from cdc.store.retention import Pruner
 
     configure_logging("warning", "console")
-    with _boundary():
+    with boundary(_refused):
         config = _config(config_path, store_dsn)
         dsn = _store_dsn(config)
         schema = store_schema or config.store.schema_name
@@ -259,7 +239,7 @@ def erase(
     from cdc.store.retention import RowStillLiveError, default_actor, erase_row, row_on_source
 
     configure_logging("warning", "console")
-    with _boundary():
+    with boundary(_refused):
         config = _config(config_path, store_dsn, source_dsn)
         dsn = _store_dsn(config)
         schema = store_schema or config.store.schema_name

@@ -43,7 +43,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from cdc.config import RetentionConfig, normalize_table, redact_dsn
-from cdc.errors import CdcError, NotFoundError, StoreUnavailableError, UsageError
+from cdc.errors import CdcError, NotFoundError, StoreUnavailableError, UsageError, error_text
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 
@@ -1955,10 +1955,7 @@ def bench_prune(
 
 
 def _first_line(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None)
-    text = primary or str(exc).strip() or type(exc).__name__
-    return redact_dsn(str(text).splitlines()[0])
+    return redact_dsn(error_text(exc))
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
