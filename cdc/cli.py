@@ -14,22 +14,10 @@ from typing import Any, TypeVar
 import click
 
 from cdc import __version__
-from cdc.cli_errors import fail
-from cdc.config import Config, load_config
+from cdc.cli_errors import fail, load
 from cdc.errors import CdcError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def load(config_path: str | None, source: str | None = None, store: str | None = None) -> Config:
-    import os
-
-    env = dict(os.environ)
-    if source:
-        env["CDC_SOURCE_DSN"] = source
-    if store:
-        env["CDC_STORE_DSN"] = store
-    return load_config(config_path, env=env)
 
 
 def config_option(func: F) -> F:

@@ -1,5 +1,6 @@
-"""The command line's one error boundary: a CdcError (and, where a command names one, an SQL
-error) becomes its message on stderr and its exit code, never a traceback.
+"""The command line's shared plumbing: the one error boundary (a CdcError, and where a
+command names one an SQL error, becomes its message on stderr and its exit code, never a
+traceback) and the config a command loads with its DSN options.
 
 No command logic here, and no import of the command modules (they import this one).
 """
@@ -7,6 +8,7 @@ No command logic here, and no import of the command modules (they import this on
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +17,7 @@ from typing import NoReturn
 import click
 import psycopg
 
-from cdc.config import redact_dsn
+from cdc.config import Config, load_config, redact_dsn
 from cdc.errors import CdcError
 
 
@@ -53,3 +55,13 @@ def boundary(sql_error: Callable[[str], CdcError] | None = None) -> Iterator[Non
         fail(sql_error(sql_error_text(exc)))
     except BrokenPipeError:
         sys.exit(0)
+
+
+def load(config_path: str | None, source: str | None = None, store: str | None = None) -> Config:
+    """The config file (or none) with the environment, ``--source``/``--store`` over both."""
+    env = dict(os.environ)
+    if source:
+        env["CDC_SOURCE_DSN"] = source
+    if store:
+        env["CDC_STORE_DSN"] = store
+    return load_config(config_path, env=env)

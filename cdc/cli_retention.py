@@ -24,8 +24,8 @@ from typing import Any
 import click
 import psycopg
 
-from cdc.cli_errors import boundary
-from cdc.config import Config, format_duration, load_config, redact_dsn
+from cdc.cli_errors import boundary, load
+from cdc.config import Config, format_duration, redact_dsn
 from cdc.errors import CdcError, SourceUnavailableError, StoreUnavailableError, UsageError
 from cdc.lsn import format_lsn
 from cdc.query import DEFAULT_SCHEMA, Store, format_key, key_from_text
@@ -35,17 +35,6 @@ __all__ = ["erase", "prune"]
 
 def _refused(text: str) -> CdcError:
     return StoreUnavailableError(f"the history store refused the SQL: {text}")
-
-
-def _config(config_path: str | None, store_dsn: str | None, source_dsn: str | None = None) -> Config:
-    import os
-
-    env = dict(os.environ)
-    if store_dsn:
-        env["CDC_STORE_DSN"] = store_dsn
-    if source_dsn:
-        env["CDC_SOURCE_DSN"] = source_dsn
-    return load_config(config_path, env=env)
 
 
 def _store_dsn(config: Config) -> str:
@@ -116,7 +105,7 @@ def prune(
 
     configure_logging("warning", "console")
     with boundary(_refused):
-        config = _config(config_path, store_dsn)
+        config = load(config_path, store=store_dsn)
         dsn = _store_dsn(config)
         schema = store_schema or config.store.schema_name
         now = parse_time(as_of, utc=True) if as_of else datetime.now(UTC)
@@ -240,7 +229,7 @@ def erase(
 
     configure_logging("warning", "console")
     with boundary(_refused):
-        config = _config(config_path, store_dsn, source_dsn)
+        config = load(config_path, source=source_dsn, store=store_dsn)
         dsn = _store_dsn(config)
         schema = store_schema or config.store.schema_name
         since = until = None
