@@ -1,300 +1,297 @@
--- The history store. Applied by `cdc setup` inside the configured store schema
--- (search_path is set to it first), so names here are unqualified. Idempotent.
+-- The history store, format 2 (docs/store.md is the reference: read it before changing this).
+-- Applied by `cdc setup` inside the configured store schema (search_path is set to it first), so
+-- names here are unqualified. Idempotent. A store of format 1 (the `mutations` table) is migrated
+-- by `cdc setup` (cdc/store/migrate.py) before this file runs.
 --
--- Ordering: every transaction has a `position`: its version (end LSN of the commit
--- record) when committed, or the LSN of its abort when it rolled back. Mutations are
--- ordered by (position, ordinal). A mutation's `version` is its transaction's
--- position when it is part of the committed state, NULL for a rolled-back attempt
--- (an aborted transaction or a rolled-back savepoint inside a committed one).
+-- Ordering: every transaction has a `position`: its version (end LSN of the commit record) when
+-- committed, the LSN of its abort when it rolled back. Changes are ordered by (position, ordinal).
+-- Tables are known by identity (`tables`, one row per source relation), never by a dotted name;
+-- rows by a 64-bit hash of their key (`key_hash`, computed here from `key_text`), rechecked on
+-- read. Each change stores one image (the row after it; the key or the old row for a DELETE):
+-- the before image and the changed columns are derived on read from the row's previous image.
 
+CREATE TABLE IF NOT EXISTS store_meta (
+    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    format_version   integer NOT NULL,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO store_meta (format_version) VALUES (2)
+    ON CONFLICT (singleton) DO UPDATE SET format_version = greatest(store_meta.format_version, 2), updated_at = now();
+
+-- One row per slot: where capture stands. `acked_lsn` has one writer: the store writer, in the
+-- same transaction as the batch it acknowledges (cdc/capture/ack.py documents the protocol).
 CREATE TABLE IF NOT EXISTS capture_state (
     slot_name        text PRIMARY KEY,
     source_system_id text,                 -- IDENTIFY_SYSTEM of the source: refuse another server
     source_database  text,
     acked_lsn        bigint NOT NULL DEFAULT 0,  -- every transaction with position <= this is stored
-    baseline_lsn     bigint,               -- the slot's consistent point; version of SNAPSHOT rows
+    baseline_lsn     bigint,               -- the slot's consistent point; position of baseline SNAPSHOTs
     baseline_done    boolean NOT NULL DEFAULT false,
     history_floor    bigint,               -- earliest version at which time travel is exact
+    daemon_host      text,                 -- the active daemon, for `cdc status`
+    daemon_pid       integer,
+    last_error       text,                 -- never row values (cdc.errors.error_text)
+    last_error_at    timestamptz,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
--- What `cdc status` shows about the daemon (written by the active instance).
-ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS daemon_host text;
-ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS daemon_pid integer;
-ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS last_error text;
-ALTER TABLE capture_state ADD COLUMN IF NOT EXISTS last_error_at timestamptz;
 
--- Gaps: when a lost slot was re-created, changes between these positions were not captured.
+-- Gaps: changes between these positions were not captured (a lost slot re-created, a failover
+-- to a server without the slot).
 CREATE TABLE IF NOT EXISTS gaps (
     slot_name        text NOT NULL,
     after_position   bigint NOT NULL,      -- last acknowledged position before the loss
-    resumed_position bigint NOT NULL,      -- the new baseline
+    resumed_position bigint NOT NULL,      -- where capture resumed (a new baseline)
+    reason           text,
     recorded_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (slot_name, resumed_position)
 );
 
--- Every schema version of every captured table, as announced by pgoutput Relation messages.
+-- ---------------------------------------------------------------------------------------------
+-- Table identity. A captured table is one source relation (its oid) for as long as it exists;
+-- a table dropped and created again under the same name is a new table. Names are kept apart
+-- (schema, name), exact as PostgreSQL stores them (no folding, no quoting), with the position
+-- from which each name holds: the current name reads the table's whole history, an old name
+-- the versions before the rename (docs/store.md "Naming a table").
+CREATE TABLE IF NOT EXISTS tables (
+    table_id         serial PRIMARY KEY,
+    relation_oid     bigint NOT NULL,
+    first_position   bigint NOT NULL,      -- first seen (a Relation message's LSN, or the baseline)
+    dropped_position bigint,               -- dropped on the source (NULL: exists)
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+-- At most one live table per relation oid (an oid is reused only after its table was dropped).
+CREATE UNIQUE INDEX IF NOT EXISTS tables_live_oid ON tables (relation_oid) WHERE dropped_position IS NULL;
+
+CREATE TABLE IF NOT EXISTS table_names (
+    table_id         integer NOT NULL REFERENCES tables,
+    schema_name      text NOT NULL,
+    table_name       text NOT NULL,
+    from_position    bigint NOT NULL,      -- the name holds from here until the next row's
+    PRIMARY KEY (table_id, from_position)
+);
+CREATE INDEX IF NOT EXISTS table_names_name ON table_names (schema_name, table_name, from_position DESC);
+
+-- Every schema version of every captured table, as announced by pgoutput Relation messages
+-- (or read from the catalog for a baseline). One row per distinct shape.
 CREATE TABLE IF NOT EXISTS table_schemas (
     schema_id        serial PRIMARY KEY,
-    table_name       text NOT NULL,        -- "schema.name"
-    relation_oid     bigint NOT NULL,
-    replica_identity text NOT NULL,        -- d n f i
-    key_columns      text[] NOT NULL,      -- the columns that name a row (empty: whole row)
-    columns          jsonb NOT NULL,       -- [{"name","type_oid","type_modifier","key"}...]
-    fingerprint      text NOT NULL UNIQUE, -- hash of the above: one row per distinct schema
+    table_id         integer NOT NULL REFERENCES tables,
+    replica_identity "char" NOT NULL,      -- d n f i
+    key_columns      text[] NOT NULL,      -- the columns that name a row (empty: the whole row)
+    columns          jsonb NOT NULL,       -- [{"name","type_oid","type_modifier","key","policy"?}...]
+    fingerprint      text NOT NULL UNIQUE, -- hash of table_id and the above
     first_position   bigint NOT NULL,
     first_seen_at    timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX IF NOT EXISTS table_schemas_table ON table_schemas (table_id, first_position DESC);
 
 -- ---------------------------------------------------------------------------------------------
--- Partitioning and retention (docs/retention.md).
---
--- `transactions` and `mutations` are partitioned by RANGE (committed_at), one partition per
--- retention.partition_interval (a day by default), named <table>_pYYYYMMDD[_HHMM[SS]]. The
--- daemon creates partitions ahead of time and for any past interval a batch needs
--- (cdc/store/retention.py: ensure_partitions); pruning drops whole partitions, never a DELETE
--- over a day of rows. A DEFAULT partition catches rows written before their partition exists
--- (writers other than the daemon, a partition that could not be created under a lock
--- timeout); ensure_partitions moves such rows into the partition it creates for them.
---
--- committed_at is part of every primary key (PostgreSQL requires the partition key in unique
--- constraints). It is deterministic for a committed transaction (its commit time from the
--- WAL), so a replayed mutation still collides on (position, ordinal, committed_at). A
--- rolled-back transaction carries its abort time on PG16+, else the daemon's clock when the
--- abort arrived: a replay of one may differ in committed_at, so the writer also checks
--- (position, ordinal) alone for rolled-back rows (cdc/store/writer.py).
+-- Partitioning and retention (docs/retention.md): `transactions`, `context_changes` and
+-- `changes` are partitioned by RANGE (committed_at), one partition per
+-- retention.partition_interval (a day by default), named <table>_pYYYYMMDD[_HHMM[SS]]; the
+-- writer creates them ahead (cdc/store/partitions.py), pruning drops whole partitions. A DEFAULT
+-- partition catches rows written before their partition exists. committed_at is part of every
+-- primary key (PostgreSQL requires the partition key in unique constraints); it is the commit
+-- (or abort) time from the WAL, the same when a transaction is written again after a crash.
 
--- One row: how partitions are cut, and where pruning left the store.
 CREATE TABLE IF NOT EXISTS retention_state (
     singleton          boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     partition_interval interval NOT NULL DEFAULT '1 day',   -- for partitions created from now on
     horizon            timestamptz,      -- partitions below this were dropped
     last_prune_at      timestamptz,
+    staged             jsonb,            -- a keyframe staging's identity (cdc/store/retention.py)
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO retention_state DEFAULT VALUES ON CONFLICT DO NOTHING;
 
--- A store created before partitioning: its plain tables become the first (large) partition
--- of the partitioned ones below, without copying a row (their indexes are renamed away
--- first; the partitioned indexes then adopt them, and only the new primary key is built).
--- Run `cdc setup` with the daemon stopped: it locks both tables while it converts them.
-DO $migrate$
-DECLARE
-    t text;
-    idx record;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['transactions', 'mutations'] LOOP
-        IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = to_regclass(quote_ident(t)) AND c.relkind = 'r') THEN
-            EXECUTE format('ALTER TABLE %I RENAME TO %I', t, t || '_legacy');
-            -- its primary key lacks committed_at: the partitioned one replaces it
-            EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', t || '_legacy', t || '_pkey');
-            FOR idx IN SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-                       WHERE x.indrelid = to_regclass(quote_ident(t || '_legacy')) AND NOT x.indisprimary LOOP
-                EXECUTE format('ALTER INDEX %I RENAME TO %I', idx.relname, left('legacy_' || idx.relname, 63));
-            END LOOP;
-        END IF;
-    END LOOP;
-END
-$migrate$;
-
--- (CHECK constraints are named as PostgreSQL would name them: a migrated table attaches only
--- when its constraints carry the same names.)
+-- One row per transaction (committed or rolled back), with the request context in force at its
+-- first change. A transaction whose context changes before a later change has one
+-- `context_changes` row per change of context (docs/store.md "Context").
 CREATE TABLE IF NOT EXISTS transactions (
     position         bigint NOT NULL,
-    xid              bigint NOT NULL,
-    version          bigint,               -- = position when committed
-    commit_lsn       bigint,               -- start of the commit record (pgoutput's commit_lsn)
-    status           text NOT NULL
-                     CONSTRAINT transactions_status_check CHECK (status IN ('committed', 'rolled_back')),
     committed_at     timestamptz NOT NULL, -- commit or abort time
+    xid              bigint NOT NULL,
+    commit_lsn       bigint,               -- start of the commit record (pgoutput's commit_lsn)
+    status           "char" NOT NULL CONSTRAINT transactions_status_check CHECK (status IN ('c', 'r')),
+    flags            smallint NOT NULL DEFAULT 0,  -- docs/store.md "Transaction flags"
     origin           text,
-    mutation_count   integer NOT NULL DEFAULT 0,
-    request_ids      text[] NOT NULL DEFAULT '{}',
+    change_count     integer NOT NULL DEFAULT 0,
+    request_id       text,
+    actor            text,
+    actor_seq        bigint,               -- the actor's sequence number of the first change
+    context          text,                 -- the verified context document (JSON text)
     PRIMARY KEY (position, committed_at)
 ) PARTITION BY RANGE (committed_at);
 CREATE INDEX IF NOT EXISTS transactions_committed_at ON transactions (committed_at);
-CREATE INDEX IF NOT EXISTS transactions_xid ON transactions (xid);
+CREATE INDEX IF NOT EXISTS transactions_request ON transactions (request_id text_pattern_ops)
+    WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS transactions_actor ON transactions (actor, actor_seq) WHERE actor IS NOT NULL;
 
-CREATE TABLE IF NOT EXISTS mutations (
+CREATE TABLE IF NOT EXISTS context_changes (
+    position         bigint NOT NULL,
+    committed_at     timestamptz NOT NULL,
+    from_ordinal     integer NOT NULL,     -- the context holds for changes from this ordinal on
+    request_id       text,
+    actor            text,
+    actor_seq        bigint,
+    context          text,
+    PRIMARY KEY (position, from_ordinal, committed_at)
+) PARTITION BY RANGE (committed_at);
+CREATE INDEX IF NOT EXISTS context_changes_request ON context_changes (request_id text_pattern_ops)
+    WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS context_changes_actor ON context_changes (actor, actor_seq) WHERE actor IS NOT NULL;
+
+-- One row per changed row (or per TRUNCATEd table). The writer sends every column but the two
+-- generated hashes (docs/store.md "COPY format"). No index holds an unbounded value: the row
+-- index holds the key's hash; readers compare key_text to rule out collisions.
+CREATE TABLE IF NOT EXISTS changes (
     position         bigint NOT NULL,
     ordinal          integer NOT NULL,     -- order inside the transaction
-    version          bigint,               -- NULL for rolled-back attempts
-    lsn              bigint NOT NULL,      -- WAL position of the change itself
-    xid              bigint NOT NULL,      -- (sub)transaction that made the change
     committed_at     timestamptz NOT NULL,
-    table_name       text NOT NULL,        -- "schema.name"
-    op               text NOT NULL
-                     CONSTRAINT mutations_op_check CHECK (op IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'SNAPSHOT')),
-    key              jsonb,                -- {"col": value} naming the row; NULL for TRUNCATE
-    old_key          jsonb,                -- the previous key when an UPDATE changed it
-    before           jsonb,                -- row image before (NULL for INSERT/SNAPSHOT)
-    after            jsonb,                -- row image after (NULL for DELETE)
-    changed          text[],               -- columns whose value changed
-    status           text NOT NULL
-                     CONSTRAINT mutations_status_check CHECK (status IN ('committed', 'rolled_back')),
-    request_id       text,
-    context          jsonb,                -- application_name, actor, db_user, client_addr, backend_pid, extra
-    schema_id        integer,
-    actor            text,                 -- context actor, for per-actor order
-    actor_seq        bigint,               -- monotonic per actor (a logical clock, gaps allowed)
+    table_id         integer NOT NULL,
+    schema_id        integer,              -- the table's schema version the image follows
+    op               "char" NOT NULL CONSTRAINT changes_op_check CHECK (op IN ('I', 'U', 'D', 'T', 'S')),
+    flags            smallint NOT NULL DEFAULT 0,  -- docs/store.md "Change flags"
+    lsn              bigint NOT NULL,      -- WAL position of the change itself
+    xid              bigint,               -- subtransaction that made it, when not the top one
+    key_text         text,                 -- canonical key: jsonb text of the array of key values
+    image            text,                 -- JSON object: the row after (I U S), the key or old row (D)
+    before           text,                 -- JSON object: the old row, only when the WAL sent it whole
+    old_key_text     text,                 -- a key-changing UPDATE: the key the row had
+    pending          text[],               -- columns sent unchanged (TOAST) the writer fills in
+    key_hash         bigint GENERATED ALWAYS AS (hashtextextended(key_text COLLATE "C", 0)) STORED,
+    old_key_hash     bigint GENERATED ALWAYS AS (hashtextextended(old_key_text COLLATE "C", 0)) STORED,
     PRIMARY KEY (position, ordinal, committed_at)
 ) PARTITION BY RANGE (committed_at);
--- Indexes are declared on the parent: every partition gets its own copy. A lookup that does
--- not name a time (row at version, row history, request) seeks each partition's index once.
--- One index seek per partition for "row R of table T at version V" and for a row's history.
-CREATE INDEX IF NOT EXISTS mutations_row ON mutations (table_name, key, position DESC, ordinal DESC);
--- A key-changing UPDATE is also part of the old key's history (its end).
-CREATE INDEX IF NOT EXISTS mutations_old_row ON mutations (table_name, old_key, position DESC)
-    WHERE old_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS mutations_truncate ON mutations (table_name, position DESC)
-    WHERE op = 'TRUNCATE';
-CREATE INDEX IF NOT EXISTS mutations_request ON mutations (request_id text_pattern_ops) WHERE request_id IS NOT NULL;
--- Partition bounds already skip whole days; inside a partition, commit times grow with
--- position, so a BRIN index (tiny, cheap to maintain) narrows windows shorter than a day.
-CREATE INDEX IF NOT EXISTS mutations_committed_at ON mutations USING brin (committed_at);
-CREATE INDEX IF NOT EXISTS mutations_table_position ON mutations (table_name, position);
-CREATE INDEX IF NOT EXISTS mutations_actor ON mutations (actor, actor_seq) WHERE actor IS NOT NULL;
-
--- The pre-partitioning tables (see the migration above) become one partition each.
-DO $attach$
-DECLARE
-    t text;
-    lo timestamptz;
-    hi timestamptz;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['transactions', 'mutations'] LOOP
-        CONTINUE WHEN to_regclass(quote_ident(t || '_legacy')) IS NULL
-            OR EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(quote_ident(t || '_legacy')));
-        EXECUTE format('SELECT min(committed_at), max(committed_at) FROM %I', t || '_legacy') INTO lo, hi;
-        IF lo IS NULL THEN
-            EXECUTE format('DROP TABLE %I', t || '_legacy');
-            CONTINUE;
-        END IF;
-        lo := date_trunc('day', lo, 'UTC');
-        hi := date_trunc('day', hi, 'UTC') + interval '1 day';
-        EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (committed_at >= %L AND committed_at < %L)',
-                       t || '_legacy', t || '_legacy_bound', lo, hi);
-        EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
-                       t, t || '_legacy', lo, hi);
-    END LOOP;
-END
-$attach$;
+-- Row R of table T at version V, and R's history: one seek per partition.
+CREATE INDEX IF NOT EXISTS changes_row ON changes (table_id, key_hash, position DESC, ordinal DESC);
+-- A key-changing UPDATE ends the old key's history (rare: a partial index).
+CREATE INDEX IF NOT EXISTS changes_old_row ON changes (table_id, old_key_hash, position DESC)
+    WHERE old_key_text IS NOT NULL;
+CREATE INDEX IF NOT EXISTS changes_truncate ON changes (table_id, position DESC) WHERE op = 'T';
 
 CREATE TABLE IF NOT EXISTS transactions_default PARTITION OF transactions DEFAULT;
-CREATE TABLE IF NOT EXISTS mutations_default PARTITION OF mutations DEFAULT;
+CREATE TABLE IF NOT EXISTS context_changes_default PARTITION OF context_changes DEFAULT;
+CREATE TABLE IF NOT EXISTS changes_default PARTITION OF changes DEFAULT;
 
+-- Errors reported by requests (`cdc.error` messages, verified): never row values (the client
+-- helper sends the primary message only). Attributed to the request on read only when a verified
+-- context of that request came from the same database user and backend (docs/security.md).
+CREATE TABLE IF NOT EXISTS request_errors (
+    lsn              bigint PRIMARY KEY,   -- of the message
+    request_id       text NOT NULL,
+    reported_at      timestamptz NOT NULL,
+    error_type       text,
+    message          text,
+    location         text,
+    db_user          text,                 -- stamped by the source (cdc.report_error)
+    backend_pid      integer,
+    client_addr      text,
+    xid              bigint
+);
+CREATE INDEX IF NOT EXISTS request_errors_request ON request_errors (request_id text_pattern_ops);
+CREATE INDEX IF NOT EXISTS request_errors_time ON request_errors (reported_at);
+
+-- Per-actor logical clocks: the last sequence number handed out (gaps allowed).
+CREATE TABLE IF NOT EXISTS actor_sequences (
+    actor            text PRIMARY KEY,
+    last_seq         bigint NOT NULL
+);
+
+-- ---------------------------------------------------------------------------------------------
 -- What pruning keeps beyond the partitions it drops (not partitioned, never dropped whole):
--- * keyframes (keyframe = true): the image, at the history floor, of each row that still
---   existed there and whose last change was in a dropped partition. op SNAPSHOT, position and
---   version = the floor, committed_at = the horizon, context {"keyframe": true}, request_id
---   NULL, ordinals from 1e9 up (after any real mutation at that position). A row has at most
---   one set of keyframes (N for N identical rows of a keyless table); the next prune that
---   removes a later change of the row replaces them.
--- * the mutations of tables whose retention (retention.tables) is longer than the default,
---   copied here unchanged from the partitions being dropped, until their own retention ends.
-CREATE TABLE IF NOT EXISTS mutations_keep (
-    LIKE mutations INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
-    keyframe         boolean NOT NULL DEFAULT false,
+-- * keyframes (flags bit 256): the image, at the history floor, of each row that still existed
+--   there and whose last change was in a dropped partition. op 'S', position = the floor,
+--   committed_at = the horizon, ordinals from 1e9 up;
+-- * the changes of tables whose retention (retention.tables) is longer than the default, copied
+--   unchanged from the partitions being dropped, until their own retention ends;
+-- * the transactions those rows belong to (`transactions_keep`).
+CREATE TABLE IF NOT EXISTS changes_keep (
+    LIKE changes INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED,
     PRIMARY KEY (position, ordinal)
 );
-CREATE INDEX IF NOT EXISTS mutations_keep_row ON mutations_keep (table_name, key, position DESC, ordinal DESC);
-CREATE INDEX IF NOT EXISTS mutations_keep_old_row ON mutations_keep (table_name, old_key, position DESC)
-    WHERE old_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS mutations_keep_truncate ON mutations_keep (table_name, position DESC)
-    WHERE op = 'TRUNCATE';
-CREATE INDEX IF NOT EXISTS mutations_keep_request ON mutations_keep (request_id text_pattern_ops)
-    WHERE request_id IS NOT NULL;
--- Kept rows (not keyframes) by table and time: their own retention, and which tables have any.
-CREATE INDEX IF NOT EXISTS mutations_keep_table_time ON mutations_keep (table_name, committed_at) WHERE NOT keyframe;
-CREATE INDEX IF NOT EXISTS mutations_keep_time ON mutations_keep (committed_at) WHERE NOT keyframe;
-CREATE INDEX IF NOT EXISTS mutations_keep_actor ON mutations_keep (actor, actor_seq) WHERE actor IS NOT NULL;
+CREATE INDEX IF NOT EXISTS changes_keep_row ON changes_keep (table_id, key_hash, position DESC, ordinal DESC);
+CREATE INDEX IF NOT EXISTS changes_keep_old_row ON changes_keep (table_id, old_key_hash, position DESC)
+    WHERE old_key_text IS NOT NULL;
+CREATE INDEX IF NOT EXISTS changes_keep_truncate ON changes_keep (table_id, position DESC) WHERE op = 'T';
+CREATE INDEX IF NOT EXISTS changes_keep_table_time ON changes_keep (table_id, committed_at)
+    WHERE flags & 256 = 0;
 
--- Keyframes are computed ahead of a prune, outside its locked transaction ("staged"), and
--- written at the floor F the prune will move to: such a keyframe is *pending*, invisible to every
--- reader, until the prune's transaction moves capture_state.history_floor to F (the same commit
--- that drops the partitions it replaces). So a keyframe is visible only at or below the floor;
--- with no floor at all (never pruned) none is. The older keyframes the prune will delete when it
--- publishes the staged ones are listed here, and the staging's identity is
--- retention_state.staged (cdc/store/retention.py).
+CREATE TABLE IF NOT EXISTS transactions_keep (
+    LIKE transactions INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
+    PRIMARY KEY (position)
+);
+CREATE INDEX IF NOT EXISTS transactions_keep_request ON transactions_keep (request_id text_pattern_ops)
+    WHERE request_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS context_changes_keep (
+    LIKE context_changes INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
+    PRIMARY KEY (position, from_ordinal)
+);
+
+-- Keyframes are computed ahead of a prune ("staged") at the floor F the prune will move to; a
+-- keyframe above the visible floor is pending and invisible to every reader. The older keyframes
+-- the prune deletes when it publishes the staged ones are listed here.
 CREATE TABLE IF NOT EXISTS keyframes_retire (
     position         bigint NOT NULL,
     ordinal          integer NOT NULL,
     PRIMARY KEY (position, ordinal)
 );
-ALTER TABLE retention_state ADD COLUMN IF NOT EXISTS staged jsonb;
 
--- Every stored mutation: what readers (cdc/query.py) and the writer's before-image fill read.
--- A plain UNION ALL: the planner pushes each query's conditions into both sides and merges
--- their index scans. Pending keyframes (above the history floor, see keyframes_retire) are left
--- out by the outer WHERE: one InitPlan per query, a filter on mutations_keep's index scans only
--- (folded away on the partitions' side, where keyframe is the constant false). The condition is
--- outside the UNION ALL on purpose: a WHERE inside one of its branches would keep the planner
--- from flattening it (no merged index scans, every table read sorted whole).
-CREATE OR REPLACE VIEW mutations_all AS
-    SELECT position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before, after,
-           changed, status, request_id, context, schema_id, actor, actor_seq
+-- Every stored change, what readers (cdc/query.py) and the writer's fill read. A plain UNION ALL
+-- (the planner pushes each query's conditions into both sides and merges their index scans);
+-- pending keyframes are left out by the outer WHERE, outside the UNION ALL on purpose.
+CREATE OR REPLACE VIEW changes_all AS
+    SELECT position, ordinal, committed_at, table_id, schema_id, op, flags, lsn, xid, key_text, image,
+           before, old_key_text, pending, key_hash, old_key_hash
     FROM (
-        SELECT position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before,
-               after, changed, status, request_id, context, schema_id, actor, actor_seq, false AS keyframe
-        FROM mutations
+        SELECT position, ordinal, committed_at, table_id, schema_id, op, flags, lsn, xid, key_text, image,
+               before, old_key_text, pending, key_hash, old_key_hash
+        FROM changes
         UNION ALL
-        SELECT position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before,
-               after, changed, status, request_id, context, schema_id, actor, actor_seq, keyframe
-        FROM mutations_keep
-    ) m
-    WHERE NOT m.keyframe OR m.position <= (SELECT max(history_floor) FROM capture_state);
+        SELECT position, ordinal, committed_at, table_id, schema_id, op, flags, lsn, xid, key_text, image,
+               before, old_key_text, pending, key_hash, old_key_hash
+        FROM changes_keep
+    ) c
+    WHERE c.flags & 256 = 0 OR c.position <= (SELECT max(history_floor) FROM capture_state);
+
+CREATE OR REPLACE VIEW transactions_all AS
+    SELECT * FROM transactions
+    UNION ALL
+    SELECT * FROM transactions_keep;
+
+CREATE OR REPLACE VIEW context_changes_all AS
+    SELECT * FROM context_changes
+    UNION ALL
+    SELECT * FROM context_changes_keep;
 
 -- Each prune: what went, where the floor moved (cdc prune prints the same).
 CREATE TABLE IF NOT EXISTS prunes (
     pruned_at        timestamptz NOT NULL DEFAULT clock_timestamp() PRIMARY KEY,
-    horizon          timestamptz,          -- partitions below it were dropped
-    floor            bigint,               -- the history floor after the prune
-    partitions       text[] NOT NULL,      -- dropped partitions
-    keyframes        bigint NOT NULL,      -- keyframes written
-    kept_rows        bigint NOT NULL,      -- rows of longer-retention tables copied to mutations_keep
-    removed_rows     bigint NOT NULL,      -- rows deleted outside the dropped partitions (see docs)
+    horizon          timestamptz,
+    floor            bigint,
+    partitions       text[] NOT NULL,
+    keyframes        bigint NOT NULL,
+    kept_rows        bigint NOT NULL,
+    removed_rows     bigint NOT NULL,
     seconds          double precision NOT NULL
 );
 
--- `cdc erase`: that a row's images were removed, by whom and when. Never the row's data:
--- the key is kept only as a SHA-256 of its canonical JSON (docs/retention.md).
+-- `cdc erase`: that a row's images were removed, by whom and when. Never the row's data: the
+-- keys are kept only as SHA-256 digests.
 CREATE TABLE IF NOT EXISTS erasures (
     erasure_id       bigserial PRIMARY KEY,
     erased_at        timestamptz NOT NULL DEFAULT now(),
     actor            text NOT NULL,
-    table_name       text NOT NULL,
-    key_sha256       text NOT NULL,        -- hex SHA-256 of the canonical key JSON
-    key_columns      text[] NOT NULL,      -- the names of the columns that name the row (no values)
-    from_time        timestamptz,          -- --between: only images committed in [from, until)
+    table_id         integer NOT NULL,
+    key_sha256       text NOT NULL,        -- hex SHA-256 of the key_text named by the operator
+    key_columns      text[] NOT NULL,
+    earlier_keys     integer NOT NULL DEFAULT 0,   -- other keys the row had (followed through key changes)
+    from_time        timestamptz,
     until_time       timestamptz,
     mutations_removed bigint NOT NULL,
     keyframes_removed bigint NOT NULL,
     source_check     text NOT NULL CHECK (source_check IN ('absent', 'live', 'unreachable', 'not_checked')),
     forced           boolean NOT NULL DEFAULT false
 );
-CREATE INDEX IF NOT EXISTS erasures_key ON erasures (table_name, key_sha256);
-
-CREATE TABLE IF NOT EXISTS actor_sequences (
-    actor            text PRIMARY KEY,
-    last_seq         bigint NOT NULL
-);
-
--- Requests as records: outcome and reported error, filled from context and error messages.
-CREATE TABLE IF NOT EXISTS requests (
-    request_id       text PRIMARY KEY,
-    actor            text,
-    context          jsonb,
-    first_seen_at    timestamptz NOT NULL,
-    last_seen_at     timestamptz NOT NULL,
-    committed_count  integer NOT NULL DEFAULT 0,   -- transactions committed
-    rolled_back_count integer NOT NULL DEFAULT 0,  -- transactions (or savepoints) rolled back
-    error_type       text,
-    error_message    text,
-    error_location   text,
-    error_at         timestamptz
-);
--- `cdc why 550e8400` names a request by a prefix of its id.
-CREATE INDEX IF NOT EXISTS requests_id_prefix ON requests (request_id text_pattern_ops);
--- Pruning removes the records of requests last seen before the horizon.
-CREATE INDEX IF NOT EXISTS requests_last_seen ON requests (last_seen_at);
-CREATE INDEX IF NOT EXISTS table_schemas_table ON table_schemas (table_name, schema_id DESC);
+CREATE INDEX IF NOT EXISTS erasures_key ON erasures (table_id, key_sha256);
