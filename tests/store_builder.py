@@ -35,6 +35,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from cdc.names import format_table, parse_table
+from cdc.store.format import OP_CODES, OVERSIZE_MARKER, STATUS_CODES, ChangeFlag, TxnFlag, is_oversize
 from cdc.store.keys import image_text, key_text
 
 STORE_SQL = Path(__file__).resolve().parents[1] / "sql" / "store.sql"
@@ -44,11 +45,12 @@ BOOL, INT8, INT2, INT4, TEXT, NUMERIC, UUID, TIMESTAMPTZ = 16, 20, 21, 23, 25, 1
 #: distance between transaction positions (a plausible WAL distance)
 STEP = 0x100
 
-# docs/store.md "Change flags" / "Transaction flags"
-ROLLED_BACK, BEFORE_FROM_WAL, INCOMPLETE, OVERSIZE = 1, 2, 4, 8
-STREAMED, MAYBE_INCOMPLETE, CONTEXT_REJECTED = 1, 2, 4
-
-_OP_CODES = {"INSERT": "I", "UPDATE": "U", "DELETE": "D", "TRUNCATE": "T", "SNAPSHOT": "S"}
+ROLLED_BACK, BEFORE_FROM_WAL, INCOMPLETE = (
+    ChangeFlag.ROLLED_BACK,
+    ChangeFlag.BEFORE_FROM_WAL,
+    ChangeFlag.INCOMPLETE,
+)
+OVERSIZE, STREAMED, MAYBE_INCOMPLETE = ChangeFlag.OVERSIZE, TxnFlag.STREAMED, TxnFlag.MAYBE_INCOMPLETE
 _CONTEXT_ORDER = ("request_id", "actor", "application_name", "db_user", "client_addr", "backend_pid", "source",
                   "extra")  # fmt: skip
 _CHANGE_COLUMNS = ("position", "ordinal", "committed_at", "table_id", "schema_id", "op", "flags", "lsn", "xid",
@@ -64,7 +66,7 @@ def at(text: str) -> datetime:
 def oversize(text: str) -> dict[str, Any]:
     """The stored reference to a value over ``capture.max_value_bytes``."""
     data = text.encode()
-    return {"$cdc": "oversize", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"$cdc": OVERSIZE_MARKER, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @dataclass
@@ -138,12 +140,12 @@ class Txn:
 
     def _add(self, t: _Table, op: str, *, attempt: bool, request_id: str | None, **fields: Any) -> None:
         rid = request_id if request_id is not None else self.request_id
-        flags = ROLLED_BACK if attempt else 0
+        flags = int(ROLLED_BACK) if attempt else 0
         for name in ("image", "before"):
             image = fields.get(name)
             if image is None:
                 continue
-            if any(isinstance(v, dict) and v.get("$cdc") == "oversize" for v in image.values()):
+            if any(is_oversize(v) for v in image.values()):
                 flags |= OVERSIZE
             fields[name] = image_text(image)
         if fields.get("before") is not None:
@@ -151,7 +153,7 @@ class Txn:
         if fields.pop("incomplete", False):
             flags |= INCOMPLETE
         self.changes.append(
-            {"table_id": t.table_id, "schema_id": t.schema_id, "op": _OP_CODES[op], "flags": flags,
+            {"table_id": t.table_id, "schema_id": t.schema_id, "op": OP_CODES[op], "flags": flags,
              "request_id": rid, "key_text": None, "image": None, "before": None, "old_key_text": None, **fields}
         )  # fmt: skip
 
@@ -422,7 +424,7 @@ class StoreBuilder:
                     "INSERT INTO {} (position, committed_at, xid, commit_lsn, status, flags, change_count, "
                     "request_id, actor, actor_seq, context) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 ).format(self._t("transactions")),
-                [position, when, xid, position - 16, "c" if committed else "r", flags, len(txn.changes),
+                [position, when, xid, position - 16, STATUS_CODES[txn.status], int(flags), len(txn.changes),
                  *first[1:]],
             )  # fmt: skip
             for start, rid, actor, seq, ctx_text in span_rows[1:]:
@@ -439,7 +441,7 @@ class StoreBuilder:
             with self.conn.cursor() as cur, cur.copy(copy_sql) as out:
                 for ordinal, c in enumerate(txn.changes):
                     out.write_row(
-                        [position, ordinal, when, c["table_id"], c["schema_id"], c["op"], c["flags"],
+                        [position, ordinal, when, c["table_id"], c["schema_id"], c["op"], int(c["flags"]),
                          position - STEP + 16 + ordinal, None, c["key_text"], c["image"], c["before"],
                          c["old_key_text"], None]
                     )  # fmt: skip
