@@ -35,6 +35,14 @@ class Rows(Changes):
             return sql.SQL("")
         return sql.SQL(" AND position < {}").format(sql.Literal(info.until))
 
+    @staticmethod
+    def gone(info: TableInfo, version: int) -> bool:
+        """Nothing of the table is read at ``version``: it was dropped by then, or the name it was
+        found by was no longer its name (an old name reads the versions before the rename)."""
+        if info.dropped_position is not None and version >= info.dropped_position:
+            return True
+        return info.until is not None and version >= info.until
+
     def has_history(self, table: str | TableInfo, key: Key) -> bool:
         """Whether any change (committed or not) ever named this row."""
         info = table if isinstance(table, TableInfo) else self.table(table)
@@ -56,6 +64,8 @@ class Rows(Changes):
         """
         info = table if isinstance(table, TableInfo) else self.table(table, version)
         k = self.key_text_of(self.stored_key(info, key))
+        if self.gone(info, version):
+            return None
         if info.keyless:
             count, image = self.keyless_count(info.table_id, k, version, MAX_ORDINAL)
             return image if count > 0 else None
@@ -102,27 +112,36 @@ class Rows(Changes):
             ),
             {**params, "first": raws[0].position},
         )
-        return self._walk(k, sorted([*raws, *truncates], key=lambda r: r.cursor))
+        return self._walk(k, sorted([*raws, *truncates], key=lambda r: r.cursor), keyless=info.keyless)
 
-    def _walk(self, k: str, raws: list[RawChange]) -> list[Mutation]:
-        """Before images along one key's history, and which TRUNCATEs removed the row."""
+    def _walk(self, k: str, raws: list[RawChange], *, keyless: bool = False) -> list[Mutation]:
+        """Before images along one key's history, and which TRUNCATEs removed the row.
+
+        A keyless table's key is a whole row value, of which there may be several: its
+        TRUNCATEs count when any of them was there.
+        """
         committed: Row | None = None  # the row as committed changes left it
         seen: tuple[int, Row | None] = (-1, None)  # the row as the latest change of a transaction left it
+        copies = 0  # keyless: how many rows have the value (committed)
         out: list[tuple[RawChange, Row | None]] = []
         moved_in: list[int] = []
         for raw in raws:
             state = seen[1] if raw.rolled_back and seen[0] == raw.position else committed
             if raw.op == _TRUNCATE:
-                if state is None:
+                if state is None and not (keyless and copies > 0):
                     continue  # the row was not there: not part of its history
                 new: Row | None = None
                 out.append((raw, None))
+                copies = 0 if not raw.rolled_back else copies
             else:
                 at_key = raw.key_text == k
-                if at_key and raw.old_key_text is not None:
+                if at_key and raw.old_key_text is not None and not keyless:
                     moved_in.append(len(out))  # its before image is at the old key
                 out.append((raw, state))
                 new = raw.image if at_key and OP_NAMES[raw.op] in ROW_OPS else None
+                if keyless and not raw.rolled_back:
+                    copies += _multiset_delta(raw, k)
+                    new = raw.image if copies > 0 and at_key else (committed if copies > 0 else None)
             if not raw.rolled_back:
                 committed = new
             seen = (raw.position, new)
@@ -270,3 +289,14 @@ class Rows(Changes):
             if not unresolved:
                 return None
         return None
+
+
+def _multiset_delta(raw: RawChange, k: str) -> int:
+    """How a change of a keyless table changes the number of rows with value ``k``."""
+    if raw.key_text == k:
+        if raw.op == OP_CODES["DELETE"]:
+            return -1
+        if raw.op == OP_CODES["UPDATE"] and raw.old_key_text is None:
+            return 0
+        return 1
+    return -1 if raw.old_key_text == k else 0
