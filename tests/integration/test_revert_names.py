@@ -136,7 +136,7 @@ def test_a_dropped_table_and_an_oversize_value_are_refused(world: Any) -> None:
     with Store(b.dsn) as store:
         with pytest.raises(UsageError, match=r'public\."USERS" was dropped'):
             plan_revert(store, source, "req-drop")
-        with pytest.raises(UsageError, match="over capture.max_value_bytes"):
+        with pytest.raises(UsageError, match=r"over capture\.max_value_bytes"):
             plan_revert(store, source, "req-blob")
-        with pytest.raises(UsageError, match="over capture.max_value_bytes"):
+        with pytest.raises(UsageError, match=r"over capture\.max_value_bytes"):
             plan_restore(store, source, "blobs", 1, version=b.positions[-2])
