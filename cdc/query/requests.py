@@ -63,14 +63,19 @@ class Requests(Tables):
 
     # ------------------------------------------------------------------ spans
 
-    def _spans(self, column: str, value: str) -> _Found:
-        """The transactions where ``column`` (request_id or actor) had ``value``, and their spans."""
+    def _spans(
+        self, column: str, value: str, *, upto: int | None = None, newest: int | None = None
+    ) -> _Found:
+        """The transactions where ``column`` (request_id or actor) had ``value``, and their spans;
+        ``newest``: only that many of them, the newest at or before position ``upto``."""
         assert column in _SPAN_COLUMNS
         col = sql.Identifier(column)
+        bound = sql.SQL(" AND position <= %(upto)s" if upto is not None else "")
+        cut = sql.SQL(" ORDER BY position DESC LIMIT %(newest)s" if newest is not None else "")
         rows = self._rows(
             sql.SQL(
-                "WITH hits AS (SELECT position, committed_at FROM {tx} WHERE {col} = %(v)s "
-                "  UNION SELECT position, committed_at FROM {cc} WHERE {col} = %(v)s) "
+                "WITH hits AS ((SELECT position, committed_at FROM {tx} WHERE {col} = %(v)s{b}{cut}) "
+                "  UNION (SELECT position, committed_at FROM {cc} WHERE {col} = %(v)s{b}{cut}){cut}) "
                 "SELECT t.position, t.committed_at, t.xid, t.commit_lsn, t.status, t.flags, t.origin, "
                 "  t.change_count, t.request_id, t.actor, t.context, "
                 "  (SELECT json_agg(json_build_array(c.from_ordinal, c.request_id, c.actor, c.context) "
@@ -78,8 +83,10 @@ class Requests(Tables):
                 "   WHERE c.position = t.position AND c.committed_at = t.committed_at) AS changes "
                 "FROM hits h JOIN {tx} t ON t.position = h.position AND t.committed_at = h.committed_at "
                 "ORDER BY t.position"
-            ).format(tx=self._t("transactions_all"), cc=self._t("context_changes_all"), col=col),
-            {"v": value},
+            ).format(
+                tx=self._t("transactions_all"), cc=self._t("context_changes_all"), col=col, b=bound, cut=cut
+            ),
+            {"v": value, "upto": upto, "newest": newest},
         )
         transactions: list[TransactionInfo] = []
         spans: list[_Span] = []
@@ -340,15 +347,15 @@ class Requests(Tables):
         condition = sql.SQL(" AND ").join(where) if where else sql.SQL("true")
         newest = sql.SQL("ORDER BY c.position DESC, c.ordinal DESC LIMIT %(limit)s")
         if request_id is not None or actor is not None:
-            spans = self._log_spans(request_id, actor)
-            if not spans:
-                return MutationPage(mutations=[], next_cursor=None)
             if keys:
                 condition = sql.SQL("{} AND ({})").format(
                     condition, sql.SQL(" OR ").join(sql.SQL("({})").format(k) for k in keys)
                 )
-            inner = self._span_changes(spans, condition, newest, params)
-        elif keys:
+            found = self._span_log(request_id, actor, condition, newest, params, before, limit)
+            return MutationPage(
+                mutations=found, next_cursor=found[-1].cursor if len(found) == limit else None
+            )
+        if keys:
             inner = sql.SQL("SELECT * FROM ({a} UNION ALL {b}) c {newest}").format(
                 a=sql.SQL("(SELECT {cols} FROM {c} c WHERE {k} AND {w} {n})").format(
                     cols=CHANGE_COLUMNS, c=self._t("changes_all"), k=keys[0], w=condition, n=newest
@@ -365,9 +372,28 @@ class Requests(Tables):
         found = self.mutations_of(self._raw_changes(self._decorated(inner, newest_first=True), params))
         return MutationPage(mutations=found, next_cursor=found[-1].cursor if len(found) == limit else None)
 
-    def _log_spans(self, request_id: str | None, actor: str | None) -> list[_Span]:
-        if request_id is not None:
-            spans = self._spans("request_id", request_id).matching
-            return [s for s in spans if actor is None or s.actor == actor]
-        assert actor is not None
-        return self._spans("actor", actor).matching
+    def _span_log(
+        self,
+        request_id: str | None,
+        actor: str | None,
+        condition: sql.Composable,
+        newest: sql.Composable,
+        params: dict[str, Any],
+        before: tuple[int, int] | None,
+        limit: int,
+    ) -> list[Mutation]:
+        """A log page of a request's or an actor's changes: from its newest transactions (before
+        the cursor), as many more of them as it takes to fill the page."""
+        column, value = ("request_id", request_id) if request_id is not None else ("actor", actor)
+        assert value is not None
+        wanted = limit
+        while True:
+            found = self._spans(column, value, upto=before[0] if before else None, newest=wanted)
+            spans = [s for s in found.matching if actor is None or s.actor == actor]
+            page: list[Mutation] = []
+            if spans:
+                inner = self._span_changes(spans, condition, newest, params)
+                page = self.mutations_of(self._raw_changes(self._decorated(inner, newest_first=True), params))
+            if len(page) >= limit or len(found.transactions) < wanted:
+                return page
+            wanted *= 4

@@ -227,6 +227,15 @@ def test_requests_and_the_log_match_the_oracle(history: Any) -> None:
             assert [m.cursor for m in record.mutations] == expected
             assert record.mutation_count == len(expected)
             assert all(m.request_id == request_id for m in record.mutations)
+            logged: list[tuple[int, int]] = []
+            cursor = None
+            while True:  # the log of one request, two at a time, newest first
+                page = store.mutation_log(request_id=request_id, limit=2, before=cursor)
+                logged.extend(m.cursor for m in page.mutations)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            assert logged == expected[::-1]
         seen = []
         cursor = None
         while True:
