@@ -1,6 +1,6 @@
 """The retention commands of the CLI: ``cdc prune`` and ``cdc erase TABLE --id ID``.
 
-Thin shells over :mod:`cdc.store.retention` and :mod:`cdc.store.erase`. Both take ``--store DSN`` (else ``CDC_STORE_DSN``,
+Thin shells over :mod:`cdc.store.prune` and :mod:`cdc.store.erase`. Both take ``--store DSN`` (else ``CDC_STORE_DSN``,
 else ``store.dsn`` of the config file given by ``--config`` / ``CDC_CONFIG``) and ``--schema``
 (else ``store.schema``); ``cdc prune`` reads ``retention.*`` from the config, ``cdc erase``
 checks the source (``--source``, else ``CDC_SOURCE_DSN``, else ``source.dsn``).
@@ -102,7 +102,7 @@ def prune(
     """
     from cdc.cli_readers import parse_time
     from cdc.logs import configure_logging
-    from cdc.store.retention import Pruner
+    from cdc.store.prune import Pruner
 
     configure_logging("warning", "console")
     with boundary(_refused):
@@ -126,10 +126,10 @@ def prune(
         ("as of", now.isoformat(timespec="seconds")),
         ("horizon", report.horizon.isoformat(timespec="seconds") if report.horizon else "- (nothing has expired)"),
     ]  # fmt: skip
-    for name in report.partitions + report.transaction_partitions:
+    for name in report.dropped:
         lines.append((verb, name))
     if report.partitions:
-        lines.append(("", f"≈ {report.dropped_rows:,} mutations, {_size(report.dropped_bytes)}"))
+        lines.append(("", f"≈ {report.dropped_rows:,} changes, {_size(report.dropped_bytes)}"))
     old = format_lsn(report.old_floor) if report.old_floor is not None else "-"
     new = format_lsn(report.floor) if report.floor is not None else "-"
     lines.append(("history floor", f"{old} → {new}" if old != new else f"{new} (unchanged)"))
@@ -148,8 +148,8 @@ def prune(
         lines.append(
             (
                 "removed",
-                f"{report.straggler_rows:,} mutations and {report.transactions_removed:,} transactions at or "
-                f"below the floor outside the partitions, {report.requests_removed:,} request records",
+                f"{report.straggler_rows:,} changes and {report.transactions_removed:,} transaction records at "
+                f"or below the floor outside the partitions, {report.requests_removed:,} request errors",
             )
         )
     if not dry_run:
