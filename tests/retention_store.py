@@ -198,7 +198,8 @@ class StoreBuilder:
         row = self.conn.execute(
             sql.SQL(
                 "INSERT INTO {} (table_id, replica_identity, key_columns, columns, fingerprint, first_position) "
-                "VALUES (%s, %s, %s, %s, %s, %s) RETURNING schema_id"
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (fingerprint) DO UPDATE SET fingerprint = excluded.fingerprint "
+                "RETURNING schema_id"
             ).format(self.t("table_schemas")),
             (
                 table_id,
