@@ -230,7 +230,6 @@ def erase(
     from cdc.cli_readers import parse_time
     from cdc.logs import configure_logging
     from cdc.store.erase import RowStillLiveError, default_actor, erase_row, has_history, row_chain
-    from cdc.store.table_refs import key_text as canonical_key_text
     from cdc.store.table_refs import resolve_table
 
     configure_logging("warning", "console")
@@ -245,7 +244,7 @@ def erase(
                 raise UsageError(f"--between: {between[1]!r} is not after {between[0]!r}")
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="cdc-erase") as conn:
             info = resolve_table(conn, schema, table)
-            key = canonical_key_text(conn, info.key_values(key_from_text(key_text)))
+            key = info.key_text(key_from_text(key_text))
             name = f"that row of {info.name}"
             if not has_history(conn, schema, info.table_id, key):
                 from cdc.errors import NotFoundError

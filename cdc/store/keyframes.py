@@ -17,6 +17,8 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
+from cdc.store.format import ChangeFlag
+
 __all__ = [
     "CHANGE_COLUMNS",
     "KEYFRAME",
@@ -27,11 +29,11 @@ __all__ = [
     "keyless_tables",
 ]
 
-#: changes.flags bits (docs/store.md "Change flags").
-ROLLED_BACK = 1
-INCOMPLETE = 4
-OVERSIZE = 8
-KEYFRAME = 256
+#: changes.flags bits (docs/store.md "Change flags"; declared in cdc.store.format).
+ROLLED_BACK = int(ChangeFlag.ROLLED_BACK)
+INCOMPLETE = int(ChangeFlag.INCOMPLETE)
+OVERSIZE = int(ChangeFlag.OVERSIZE)
+KEYFRAME = int(ChangeFlag.KEYFRAME)
 #: Keyframes take ordinals from here up at their position: after any real change there.
 KEYFRAME_ORDINAL_BASE = 1_000_000_000
 #: The columns of ``changes`` a writer sends (the key hashes are generated).

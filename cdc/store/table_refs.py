@@ -5,8 +5,6 @@ Resolves a table named the way PostgreSQL names it (``users``, ``"User"``, ``app
 its key columns from its latest ``table_schemas`` row, and turns a key given by an operator into
 the store's canonical ``key_text``. Read-only; never logs a key or a value.
 
-The name parser is :func:`cdc.config.normalize_table` for now (``cdc/names.py`` replaces it once
-it lands).
 """
 
 from __future__ import annotations
@@ -19,11 +17,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.config import format_table, normalize_table
 from cdc.errors import NotFoundError, UsageError
+from cdc.names import format_table, parse_table
+from cdc.store.keys import key_text
 from cdc.values import key_value_from_user
 
-__all__ = ["TableRef", "key_text", "resolve_table", "table_ids_named"]
+__all__ = ["TableRef", "resolve_table", "table_ids_named"]
 
 Conn = psycopg.Connection[Any]
 
@@ -87,6 +86,10 @@ class TableRef:
             )
         return [self._value(self.key_columns[0], key)]
 
+    def key_text(self, key: Any) -> str:
+        """The canonical ``key_text`` of a key given by a user (docs/store.md "The key")."""
+        return key_text(self.key_values(key))
+
     def key_mapping(self, text: str) -> dict[str, Any]:
         """The column → value mapping of a stored ``key_text`` (for the source check)."""
         values = json.loads(text)
@@ -110,7 +113,7 @@ def _t(schema: str, name: str) -> sql.Identifier:
 def table_ids_named(conn: Conn, schema: str, name: str) -> list[int]:
     """Every table whose current (or, dropped, last) name is ``name``; if none, the table that had
     it last (renamed since). Empty when no table ever had it."""
-    schema_name, table_name = normalize_table(name)
+    schema_name, table_name = parse_table(name)
     latest = sql.SQL(_LATEST_NAMES).format(names=_t(schema, "table_names"), tables=_t(schema, "tables"))
     rows = conn.execute(
         sql.SQL(
@@ -134,7 +137,7 @@ def resolve_table(conn: Conn, schema: str, name: str) -> TableRef:
     name last. Raises NotFoundError when no captured table ever had it."""
     ids = table_ids_named(conn, schema, name)
     if not ids:
-        schema_name, table_name = normalize_table(name)
+        schema_name, table_name = parse_table(name)
         raise NotFoundError(f"no captured table {format_table(schema_name, table_name)} in the history")
     latest = sql.SQL(_LATEST_NAMES).format(names=_t(schema, "table_names"), tables=_t(schema, "tables"))
     row = conn.execute(
@@ -159,11 +162,3 @@ def resolve_table(conn: Conn, schema: str, name: str) -> TableRef:
         columns=tuple(str(c["name"]) for c in columns),
         type_oids={str(c["name"]): int(c.get("type_oid") or 25) for c in columns},
     )
-
-
-def key_text(conn: Conn, values: Sequence[Any]) -> str:
-    """The canonical ``key_text`` of stored key values: PostgreSQL's ``jsonb`` text of their
-    array (docs/store.md "The key"), computed by the server that defines it."""
-    row = conn.execute("SELECT (%s::jsonb)::text", (json.dumps(list(values)),)).fetchone()
-    assert row is not None
-    return str(row[0])
