@@ -26,9 +26,11 @@ from cdc.config import RetentionConfig
 from cdc.devdb import LocalPostgres
 from cdc.errors import NotFoundError
 from cdc.store.erase import erase_row
+from cdc.store.keys import key_text
 from cdc.store.prune import Pruner
 from cdc.store.table_refs import resolve_table
-from tests.retention_store import DAY, INT4, INT8, TEXT, StoreBuilder, create_partitions, json_text, replay
+from tests.retention_store import DAY, create_partitions, model, replay
+from tests.store_builder import INT4, INT8, TEXT, StoreBuilder
 
 SCHEMA = "cdc_history"
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -58,7 +60,7 @@ def dump_schema(dsn: str) -> dict[str, str]:
 
 def images_of(dsn: str, table_id: int, keys: list[int]) -> list[tuple[Any, ...]]:
     """Changes (partitions, kept rows, pending keyframes) naming one of ``keys``."""
-    texts = [json_text([k]) for k in keys]
+    texts = [key_text([k]) for k in keys]
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(
             "SELECT 'changes', position, ordinal, op FROM cdc_history.changes WHERE table_id = %(t)s "
@@ -84,7 +86,7 @@ def store(pg: LocalPostgres) -> Iterator[StoreBuilder]:
 def erase_forced(b: StoreBuilder, table: str, key: Any, **window: datetime) -> Any:
     with psycopg.connect(b.dsn, autocommit=True) as conn:
         info = resolve_table(conn, SCHEMA, table)
-        text = json_text(info.key_values(key))
+        text = info.key_text(key)
         return erase_row(
             conn, SCHEMA, info, text, actor="test", source_check="not_checked", forced=True, **window
         )
@@ -117,9 +119,9 @@ def test_erase_follows_the_row_through_its_key_changes(store: StoreBuilder, name
     assert len(images_of(b.dsn, users, [1, 2, 3])) == 5
     report = erase_forced(b, "users", named)
     assert report.mutations_removed == 5 and report.keyframes_removed == 0 and report.earlier_keys == 2
-    assert report.key_sha256 == hashlib.sha256(json_text([named]).encode()).hexdigest()
+    assert report.key_sha256 == hashlib.sha256(key_text([named]).encode()).hexdigest()
     assert sorted(report.earlier_key_sha256) == sorted(
-        hashlib.sha256(json_text([k]).encode()).hexdigest() for k in (1, 2, 3) if k != named
+        hashlib.sha256(key_text([k]).encode()).hexdigest() for k in (1, 2, 3) if k != named
     )
     assert images_of(b.dsn, users, [1, 2, 3]) == []
     for table, text in dump_schema(b.dsn).items():
@@ -127,7 +129,7 @@ def test_erase_follows_the_row_through_its_key_changes(store: StoreBuilder, name
             assert secret not in text, f"{secret!r} still in {table}"
     # The other row's history is whole; the erasure is recorded with digests and counts only.
     with psycopg.connect(b.dsn, autocommit=True) as conn:
-        assert replay(conn, SCHEMA, users, False, b.position) == b.model("users") - rows_with_id(b, 3)
+        assert replay(conn, SCHEMA, users, False, b.position) == model(b, "users") - rows_with_id(b, 3)
         record = conn.execute(
             "SELECT actor, table_id, key_sha256, key_columns, earlier_keys, mutations_removed, keyframes_removed, "
             "source_check, forced FROM cdc_history.erasures"
@@ -226,7 +228,7 @@ def test_erase_removes_keyframes_staged_for_the_next_prune_whatever_the_window(s
     assert all(EMAIL not in text for text in dump_schema(b.dsn).values())
     with psycopg.connect(b.dsn, autocommit=True) as conn:
         got = replay(conn, SCHEMA, b.table_id("users"), False, b.position)
-    assert got == b.model("users") - rows_with_email(b, EMAIL)
+    assert got == model(b, "users") - rows_with_email(b, EMAIL)
 
 
 def rows_with_email(b: StoreBuilder, email: str) -> Counter[str]:
@@ -363,14 +365,14 @@ def test_cdc_erase_of_a_keyless_row(source_and_store: tuple[str, StoreBuilder]) 
         conn.execute("""INSERT INTO "Notes" VALUES (2, 'public note')""")
         oid = conn.execute("""SELECT '"Notes"'::regclass::oid""").fetchone()
     assert oid is not None
-    b.table("public.Notes", {"x": INT4, "y": TEXT}, key=[], relation_oid=int(oid[0]))
+    b.table('"Notes"', {"x": INT4, "y": TEXT}, key=[], relation_oid=int(oid[0]))
     with b.txn(START + timedelta(hours=1)) as t:
         for _ in range(3):
-            t.snapshot("public.Notes", {"x": 1, "y": NOTE})
-        t.snapshot("public.Notes", {"x": 2, "y": "public note"})
+            t.snapshot('"Notes"', {"x": 1, "y": NOTE})
+        t.snapshot('"Notes"', {"x": 2, "y": "public note"})
     with b.txn(START + timedelta(hours=2)) as t:
         for _ in range(3):
-            t.delete("public.Notes", {"x": 1, "y": NOTE})
+            t.delete('"Notes"', {"x": 1, "y": NOTE})
     b.finish(baseline=b.positions[0])
     wrong = run_erase(b.dsn, source, '"Notes"', "--id", "1", "--yes")
     assert wrong.exit_code == 2 and "has no key" in wrong.output

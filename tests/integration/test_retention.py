@@ -25,22 +25,14 @@ from psycopg import sql
 
 from cdc.config import RetentionConfig
 from cdc.devdb import LocalPostgres
+from cdc.history import History
 from cdc.metrics import Metrics
 from cdc.store.keyframes import KEYFRAME_ORDINAL_BASE
+from cdc.store.keys import key_text
 from cdc.store.prune import Pruner
 from cdc.store.retention import bucket_start, ensure_partitions, list_partitions, partition_name
-from tests.retention_store import (
-    DAY,
-    INT4,
-    INT8,
-    TEXT,
-    StoreBuilder,
-    Txn,
-    create_partitions,
-    json_text,
-    replay,
-    row_at,
-)
+from tests.retention_store import DAY, create_partitions, model, replay, row_at
+from tests.store_builder import INT4, INT8, TEXT, StoreBuilder, Txn
 
 SCHEMA = "cdc_history"
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -136,7 +128,7 @@ class History10:
         if position in self.times:
             return
         self.times[position] = when
-        self.model[position] = {table: self.b.model(table) for table in TABLES}
+        self.model[position] = {table: model(self.b, table) for table in TABLES}
 
     def day(
         self, day: datetime, per_day: int, *, truncate_pairs: bool = False, truncate_loose: bool = False
@@ -178,7 +170,7 @@ class History10:
         elif action < 0.64:
             pairs = t._t("pairs").rows
             a, b = rng.randint(0, 4), rng.choice(["k", "l"])
-            if json_text([a, b]) in pairs:
+            if key_text([a, b]) in pairs:
                 if rng.random() < 0.5:
                     t.update("pairs", {"a": a, "b": b}, {"v": str(rng.randint(0, 99))})
                 else:
@@ -218,7 +210,7 @@ class History10:
 
 def key_of(table: str, row_text: str) -> str:
     row = json.loads(row_text)
-    return json_text([row[c] for c in KEYS[table]])
+    return key_text([row[c] for c in KEYS[table]])
 
 
 def assert_time_travel(h10: History10, expected: dict[int, dict[str, Counter[str]]], floor: int) -> None:
@@ -230,22 +222,42 @@ def assert_time_travel(h10: History10, expected: dict[int, dict[str, Counter[str
         keys = {
             t: {key_of(t, r) for tables in expected.values() for r in tables[t]} for t in TABLES if KEYS[t]
         }
-        for version, tables in sorted(expected.items()):
-            if version < floor:
-                continue
-            for table, rows in tables.items():
+        # Whole tables at every version; single rows (every key the table ever had, present or
+        # absent) at a dozen of them, the first and the last among them.
+        above = sorted(v for v in expected if v >= floor)
+        below = [v for v in expected if v < floor][-1:]
+        sampled = sorted({*below, *above[:: max(1, len(above) // 12)], above[0], above[-1]})
+        for version in above:
+            for table, rows in expected[version].items():
                 table_id = h10.ids[table]
                 got = replay(conn, SCHEMA, table_id, not KEYS[table], version)
                 assert got == rows, f"{table} at {version:#x} (floor {floor:#x})"
-                if not KEYS[table]:
+                if not KEYS[table] or version not in sampled:
                     continue
                 present = {key_of(table, r): r for r in rows}
                 for key in keys[table]:
-                    assert row_at(conn, SCHEMA, table_id, key, version) == present.get(key), (
-                        table,
-                        key,
-                        version,
-                    )
+                    found = row_at(conn, SCHEMA, table_id, key, version)
+                    assert found == present.get(key), (table, key, version)
+    # The same through the readers (cdc.history), at those versions (each page is planned over
+    # every partition): the last one below the floor reads None.
+    with History(h10.b.dsn) as h:
+        assert h.earliest_version() == floor
+        for version in sampled:
+            tables = expected[version]
+            view = h.at(version=version)
+            for table, rows in tables.items():
+                if version < floor:
+                    assert not view.exact
+                    assert view.table(table).collect() is None
+                    continue
+                assert view.exact, version
+                got = Counter(json.dumps(r, sort_keys=True) for r in view.table(table).collect() or [])
+                assert got == rows, f"{table} at {version:#x} (floor {floor:#x}), read by History"
+                if KEYS[table]:
+                    for text in rows:
+                        row = json.loads(text)
+                        key = row["id"] if len(KEYS[table]) == 1 else {c: row[c] for c in KEYS[table]}
+                        assert view.table(table).get(key) == row
 
 
 @pytest.fixture
@@ -392,6 +404,46 @@ def test_prune_to_the_floor_keeps_time_travel_exact(ten_days: History10) -> None
     assert_time_travel(h10, h10.model, floor2)
 
 
+def test_row_history_and_blame_after_pruning(ten_days: History10) -> None:
+    h10 = ten_days
+    dsn = h10.b.dsn
+    with Pruner(dsn, SCHEMA, retention(4 * DAY, audit=60 * DAY)) as pruner:
+        report = pruner.prune(NOW)
+    assert report.floor is not None
+    with connect(dsn) as conn:
+        # A user row whose history is now its keyframe.
+        row = conn.execute(
+            "SELECT key_text FROM changes_keep WHERE flags & 256 <> 0 AND table_id = %s ORDER BY key_hash LIMIT 1",
+            (h10.ids["public.users"],),
+        ).fetchone()
+        assert row is not None
+        user_id = json.loads(row[0])[0]
+        audit_ids = [
+            json.loads(r[0])[0]
+            for r in conn.execute(
+                "SELECT DISTINCT key_text FROM changes_keep WHERE flags & 256 = 0 AND table_id = %s",
+                (h10.ids["public.audit"],),
+            ).fetchall()
+        ]
+    with History(dsn) as h:
+        history = h.row_history("users", user_id)
+        assert history[0].op == "SNAPSHOT" and history[0].is_keyframe and history[0].request_id is None
+        assert history[0].version == report.floor
+        if len(history) == 1:
+            # Written before the history floor: no request, no time.
+            assert all(e.committed_at is None and e.request_id is None for e in h.blame("users", user_id))
+        # The audit table (longer retention) still has its changes from the pruned days, with
+        # their requests.
+        assert audit_ids
+        for audit_id in audit_ids:
+            changes = h.row_history("audit", audit_id)
+            assert changes and changes[0].op in ("INSERT", "SNAPSHOT") and not changes[0].is_keyframe
+            assert all(c.request_id for c in changes if c.op != "SNAPSHOT")
+        # The floor has a time: the horizon.
+        assert h.version_at_timestamp(START + 6 * DAY) == report.floor
+        assert h.version_at_timestamp(START + 6 * DAY - timedelta(seconds=1)) is None
+
+
 def test_request_errors_and_kept_transactions(ten_days: History10) -> None:
     h10 = ten_days
     dsn = h10.b.dsn
@@ -485,14 +537,14 @@ def test_a_table_named_as_postgresql_names_it(database: Any) -> None:
     b = StoreBuilder(database())
     try:
         create_partitions(b.conn, SCHEMA, START, 6)
-        b.table("public.User", {"id": INT8})
-        b.table("public.user", {"id": INT8})
+        b.table('"User"', {"id": INT8})
+        b.table("user", {"id": INT8})
         b.table("app.users", {"id": INT8})
         with b.txn(START + timedelta(hours=1)) as t:
-            for table in ("public.User", "public.user", "app.users"):
+            for table in ('"User"', "user", "app.users"):
                 t.insert(table, {"id": 1})
         with b.txn(START + 3 * DAY) as t:
-            t.insert("public.user", {"id": 2})
+            t.insert("user", {"id": 2})
         b.finish(baseline=b.positions[0])
         config = RetentionConfig(
             default=DAY, tables={'"User"': 30 * DAY, "app.users": 30 * DAY}, partition_interval=DAY
@@ -502,8 +554,11 @@ def test_a_table_named_as_postgresql_names_it(database: Any) -> None:
         assert report.kept_rows == 2 and report.keyframes == 1
         with connect(b.dsn) as conn:
             kept = conn.execute("SELECT table_id, flags & 256 <> 0 FROM changes_keep ORDER BY 1").fetchall()
-        assert kept == [(b.table_id("public.User"), False), (b.table_id("public.user"), True),
-                        (b.table_id("app.users"), False)]  # fmt: skip
+        assert kept == [
+            (b.table_id('"User"'), False),
+            (b.table_id("user"), True),
+            (b.table_id("app.users"), False),
+        ]
     finally:
         b.close()
 
@@ -690,6 +745,18 @@ def reads(h10: History10, versions: list[int]) -> dict[str, Any]:
         for table_id, key in keys:
             out[f"{table_id}:{key}"] = row_at(conn, SCHEMA, table_id, key, versions[-1])
         out["keyframes"] = conn.execute("SELECT count(*) FROM changes_all WHERE flags & 256 <> 0").fetchone()
+    # And what the readers answer (cdc.history): pages, rows, row histories.
+    names = {table_id: table for table, table_id in h10.ids.items()}
+    with History(h10.b.dsn) as h:
+        for table in TABLES:
+            for version in sampled:
+                out[f"history {table}@{version}"] = h.at(version=version).table(table).collect()
+        for table_id, key in keys:
+            table = names[table_id]
+            values = json.loads(key)
+            user_key = values[0] if len(values) == 1 else dict(zip(KEYS[table], values, strict=True))
+            out[f"history {table}:{key}"] = [m.to_json() for m in h.row_history(table, user_key)]
+            out[f"history {table}:{key}@last"] = h.at(version=versions[-1]).table(table).get(user_key)
     return out
 
 
@@ -808,7 +875,7 @@ def test_rows_gone_in_the_pruned_day_lose_their_older_keyframes(database: Any) -
         models: dict[int, dict[str, Counter[str]]] = {}
 
         def record() -> None:
-            models[b.positions[-1]] = {t: b.model(t) for t in ids}
+            models[b.positions[-1]] = {t: model(b, t) for t in ids}
 
         with b.txn(START + timedelta(hours=1)) as t:
             for i in range(1, 7):
@@ -862,9 +929,9 @@ def test_rows_gone_in_the_pruned_day_lose_their_older_keyframes(database: Any) -
                         if v >= report.floor:
                             for t, i in ids.items():
                                 assert replay(conn, SCHEMA, i, t == "public.loose", v) == tables[t], (t, v)
-                            row = {json_text([r["id"]]): r for r in map(json.loads, tables["public.users"])}
+                            row = {key_text([r["id"]]): r for r in map(json.loads, tables["public.users"])}
                             for uid in (1, 2, 3, 4, 5, 6, 7, 103):
-                                key = json_text([uid])
+                                key = key_text([uid])
                                 want = json.dumps(row[key], sort_keys=True) if key in row else None
                                 assert row_at(conn, SCHEMA, ids["public.users"], key, v) == want
             assert report.keyframes_replaced > 0
