@@ -220,14 +220,16 @@ def make_plan(
                      default=default, params=params)  # fmt: skip
     if horizon is None:
         return plan
-    if lock and plan.dropped:
+    locked = [*plan.dropped, *(d.name for d in default.values() if d is not None)]
+    if lock and locked:
         # No write may land in a partition between the keyframes computed from it and its
-        # drop (a backlog replayed with old commit times would): SHARE blocks writers into
-        # these partitions only, never readers, and first waits for writes in flight.
+        # drop (a backlog replayed with old commit times would), nor in a DEFAULT partition
+        # whose rows below the horizon go: SHARE blocks writers into these partitions only,
+        # never readers, and first waits for writes in flight.
         plan.locked_at = time.perf_counter()
         cur.execute("SET LOCAL lock_timeout = '10s'")
         cur.execute(
-            sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(plan.t(n) for n in plan.dropped))
+            sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(plan.t(n) for n in locked))
         )
         cur.execute("SET LOCAL lock_timeout = 0")
     if drop["changes"]:
