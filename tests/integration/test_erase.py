@@ -93,11 +93,11 @@ def erase_forced(b: StoreBuilder, table: str, key: Any, **window: datetime) -> A
 
 
 def moving_row(b: StoreBuilder, *, full: bool) -> None:
-    """users 1 (an email to erase): SNAPSHOT, its email changed, its key changed to 2 then 3;
-    users 7 beside it, untouched by the erasure."""
+    """users 1 (an email to erase): INSERT, its email changed, its key changed to 2 then 3;
+    users 7 beside it (a SNAPSHOT), untouched by the erasure."""
     b.table("users", USERS, replica_identity="f" if full else "d")
     with b.txn(START + timedelta(hours=1)) as t:
-        t.snapshot("users", {"id": 1, "email": EMAIL, "plan": "free"})
+        t.insert("users", {"id": 1, "email": EMAIL, "plan": "free"})
         t.snapshot("users", {"id": 7, "email": "seven@example.org", "plan": "free"})
     with b.txn(START + timedelta(hours=2), "req-a") as t:
         t.update("users", 1, {"email": NEW_EMAIL})
@@ -269,7 +269,7 @@ def test_a_time_window_erases_only_its_images(store: StoreBuilder) -> None:
     report = erase_forced(
         b, "users", 3, since=START + timedelta(minutes=30), until=START + timedelta(hours=2, minutes=30)
     )
-    assert report.mutations_removed == 2  # the SNAPSHOT and the email change, under key 1
+    assert report.mutations_removed == 2  # the INSERT and the email change, under key 1
     assert len(images_of(b.dsn, users, [1, 2, 3])) == 3
     assert all(EMAIL not in text for text in dump_schema(b.dsn).values())
 
