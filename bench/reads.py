@@ -1,13 +1,14 @@
 """Measurement 5: reads through the query layer (`cdc.query.Store`) on a large store.
 
-The store schema is created by the store DDL (`sql/store.sql`, as `cdc setup` applies it)
-and filled directly with generate_series: R rows (80 % in `public.accounts`, 20 % in
-`public.orders`, keys `{"id": n}`), each inserted once and then updated 9 times (10
-versions a row; the updates of consecutive transactions touch rows spread over the whole
-key range), 4 mutations a transaction, a request id on one transaction in three (with its
-`requests` record), before/after images of 5 columns, per-actor sequence numbers, commit
-times spread over 14 days (partitions created as the daemon would when the store is
-partitioned). The secondary indexes are built after the load, then ANALYZE.
+The store schema is created by the store DDL (`sql/store.sql`, format 2, as `cdc setup` applies
+it) and filled directly with generate_series: R rows (80 % in `public.accounts`, 20 % in
+`public.orders`, one-column integer keys), each inserted once and then updated 9 times (10
+versions a row; the updates of consecutive transactions touch rows spread over the whole key
+range), 4 changes a transaction, a request id (and actor) on one transaction in three, one
+5-column image a change as the capture side writes it (compact JSON text, `key_text` `[id]`),
+the context once per transaction, commit times spread over 14 days in one partition a day of
+`changes`, `transactions` and `context_changes` (as the writer creates them). The secondary
+indexes are built after the load, then ANALYZE of every partition.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from bench.harness import Background, connect, log, percentile, server
 from bench.model import Context, Figure, Measurement, Target
@@ -38,6 +40,15 @@ WARMUP = 20
 ROW_TARGET = Target("<", 5.0)
 START = "2026-01-01 00:00:00+00"  # the first commit time; the history spans SPAN
 SPAN = timedelta(days=14)
+PARTITIONED = ("changes", "transactions", "context_changes")
+OTHER_TABLES = (
+    "changes_keep",
+    "transactions_keep",
+    "tables",
+    "table_names",
+    "table_schemas",
+    "capture_state",
+)
 
 COLUMNS = [
     {"name": "id", "type_oid": 20, "type_modifier": -1, "key": True},
@@ -47,90 +58,90 @@ COLUMNS = [
     {"name": "updated_at", "type_oid": 1184, "type_modifier": -1, "key": False},
 ]
 
-
-def _image(k: str) -> str:
-    """SQL of a row image at version ``k`` of row ``id`` (columns of the subquery below)."""
-    return (
-        "jsonb_build_object('id', id, 'name', 'customer ' || id, "
-        f"'balance', (({k}) * 10 + id % 7)::text || '.00', "
-        f"'status', (ARRAY['new', 'active', 'suspended'])[({k}) % 3 + 1], "
-        f"'updated_at', (ts - (9 - ({k})) * interval '1 hour')::text)"
-    )
-
-
-def _mutations_sql(has_actor: bool) -> str:
-    return _mutations_sql_raw(has_actor).replace(" % ", " %% ")
-
-
-def _mutations_sql_raw(has_actor: bool) -> str:
-    extra_cols = ", actor, actor_seq" if has_actor else ""
-    extra_vals = (
-        ", CASE WHEN req IS NOT NULL THEN actor END, CASE WHEN req IS NOT NULL THEN i END"
-        if has_actor
-        else ""
-    )
-    return f"""
-INSERT INTO mutations (position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key,
-                       before, after, changed, status, request_id, context, schema_id{extra_cols})
-SELECT pos, ord, pos, pos - 512 + ord * 64, xid, ts, tbl, CASE WHEN k = 0 THEN 'INSERT' ELSE 'UPDATE' END,
-       jsonb_build_object('id', id), NULL,
-       CASE WHEN k > 0 THEN {_image("k - 1")} END, {_image("k")},
-       CASE WHEN k = 0 THEN ARRAY['id', 'name', 'balance', 'status', 'updated_at']
-            ELSE ARRAY['balance', 'status', 'updated_at'] END,
-       'committed', req,
-       jsonb_build_object('request_id', req, 'actor', CASE WHEN req IS NOT NULL THEN actor END,
-                          'application_name', 'shop', 'db_user', 'app', 'client_addr', '10.0.0.7',
-                          'backend_pid', 4000 + t % 64,
-                          'source', CASE WHEN req IS NOT NULL THEN 'setting' ELSE 'none' END, 'extra', '{{}}'::jsonb),
-       sid{extra_vals}
+# One change per row of the inner select: row `id` of table `tid` at its version `k` (0: INSERT).
+CHANGES_SQL = f"""
+INSERT INTO changes (position, ordinal, committed_at, table_id, schema_id, op, flags, lsn, key_text, image)
+SELECT pos, ord, ts, tid, sid, CASE WHEN k = 0 THEN 'I' ELSE 'U' END, 0, pos - 512 + ord * 64,
+       '[' || id || ']',
+       format('{{"id":%%s,"name":"customer %%s","balance":"%%s.00","status":"%%s","updated_at":"%%s"}}',
+              id, id, k * 10 + id %% 7, (ARRAY['new', 'active', 'suspended'])[k %% 3 + 1],
+              ts - (9 - k) * interval '1 hour')
 FROM (
-    SELECT i, t, ord, pos, xid, ts, k,
-           CASE WHEN r <= %(accounts)s THEN 'public.accounts' ELSE 'public.orders' END AS tbl,
+    SELECT ord, pos, ts, k,
+           CASE WHEN r <= %(accounts)s THEN %(tid_a)s ELSE %(tid_o)s END AS tid,
            CASE WHEN r <= %(accounts)s THEN r ELSE r - %(accounts)s END AS id,
-           CASE WHEN r <= %(accounts)s THEN %(sid_a)s ELSE %(sid_o)s END AS sid,
-           CASE WHEN t % 3 = 0 THEN 'req-' || substr(md5(t::text), 1, 16) END AS req,
-           'user-' || (t % 50) AS actor
+           CASE WHEN r <= %(accounts)s THEN %(sid_a)s ELSE %(sid_o)s END AS sid
     FROM (
-        SELECT i, i / {PER_TXN} AS t, (i % {PER_TXN})::int AS ord,
-               %(base)s + (i / {PER_TXN}) * {STEP} AS pos, 1000 + i / {PER_TXN} AS xid,
+        SELECT (i %% {PER_TXN})::int AS ord, %(base)s + (i / {PER_TXN}) * {STEP} AS pos,
                timestamptz '{START}' + (i / {PER_TXN}) * %(step_us)s * interval '1 microsecond' AS ts,
-               CASE WHEN i < %(rows)s THEN i + 1 ELSE (i * 7919) % %(rows)s + 1 END AS r,
+               CASE WHEN i < %(rows)s THEN i + 1 ELSE (i * 7919) %% %(rows)s + 1 END AS r,
                (i / %(rows)s)::int AS k
         FROM generate_series(%(lo)s::bigint, %(hi)s::bigint - 1) AS i
     ) a
 ) b
 """
 
-
 TRANSACTIONS_SQL = f"""
-INSERT INTO transactions (position, xid, version, commit_lsn, status, committed_at, origin, mutation_count,
-                          request_ids)
-SELECT %(base)s + t * {STEP}, 1000 + t, %(base)s + t * {STEP}, %(base)s + t * {STEP} - 64, 'committed',
-       timestamptz '{START}' + t * %(step_us)s * interval '1 microsecond', NULL, {PER_TXN},
-       CASE WHEN t % 3 = 0 THEN ARRAY['req-' || substr(md5(t::text), 1, 16)] ELSE '{{}}'::text[] END
-FROM generate_series(0::bigint, %(txns)s::bigint - 1) AS t
-""".replace(" % ", " %% ")
-
-REQUESTS_SQL = f"""
-INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, committed_count)
-SELECT 'req-' || substr(md5(t::text), 1, 16), 'user-' || (t % 50),
-       jsonb_build_object('request_id', 'req-' || substr(md5(t::text), 1, 16), 'actor', 'user-' || (t % 50),
-                          'application_name', 'shop', 'db_user', 'app', 'source', 'setting'),
-       timestamptz '{START}' + t * %(step_us)s * interval '1 microsecond',
-       timestamptz '{START}' + t * %(step_us)s * interval '1 microsecond', 1
-FROM generate_series(0::bigint, %(txns)s::bigint - 1) AS t WHERE t % 3 = 0
-ON CONFLICT (request_id) DO NOTHING
-""".replace(" % ", " %% ")
+INSERT INTO transactions (position, committed_at, xid, commit_lsn, status, flags, change_count, request_id,
+                          actor, actor_seq, context)
+SELECT %(base)s + t * {STEP}, timestamptz '{START}' + t * %(step_us)s * interval '1 microsecond', 1000 + t,
+       %(base)s + t * {STEP} - 64, 'c', 0, {PER_TXN}, req, actor, CASE WHEN req IS NOT NULL THEN t END,
+       json_build_object('request_id', req, 'actor', actor, 'application_name', 'shop', 'db_user', 'app',
+                         'client_addr', '10.0.0.7', 'backend_pid', 4000 + t %% 64,
+                         'source', CASE WHEN req IS NOT NULL THEN 'setting' ELSE 'none' END)::text
+FROM (SELECT t, CASE WHEN t %% 3 = 0 THEN 'req-' || substr(md5(t::text), 1, 16) END AS req,
+             CASE WHEN t %% 3 = 0 THEN 'user-' || (t %% 50) END AS actor
+      FROM generate_series(0::bigint, %(txns)s::bigint - 1) AS t) x
+"""
 
 
 def _secondary_indexes(conn: psycopg.Connection[Any]) -> list[str]:
     rows = conn.execute(
         "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT i.indisprimary "
-        "AND NOT i.indisunique AND c.relname IN ('mutations', 'transactions', 'requests')",
-        (SCHEMA,),
+        "AND NOT i.indisunique AND c.relname = ANY(%s)",
+        (SCHEMA, list(PARTITIONED)),
     ).fetchall()
     return [str(r[0]) for r in rows]
+
+
+def _create_partitions(conn: psycopg.Connection[Any]) -> int:
+    """One partition a day over the history's span, as the writer creates them."""
+    first = datetime.fromisoformat(START)
+    days = SPAN.days + 1
+    for table in PARTITIONED:
+        for d in range(days):
+            lo = first + timedelta(days=d)
+            conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+                    sql.Identifier(f"{table}_p{lo:%Y%m%d}"),
+                    sql.Identifier(table),
+                    sql.Literal(lo),
+                    sql.Literal(lo + timedelta(days=1)),
+                )
+            )
+    return days
+
+
+def _register(conn: psycopg.Connection[Any], name: str, oid: int) -> tuple[int, int]:
+    """A captured table and its schema, as the capture side registers them: (table_id, schema_id)."""
+    row = conn.execute(
+        "INSERT INTO tables (relation_oid, first_position) VALUES (%s, %s) RETURNING table_id",
+        (oid, BASE - STEP),
+    ).fetchone()
+    assert row is not None
+    table_id = int(row[0])
+    conn.execute(
+        "INSERT INTO table_names (table_id, schema_name, table_name, from_position) VALUES (%s, 'public', %s, %s)",
+        (table_id, name, BASE - STEP),
+    )
+    found = conn.execute(
+        "INSERT INTO table_schemas (table_id, replica_identity, key_columns, columns, fingerprint, first_position) "
+        "VALUES (%s, 'd', ARRAY['id'], %s, %s, %s) RETURNING schema_id",
+        (table_id, Jsonb(COLUMNS), f"bench-{name}", BASE - STEP),
+    ).fetchone()
+    assert found is not None
+    return table_id, int(found[0])
 
 
 def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
@@ -141,58 +152,34 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
     step_us = int(SPAN.total_seconds() * 1e6 / txns)
     timings: dict[str, float] = {}
     started = time.monotonic()
-    partitions = 0
     with connect(dsn) as conn:
         apply_store_schema(conn, SCHEMA)
         conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
-        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass('mutations')").fetchone()
-        if kind is not None and kind[0] == "p":
-            # A partitioned store: the partitions the daemon would have created for this span.
-            from cdc.store import retention
-
-            first = datetime.fromisoformat(START)
-            with conn.transaction():
-                created = retention.ensure_partitions(conn, SCHEMA, first, first + SPAN)
-            partitions = len(created or []) // 2
+        partitions = _create_partitions(conn)
         for index in _secondary_indexes(conn):
             conn.execute(f"DROP INDEX {index}")
-        has_actor = bool(
-            conn.execute(
-                "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
-                "AND table_name = 'mutations' AND column_name IN ('actor', 'actor_seq')",
-                (SCHEMA,),
-            ).fetchone()[0]  # type: ignore[index]
-            == 2
-        )
-        sids = {}
-        for table in ("public.accounts", "public.orders"):
-            row = conn.execute(
-                "INSERT INTO table_schemas (table_name, relation_oid, replica_identity, key_columns, columns, "
-                "fingerprint, first_position) VALUES (%s, %s, 'd', ARRAY['id'], %s, %s, %s) RETURNING schema_id",
-                (table, 16384 + len(sids), psycopg.types.json.Jsonb(COLUMNS), f"bench-{table}", BASE - STEP),
-            ).fetchone()
-            assert row is not None
-            sids[table] = int(row[0])
+        ids = {name: _register(conn, name, 16384 + i) for i, name in enumerate(("accounts", "orders"))}
         conn.execute(
             "INSERT INTO capture_state (slot_name, source_system_id, source_database, acked_lsn, baseline_lsn, "
             "baseline_done, history_floor) VALUES (%s, 'bench', 'bench', %s, %s, true, %s)",
             (SLOT, BASE + (txns - 1) * STEP, BASE - STEP, BASE - STEP),
         )
-    query = _mutations_sql(has_actor)
     half = (txns // 2) * PER_TXN
 
     def load(lo: int, hi: int) -> None:
         with connect(dsn) as conn:
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
             conn.execute(
-                query,  # type: ignore[arg-type]
+                CHANGES_SQL,  # type: ignore[arg-type]
                 {
                     "lo": lo,
                     "hi": hi,
                     "rows": rows,
                     "accounts": accounts,
-                    "sid_a": sids["public.accounts"],
-                    "sid_o": sids["public.orders"],
+                    "tid_a": ids["accounts"][0],
+                    "tid_o": ids["orders"][0],
+                    "sid_a": ids["accounts"][1],
+                    "sid_o": ids["orders"][1],
                     "base": BASE,
                     "step_us": step_us,
                 },
@@ -201,9 +188,7 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
     def load_rest() -> None:
         with connect(dsn) as conn:
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(SCHEMA)))
-            params = {"base": BASE, "txns": txns, "step_us": step_us}
-            conn.execute(TRANSACTIONS_SQL, params)  # type: ignore[arg-type]
-            conn.execute(REQUESTS_SQL, params)  # type: ignore[arg-type]
+            conn.execute(TRANSACTIONS_SQL, {"base": BASE, "txns": txns, "step_us": step_us})  # type: ignore[arg-type]
 
     workers = [
         Background(lambda: load(0, half), "fill-1"),
@@ -215,7 +200,7 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
     for worker in workers:
         worker.value()
     timings["load_s"] = time.monotonic() - started
-    log(f"reads: {txns * PER_TXN:,} mutations loaded in {timings['load_s']:.0f} s; building indexes")
+    log(f"reads: {txns * PER_TXN:,} changes loaded in {timings['load_s']:.0f} s; building indexes")
     started = time.monotonic()
     with connect(dsn) as conn:
         apply_store_schema(conn, SCHEMA)  # CREATE INDEX IF NOT EXISTS: the indexes dropped above
@@ -224,7 +209,7 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
     with connect(dsn) as conn:
         leaves = [
             str(r[0])
-            for table in ("mutations", "transactions", "requests", "table_schemas", "capture_state")
+            for table in (*PARTITIONED, *OTHER_TABLES)
             for r in conn.execute(
                 "SELECT relid::regclass::text FROM pg_partition_tree(%s::regclass) WHERE isleaf "
                 "ORDER BY pg_relation_size(relid) DESC",
@@ -233,7 +218,7 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
         ]
         size = conn.execute(
             "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree(%s::regclass)",
-            (f"{SCHEMA}.mutations",),
+            (f"{SCHEMA}.changes",),
         ).fetchone()
 
     def analyze(tables: list[str]) -> None:
@@ -257,7 +242,7 @@ def fill_store(dsn: str, mutations: int) -> dict[str, Any]:
         "versions_per_row": VERSIONS,
         "history_span_days": SPAN.days,
         "partitions_per_table": partitions,
-        "mutations_table_mb": round(int(size[0]) / 1024**2) if size else None,
+        "changes_table_mb": round(int(size[0]) / 1024**2) if size else None,
         **{k: round(v, 1) for k, v in timings.items()},
     }
 
@@ -287,11 +272,11 @@ def measure(ctx: Context) -> Measurement:
         "reads",
         "Reads on a large store (query layer)",
         method=(
-            "A store schema filled directly (see `bench/reads.py`): 10 versions per row, 80 % of the "
-            "rows in one table and 20 % in another, 4 mutations per transaction, a request id on one "
-            "transaction in three, 5-column jsonb images, commit times spread over 14 days (when the store "
-            "is partitioned, its partitions are created as the daemon would, with "
-            "`cdc.store.retention.ensure_partitions`); indexes from `sql/store.sql`; ANALYZE of every table (of each partition, as autovacuum does). "
+            "A store of format 2 filled directly (see `bench/reads.py`): 10 versions per row, 80 % of the "
+            "rows in one table and 20 % in another, 4 changes per transaction, a request id on one "
+            "transaction in three, one 5-column image per change, the context once per transaction, "
+            "commit times spread over 14 days in a partition a day; indexes from `sql/store.sql`; "
+            "ANALYZE of every table (of each partition, as autovacuum does). "
             f"Each call through `cdc.query.Store` on one connection, {WARMUP} warm-up calls then "
             f"{SAMPLES} timed samples with random rows, versions, requests and cursors. Times are "
             "wall-clock in the client, Python decoding included."

@@ -22,7 +22,11 @@ changed columns back to their before values, found by the key after the update (
 key-changing UPDATE moves the row back). Replaying the inverses in reverse order walks the
 rows back through the same intermediate states, so unique keys never collide on the way.
 Rows are named by their key; a table without a key by the ``ctid`` of one row equal to the
-image.
+image. Tables are the captured relations by identity: the SQL names each by its current schema
+and name (identifiers, never a dotted string), found on the source by the relation's oid, and
+the plan refuses a table that was dropped, or whose oid on the source now carries another name
+than the history knows (a look-alike is never written to). A table renamed after the request
+is reverted under its current name.
 
 Values are literals of the stored text with an explicit cast to the column's current type
 on the source (``'12.50'::numeric(10,2)``), rendered by psycopg (quotes and backslashes
@@ -47,7 +51,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, Literal
 
@@ -55,11 +59,13 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from cdc.config import normalize_table
 from cdc.dryrun import parse_record
 from cdc.errors import CdcError, NotFoundError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.names import format_table, parse_table
 from cdc.query import Mutation, Row, Store, TableInfo, format_key
+from cdc.render import oversize_text
+from cdc.store.format import is_oversize
 from cdc.values import converter_for
 
 __all__ = [
@@ -157,6 +163,7 @@ class RowExpectation:
     key: Row
     image: Row | None
     keyless: bool = False
+    relation_oid: int = 0  # the source relation the history knows the table as
 
 
 @dataclass(frozen=True)
@@ -227,7 +234,7 @@ class _Column:
 
 @dataclass(frozen=True)
 class _Table:
-    name: str  # "schema.name" as the store spells it
+    name: str  # the table's current name, "schema.name" as cdc.names prints it
     oid: int
     ident: sql.Identifier
     columns: dict[str, _Column]  # in table order, every non-dropped column
@@ -258,14 +265,6 @@ SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmo
 """
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    try:
-        return normalize_table(name)
-    except UsageError:
-        schema, _, table = name.partition(".")
-        return (schema, table) if table else ("public", schema)
-
-
 class _Source:
     """Catalog and row reads on the source, inside one read-only (rolled back) transaction."""
 
@@ -273,17 +272,31 @@ class _Source:
         self.conn = conn
         self._tables: dict[str, _Table] = {}
 
-    def table(self, name: str) -> _Table:
+    def table(self, name: str, relation_oid: int) -> _Table:
+        """The source relation ``relation_oid``, which must still be named ``name`` (exact parts)."""
         found = self._tables.get(name)
         if found is not None:
             return found
-        schema, table = _split_name(name)
-        ident = sql.Identifier(schema, table)
+        schema, table = parse_table(name)
         row = self.conn.execute(
-            "SELECT pg_catalog.to_regclass(%s)::pg_catalog.oid::pg_catalog.int8", [ident.as_string(self.conn)]
+            "SELECT c.oid::pg_catalog.int8, n.nspname::pg_catalog.text, c.relname::pg_catalog.text "
+            "FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE c.oid = %s::pg_catalog.oid AND c.relkind IN ('r', 'p')",
+            [relation_oid],
         ).fetchone()
-        if row is None or row[0] is None:
-            raise NotFoundError(f"table {name} does not exist on the source")
+        if row is None:
+            raise NotFoundError(
+                f"table {name} does not exist on the source any more (relation oid {relation_oid})",
+                hint="it was dropped, or capture has not seen it again yet",
+            )
+        if (row[1], row[2]) != (schema, table):
+            raise UsageError(
+                f"the source relation of {name} (oid {relation_oid}) is now named "
+                f"{format_table(str(row[1]), str(row[2]))}: nothing is written to a table the history does "
+                "not know under that name",
+                hint="let capture catch up with the rename (`cdc status`), then plan again",
+            )
+        ident = sql.Identifier(schema, table)
         # format_type() qualifies every type not visible on the search_path: with only pg_catalog
         # on it, user types come out schema-qualified (the SQL then runs under any search_path).
         saved = self.conn.execute(
@@ -347,6 +360,17 @@ def _set_output_settings(conn: psycopg.Connection[Any]) -> None:
 
 
 # ============================================================================ SQL building
+
+
+def _refuse_oversize(table: str, key: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Undo never writes a value the store kept only by reference (``capture.max_value_bytes``)."""
+    big = [c for c, v in values.items() if is_oversize(v)]
+    if big:
+        raise UsageError(
+            f"{table} {format_key(key)}: the value of {', '.join(big)} was over capture.max_value_bytes "
+            f"and is stored only by reference ({oversize_text(values[big[0]])}): it cannot be written back",
+            hint="restore that value by hand; the other changes can be reverted after it",
+        )
 
 
 def _literal(column: _Column, value: Any) -> sql.Composable:
@@ -678,6 +702,35 @@ def _merge(conflicts: Sequence[Conflict]) -> list[Conflict]:
     return list(best.values())
 
 
+def _writable(info: TableInfo) -> TableInfo:
+    """A table undo may write to: not dropped (its current name is where rows go)."""
+    if info.dropped:
+        raise UsageError(
+            f"{info.current_name} was dropped on the source: its rows cannot be written back",
+            hint="its history stays readable: cdc state history / cdc state at",
+        )
+    return info
+
+
+def _by_current_name(
+    store: Store, mutations: Sequence[Mutation]
+) -> tuple[list[Mutation], dict[str, TableInfo]]:
+    """The mutations with ``table`` set to their table's current name (a table renamed since is
+    reverted under its new name), and each table's facts by that name."""
+    by_id: dict[int, TableInfo] = {}
+    out: list[Mutation] = []
+    for m in mutations:
+        if m.table_id is None:
+            raise UsageError(f"{m.table}: no table identity in the history")
+        if m.table_id not in by_id:
+            by_id[m.table_id] = _writable(store.table(m.table, m.position))
+            if by_id[m.table_id].table_id != m.table_id:  # not expected: names resolve by position
+                raise UsageError(f"{m.table}: the history names another table at {format_lsn(m.position)}")
+            by_id[m.table_id] = store.table(by_id[m.table_id].current_name)
+        out.append(replace(m, table=by_id[m.table_id].name))
+    return out, {info.name: info for info in by_id.values()}
+
+
 def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: str) -> RevertPlan:
     """The SQL that undoes the committed changes of ``request_id`` (full id or unique prefix).
 
@@ -696,15 +749,16 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
             "a TRUNCATE cannot be reverted row by row",
             hint="restore the rows one by one with `cdc restore TABLE --id ID --version V`",
         )
-    mutations = [m for m in mutations if m.op in ("INSERT", "UPDATE", "DELETE")]
+    mutations, infos = _by_current_name(
+        store, [m for m in mutations if m.op in ("INSERT", "UPDATE", "DELETE")]
+    )
     if not mutations:
         notes.append(f"request {full} has no committed data changes: nothing to revert")
-    infos = {t: store.table(t) for t in {m.table for m in mutations}}
     steps: list[_Step] = []
     conflicts: list[Conflict] = []
     expectations: list[RowExpectation] = []
     with _reading(source_conn) as source:
-        tables = {t: source.table(t) for t in infos}
+        tables = {t: source.table(t, info.relation_oid) for t, info in infos.items()}
         for m in reversed(mutations):
             table = tables[m.table]
             keyless = infos[m.table].keyless
@@ -713,10 +767,12 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
             )
             if m.op == "INSERT":
                 after = dict(m.after or {})
+                _refuse_oversize(m.table, dict(m.key or {}), after if keyless else dict(m.key or {}))
                 where = _one_row(table, after) if keyless else _key_condition(table, dict(m.key or {}))
                 steps.append(_Step(_delete(table, where), m.table, rows, keyless))
             elif m.op == "DELETE":
                 before = dict(m.before or {})
+                _refuse_oversize(m.table, dict(m.key or {}), before)
                 gone = [c for c in before if c not in table.columns]
                 if gone:
                     notes.append(
@@ -738,6 +794,7 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
                 values = {c: before[c] for c in changed if c in table.columns}
                 if not values:
                     continue
+                _refuse_oversize(m.table, dict(m.key or {}), values if not keyless else {**values, **after})
                 where = _one_row(table, after) if keyless else _key_condition(table, dict(m.key or {}))
                 steps.append(_Step(_update(table, values, where), m.table, rows, keyless))
         statements, expected_rows = _group(steps, _related(source_conn, tables.values()))
@@ -751,7 +808,9 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
                 if track.final is None
                 else {c: v for c, v in track.final.items() if c in track.touched or track.keyless}
             )
-            expectation = RowExpectation(track.table, dict(track.keys[-1]), image, track.keyless)
+            expectation = RowExpectation(
+                track.table, dict(track.keys[-1]), image, track.keyless, infos[track.table].relation_oid
+            )
             if track.keyless:
                 keyless_rows.append(expectation)
             else:  # a key deleted and inserted again by the request: the last state counts
@@ -813,19 +872,21 @@ def plan_restore(
     The plan's ``diff`` lists the differing columns; it has no conflicts, but applying it
     checks that the row has not changed since the plan.
     """
-    info = store.table(table)
+    info = _writable(store.table(table))
     stored = store.stored_key(info, key)
     number = _resolve_version(store, version, at)
-    target = store.row_at(info.name, stored, number)
-    if target is None and not store.has_history(info.name, stored):
+    target = store.row_at(info, stored, number)  # the row of this table (identity) then
+    if target is None and not store.has_history(info, stored):
         raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
-    label = f"{info.name} {format_key(stored)} @ {format_lsn(number)}"
+    if target is not None:
+        _refuse_oversize(info.current_name, stored, target)
+    label = f"{info.current_name} {format_key(stored)} @ {format_lsn(number)}"
     notes: list[str] = []
     statements: list[sql.Composed] = []
     expected_rows: list[tuple[int, ...]] = []
     diff: list[ColumnDiff] = []
     with _reading(source_conn) as source:
-        src = source.table(info.name)
+        src = source.table(info.current_name, info.relation_oid)
         plain = {c.name for c in src.plain}
         if target is not None:
             gone = [c for c in target if c not in src.columns]
@@ -838,7 +899,7 @@ def plan_restore(
         if info.keyless:
             count = source.count(src, _row_condition(src, stored))
             current: Row | None = dict(stored) if count else None
-            expectation = RowExpectation(info.name, stored, current, keyless=True)
+            expectation = RowExpectation(src.name, stored, current, True, info.relation_oid)
             if target is not None and count == 0:
                 statements.append(_insert(src, target))
                 expected_rows.append((1,))
@@ -848,7 +909,7 @@ def plan_restore(
         else:
             found = source.rows(src, _key_condition(src, stored), limit=1)
             current = found[0] if found else None
-            expectation = RowExpectation(info.name, stored, current)
+            expectation = RowExpectation(src.name, stored, current, False, info.relation_oid)
             if target is not None and current is None:
                 statements.append(_insert(src, target))
                 expected_rows.append((1,))
@@ -862,7 +923,7 @@ def plan_restore(
                     expected_rows.append((1,))
         diff = _diff(current, target)
         if not statements:
-            notes.append(f"{info.name} {format_key(stored)} already equals its state at {format_lsn(number)}")
+            notes.append(f"{src.name} {format_key(stored)} already equals its state at {format_lsn(number)}")
         sql_text = _render(source_conn, statements)
     return RevertPlan(
         statements=statements,
@@ -933,7 +994,12 @@ def apply_plan(
                 found: list[Conflict] = []
                 for expectation in plan.expectations:
                     found.extend(
-                        _current_state(source, source.table(expectation.table), expectation, lock=True)
+                        _current_state(
+                            source,
+                            source.table(expectation.table, expectation.relation_oid),
+                            expectation,
+                            lock=True,
+                        )
                     )
                 if found:
                     raise RevertConflictError(_merge(found), what=plan.kind)

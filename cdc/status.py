@@ -1,6 +1,7 @@
-"""`cdc status`: the slot, lag, LSNs, the store's version range, retention, last error.
+"""`cdc status`: the slot, lag, LSNs, the store's version range and size, retention, last error.
 
-Reads the source's pg_replication_slots and the store's capture_state; never prints a
+Reads the source's pg_replication_slots and the store's capture_state (and, for counts, the
+estimates of the store's tables: never a count over the history); never prints a
 DSN password. Either side may be unreachable: that is reported, not raised.
 """
 
@@ -15,6 +16,7 @@ from psycopg import sql
 
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.store.format import STATUS_CODES
 
 
 @dataclass
@@ -38,9 +40,14 @@ class Status:
     baseline_done: bool | None = None
     earliest_version: int | None = None
     current_version: int | None = None
+    earliest_at: datetime | None = None
     last_commit_at: datetime | None = None
     lag_seconds: float | None = None
-    mutations: int | None = None
+    store_format: int | None = None
+    mutations: int | None = None  # changes stored (estimate)
+    transactions: int | None = None  # transactions stored (estimate)
+    tables: int | None = None  # captured tables (one per source relation)
+    dropped_tables: int | None = None
     daemon: str | None = None
     last_error: str | None = None
     last_error_at: datetime | None = None
@@ -124,19 +131,36 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     status.earliest_version = int(row[3]) if row[3] is not None else None
     status.daemon = f"{row[4]} pid {row[5]}" if row[4] else None
     status.last_error, status.last_error_at = row[6], row[7]
+    committed = STATUS_CODES["committed"]
     last = conn.execute(
         sql.SQL(
-            "SELECT committed_at, extract(epoch FROM now() - committed_at) FROM {}.transactions "
-            "WHERE status = 'committed' ORDER BY position DESC LIMIT 1"
-        ).format(schema)
+            "SELECT committed_at, extract(epoch FROM now() - committed_at) FROM {}.transactions_all "
+            "WHERE status = %s ORDER BY position DESC LIMIT 1"
+        ).format(schema),
+        (committed,),
     ).fetchone()
     if last is not None:
         status.last_commit_at, status.lag_seconds = last[0], float(last[1])
-    estimate = conn.execute(
-        "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
-        (f"{config.store.schema_name}.mutations",),
+    if status.earliest_version:
+        first = conn.execute(
+            sql.SQL(
+                "SELECT committed_at FROM {}.transactions_all WHERE status = %s AND position <= %s "
+                "ORDER BY position DESC LIMIT 1"
+            ).format(schema),
+            (committed, status.earliest_version),
+        ).fetchone()
+        status.earliest_at = first[0] if first else None
+    meta = conn.execute(sql.SQL("SELECT max(format_version) FROM {}.store_meta").format(schema)).fetchone()
+    status.store_format = int(meta[0]) if meta and meta[0] is not None else None
+    status.mutations = _estimate(conn, config.store.schema_name, "changes", "changes_keep")
+    status.transactions = _estimate(conn, config.store.schema_name, "transactions", "transactions_keep")
+    counts = conn.execute(
+        sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE dropped_position IS NOT NULL) FROM {}.tables"
+        ).format(schema)
     ).fetchone()
-    status.mutations = max(0, int(estimate[0])) if estimate else None
+    if counts is not None:
+        status.tables, status.dropped_tables = int(counts[0]), int(counts[1])
     status.gaps = [
         {"after": format_lsn(r[0]), "resumed": format_lsn(r[1]), "recorded_at": r[2].isoformat()}
         for r in conn.execute(
@@ -147,6 +171,21 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
             (config.source.slot,),
         ).fetchall()
     ]
+
+
+def _estimate(conn: psycopg.Connection[Any], schema: str, *tables: str) -> int | None:
+    """The row estimate of ``tables`` (a partitioned one: the sum of its partitions): the planner's
+    or the statistics collector's, whichever is larger; never a count."""
+    row = conn.execute(
+        "SELECT sum(greatest(c.reltuples, s.n_live_tup, 0))::bigint "
+        "FROM pg_catalog.unnest(%(t)s::text[]) AS t(name) "
+        "CROSS JOIN LATERAL pg_catalog.pg_partition_tree("
+        "  pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %(s)s::text, t.name))) AS p "
+        "JOIN pg_catalog.pg_class AS c ON c.oid = p.relid "
+        "LEFT JOIN pg_catalog.pg_stat_all_tables AS s ON s.relid = p.relid WHERE p.isleaf",
+        {"s": schema, "t": list(tables)},
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def render_status(status: Status) -> list[tuple[str, str]]:
@@ -190,8 +229,14 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         ("confirmed LSN", show(status.confirmed_flush_lsn)),
         ("lag", size(status.lag_bytes)),
         ("stored up to", show(status.acked_lsn)),
-        ("versions", f"{show(status.earliest_version)} .. {show(status.current_version)}"),
+        ("versions", _version_range(status)),
         ("last commit", show(status.last_commit_at)),
+        ("store format", show(status.store_format)),
+        (
+            "tables",
+            show(status.tables) + (f" ({status.dropped_tables} dropped)" if status.dropped_tables else ""),
+        ),
+        ("transactions (est.)", show(status.transactions)),
         ("mutations (est.)", show(status.mutations)),
         ("retention", show(status.retention)),
         ("daemon", show(status.daemon)),
@@ -200,3 +245,14 @@ def render_status(status: Status) -> list[tuple[str, str]]:
     for gap in status.gaps:
         lines.append(("gap", f"after {gap['after']}, resumed at {gap['resumed']} ({gap['recorded_at']})"))
     return lines
+
+
+def _version_range(status: Status) -> str:
+    """``1/0 (2026-03-10T12:00:00+00:00) .. 1/1500 (...)``: the versions time travel reads exactly."""
+
+    def one(version: int | None, when: datetime | None) -> str:
+        if version is None:
+            return "-"
+        return format_lsn(version) + (f" ({when.isoformat(timespec='seconds')})" if when else "")
+
+    return f"{one(status.earliest_version, status.earliest_at)} .. {one(status.current_version, status.last_commit_at)}"

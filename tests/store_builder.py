@@ -114,6 +114,14 @@ class Txn:
             self.tables[live.table_id] = copy.deepcopy(live)
         return self.tables[live.table_id]
 
+    def rows(self, table: str, *, rolled_back: bool = False) -> list[dict[str, Any]]:
+        """The rows a change of this transaction sees (``rolled_back``: an attempt's view)."""
+        t = self._t(table)
+        if not t.key or not self._attempt(rolled_back):
+            return t.rows_now()
+        seen = {**t.rows, **{kt: row for (tid, kt), row in self._seen.items() if tid == t.table_id}}
+        return [dict(r) for r in seen.values() if r is not None]
+
     def _attempt(self, rolled_back: bool) -> bool:
         return rolled_back or self.status == "rolled_back"
 
@@ -138,8 +146,16 @@ class Txn:
             return found
         return t.rows[kt]
 
-    def _add(self, t: _Table, op: str, *, attempt: bool, request_id: str | None, **fields: Any) -> None:
+    def _add(
+        self, t: _Table, op: str, *, attempt: bool, request_id: str | None, seen: Any = None, **fields: Any
+    ) -> None:
+        """One change; ``seen``: what the oracle records (the row before it, or the keys a TRUNCATE
+        removed, as the change saw them)."""
         rid = request_id if request_id is not None else self.request_id
+        oracle = {"op": op, "before": seen if op != "TRUNCATE" else None, "after": fields.get("image"),
+                  "removed": seen if op == "TRUNCATE" else [], "status": "rolled_back" if attempt else "committed"}  # fmt: skip
+        if op == "DELETE":
+            oracle["after"] = None
         flags = int(ROLLED_BACK) if attempt else 0
         for name in ("image", "before"):
             image = fields.get(name)
@@ -154,7 +170,8 @@ class Txn:
             flags |= INCOMPLETE
         self.changes.append(
             {"table_id": t.table_id, "schema_id": t.schema_id, "op": OP_CODES[op], "flags": flags,
-             "request_id": rid, "key_text": None, "image": None, "before": None, "old_key_text": None, **fields}
+             "request_id": rid, "key_text": None, "image": None, "before": None, "old_key_text": None, **fields,
+             "oracle": oracle}
         )  # fmt: skip
 
     def _apply(
@@ -184,7 +201,7 @@ class Txn:
         t = self._t(table)
         attempt = self._attempt(rolled_back)
         full = {c: row.get(c) for c in t.columns if c in row and c not in unknown}
-        self._add(t, op, attempt=attempt, request_id=request_id, key_text=t.key_of(full),
+        self._add(t, op, attempt=attempt, request_id=request_id, key_text=t.key_of(full), seen=None,
                   image=full, incomplete=bool(unknown))  # fmt: skip
         self._apply(t, attempt, None, full)
 
@@ -201,7 +218,7 @@ class Txn:
         after = {c: after[c] for c in [*t.columns, *after] if c in after}
         old_key, new_key = t.key_of(before), t.key_of(after)
         self._add(
-            t, "UPDATE", attempt=attempt, request_id=request_id, key_text=new_key, image=after,
+            t, "UPDATE", attempt=attempt, request_id=request_id, key_text=new_key, image=after, seen=dict(before),
             before=before if t.replica_identity == "f" else None,
             old_key_text=old_key if old_key != new_key else None, incomplete=bool(unknown),
         )  # fmt: skip
@@ -214,19 +231,23 @@ class Txn:
         attempt = self._attempt(rolled_back)
         before = self._lookup(t, key, attempt)
         image = before if t.replica_identity == "f" else t.key_image(before)
-        self._add(t, "DELETE", attempt=attempt, request_id=request_id, key_text=t.key_of(before),
+        self._add(t, "DELETE", attempt=attempt, request_id=request_id, key_text=t.key_of(before), seen=dict(before),
                   image=image)  # fmt: skip
         self._apply(t, attempt, before, None)
 
     def truncate(self, table: str, *, rolled_back: bool = False) -> None:
         t = self._t(table)
         attempt = self._attempt(rolled_back)
-        self._add(t, "TRUNCATE", attempt=attempt, request_id=None)
+        visible = {t.key_of(r) for r in t.rows_now()}
+        if attempt:  # what the attempt sees: its transaction's earlier changes too
+            for (table_id, kt), row in self._seen.items():
+                if table_id == t.table_id:
+                    (visible.add if row is not None else visible.discard)(kt)
+        self._add(t, "TRUNCATE", attempt=attempt, request_id=None, seen=sorted(visible))
         for row in t.rows_now() if not attempt else ():
             self._apply(t, attempt, row, None)
-        if attempt:  # what the attempt saw: every row gone
-            for kt in list(t.rows):
-                self._seen[(t.table_id, kt)] = None
+        for kt in visible:
+            self._seen[(t.table_id, kt)] = None
 
 
 class StoreBuilder:
@@ -243,6 +264,7 @@ class StoreBuilder:
         self.tables: dict[int, _Table] = {}  # by table_id, dropped ones too
         self.live: dict[tuple[str, str], int] = {}  # (schema, name) -> table_id of the live table
         self.positions: list[int] = []  # of every committed transaction, in order
+        self.log: list[dict[str, Any]] = []  # every change written, with the oracle's view of it
         self._history: dict[int, list[tuple[int, list[dict[str, Any]]]]] = {}  # table_id -> states
         self._between = 0  # DDL and error positions used since the last transaction
         self._actor_seq: dict[str, int] = {}
@@ -445,6 +467,11 @@ class StoreBuilder:
                          position - STEP + 16 + ordinal, None, c["key_text"], c["image"], c["before"],
                          c["old_key_text"], None]
                     )  # fmt: skip
+        for ordinal, c in enumerate(txn.changes):
+            self.log.append(
+                {**c["oracle"], "position": position, "ordinal": ordinal, "table_id": c["table_id"],
+                 "key_text": c["key_text"], "old_key_text": c["old_key_text"], "request_id": c["request_id"]}
+            )  # fmt: skip
         if committed:
             self.positions.append(position)
             for table_id, table in txn.tables.items():

@@ -82,6 +82,13 @@ class StoreBase:
         try:
             conn = psycopg.connect(autocommit=True, **params)
             conn.execute("SET default_transaction_read_only = on")
+            # Every read is one of a few statements whose plan does not depend on the values
+            # (index seeks by key hash, one per partition): planning them each time costs more
+            # than running them (30 ms against 1 ms for a row, 16 partitions). Statements are
+            # prepared at once and planned once (a value that would change the plan, the LIKE
+            # pattern of a request id prefix, is sent as a literal instead).
+            conn.execute("SET plan_cache_mode = force_generic_plan")
+            conn.prepare_threshold = 0
         except psycopg.Error as exc:
             reason = redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             raise StoreUnavailableError(
@@ -100,10 +107,19 @@ class StoreBase:
     def _t(self, name: str) -> sql.Identifier:
         return sql.Identifier(self._schema, name)
 
-    def _rows(self, query: Query, params: Mapping[str, Any] | Sequence[Any] = ()) -> list[DictRow]:
-        """Run a query, rows as dicts; every database error becomes a StoreUnavailableError."""
+    def _rows(
+        self,
+        query: Query,
+        params: Mapping[str, Any] | Sequence[Any] | None = None,
+        *,
+        prepare: bool | None = None,
+    ) -> list[DictRow]:
+        """Run a query, rows as dicts; every database error becomes a StoreUnavailableError.
+
+        ``prepare=False``: a one-off statement (its text holds literals), not kept prepared.
+        """
         with self._guard() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, params)
+            cur.execute(query, params, prepare=prepare)
             return cur.fetchall()
 
     @contextmanager

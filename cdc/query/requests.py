@@ -159,19 +159,20 @@ class Requests(Tables):
         parts = [
             sql.SQL(
                 "(WITH RECURSIVE ids(id) AS ("
-                "  (SELECT request_id FROM {s} WHERE request_id LIKE %(like)s ORDER BY request_id USING ~<~ LIMIT 1)"
-                "  UNION ALL SELECT (SELECT request_id FROM {s} WHERE request_id LIKE %(like)s "
+                "  (SELECT request_id FROM {s} WHERE request_id LIKE {like} ORDER BY request_id USING ~<~ LIMIT 1)"
+                "  UNION ALL SELECT (SELECT request_id FROM {s} WHERE request_id LIKE {like} "
                 "    AND request_id ~>~ ids.id ORDER BY request_id USING ~<~ LIMIT 1) FROM ids "
                 "  WHERE ids.id IS NOT NULL) "
                 "SELECT id FROM ids WHERE id IS NOT NULL LIMIT {n})"
-            ).format(s=s, n=sql.Literal(_MAX_CANDIDATES))
+            ).format(s=s, n=sql.Literal(_MAX_CANDIDATES), like=sql.Literal(_like_prefix(wanted)))
             for s in sources
         ]
+        # The pattern as a literal: the planner turns a known prefix into an index range.
         found = self._rows(
             sql.SQL("SELECT DISTINCT id FROM ({}) x ORDER BY 1 LIMIT {}").format(
                 sql.SQL(" UNION ALL ").join(parts), sql.Literal(_MAX_CANDIDATES)
             ),
-            {"like": _like_prefix(wanted)},
+            prepare=False,
         )
         candidates = [str(r["id"]) for r in found]
         if not candidates:

@@ -35,6 +35,14 @@ class Rows(Changes):
             return sql.SQL("")
         return sql.SQL(" AND position < {}").format(sql.Literal(info.until))
 
+    @staticmethod
+    def gone(info: TableInfo, version: int) -> bool:
+        """Nothing of the table is read at ``version``: it was dropped by then, or the name it was
+        found by was no longer its name (an old name reads the versions before the rename)."""
+        if info.dropped_position is not None and version >= info.dropped_position:
+            return True
+        return info.until is not None and version >= info.until
+
     def has_history(self, table: str | TableInfo, key: Key) -> bool:
         """Whether any change (committed or not) ever named this row."""
         info = table if isinstance(table, TableInfo) else self.table(table)
@@ -56,6 +64,8 @@ class Rows(Changes):
         """
         info = table if isinstance(table, TableInfo) else self.table(table, version)
         k = self.key_text_of(self.stored_key(info, key))
+        if self.gone(info, version):
+            return None
         if info.keyless:
             count, image = self.keyless_count(info.table_id, k, version, MAX_ORDINAL)
             return image if count > 0 else None
@@ -66,9 +76,10 @@ class Rows(Changes):
 
     def key_history(
         self, info: TableInfo, k: str, *, before: tuple[int, int] | None = None
-    ) -> list[Mutation]:
+    ) -> tuple[list[Mutation], Row | None]:
         """Every change of the row at key ``k``, oldest first, with before images: its own, the
-        UPDATE that moved it away (``old_key_text``), and each TRUNCATE that removed it.
+        UPDATE that moved it away (``old_key_text``), and each TRUNCATE that removed it; and the
+        row as the committed ones left it. One statement.
 
         ``before``: only changes before this ``(position, ordinal)``.
         """
@@ -81,48 +92,56 @@ class Rows(Changes):
         raws = self._raw_changes(
             self._decorated(
                 sql.SQL(
-                    "(SELECT {cols} FROM {c} WHERE {a}{b}) UNION ALL (SELECT {cols} FROM {c} WHERE {o}{b})"
+                    "WITH k AS MATERIALIZED ("
+                    "  (SELECT {cols} FROM {c} WHERE {a}{b}) UNION ALL (SELECT {cols} FROM {c} WHERE {o}{b})) "
+                    "SELECT * FROM k UNION ALL "
+                    "SELECT {cols} FROM {c} WHERE table_id = %(t)s AND op = {t} "
+                    "AND position >= (SELECT min(position) FROM k){u}{b}"
                 ).format(
                     cols=CHANGE_COLUMNS,
                     c=c,
                     a=self._key_filter(info, "key_text"),
                     o=self._key_filter(info, "old_key_text"),
                     b=bound,
+                    t=sql.Literal(_TRUNCATE),
+                    u=self._until(info),
                 )
             ),
             params,
         )
-        if not raws:
-            return []
-        truncates = self._raw_changes(
-            self._decorated(
-                sql.SQL(
-                    "SELECT {cols} FROM {c} WHERE table_id = %(t)s AND op = {t} AND position >= %(first)s{u}{b}"
-                ).format(cols=CHANGE_COLUMNS, c=c, t=sql.Literal(_TRUNCATE), u=self._until(info), b=bound)
-            ),
-            {**params, "first": raws[0].position},
-        )
-        return self._walk(k, sorted([*raws, *truncates], key=lambda r: r.cursor))
+        return self._walk(k, raws, keyless=info.keyless)
 
-    def _walk(self, k: str, raws: list[RawChange]) -> list[Mutation]:
-        """Before images along one key's history, and which TRUNCATEs removed the row."""
+    def _walk(
+        self, k: str, raws: list[RawChange], *, keyless: bool = False
+    ) -> tuple[list[Mutation], Row | None]:
+        """Before images along one key's history, which TRUNCATEs removed the row, and the row as
+        the committed changes left it.
+
+        A keyless table's key is a whole row value, of which there may be several: its
+        TRUNCATEs count when any of them was there.
+        """
         committed: Row | None = None  # the row as committed changes left it
         seen: tuple[int, Row | None] = (-1, None)  # the row as the latest change of a transaction left it
+        copies = 0  # keyless: how many rows have the value (committed)
         out: list[tuple[RawChange, Row | None]] = []
         moved_in: list[int] = []
         for raw in raws:
             state = seen[1] if raw.rolled_back and seen[0] == raw.position else committed
             if raw.op == _TRUNCATE:
-                if state is None:
+                if state is None and not (keyless and copies > 0):
                     continue  # the row was not there: not part of its history
                 new: Row | None = None
                 out.append((raw, None))
+                copies = 0 if not raw.rolled_back else copies
             else:
                 at_key = raw.key_text == k
-                if at_key and raw.old_key_text is not None:
+                if at_key and raw.old_key_text is not None and not keyless:
                     moved_in.append(len(out))  # its before image is at the old key
                 out.append((raw, state))
                 new = raw.image if at_key and OP_NAMES[raw.op] in ROW_OPS else None
+                if keyless and not raw.rolled_back:
+                    copies += _multiset_delta(raw, k)
+                    new = raw.image if copies > 0 and at_key else (committed if copies > 0 else None)
             if not raw.rolled_back:
                 committed = new
             seen = (raw.position, new)
@@ -139,7 +158,7 @@ class Rows(Changes):
             ]
             for i, (row, _schema_id) in zip(moved_in, self.rows_before(lookups), strict=True):
                 out[i] = (out[i][0], row)
-        return [self.mutation(raw, before) for raw, before in out]
+        return [self.mutation(raw, before) for raw, before in out], committed
 
     def row_history(
         self,
@@ -157,7 +176,7 @@ class Rows(Changes):
         """
         info = table if isinstance(table, TableInfo) else self.table(table)
         stored = self.stored_key(info, key)
-        found = self.key_history(info, self.key_text_of(stored))
+        found, _ = self.key_history(info, self.key_text_of(stored))
         if not found:
             raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
         return [
@@ -180,7 +199,6 @@ class Rows(Changes):
         """
         info = table if isinstance(table, TableInfo) else self.table(table)
         stored = self.stored_key(info, key)
-        current = self.current_version()
         if info.dropped and info.until is None:
             raise NotFoundError(
                 f"{info.name} was dropped: none of its rows exists now",
@@ -193,9 +211,10 @@ class Rows(Changes):
                 + ": blame reads the row as it is now",
                 hint=f"cdc state blame {info.current_name} --id ..., or its history by the former name",
             )
-        row = self.row_at(info, stored, current) if current is not None else None
-        if row is None or current is None:
-            if not self.has_history(info, stored):
+        k = self.key_text_of(stored)
+        history, row = self.key_history(info, k)  # the row now: as its committed changes left it
+        if row is None:
+            if not history:
                 raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
             raise NotFoundError(
                 f"{info.name} {format_key(stored)} does not exist now (deleted or moved)",
@@ -205,13 +224,12 @@ class Rows(Changes):
         written: dict[str, Mutation] = {}
         attempts: dict[str, Mutation] = {}
         unresolved = set(columns)
-        k = self.key_text_of(stored)
-        bound: tuple[int, int] | None = (current, MAX_ORDINAL)
         for _ in range(_MAX_KEY_HOPS):  # a row moved between keys is followed to its old key
-            moved_from = self._blame_key(info, k, bound, unresolved, written, attempts)
+            moved_from = self._blame_key(history, k, unresolved, written, attempts)
             if moved_from is None or not unresolved or moved_from.old_key_text is None:
                 break
-            k, bound = moved_from.old_key_text, moved_from.cursor
+            k = moved_from.old_key_text
+            history, _ = self.key_history(info, k, before=moved_from.cursor)
         entries = []
         for column in columns:
             w = written.get(column)
@@ -231,17 +249,15 @@ class Rows(Changes):
             )
         return entries
 
+    @staticmethod
     def _blame_key(
-        self,
-        info: TableInfo,
+        history: list[Mutation],
         k: str,
-        bound: tuple[int, int] | None,
         unresolved: set[str],
         written: dict[str, Mutation],
         attempts: dict[str, Mutation],
     ) -> Mutation | None:
-        """Walk the row's changes at ``k`` back from ``bound``; the UPDATE that moved it here, if any."""
-        history = self.key_history(info, k, before=bound)
+        """Walk the row's changes at ``k`` back; the UPDATE that moved it here, if any."""
         for mutation in reversed(history):
             if mutation.key_text != k:  # TRUNCATEs, the UPDATE moving the row away: its older lives
                 continue
@@ -270,3 +286,14 @@ class Rows(Changes):
             if not unresolved:
                 return None
         return None
+
+
+def _multiset_delta(raw: RawChange, k: str) -> int:
+    """How a change of a keyless table changes the number of rows with value ``k``."""
+    if raw.key_text == k:
+        if raw.op == OP_CODES["DELETE"]:
+            return -1
+        if raw.op == OP_CODES["UPDATE"] and raw.old_key_text is None:
+            return 0
+        return 1
+    return -1 if raw.old_key_text == k else 0

@@ -85,10 +85,6 @@ class Tables(Rows):
         params["to"] = truncate[0]["ordinal"] if truncate else -1
         return query, params
 
-    def _gone(self, info: TableInfo, version: int) -> bool:
-        """The table did not exist at ``version`` any more (dropped) or its rows are not read there."""
-        return info.dropped_position is not None and version >= info.dropped_position
-
     def table_at(
         self, table: str, version: int, after_key: Key | None = None, limit: int = 1000
     ) -> TablePage:
@@ -102,7 +98,7 @@ class Tables(Rows):
             raise UsageError(f"invalid limit {limit}: must be positive")
         info = self.table(table, version)
         after = self.stored_key(info, after_key) if after_key is not None else None
-        if self._gone(info, version):
+        if self.gone(info, version):
             return TablePage(rows=[], next_after=None)
         query, params = self._table_query(info, version, after)
         params["limit"] = limit
@@ -134,7 +130,7 @@ class Tables(Rows):
         if page_size <= 0:
             raise UsageError(f"invalid page size {page_size}: must be positive")
         info = self.table(table, version)
-        if self._gone(info, version):
+        if self.gone(info, version):
             return
         query, params = self._table_query(info, version, None)
         page: list[Row] = []

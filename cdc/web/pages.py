@@ -38,23 +38,25 @@ from cdc.render import (
     shorten,
     unattributed_text,
 )
-from cdc.web.api import (
-    COOKIE_NAME,
-    MAX_LOGIN_BODY,
-    WEB_DIR,
-    LogFilters,
-    WebContext,
+from cdc.web.api import LogFilters
+from cdc.web.args import (
     check_text,
-    context_of,
-    error_status,
     format_cursor,
-    log_unexpected,
     parse_key,
     parse_version,
     parse_when,
     path_segments,
     query_text,
     resolve_version,
+)
+from cdc.web.base import (
+    COOKIE_NAME,
+    MAX_LOGIN_BODY,
+    WEB_DIR,
+    WebContext,
+    context_of,
+    error_status,
+    log_unexpected,
 )
 
 __all__ = ["routes"]

@@ -472,9 +472,9 @@ def _plans(b: StoreBuilder, action: Any) -> list[str]:
     with Store(b.dsn) as store:
         original = store._rows
 
-        def recording(query: Any, params: Any = ()) -> Any:
+        def recording(query: Any, params: Any = None, **kwargs: Any) -> Any:
             recorded.append((query, params))
-            return original(query, params)
+            return original(query, params, **kwargs)
 
         store._rows = recording  # type: ignore[method-assign]
         action(store)

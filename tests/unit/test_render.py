@@ -253,6 +253,11 @@ def test_values_times_and_helpers() -> None:
     assert key_text({"a": 1, "b": "x"}) == "a=1,b=x"
     assert key_text(None) == "(all rows)"
     assert short_table("public.users") == "users" and short_table("s.t") == "s.t"
+    assert short_table('public."User"') == '"User"' and short_table('"a.b".c') == '"a.b".c'
+    assert short_table("public.user") == '"user"'  # a keyword alone needs its quotes
+    assert short_table("(table 7)") == "(table 7)"
+    marker = {"$cdc": "oversize", "bytes": 70_000_000, "sha256": "ab" * 32}
+    assert format_value(marker) == "(oversize value: 70000000 bytes, sha256 abababababab…)"
     assert short_request("550e8400-e29b") == "req:550e8400" and short_request(None) == "req:-"
     assert format_time(T0, utc=True) == "2026-03-10 12:00"
     assert format_time(T0, utc=True, seconds=True) == "2026-03-10 12:00:00"
