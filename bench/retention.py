@@ -1,7 +1,7 @@
 """Measurement 6: pruning one day out of a large store, and capture throughput while pruning.
 
-Prune: ``cdc.store.retention.bench_prune`` builds a synthetic store of 10 daily partitions
-(10,000,000 mutations; 1,000,000 with --quick) in the benchmark server and prunes the oldest
+Prune: ``bench.retention_prune.bench_prune`` builds a synthetic store of 10 daily partitions
+(10,000,000 changes; 1,000,000 with --quick) in the benchmark server and prunes the oldest
 day, as the daemon's pruner does. Capture while pruning: the daemon drains the same
 small-transaction backlog (as in the throughput measurement) into its own store schema, in
 the same database, alternately with and without a pruner pruning day after day out of a
@@ -27,10 +27,12 @@ from bench.harness import (
     write_marker,
 )
 from bench.model import Context, Figure, Measurement, Target
+from bench.retention_prune import bench_prune
 from bench.throughput import time_daemon
 from bench.workloads import create_source_tables, run_small, small_script
 from cdc.config import RetentionConfig
-from cdc.store.retention import Pruner, bench_prune, bucket_start
+from cdc.store.prune import Pruner
+from cdc.store.retention import bucket_start
 
 PRUNE_TARGET = Target("<", 1.0)
 #: Throughput while pruning / without: within 10 %.
@@ -41,8 +43,8 @@ PRUNED_SCHEMA = "bench_pruned"
 
 def _params(ctx: Context) -> dict[str, Any]:
     if ctx.quick:
-        return {"mutations": 1_000_000, "hot": 10_000, "cold": 10_000, "runs": 2, "small_txns": 4_000}
-    return {"mutations": 10_000_000, "hot": 100_000, "cold": 100_000, "runs": 3, "small_txns": 20_000}
+        return {"changes": 1_000_000, "hot": 10_000, "cold": 10_000, "runs": 2, "small_txns": 4_000}
+    return {"changes": 10_000_000, "hot": 100_000, "cold": 100_000, "runs": 3, "small_txns": 20_000}
 
 
 class PruneLoop:
@@ -89,10 +91,10 @@ def measure(ctx: Context) -> Measurement:
         "retention",
         "Retention: pruning a day, and capture while pruning",
         method=(
-            f"Prune: a synthetic store of {p['mutations']:,} mutations over {DAYS} daily partitions "
-            f"(transactions of 10; day one inserts {p['hot'] + p['cold']:,} rows, every later mutation "
+            f"Prune: a synthetic store of {p['changes']:,} changes over {DAYS} daily partitions "
+            f"(transactions of 10; day one inserts {p['hot'] + p['cold']:,} rows, every later change "
             f"updates one of {p['hot']:,} hot rows) is built in the benchmark server by "
-            "`python -m cdc.store.retention DSN --mutations N` (`bench_prune`), then the oldest day is "
+            "`python -m bench.retention_prune DSN --changes N` (`bench_prune`), then the oldest day is "
             "pruned as the daemon's pruner does: keyframes for the rows whose last image is in that "
             "day, the floor moved, the day's partitions dropped. Capture while pruning: `cdc run` "
             "drains a backlog of small transactions (as in the throughput measurement) into its store "
@@ -104,15 +106,15 @@ def measure(ctx: Context) -> Measurement:
     )
     with server(ctx.flavor) as pg:
         store = pg.create_database("bench_store")
-        log(f"retention: building a {p['mutations']:,}-mutation store and pruning one day")
+        log(f"retention: building a {p['changes']:,}-change store and pruning one day")
         # Kept: the pruner of the capture runs below goes on with the next days of this store.
         result = bench_prune(
-            store, mutations=p["mutations"], days=DAYS, hot=p["hot"], cold=p["cold"], schema=PRUNED_SCHEMA,
+            store, changes=p["changes"], days=DAYS, hot=p["hot"], cold=p["cold"], schema=PRUNED_SCHEMA,
             keep_schema=True,
         )  # fmt: skip
         m.runs.append({"kind": "prune", **{k: v for k, v in result.items() if k != "partitions"}})
         log(
-            f"retention: prune of {result['per_day']:,} mutations: {result['prune_seconds']:.2f} s "
+            f"retention: prune of {result['per_day']:,} changes: {result['prune_seconds']:.2f} s "
             f"({result['keyframes']:,} keyframes; build {result['build_seconds']:.0f} s)"
         )
         m.figures += prune_figures(result)
@@ -174,7 +176,7 @@ def prune_figures(result: dict[str, Any]) -> list[Figure]:
     figures = [
         Figure(
             "retention.publish_seconds",
-            f"prune one day ({result['per_day']:,} mutations) out of a {result['mutations']:,}-mutation "
+            f"prune one day ({result['per_day']:,} changes) out of a {result['changes']:,}-change "
             "store: the locked prune (publish the staged keyframes, move the floor, DROP the day)",
             "s",
             [result.get("publish_seconds", result["prune_seconds"])],
@@ -209,7 +211,8 @@ def _check_store(capture: Capture) -> None:
     with connect(capture.source_dsn) as source, capture.store() as store:
         markers = source.execute("SELECT count(*) FROM bench_marker").fetchone()
         stored = store.execute(
-            "SELECT count(*) FROM mutations WHERE table_name = 'public.bench_marker'"
+            "SELECT count(*) FROM changes WHERE table_id IN "
+            "(SELECT table_id FROM table_names WHERE schema_name = 'public' AND table_name = 'bench_marker')"
         ).fetchone()
         if markers is None or stored is None or int(stored[0]) < int(markers[0]):
             raise AssertionError(f"the store holds {stored} marker rows, the source {markers}")

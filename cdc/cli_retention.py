@@ -1,6 +1,6 @@
 """The retention commands of the CLI: ``cdc prune`` and ``cdc erase TABLE --id ID``.
 
-Thin shells over :mod:`cdc.store.retention`. Both take ``--store DSN`` (else ``CDC_STORE_DSN``,
+Thin shells over :mod:`cdc.store.prune` and :mod:`cdc.store.erase`. Both take ``--store DSN`` (else ``CDC_STORE_DSN``,
 else ``store.dsn`` of the config file given by ``--config`` / ``CDC_CONFIG``) and ``--schema``
 (else ``store.schema``); ``cdc prune`` reads ``retention.*`` from the config, ``cdc erase``
 checks the source (``--source``, else ``CDC_SOURCE_DSN``, else ``source.dsn``).
@@ -28,7 +28,8 @@ from cdc.cli_errors import boundary, load
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.errors import CdcError, SourceUnavailableError, StoreUnavailableError, UsageError
 from cdc.lsn import format_lsn
-from cdc.query import DEFAULT_SCHEMA, Store, format_key, key_from_text
+from cdc.query import DEFAULT_SCHEMA, key_from_text
+from cdc.store.table_refs import TableRef
 
 __all__ = ["erase", "prune"]
 
@@ -101,7 +102,7 @@ def prune(
     """
     from cdc.cli_readers import parse_time
     from cdc.logs import configure_logging
-    from cdc.store.retention import Pruner
+    from cdc.store.prune import Pruner
 
     configure_logging("warning", "console")
     with boundary(_refused):
@@ -125,10 +126,10 @@ def prune(
         ("as of", now.isoformat(timespec="seconds")),
         ("horizon", report.horizon.isoformat(timespec="seconds") if report.horizon else "- (nothing has expired)"),
     ]  # fmt: skip
-    for name in report.partitions + report.transaction_partitions:
+    for name in report.dropped:
         lines.append((verb, name))
     if report.partitions:
-        lines.append(("", f"≈ {report.dropped_rows:,} mutations, {_size(report.dropped_bytes)}"))
+        lines.append(("", f"≈ {report.dropped_rows:,} changes, {_size(report.dropped_bytes)}"))
     old = format_lsn(report.old_floor) if report.old_floor is not None else "-"
     new = format_lsn(report.floor) if report.floor is not None else "-"
     lines.append(("history floor", f"{old} → {new}" if old != new else f"{new} (unchanged)"))
@@ -147,8 +148,8 @@ def prune(
         lines.append(
             (
                 "removed",
-                f"{report.straggler_rows:,} mutations and {report.transactions_removed:,} transactions at or "
-                f"below the floor outside the partitions, {report.requests_removed:,} request records",
+                f"{report.straggler_rows:,} changes and {report.transactions_removed:,} transaction records at "
+                f"or below the floor outside the partitions, {report.requests_removed:,} request errors",
             )
         )
     if not dry_run:
@@ -215,17 +216,21 @@ def erase(
 ) -> None:  # fmt: skip
     """Remove every image of one row from the history (right to erasure).
 
-    Deletes each stored mutation whose key or old key is the row (its before and after images;
-    keyframes included), one partition at a time in one transaction, and records the erasure in
-    the store's `erasures` table: who, when, the table and a SHA-256 of the key, never the data.
+    Deletes each stored change holding an image of the row (after and before images, SNAPSHOT
+    rows, keyframes), under its key and under every other key it had (followed through its
+    key-changing UPDATEs, backwards and forwards), in one transaction, and records the erasure
+    in the store's `erasures` table: who, when, the table, a SHA-256 of the key and counts, never
+    the data.
 
-    Refuses (exit 2) while the row still exists on the source (it would be captured again), when
-    the source cannot be reached, and when the history has no such row; --force overrides the
-    first two. The store's WAL, backups and replicas keep the bytes until they age out.
+    Refuses (exit 2) while the row still exists on the source under any of its keys (it would be
+    captured again), when the source cannot be reached, and when the history has no such row;
+    --force overrides the first two. The store's WAL, backups and replicas keep the bytes until
+    they age out.
     """
     from cdc.cli_readers import parse_time
     from cdc.logs import configure_logging
-    from cdc.store.retention import RowStillLiveError, default_actor, erase_row, row_on_source
+    from cdc.store.erase import RowStillLiveError, default_actor, erase_row, has_history, row_chain
+    from cdc.store.table_refs import resolve_table
 
     configure_logging("warning", "console")
     with boundary(_refused):
@@ -237,15 +242,16 @@ def erase(
             since, until = parse_time(between[0], utc=utc), parse_time(between[1], utc=utc, end=True)
             if until <= since:
                 raise UsageError(f"--between: {between[1]!r} is not after {between[0]!r}")
-        with Store(dsn, schema=schema) as store:
-            info = store.table(table)
-            key = store.stored_key(info, key_from_text(key_text))
-            name = f"{info.name} {format_key(key)}"
-            if not store.has_history(info.name, key):
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="cdc-erase") as conn:
+            info = resolve_table(conn, schema, table)
+            key = info.key_text(key_from_text(key_text))
+            name = f"that row of {info.name}"
+            if not has_history(conn, schema, info.table_id, key):
                 from cdc.errors import NotFoundError
 
                 raise NotFoundError(f"no history for {name}: nothing to erase")
-        check, reason = _check_source(config, info.name, key, info.keyless, row_on_source)
+            keys = list(dict.fromkeys(s.key_text for s in row_chain(conn, schema, info, key)))
+        check, reason = _check_source(config, info, keys)
         if check != "absent" and not force:
             if check == "live":
                 raise RowStillLiveError(
@@ -257,11 +263,10 @@ def erase(
                 hint="pass --source DSN (or set CDC_SOURCE_DSN / source.dsn), or --force to erase unchecked",
             )
         who = actor or default_actor()
-        columns = list(info.key_columns) or list(key)
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="cdc-erase") as conn:
             if not yes:
                 plan = erase_row(
-                    conn, schema, info.name, key, columns, actor=who, source_check=check, forced=force,
+                    conn, schema, info, key, actor=who, source_check=check, forced=force,
                     since=since, until=until, dry_run=True,
                 )  # fmt: skip
                 window = (
@@ -269,12 +274,12 @@ def erase(
                 )
                 click.echo(
                     f"{plan.mutations_removed} image(s) of {name}{window} will be removed "
-                    f"({plan.keyframes_removed} keyframe(s)); source: {check}"
-                    + (f" ({reason})" if reason else "")
+                    f"({plan.keyframes_removed} keyframe(s); {plan.earlier_keys} other key(s) it had); "
+                    f"source: {check}" + (f" ({reason})" if reason else "")
                 )
                 click.confirm("erase them?", abort=True)
             report = erase_row(
-                conn, schema, info.name, key, columns, actor=who, source_check=check, forced=force,
+                conn, schema, info, key, actor=who, source_check=check, forced=force,
                 since=since, until=until,
             )  # fmt: skip
     if fmt == "json":
@@ -283,9 +288,9 @@ def erase(
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     click.echo(
-        f"erased {report.mutations_removed} image(s) of {name} ({report.keyframes_removed} keyframe(s)) "
-        f"from {len(report.partitions)} partition(s); erasure #{report.erasure_id} recorded by {who} "
-        f"(key sha256 {report.key_sha256[:16]}...)"
+        f"erased {report.mutations_removed} image(s) of {name} ({report.keyframes_removed} keyframe(s), "
+        f"{report.earlier_keys} other key(s) it had) from {len(report.partitions)} relation(s); "
+        f"erasure #{report.erasure_id} recorded by {who} (key sha256 {report.key_sha256[:16]}...)"
     )
     if check == "live":
         click.echo("note: the row still exists on the source: its next changes will be captured again")
@@ -295,10 +300,10 @@ def erase(
     )
 
 
-def _check_source(
-    config: Config, table: str, key: dict[str, Any], keyless: bool, probe: Any
-) -> tuple[str, str]:
-    """("absent" | "live" | "unreachable" | "not_checked", reason)."""
+def _check_source(config: Config, table: TableRef, keys: list[str]) -> tuple[str, str]:
+    """("absent" | "live" | "unreachable" | "not_checked", reason): "live" when the row exists on
+    the source under any of the keys it had."""
+    from cdc.store.erase import row_on_source
     from cdc.stream.replication import OUTPUT_SETTINGS, options_string
 
     if config.source.dsn is None:
@@ -310,7 +315,8 @@ def _check_source(
             options=options_string(OUTPUT_SETTINGS),
         ) as source:  # fmt: skip
             source.execute("SET default_transaction_read_only = on")
-            return ("live" if probe(source, table, key, keyless) else "absent"), ""
+            live = any(row_on_source(source, table, table.key_mapping(k)) for k in keys)
+            return ("live" if live else "absent"), ""
     except psycopg.OperationalError as exc:
         error = SourceUnavailableError(f"cannot connect to the source ({redact_dsn(dsn)}): {_line(exc)}")
         return "unreachable", error.message

@@ -42,7 +42,7 @@ from cdc.policies import ColumnPolicies
 from cdc.protocol.frames import PrimaryKeepalive, XLogData
 from cdc.protocol.pgoutput import Relation
 from cdc.source import primary_key
-from cdc.store.retention import Pruner
+from cdc.store.prune import Pruner
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import ReplicationStream, choose_options
 from cdc.watchdog import Deadline, abort, probe_session

@@ -75,15 +75,15 @@ class Metrics:
         self.heartbeats = Counter(
             "cdc_heartbeats_total", "Heartbeat messages written to the source", registry=r
         )
-        # Retention (set by cdc.store.retention.Pruner).
+        # Retention (set by cdc.store.prune.Pruner).
         self.retention_rows = Gauge(
-            "cdc_retention_rows", "Mutations retained in the store (catalog estimate)", registry=r
+            "cdc_retention_rows", "Changes retained in the store (catalog estimate)", registry=r
         )
         self.retention_bytes = Gauge(
-            "cdc_retention_bytes", "Total size of the mutations partitions and kept rows", registry=r
+            "cdc_retention_bytes", "Total size of the changes partitions and kept rows", registry=r
         )
         self.retention_partitions = Gauge(
-            "cdc_retention_partitions", "Partitions of the mutations table", registry=r
+            "cdc_retention_partitions", "Partitions of the changes table", registry=r
         )
         self.retention_oldest_seconds = Gauge(
             "cdc_retention_oldest_seconds", "Unix time of the oldest retained commit", registry=r
