@@ -33,6 +33,7 @@ import structlog
 from psycopg import sql
 
 import cdc
+from cdc.config import format_table
 from cdc.errors import CdcError
 from cdc.store.retention import partition_name
 
@@ -45,6 +46,7 @@ __all__ = [
     "drop_v1",
     "is_v1_store",
     "migrate_v1",
+    "prepare_store",
     "v1_leftovers",
 ]
 
@@ -166,6 +168,46 @@ def drop_v1(conn: Conn, schema: str) -> list[str]:
             conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, name)))
     log.info("migrate_drop_v1", schema=schema, tables=len(tables))
     return tables
+
+
+def prepare_store(
+    store_conn: Conn,
+    schema: str,
+    source_conn: Conn | None,
+    *,
+    drop: bool,
+    did: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> None:
+    """`cdc setup`'s part, before sql/store.sql: migrate a format-1 store (a line per step) and,
+    with ``drop`` (``--drop-v1``), drop the format-1 tables a migration left."""
+    if is_v1_store(store_conn, schema):
+        did(f"store: schema {schema} is of format 1: migrating it to format 2 in one transaction")
+
+        def step(s: MigrationStep) -> None:
+            if s.done and s.table not in ("check", "store.sql"):
+                did(f"store: migrate {s.table}: {s.rows:,} {'relations' if s.table == 'rename' else 'rows'} "
+                    f"({s.seconds:.1f} s)")  # fmt: skip
+
+        report = migrate_v1(store_conn, schema, source_conn=source_conn, progress=step)
+        for name in report.ambiguous:
+            warn(
+                f"format-1 table name {name.text!r} (relation oid {name.relation_oid}) read as "
+                f"{format_table(name.schema_name, name.table_name)} ({name.how})"
+            )
+        for warning in report.warnings:
+            warn(warning)
+        did(
+            f"store: migrated {report.v1_rows:,} format-1 mutations to format 2 in {report.seconds:.1f} s; "
+            f"the format-1 tables are kept as *{SUFFIX} until `cdc setup --drop-v1`"
+        )
+    if drop:
+        dropped = drop_v1(store_conn, schema) if v1_leftovers(store_conn, schema) else []
+        did(
+            f"store: {len(dropped)} format-1 table(s) dropped"
+            if dropped
+            else "store: no format-1 tables left"
+        )
 
 
 # ============================================================================ names

@@ -4,6 +4,7 @@ and context; look-alike dotted names become distinct tables; a failure leaves fo
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,17 +12,22 @@ from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from cdc.cli import main
+from cdc.cli_errors import load
 from cdc.devdb import LocalPostgres
 from cdc.setup import apply_store_schema
+from cdc.status import collect_status, render_status
 from cdc.store.migrate import (
     MigrationError,
     MigrationStep,
     drop_v1,
     is_v1_store,
     migrate_v1,
+    prepare_store,
     v1_leftovers,
 )
 from tests.v1_store import BOOL, INT4, INT8, NUMERIC, STEP, TEXT, TIMESTAMPTZ, Table, V1Store, at, ctx
@@ -493,6 +499,12 @@ def check_small_tables(conn: psycopg.Connection[Any], env: Env) -> None:
                                    "WHERE i.inhparent = 'changes'::regclass")}  # fmt: skip
     assert parts == {"changes_p20260309", "changes_p20260310", "changes_default"}
     assert q(conn, "SELECT count(*) FROM changes_default")[0][0] == 1
+    # a partition filled before it was attached has the parent's indexes, generated hashes included
+    for part in ("changes_p20260309", "changes_p20260310"):
+        indexes = q(conn, "SELECT count(*) FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indexrelid "
+                          "WHERE i.indrelid = %s::regclass", (part,))  # fmt: skip
+        assert indexes == [(4,)], part
+    assert q(conn, "SELECT count(*) FROM changes WHERE key_text IS NOT NULL AND key_hash IS NULL") == [(0,)]
     assert q(conn, "SELECT count(*) FROM ONLY transactions_p20260310")[0][0] == 6
 
 
@@ -548,3 +560,72 @@ def test_refused_while_a_daemon_holds_the_store(env: Env) -> None:
         with pytest.raises(MigrationError, match="daemon is active"):
             migrate_v1(conn, SCHEMA)
         assert is_v1_store(conn, SCHEMA)
+
+
+def test_setup_steps_status_and_drop(env: Env) -> None:
+    """What `cdc setup` runs before sql/store.sql: a line per step, the ambiguous names as
+    warnings, the `_v1` tables in `cdc status` until `--drop-v1`."""
+    config = load(None, env.source_dsn, env.store_dsn)
+    assert collect_status(config).store_error == (
+        "the store is of format 1: stop the daemon and run `cdc setup` to migrate it"
+    )
+    lines: list[str] = []
+    warnings: list[str] = []
+    with env.store() as conn, env.source() as src:
+        prepare_store(conn, SCHEMA, src, drop=False, did=lines.append, warn=warnings.append)
+        assert lines[0].startswith(f"store: schema {SCHEMA} is of format 1")
+        assert any(line.startswith("store: migrate changes: 36 rows") for line in lines), lines
+        assert any(line.startswith("store: migrate transactions: ") for line in lines), lines
+        assert lines[-1].startswith("store: migrated 42 format-1 mutations to format 2")
+        assert (
+            f"format-1 table name 'a.b.c' (relation oid {env.oids['a.b', 'c']}) read as \"a.b\".c (catalog)"
+            in warnings
+        )
+        assert (
+            f"format-1 table name 'a.b.c' (relation oid {env.oids['a', 'b.c']}) read as a.\"b.c\" (catalog)"
+            in warnings
+        )
+        status = collect_status(config)
+        assert status.store_error is None
+        assert len(status.v1_tables) == 12
+        assert (
+            "format 1",
+            "12 table(s) kept by the migration: `cdc setup --drop-v1` drops them",
+        ) in render_status(status)
+        # run again: nothing to migrate; then --drop-v1
+        lines.clear()
+        prepare_store(conn, SCHEMA, src, drop=False, did=lines.append, warn=warnings.append)
+        assert lines == []
+        prepare_store(conn, SCHEMA, src, drop=True, did=lines.append, warn=warnings.append)
+        assert lines == ["store: 12 format-1 table(s) dropped"]
+        assert collect_status(config).v1_tables == []
+        with pytest.raises(MigrationError, match="not of format 1"):
+            migrate_v1(conn, SCHEMA)
+
+
+def _writer_is_format_2() -> bool:
+    import cdc.store.writer
+
+    return "changes" in inspect.getsource(cdc.store.writer) and "mutations_all" not in inspect.getsource(
+        cdc.store.writer
+    )
+
+
+@pytest.mark.skipif(
+    not _writer_is_format_2(), reason="cdc/store/writer.py still writes format 1 (the store branch)"
+)
+def test_cdc_setup_migrates_then_drops(env: Env) -> None:
+    with env.source() as src:
+        src.execute("SELECT pg_create_logical_replication_slot('cdc', 'pgoutput')")
+    try:
+        runner = CliRunner()
+        args = ["setup", "--source", env.source_dsn, "--store", env.store_dsn]
+        result = runner.invoke(main, args, env={"CDC_CONFIG": ""}, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "ok    store: migrated 42 format-1 mutations to format 2" in result.output
+        result = runner.invoke(main, [*args, "--drop-v1"], env={"CDC_CONFIG": ""}, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "ok    store: 12 format-1 table(s) dropped" in result.output
+    finally:
+        with env.source() as src:
+            src.execute("SELECT pg_drop_replication_slot('cdc')")
