@@ -335,6 +335,12 @@ def test_every_mutation_becomes_one_change(env: Env) -> None:
         assert v1_leftovers(conn, SCHEMA) == []
         assert not [name for name, _ in relations(conn) if name.endswith("_v1")]
         assert q(conn, "SELECT count(*) FROM changes_all") == [(changes + kept,)]
+        assert q(conn, "SELECT nextval(pg_get_serial_sequence('table_schemas', 'schema_id'))") == [
+            (report.schemas + 1,)
+        ]
+        assert q(conn, "SELECT nextval(pg_get_serial_sequence('tables', 'table_id'))") == [
+            (report.tables + 1,)
+        ]
 
 
 def check_changes(conn: psycopg.Connection[Any], env: Env) -> None:
@@ -713,3 +719,19 @@ def test_query_layers_agree(env: Env) -> None:
     assert after.keys() == before.keys()
     differ = [k for k in before if before[k] != after[k]]
     assert not differ, [(k, before[k], after[k]) for k in differ[:5]]
+
+
+def test_an_empty_format_1_store(pg: LocalPostgres, fresh_dbname: str) -> None:
+    dsn = pg.create_database(fresh_dbname)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            V1Store(conn, SCHEMA)
+            report = migrate_v1(conn, SCHEMA)
+            assert (report.v1_rows, report.tables, report.warnings) == (0, 0, [])
+            assert q(conn, "SELECT format_version FROM store_meta") == [(2,)]
+            assert q(conn, "SELECT count(*) FROM retention_state") == [(1,)]
+            # the sequences start where format 1 left them (here: at 1)
+            assert q(conn, "SELECT nextval(pg_get_serial_sequence('tables', 'table_id'))") == [(1,)]
+            assert len(drop_v1(conn, SCHEMA)) == 12
+    finally:
+        pg.drop_database(fresh_dbname)
