@@ -219,12 +219,14 @@ class V1Store:
         *,
         replica_identity: str = "d",
     ) -> Table:
-        """A (new) schema row of relation ``oid``, first seen at the next position."""
+        """A (new) schema row of relation ``oid``, first seen at the next position; a shape (name
+        included) seen before gets its old row back, as the format-1 writer's fingerprint did."""
         cols = [{"name": c, "type_oid": o, "type_modifier": -1, "key": c in key} for c, o in columns.items()]
         row = self.conn.execute(
             sql.SQL(
                 "INSERT INTO {} (table_name, relation_oid, replica_identity, key_columns, columns, fingerprint, "
-                "first_position) VALUES (%s, %s, %s, %s, %s, md5(%s), %s) RETURNING schema_id"
+                "first_position) VALUES (%s, %s, %s, %s, %s, md5(%s), %s) ON CONFLICT (fingerprint) DO UPDATE "
+                "SET first_position = least(table_schemas.first_position, excluded.first_position) RETURNING schema_id"
             ).format(self.t("table_schemas")),
             (text, oid, replica_identity, list(key), Jsonb(cols), json.dumps([text, oid, replica_identity, list(key), cols]),
              self.position + STEP),

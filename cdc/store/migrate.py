@@ -501,6 +501,7 @@ def _migrate(run: _Run, source: Conn | None) -> None:
     _check_schema_ids(run)
     floor = _floor(run)
     _changes(run, mutation_parts, transaction_parts, floor)
+    _name_timelines(run, tables, catalog)
     _spans(run)
     _transactions(run)
     _request_errors(run)
@@ -662,6 +663,58 @@ def _tables(run: _Run, tables: list[_Table], table_of: dict[int, int]) -> None:
     conn.execute("ALTER TABLE _cdc_mig_schemas ADD PRIMARY KEY (schema_id)")
     run.report.schemas = rows
     run.step("table_schemas", rows)
+
+
+def _name_timelines(run: _Run, tables: list[_Table], catalog: _Catalog | None) -> None:
+    """The names of a table that had several, from its changes: a schema row's first position
+    misses a rename back to an earlier name (format 1 reused that name's schema row). Each change
+    follows the Relation message in force, so the name changes where its schema row's name does;
+    renames in pruned history keep the positions of their schema rows."""
+    run.begin_step()
+    renamed = [t for t in tables if len({(n[0], n[1]) for n in t.names}) > 1]
+    for table in renamed:
+        timeline = run.conn.execute(
+            sql.SQL(
+                "SELECT position, text FROM (SELECT c.position, s.table_name AS text, "
+                "  lag(s.table_name) OVER (ORDER BY c.position, c.ordinal) AS prev "
+                "  FROM (SELECT position, ordinal, schema_id FROM {c} WHERE table_id = %(t)s AND flags & {kf} = 0 "
+                "        UNION ALL SELECT position, ordinal, schema_id FROM {k} WHERE table_id = %(t)s "
+                "        AND flags & {kf} = 0) c "
+                "  JOIN {s} s ON s.schema_id = c.schema_id) x "
+                "WHERE prev IS DISTINCT FROM text ORDER BY position"
+            ).format(
+                c=run.t("changes"),
+                k=run.t("changes_keep"),
+                s=run.v1("table_schemas"),
+                kf=sql.Literal(_KEYFRAME),
+            ),
+            {"t": table.table_id},
+        ).fetchall()
+        if not timeline:
+            continue
+        first_change = int(timeline[0][0])
+        names = [n for n in table.names if n[2] < first_change]
+        for position, text in timeline:
+            nsp, name, _how = split_name(str(text), table.relation_oid, catalog)
+            if names and names[-1][:2] == (nsp, name):
+                continue
+            names.append((nsp, name, int(position)))
+        names[0] = (names[0][0], names[0][1], table.first_position)
+        if names == table.names:
+            continue
+        table.names = names
+        run.conn.execute(
+            sql.SQL("DELETE FROM {} WHERE table_id = %s").format(run.t("table_names")), (table.table_id,)
+        )
+        with run.conn.cursor() as cur:
+            cur.executemany(
+                sql.SQL(
+                    "INSERT INTO {} (table_id, schema_name, table_name, from_position) VALUES (%s, %s, %s, %s)"
+                ).format(run.t("table_names")),
+                [(table.table_id, nsp, name, start) for nsp, name, start in names],
+            )
+    run.report.table_names = sum(len(t.names) for t in tables)
+    run.step("table_names", run.report.table_names)
 
 
 def _check_schema_ids(run: _Run) -> None:

@@ -116,7 +116,7 @@ def build_history(v1: V1Store, oids: dict[tuple[str, str], int]) -> tuple[int, i
         key=["region", "id"], replica_identity="f",
     )  # fmt: skip
     audit = v1.table("public.audit", oids["public", "audit"], {"id": INT4, "what": TEXT})
-    orders = v1.table("public.orders", oids["public", "purchases"], {"id": TEXT, "total": NUMERIC})
+    purchases = v1.table("public.purchases", oids["public", "purchases"], {"id": TEXT, "total": NUMERIC})
     gone = v1.table("public.gone", GONE_OID, {"id": INT4})
 
     # 2026-03-08: pruned. Only the kept rows of audit (a longer retention) and keyframes remain.
@@ -187,10 +187,15 @@ def build_history(v1: V1Store, oids: dict[tuple[str, str], int]) -> tuple[int, i
         t.delete(accounts, {"region": "us", "id": 1})
         t.update(users, 30, {"id": 9007199254740993})  # beyond a double's precision
     with v1.txn("2026-03-10 10:00") as t:
-        t.insert(orders, {"id": "o1", "total": "12.50"})
-    purchases = v1.table("public.purchases", oids["public", "purchases"], {"id": TEXT, "total": NUMERIC})
+        t.insert(purchases, {"id": "o1", "total": "12.50"})
+    orders = v1.table("public.orders", oids["public", "purchases"], {"id": TEXT, "total": NUMERIC})  # renamed
     with v1.txn("2026-03-10 11:00") as t:
-        t.update(purchases, "o1", {"total": "13.00"})
+        t.update(orders, "o1", {"total": "13.00"})
+    purchases = v1.table(
+        "public.purchases", oids["public", "purchases"], {"id": TEXT, "total": NUMERIC}
+    )  # back
+    with v1.txn("2026-03-10 11:30") as t:
+        t.update(purchases, "o1", {"total": "14.00"})
     with v1.txn("2026-03-10 12:00") as t:
         t.truncate(events, dotted_schema)
     with v1.txn("2026-03-10 13:00") as t:
@@ -335,9 +340,8 @@ def test_every_mutation_becomes_one_change(env: Env) -> None:
         assert v1_leftovers(conn, SCHEMA) == []
         assert not [name for name, _ in relations(conn) if name.endswith("_v1")]
         assert q(conn, "SELECT count(*) FROM changes_all") == [(changes + kept,)]
-        assert q(conn, "SELECT nextval(pg_get_serial_sequence('table_schemas', 'schema_id'))") == [
-            (report.schemas + 1,)
-        ]
+        assert q(conn, "SELECT nextval(pg_get_serial_sequence('table_schemas', 'schema_id')) "
+                       "= (SELECT max(schema_id) + 1 FROM table_schemas)") == [(True,)]  # fmt: skip
         assert q(conn, "SELECT nextval(pg_get_serial_sequence('tables', 'table_id'))") == [
             (report.tables + 1,)
         ]
@@ -458,21 +462,27 @@ def check_names(conn: psycopg.Connection[Any], env: Env) -> None:
         if is_dropped:
             dropped.add(oid)
     for (nsp, name), oid in env.oids.items():
-        if name == "purchases":
-            assert by_oid[oid] == [("public", "orders"), ("public", "purchases")]
+        if name == "purchases":  # renamed to orders, then back (format 1 reused its schema row)
+            assert by_oid[oid] == [("public", "purchases"), ("public", "orders"), ("public", "purchases")]
         else:
             assert by_oid[oid] == [(nsp, name)], (nsp, name)
     assert by_oid[GONE_OID] == [("public", "gone")]
     assert dropped == {GONE_OID}
     assert len(by_oid) == len(env.oids) + 1
-    # the rename holds from the position of the schema row that named it
-    rename = q(
+    # each name holds from the first change made under it
+    renames = q(
         conn,
-        "SELECT n.from_position = s.first_position FROM table_names n JOIN table_schemas s USING (table_id) "
-        "WHERE n.table_name = 'purchases' AND s.schema_id = (SELECT max(schema_id) FROM table_schemas_v1 "
-        "WHERE table_name = 'public.purchases')",
+        "SELECT n.table_name, n.from_position FROM table_names n JOIN tables t USING (table_id) "
+        "WHERE t.relation_oid = %s ORDER BY n.from_position",
+        (env.oids["public", "purchases"],),
     )
-    assert rename == [(True,)]
+    changes = [p for (p,) in q(conn, "SELECT DISTINCT position FROM changes WHERE table_id = "
+                                     "(SELECT table_id FROM tables WHERE relation_oid = %s) ORDER BY 1",
+                               (env.oids["public", "purchases"],))]  # fmt: skip
+    first = q(
+        conn, "SELECT first_position FROM tables WHERE relation_oid = %s", (env.oids["public", "purchases"],)
+    )
+    assert renames == [("purchases", first[0][0]), ("orders", changes[1]), ("purchases", changes[2])]
     # table_schemas keep their ids and name their table
     assert q(conn, "SELECT count(*) FROM table_schemas s JOIN table_schemas_v1 o USING (schema_id) "
                    "JOIN tables t ON t.table_id = s.table_id AND t.relation_oid = o.relation_oid")[0][0] == (
@@ -511,7 +521,7 @@ def check_small_tables(conn: psycopg.Connection[Any], env: Env) -> None:
                           "WHERE i.indrelid = %s::regclass", (part,))  # fmt: skip
         assert indexes == [(4,)], part
     assert q(conn, "SELECT count(*) FROM changes WHERE key_text IS NOT NULL AND key_hash IS NULL") == [(0,)]
-    assert q(conn, "SELECT count(*) FROM ONLY transactions_p20260310")[0][0] == 6
+    assert q(conn, "SELECT count(*) FROM ONLY transactions_p20260310")[0][0] == 7
 
 
 def test_without_the_source_dotted_names_split_at_the_first_dot(env: Env) -> None:
@@ -580,9 +590,9 @@ def test_setup_steps_status_and_drop(env: Env) -> None:
     with env.store() as conn, env.source() as src:
         prepare_store(conn, SCHEMA, src, drop=False, did=lines.append, warn=warnings.append)
         assert lines[0].startswith(f"store: schema {SCHEMA} is of format 1")
-        assert any(line.startswith("store: migrate changes: 36 rows") for line in lines), lines
+        assert any(line.startswith("store: migrate changes: 37 rows") for line in lines), lines
         assert any(line.startswith("store: migrate transactions: ") for line in lines), lines
-        assert lines[-1].startswith("store: migrated 42 format-1 mutations to format 2")
+        assert lines[-1].startswith("store: migrated 43 format-1 mutations to format 2")
         assert (
             f"format-1 table name 'a.b.c' (relation oid {env.oids['a.b', 'c']}) read as \"a.b\".c (catalog)"
             in warnings
@@ -628,7 +638,7 @@ def test_cdc_setup_migrates_then_drops(env: Env) -> None:
         args = ["setup", "--source", env.source_dsn, "--store", env.store_dsn]
         result = runner.invoke(main, args, env={"CDC_CONFIG": ""}, catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        assert "ok    store: migrated 42 format-1 mutations to format 2" in result.output
+        assert "ok    store: migrated 43 format-1 mutations to format 2" in result.output
         result = runner.invoke(main, [*args, "--drop-v1"], env={"CDC_CONFIG": ""}, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert "ok    store: 12 format-1 table(s) dropped" in result.output
