@@ -79,6 +79,10 @@ _ROLLED_BACK = 1
 _BEFORE_FROM_WAL = 2
 _KEY_UNKNOWN = 16
 _NAMEDATALEN = 63
+#: How long the migration waits for a table lock before it gives up (nothing changed).
+LOCK_TIMEOUT = "10s"
+#: Steps that are not a format-2 table (progress only).
+_INTERNAL_STEPS = frozenset({"rename", "store.sql", "check", "context spans"})
 
 
 class MigrationError(CdcError):
@@ -108,6 +112,8 @@ class AmbiguousName:
 
 @dataclass
 class MigrationReport:
+    """What a migration did: counts per format-2 table, the names it had to guess, warnings."""
+
     tables: int = 0
     table_names: int = 0
     schemas: int = 0
@@ -185,7 +191,7 @@ def prepare_store(
         did(f"store: schema {schema} is of format 1: migrating it to format 2 in one transaction")
 
         def step(s: MigrationStep) -> None:
-            if s.done and s.table not in ("check", "store.sql"):
+            if s.done and s.table not in ("check", "store.sql", "context spans"):
                 did(f"store: migrate {s.table}: {s.rows:,} {'relations' if s.table == 'rename' else 'rows'} "
                     f"({s.seconds:.1f} s)")  # fmt: skip
 
@@ -224,17 +230,30 @@ class _Catalog:
 def _source_catalog(
     store: Conn, schema: str, source: Conn | None, oids: Sequence[int]
 ) -> tuple[_Catalog | None, str | None]:
-    """The source catalog, when ``source`` is the server and database the store captured."""
+    """The source catalog, when ``source`` is the server and database the store captured; else
+    None and why (a warning)."""
     if source is None:
         return None, None
-    ident = source.execute(
-        "SELECT system_identifier::text, current_database() FROM pg_control_system()"
-    ).fetchone()
     recorded = store.execute(
         sql.SQL(
             "SELECT DISTINCT source_system_id, source_database FROM {} WHERE source_system_id IS NOT NULL"
         ).format(sql.Identifier(schema, "capture_state"))
     ).fetchall()
+    try:
+        ident = source.execute(
+            "SELECT system_identifier::text, current_database() FROM pg_control_system()"
+        ).fetchone()
+        rows = source.execute(
+            "SELECT c.oid::bigint, n.nspname, c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid::bigint = ANY(%s)",
+            (list(oids),),
+        ).fetchall()
+        spaces = source.execute("SELECT nspname FROM pg_namespace").fetchall()
+    except psycopg.Error as exc:
+        return (
+            None,
+            f"the source catalog could not be read ({type(exc).__name__}): table names split at the first dot",
+        )
     if (
         ident is not None
         and recorded
@@ -244,12 +263,6 @@ def _source_catalog(
             None,
             "the source given is not the database this store captured: table names split at the first dot",
         )
-    rows = source.execute(
-        "SELECT c.oid::bigint, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid::bigint = ANY(%s)",
-        (list(oids),),
-    ).fetchall()
-    spaces = source.execute("SELECT nspname FROM pg_namespace").fetchall()
     return _Catalog(
         {int(r[0]): (str(r[1]), str(r[2])) for r in rows}, frozenset(str(r[0]) for r in spaces)
     ), None
@@ -427,7 +440,7 @@ class _Run:
     def step(self, table: str, rows: int, *, done: bool = True) -> None:
         """Report ``rows`` of ``table`` done (cumulative); ``done`` ends the table's step."""
         seconds = time.monotonic() - self.step_started
-        if done:
+        if done and table not in _INTERNAL_STEPS:
             self.report.rows[table] = rows
         step = MigrationStep(table, rows, seconds, done)
         if done:
@@ -451,8 +464,14 @@ def migrate_v1(
     report = MigrationReport()
     run = _Run(store_conn, schema, report, progress)
     log.info("migrate_start", schema=schema)
-    with store_conn.transaction():
-        _migrate(run, source_conn)
+    try:
+        with store_conn.transaction():
+            _migrate(run, source_conn)
+    except psycopg.errors.LockNotAvailable:
+        raise MigrationError(
+            f"the store schema {schema!r} is in use: its tables stayed locked for {LOCK_TIMEOUT}",
+            hint="stop `cdc run`, `cdc serve` and any prune, then run `cdc setup` again",
+        ) from None
     report.seconds = time.monotonic() - run.started
     log.info("migrate_done", schema=schema, rows=report.v1_rows, seconds=round(report.seconds, 3))
     return report
@@ -464,7 +483,7 @@ def _migrate(run: _Run, source: Conn | None) -> None:
         raise MigrationError(
             f"the store schema {schema!r} is not of format 1 (no mutations table, or a store_meta)"
         )
-    conn.execute("SET LOCAL lock_timeout = '10s'")
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
     conn.execute("SET LOCAL statement_timeout = 0")
     conn.execute("SET LOCAL work_mem = '256MB'")
     conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
@@ -502,7 +521,7 @@ def _migrate(run: _Run, source: Conn | None) -> None:
     floor = _floor(run)
     _changes(run, mutation_parts, transaction_parts, floor)
     _name_timelines(run, tables, catalog)
-    _spans(run)
+    _spans(run, mutation_parts)
     _transactions(run)
     _request_errors(run)
     _small_tables(run, tables)
@@ -904,39 +923,56 @@ def _changes(
     run.step("changes_keep", kept)
 
 
-def _spans(run: _Run) -> None:
+def _spans(run: _Run, mutation_parts: list[_Part]) -> None:
     """Each transaction's context spans: its first mutation, and every later one whose context
     (request id, actor, context document) differs from the previous mutation's, or whose actor
     sequence number does not follow it (so that ``actor_seq + k`` gives every mutation's).
-    First rows also carry what a transaction missing from format-1 ``transactions`` needs."""
+    First rows also carry what a transaction missing from format-1 ``transactions`` needs.
+
+    One format-1 partition at a time (a transaction's mutations share its commit time, so one
+    partition holds them all, but see below): each sort stays in memory."""
     run.begin_step()
-    kept: sql.Composable = sql.SQL("")
-    if run.has_v1("mutations_keep"):
-        kept = sql.SQL(
-            " UNION ALL SELECT position, ordinal, committed_at, xid, version, request_id, actor, actor_seq, "
-            "context, true FROM {} WHERE NOT keyframe"
-        ).format(run.v1("mutations_keep"))
     run.conn.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE _cdc_mig_spans ON COMMIT DROP AS "
-            "SELECT position, ordinal, committed_at, keep, prev IS NULL AS first, n, xid_min AS xid, committed, "
-            "  request_id, actor, actor_seq, context::text AS context FROM ("
-            "  SELECT m.*, lag(m.ordinal) OVER w AS prev, "
-            "    (m.request_id, m.actor, m.context) IS DISTINCT FROM "
-            "      (lag(m.request_id) OVER w, lag(m.actor) OVER w, lag(m.context) OVER w) "
-            "      OR m.actor_seq IS DISTINCT FROM lag(m.actor_seq) OVER w + 1 AS differs, "
-            "    count(*) OVER p AS n, min(m.xid) OVER p AS xid_min, "
-            "    bool_or(m.version IS NOT NULL) OVER p AS committed "
-            "  FROM (SELECT position, ordinal, committed_at, xid, version, request_id, actor, actor_seq, context, "
-            "          false AS keep FROM {mut}{kept}) m "
-            "  WINDOW w AS (PARTITION BY m.position ORDER BY m.ordinal), p AS (PARTITION BY m.position)"
-            ") x WHERE prev IS NULL OR differs"
-        ).format(mut=run.v1("mutations"), kept=kept)
+        "CREATE TEMP TABLE _cdc_mig_spans (position bigint, ordinal integer, committed_at timestamptz, "
+        "keep boolean, first boolean, n bigint, xid bigint, committed boolean, request_id text, actor text, "
+        "actor_seq bigint, context text) ON COMMIT DROP"
     )
+    sources: list[tuple[sql.Composable, bool]] = [(run.t(p.name), False) for p in mutation_parts]
+    if run.has_v1("mutations_keep"):
+        sources.append((run.v1("mutations_keep"), True))
+    done = 0
+    for source, keep in sources:
+        done += run.exec(
+            sql.SQL(
+                "INSERT INTO _cdc_mig_spans SELECT position, ordinal, committed_at, {keep}, prev IS NULL, n, xid_min, "
+                "  committed, request_id, actor, actor_seq, context::text FROM ("
+                "  SELECT m.position, m.ordinal, m.committed_at, m.request_id, m.actor, m.actor_seq, m.context, "
+                "    lag(m.ordinal) OVER w AS prev, "
+                "    (m.request_id, m.actor, m.context) IS DISTINCT FROM "
+                "      (lag(m.request_id) OVER w, lag(m.actor) OVER w, lag(m.context) OVER w) "
+                "      OR m.actor_seq IS DISTINCT FROM lag(m.actor_seq) OVER w + 1 AS differs, "
+                "    count(*) OVER p AS n, min(m.xid) OVER p AS xid_min, "
+                "    bool_or(m.version IS NOT NULL) OVER p AS committed "
+                "  FROM {src} m WHERE {which} "
+                "  WINDOW w AS (PARTITION BY m.position ORDER BY m.ordinal), p AS (PARTITION BY m.position)"
+                ") x WHERE prev IS NULL OR differs"
+            ).format(keep=sql.Literal(keep), src=source, which=sql.SQL("NOT m.keyframe" if keep else "true"))
+        )
+        run.step("context spans", done, done=False)
+    # A rolled-back transaction written again after a crash with another abort time (before
+    # PostgreSQL 16) may have mutations under two commit times: one first row per transaction.
+    split = run.exec(
+        sql.SQL(
+            "UPDATE _cdc_mig_spans s SET first = false FROM (SELECT position, min(ordinal) AS o "
+            "FROM _cdc_mig_spans WHERE first GROUP BY position HAVING count(*) > 1) d "
+            "WHERE s.first AND s.position = d.position AND s.ordinal > d.o"
+        )
+    )
+    if split:
+        run.report.warnings.append(f"{split} transaction(s) had mutations under two commit times")
     run.conn.execute("CREATE INDEX ON _cdc_mig_spans (position) WHERE first")
     run.conn.execute("ANALYZE _cdc_mig_spans")
-    row = run.conn.execute("SELECT count(*) FROM _cdc_mig_spans").fetchone()
-    run.step("spans", int(row[0]) if row else 0)
+    run.step("context spans", done)
 
 
 _TXN_COLUMNS = sql.SQL(

@@ -319,6 +319,9 @@ def test_every_mutation_becomes_one_change(env: Env) -> None:
 
         check_changes(conn, env)
         check_contexts(conn)
+        check_context_rows(conn)
+        # the subtransactions' xids are kept, the transactions' own are not
+        assert q(conn, "SELECT count(*) FROM changes WHERE xid IS NOT NULL")[0][0] == 2
         check_names(conn, env)
         check_small_tables(conn, env)
         assert sorted(v1_leftovers(conn, SCHEMA)) == sorted(
@@ -404,8 +407,6 @@ def check_changes(conn: psycopg.Connection[Any], env: Env) -> None:
         '["2026-03-09T09:01:00+00:00", "logout", 2, false, ' + json.dumps(ODD_KEY, ensure_ascii=False) + "]"
         in texts
     )
-    # the subtransaction's xid is kept, the transaction's own is not
-    assert q(conn, "SELECT count(*) FROM changes WHERE xid IS NOT NULL")[0][0] == 2
 
 
 def schema_rows(env: Env) -> list[Table]:
@@ -439,6 +440,9 @@ def check_contexts(conn: psycopg.Connection[Any]) -> None:
         where = f"{pos}/{ordinal}"
         assert (rid2, actor2, context2) == (rid, actor, context), where
         assert seq2 == seq, where
+
+
+def check_context_rows(conn: psycopg.Connection[Any]) -> None:
     # the nested request, its return, the context dropped, and the actor sequence jump
     assert q(conn, "SELECT count(*) FROM context_changes")[0][0] == 4
     assert q(conn, "SELECT count(*) FROM context_changes_keep")[0][0] == 1
@@ -745,3 +749,33 @@ def test_an_empty_format_1_store(pg: LocalPostgres, fresh_dbname: str) -> None:
             assert len(drop_v1(conn, SCHEMA)) == 12
     finally:
         pg.drop_database(fresh_dbname)
+
+
+def test_refused_while_a_reader_holds_a_table(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cdc.store.migrate.LOCK_TIMEOUT", "200ms")
+    with env.store() as reader, env.store() as conn:
+        with reader.transaction():
+            reader.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(SCHEMA, "mutations")))
+            with pytest.raises(MigrationError, match="is in use: its tables stayed locked for 200ms"):
+                migrate_v1(conn, SCHEMA)
+        assert is_v1_store(conn, SCHEMA)
+        assert not v1_leftovers(conn, SCHEMA)
+
+
+def test_a_transaction_under_two_commit_times(env: Env) -> None:
+    """A rolled-back transaction written again after a crash with another abort time (format 1
+    before PostgreSQL 16) can have mutations in two partitions: still one transaction."""
+    with env.store() as conn:
+        (position,) = q(conn, "SELECT position FROM transactions WHERE status = 'rolled_back'")[0]
+        conn.execute(
+            "UPDATE mutations SET committed_at = '2026-03-10 00:00:01+00' WHERE position = %s AND ordinal = 1",
+            (position,),
+        )
+        report = migrate_v1(conn, SCHEMA)
+        assert "1 transaction(s) had mutations under two commit times" in report.warnings
+        assert q(conn, "SELECT count(*) FROM transactions_all WHERE position = %s", (position,)) == [(1,)]
+        assert q(conn, "SELECT ordinal, committed_at FROM changes WHERE position = %s ORDER BY 1", (position,)) == [
+            (0, at("2026-03-09 11:00")), (1, at("2026-03-10 00:00:01"))
+        ]  # fmt: skip
+        check_changes(conn, env)
+        check_contexts(conn)
