@@ -315,8 +315,7 @@ def at(
         requested = parse_lsn(version_text) if version_text is not None else None
         when = parse_time(at_text, utc=utc) if at_text is not None else None
         with open_store(store_dsn, config_path, store_schema) as store:
-            info = store.table(table)
-            key = store.stored_key(info, key_from_text(key_text))
+            store.table(table)  # an unknown table first
             version = requested
             if when is not None:
                 version = store.version_at_timestamp(when)
@@ -339,8 +338,10 @@ def at(
                     f"version {format_lsn(version)} is below the history floor "
                     f"{format_lsn(floor or 0)}: it was pruned or precedes the capture"
                 )
-            row = store.row_at(info.name, key, version)
-            if row is None and not store.has_history(info.name, key):
+            info = store.table(table, version)  # the table that had this name then
+            key = store.stored_key(info, key_from_text(key_text))
+            row = store.row_at(info, key, version)
+            if row is None and not store.has_history(info, key):
                 raise NotFoundError(f"no history for {info.name} {format_key(key)}")
             what = f"{info.name} {format_key(key)}"
             if fmt == "json":

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from cdc import names
 from cdc.errors import ConfigError, UsageError
 
 __all__ = [
@@ -230,78 +231,23 @@ def format_size(value: int) -> str:
 
 # --------------------------------------------------------------------------- table names
 
-_PLAIN_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*", re.ASCII)
-_CANONICAL_IDENTIFIER_RE = re.compile(r"[a-z_][a-z0-9_$]*", re.ASCII)
-_MAX_IDENTIFIER_BYTES = 63
-
-
-def _identifier_parts(text: str) -> list[str]:
-    """Split ``a.b`` / ``"A b"."c"`` into identifiers: lowercased unless double-quoted."""
-    parts: list[str] = []
-    i, n = 0, len(text)
-    while True:
-        if text.startswith('"', i):
-            chunks: list[str] = []
-            j = i + 1
-            while True:
-                k = text.find('"', j)
-                if k < 0:
-                    raise ValueError("unterminated double quote")
-                chunks.append(text[j:k])
-                if text.startswith('"', k + 1):
-                    chunks.append('"')
-                    j = k + 2
-                    continue
-                i = k + 1
-                break
-            part = "".join(chunks)
-            if not part or "\x00" in part:
-                raise ValueError("empty or invalid quoted identifier")
-        else:
-            match = _PLAIN_IDENTIFIER_RE.match(text, i)
-            if match is None:
-                raise ValueError("expected an identifier")
-            part = match.group().lower()
-            i = match.end()
-        if len(part.encode()) > _MAX_IDENTIFIER_BYTES:
-            raise ValueError(f"identifier longer than {_MAX_IDENTIFIER_BYTES} bytes")
-        parts.append(part)
-        if i == n:
-            return parts
-        if text[i] != ".":
-            raise ValueError("unexpected character")
-        i += 1
-
 
 def normalize_table(name: str) -> tuple[str, str]:
     """Return ``(schema, table)`` for ``name``, ``schema.name`` or quoted ``"My Schema"."My Table"``.
 
-    Unquoted parts must match ``[A-Za-z_][A-Za-z0-9_$]*`` and are lowercased (as PostgreSQL does);
-    the schema defaults to ``public``. Raises :class:`UsageError` on an invalid name.
+    Read as PostgreSQL reads a table name (:func:`cdc.names.parse_table`): unquoted parts are
+    lowercased, the schema defaults to ``public``. Raises :class:`UsageError` on an invalid name.
     """
-    try:
-        parts = _identifier_parts(name.strip())
-        if len(parts) > 2:
-            raise ValueError("too many dots")
-    except ValueError as exc:
-        raise UsageError(
-            f"invalid table name {_short(name)} ({exc}): expected name or schema.name; "
-            'unquoted names are letters, digits, _ and $; double-quote others ("My Table")'
-        ) from None
-    if len(parts) == 1:
-        return "public", parts[0]
-    return parts[0], parts[1]
+    return names.parse_table(name)
 
 
 def _quote_identifier(part: str) -> str:
-    if _CANONICAL_IDENTIFIER_RE.fullmatch(part):
-        return part
-    return '"' + part.replace('"', '""') + '"'
+    return names.quote_ident(part)
 
 
 def format_table(schema: str, name: str) -> str:
     """The canonical ``schema.name`` spelling (parts quoted only when needed); inverse of normalize_table."""
-    return f"{_quote_identifier(schema)}.{_quote_identifier(name)}"
+    return names.format_table(schema, name)
 
 
 # --------------------------------------------------------------------------- field types
@@ -390,7 +336,7 @@ def _table_key(value: str) -> str:
 
 def _column_key(value: str) -> str:
     try:
-        parts = _identifier_parts(value.strip())
+        parts = names.parse_identifiers(value.strip())
     except ValueError as exc:
         raise ValueError(f"invalid column name ({exc})") from None
     if len(parts) != 1:

@@ -127,8 +127,8 @@ class HistoryTable(_ReadOnly):
 
     @property
     def name(self) -> str:
-        """The table's ``schema.name`` (raises NotFoundError for a table with no history)."""
-        return self._store.table(self._name).name
+        """The table's ``schema.name``, quoted as PostgreSQL needs (NotFoundError: no history)."""
+        return self._store.table(self._name, self._version).name
 
     @property
     def version(self) -> int | None:
@@ -151,21 +151,24 @@ class HistoryTable(_ReadOnly):
         if not self._exact or self._version is None:
             self._store.table(self._name)
             return None
-        if limit is not None:
+        if limit is not None or after is not None:
+            if limit is None:
+                rows: list[Row] = []
+                for page in self._pages_after(1000, after):
+                    rows.extend(page)
+                return rows
             return self._store.table_at(self._name, self._version, after_key=after, limit=limit).rows
-        rows: list[Row] = []
-        for page in self._pages(1000, after):
-            rows.extend(page)
-        return rows
+        return [row for page in self._store.iter_table_at(self._name, self._version) for row in page]
 
     def pages(self, page_size: int = 1000) -> Iterator[list[Row]]:
-        """The rows at this version in key order, ``page_size`` at a time (one query per page)."""
+        """The rows at this version in key order, ``page_size`` at a time (the table is read once,
+        through a server-side cursor)."""
         if not self._exact or self._version is None:
             self._store.table(self._name)
             return iter(())
-        return self._pages(page_size, None)
+        return self._store.iter_table_at(self._name, self._version, page_size)
 
-    def _pages(self, page_size: int, after: Key | None) -> Iterator[list[Row]]:
+    def _pages_after(self, page_size: int, after: Key | None) -> Iterator[list[Row]]:
         assert self._version is not None
         while True:
             page = self._store.table_at(self._name, self._version, after_key=after, limit=page_size)
@@ -187,7 +190,9 @@ class HistoryTable(_ReadOnly):
 class HistoryView(_ReadOnly):
     """The captured database as it was at one version (read-only).
 
-    ``view.table("orders")`` or ``view.orders``; ``"s.t"`` names a table of schema ``s``.
+    ``view.table("orders")`` or ``view.orders``; names are read as PostgreSQL reads them:
+    ``"s.t"``/``s.t`` a table of schema ``s``, ``'"User"'`` the table named ``User`` exactly.
+    A name is the table's name at this version (a table renamed since is found by its old name).
     """
 
     __slots__ = ("_exact", "_store", "_version")

@@ -16,10 +16,13 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from cdc.errors import UsageError
 from cdc.lsn import format_lsn
+from cdc.names import display_table, parse_table
+from cdc.store.format import is_oversize
 
 if TYPE_CHECKING:
-    from cdc.query import BlameEntry, Mutation, RequestRecord
+    from cdc.query import BlameEntry, Mutation, RequestError, RequestRecord
 
 __all__ = [
     "MUTATION_CSV_FIELDS",
@@ -36,18 +39,20 @@ __all__ = [
     "mutation_record",
     "mutations_csv",
     "mutations_json",
+    "oversize_text",
     "request_lines",
     "row_lines",
     "short_request",
     "short_table",
     "shorten",
     "to_zone",
+    "unattributed_text",
     "why_lines",
 ]
 
 VALUE_WIDTH = 40
 ARROW = "→"
-ROLLED_BACK = "(rolled back)"
+ROLLED_BACK_NOTE = "(rolled back)"
 MUTATION_CSV_FIELDS = (
     "version",
     "version_lsn",
@@ -94,6 +99,8 @@ def format_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if is_oversize(value):
+        return oversize_text(value)
     if isinstance(value, str):
         text = value
     elif isinstance(value, int | float):
@@ -101,6 +108,12 @@ def format_value(value: Any) -> str:
     else:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
     return text.translate(_CONTROL)
+
+
+def oversize_text(value: Mapping[str, Any]) -> str:
+    """``(oversize value: 70000000 bytes, sha256 1a2b3c4d5e6f…)``: a value stored by reference."""
+    digest = str(value.get("sha256") or "?")
+    return f"(oversize value: {value.get('bytes', '?')} bytes, sha256 {digest[:12]}…)"
 
 
 def shorten(text: str, width: int = VALUE_WIDTH) -> str:
@@ -115,8 +128,11 @@ def cell(value: Any, width: int = VALUE_WIDTH) -> str:
 
 
 def short_table(name: str) -> str:
-    """``public.users`` → ``users``; other schemas stay."""
-    return name.removeprefix("public.")
+    """``public.users`` → ``users``, ``public."User"`` → ``"User"``; other schemas stay."""
+    try:
+        return display_table(*parse_table(name))
+    except UsageError:  # not a table name: shown as it is
+        return name
 
 
 def short_request(request_id: str | None) -> str:
@@ -177,9 +193,17 @@ def describe_mutation(
         text = ", ".join(f"{c}={cell(image[c], width)}" for c in _shown_columns(image, hidden))
     if with_op and mutation.op != "UPDATE":
         text = f"{mutation.op} {text}".rstrip()
+    if mutation.incomplete:
+        text = f"{text}  {incomplete_text(mutation)}"
     if mutation.rolled_back:
-        text = f"{text}  {ROLLED_BACK}"
+        text = f"{text}  {ROLLED_BACK_NOTE}"
     return text
+
+
+def incomplete_text(mutation: Mutation) -> str:
+    """``(incomplete image: bio unknown)``: columns the store could not know (unchanged TOAST)."""
+    unknown = ", ".join(mutation.unknown) or "some columns"
+    return f"(incomplete image: {unknown} unknown)"
 
 
 def align(rows: Iterable[Sequence[str]], gaps: Sequence[int], indent: str = _INDENT) -> list[str]:
@@ -290,6 +314,20 @@ def _context_text(context: Mapping[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+POSSIBLY_INCOMPLETE = (
+    "a rolled-back transaction was not decoded while in progress: some attempted changes may be missing"
+)
+
+
+def unattributed_text(error: RequestError) -> str:
+    """``reported by another session (db_user app, pid 4242)``: an error that is no root cause."""
+    return f"reported by another session ({error.reporter})"
+
+
+def _error_text(error_type: str | None, message: str | None) -> str:
+    return ": ".join(p for p in (error_type, message) if p).translate(_CONTROL)
+
+
 def why_lines(record: RequestRecord, *, utc: bool = False, max_changes: int = 50) -> list[str]:
     """``cdc why REQ``: the request's record, one labelled field a line."""
     fields: list[tuple[str, str]] = [("REQUEST", record.request_id)]
@@ -297,12 +335,20 @@ def why_lines(record: RequestRecord, *, utc: bool = False, max_changes: int = 50
         fields.append(("ACTOR", record.actor))
     fields.append(("OUTCOME", _outcome(record)))
     if record.error_type or record.error_message:
-        cause = ": ".join(p for p in (record.error_type, record.error_message) if p)
-        fields.append(("ROOT CAUSE", cause.translate(_CONTROL)))
+        fields.append(("ROOT CAUSE", _error_text(record.error_type, record.error_message)))
     elif record.rolled_back_count:
-        fields.append(("ROOT CAUSE", "unknown (no error was reported for this request)"))
+        none = (
+            "no error of this request's sessions was reported" if record.errors else "no error was reported"
+        )
+        fields.append(("ROOT CAUSE", f"unknown ({none} for this request)"))
     if record.error_location:
-        fields.append(("LOCATION", record.error_location))
+        fields.append(("LOCATION", record.error_location.translate(_CONTROL)))
+    for error in record.unattributed_errors:
+        fields.append(
+            ("ERROR", f"{_error_text(error.error_type, error.message)}  ({unattributed_text(error)})")
+        )
+    if record.possibly_incomplete:
+        fields.append(("NOTE", POSSIBLY_INCOMPLETE))
     context = _context_text(record.context)
     if context:
         fields.append(("CONTEXT", context))
@@ -316,7 +362,8 @@ def why_lines(record: RequestRecord, *, utc: bool = False, max_changes: int = 50
             (
                 "TRANSACTION",
                 f"xid {t.xid}  {status} at {format_lsn(t.position)}  "
-                f"{format_time(t.committed_at, utc)}  {count}",
+                f"{format_time(t.committed_at, utc)}  {count}"
+                + ("  (possibly incomplete)" if t.possibly_incomplete else ""),
             )
         )
     label_width = max(len("DATA CHANGES"), *(len(label) for label, _ in fields)) + 1

@@ -1,20 +1,27 @@
-"""Write history into a real store by plain INSERTs into the tables of sql/store.sql.
+"""Write history into a real store (format 2, docs/store.md) for reader tests.
 
-For reader tests: describe what happened (transactions of inserts, updates, deletes,
-truncates, rolled-back attempts) and the builder writes the rows the capture side would:
-``transactions``, ``mutations`` (before/after images, ``changed``, ``old_key``),
-``requests``, ``table_schemas`` and ``capture_state``.
+Describe what happened (tables, renames, drops, transactions of inserts, updates, deletes,
+truncates, rolled-back attempts, reported errors) and the builder writes the rows the capture
+side would: ``tables``, ``table_names``, ``table_schemas``, ``transactions``,
+``context_changes``, ``changes`` (COPY), ``request_errors`` and ``capture_state``. It keeps its
+own idea of every table at every version (:meth:`StoreBuilder.state_at`): an oracle to check
+readers against.
 
     b = StoreBuilder(dsn)            # creates the schema and applies sql/store.sql
     b.table("users", {"id": INT8, "email": TEXT}, key=["id"])
     with b.txn(at("2026-03-10 12:00"), request_id="1a2b3c4d-...") as t:
         t.insert("users", {"id": 42, "email": "a@b.com"})
+    b.rename("users", "app.members")  # a table_names row
     b.finish()                       # capture_state: acked_lsn = the last position
+
+Tables are named as PostgreSQL names them (``users``, ``"User"``, ``"a.b".c``): cdc/names.py.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
+import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,6 +34,10 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from cdc.names import format_table, parse_table
+from cdc.store.format import OP_CODES, OVERSIZE_MARKER, STATUS_CODES, ChangeFlag, TxnFlag, is_oversize
+from cdc.store.keys import image_text, key_text
+
 STORE_SQL = Path(__file__).resolve().parents[1] / "sql" / "store.sql"
 
 BOOL, INT8, INT2, INT4, TEXT, NUMERIC, UUID, TIMESTAMPTZ = 16, 20, 21, 23, 25, 1700, 2950, 1184
@@ -34,120 +45,188 @@ BOOL, INT8, INT2, INT4, TEXT, NUMERIC, UUID, TIMESTAMPTZ = 16, 20, 21, 23, 25, 1
 #: distance between transaction positions (a plausible WAL distance)
 STEP = 0x100
 
+ROLLED_BACK, BEFORE_FROM_WAL, INCOMPLETE = (
+    ChangeFlag.ROLLED_BACK,
+    ChangeFlag.BEFORE_FROM_WAL,
+    ChangeFlag.INCOMPLETE,
+)
+OVERSIZE, STREAMED, MAYBE_INCOMPLETE = ChangeFlag.OVERSIZE, TxnFlag.STREAMED, TxnFlag.MAYBE_INCOMPLETE
+_CONTEXT_ORDER = ("request_id", "actor", "application_name", "db_user", "client_addr", "backend_pid", "source",
+                  "extra")  # fmt: skip
+_CHANGE_COLUMNS = ("position", "ordinal", "committed_at", "table_id", "schema_id", "op", "flags", "lsn", "xid",
+                   "key_text", "image", "before", "old_key_text", "pending")  # fmt: skip
+_UNSET: Any = object()
+
 
 def at(text: str) -> datetime:
     """``2026-03-10 12:00`` in UTC."""
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
+def oversize(text: str) -> dict[str, Any]:
+    """The stored reference to a value over ``capture.max_value_bytes``."""
+    data = text.encode()
+    return {"$cdc": OVERSIZE_MARKER, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 @dataclass
 class _Table:
+    table_id: int
+    schema: str
     name: str
     schema_id: int
-    key: tuple[str, ...]
+    key: tuple[str, ...]  # empty: keyless (REPLICA IDENTITY FULL, the whole row names it)
     columns: tuple[str, ...]
-    rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # keyed: key json -> row
+    replica_identity: str
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # keyed: key_text -> row
     bag: list[dict[str, Any]] = field(default_factory=list)  # keyless: the multiset
 
-    def key_of(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        if not self.key:
-            return dict(row)
-        return {c: row[c] for c in self.key}
+    @property
+    def full(self) -> str:
+        return format_table(self.schema, self.name)
 
+    def key_of(self, row: Mapping[str, Any]) -> str:
+        """The row's key_text: its key columns' values (every column without a key)."""
+        return key_text([row.get(c) for c in self.key] if self.key else list(row.values()))
 
-def _kj(key: Mapping[str, Any]) -> str:
-    return json.dumps(key, sort_keys=True)
+    def key_image(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        return {c: row.get(c) for c in self.key} if self.key else dict(row)
+
+    def rows_now(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in (self.rows.values() if self.key else self.bag)]
 
 
 class Txn:
-    """The mutations of one transaction; see :meth:`StoreBuilder.txn`."""
+    """The changes of one transaction; see :meth:`StoreBuilder.txn`."""
 
     def __init__(self, builder: StoreBuilder, status: str, request_id: str | None, context: dict[str, Any]):
         self.b = builder
         self.status = status
         self.request_id = request_id
         self.context = context
-        self.mutations: list[dict[str, Any]] = []
-        self.tables = {name: copy.deepcopy(t) for name, t in builder.tables.items()}
+        self.changes: list[dict[str, Any]] = []
+        self.tables: dict[int, _Table] = {}  # copies of the tables this transaction touched
+        self._seen: dict[tuple[int, str], dict[str, Any] | None] = {}  # what attempts saw
 
     def _t(self, table: str) -> _Table:
-        return self.tables[self.b.full(table)]
+        live = self.b.resolve(table)
+        if live.table_id not in self.tables:
+            self.tables[live.table_id] = copy.deepcopy(live)
+        return self.tables[live.table_id]
 
-    def _add(
-        self, t: _Table, op: str, *, rolled_back: bool, request_id: str | None = None, **fields: Any
-    ) -> None:
-        status = "rolled_back" if rolled_back or self.status == "rolled_back" else "committed"
-        rid = request_id if request_id is not None else self.request_id
-        context = dict(self.context, request_id=rid) if rid else (dict(self.context) or None)
-        self.mutations.append(
-            {"table_name": t.name, "op": op, "status": status, "request_id": rid, "context": context,
-             "schema_id": t.schema_id, "key": None, "old_key": None, "before": None, "after": None,
-             "changed": None, **fields}
-        )  # fmt: skip
+    def _attempt(self, rolled_back: bool) -> bool:
+        return rolled_back or self.status == "rolled_back"
 
-    def _lookup(self, t: _Table, key: Any) -> dict[str, Any]:
+    def _key(self, t: _Table, key: Any) -> str:
         if not isinstance(key, Mapping):
             key = {t.key[0]: key}
         if t.key:
-            return t.rows[_kj(key)]
-        for row in t.bag:
-            if row == dict(key):
-                return row
-        raise KeyError(key)
+            return key_text([key[c] for c in t.key])
+        return key_text([key[c] for c in t.columns if c in key])
+
+    def _lookup(self, t: _Table, key: Any, attempt: bool) -> dict[str, Any]:
+        kt = self._key(t, key)
+        if not t.key:
+            for row in t.bag:
+                if t.key_of(row) == kt:
+                    return row
+            raise KeyError(key)
+        if attempt and (t.table_id, kt) in self._seen:
+            found = self._seen[(t.table_id, kt)]
+            if found is None:
+                raise KeyError(key)
+            return found
+        return t.rows[kt]
+
+    def _add(self, t: _Table, op: str, *, attempt: bool, request_id: str | None, **fields: Any) -> None:
+        rid = request_id if request_id is not None else self.request_id
+        flags = int(ROLLED_BACK) if attempt else 0
+        for name in ("image", "before"):
+            image = fields.get(name)
+            if image is None:
+                continue
+            if any(is_oversize(v) for v in image.values()):
+                flags |= OVERSIZE
+            fields[name] = image_text(image)
+        if fields.get("before") is not None:
+            flags |= BEFORE_FROM_WAL
+        if fields.pop("incomplete", False):
+            flags |= INCOMPLETE
+        self.changes.append(
+            {"table_id": t.table_id, "schema_id": t.schema_id, "op": OP_CODES[op], "flags": flags,
+             "request_id": rid, "key_text": None, "image": None, "before": None, "old_key_text": None, **fields}
+        )  # fmt: skip
+
+    def _apply(
+        self, t: _Table, attempt: bool, old: dict[str, Any] | None, new: dict[str, Any] | None
+    ) -> None:
+        """Record a row going from ``old`` to ``new`` (None: absent) in what this transaction sees."""
+        if old is not None:
+            self._seen[(t.table_id, t.key_of(old))] = None
+        if new is not None:
+            self._seen[(t.table_id, t.key_of(new))] = new
+        if attempt:
+            return
+        if t.key:
+            if old is not None:
+                t.rows.pop(t.key_of(old), None)
+            if new is not None:
+                t.rows[t.key_of(new)] = new
+        else:
+            if old is not None:
+                t.bag.remove(old)
+            if new is not None:
+                t.bag.append(new)
 
     def insert(self, table: str, row: Mapping[str, Any], *, rolled_back: bool = False, op: str = "INSERT",
-               request_id: str | None = None) -> None:  # fmt: skip
+               request_id: str | None = None, unknown: Sequence[str] = ()) -> None:  # fmt: skip
+        """An INSERT (or ``op="SNAPSHOT"``); ``unknown``: columns the image lacks (INCOMPLETE)."""
         t = self._t(table)
-        full = {c: row.get(c) for c in t.columns if c in row}
-        self._add(t, op, rolled_back=rolled_back, request_id=request_id, key=t.key_of(full), after=full)
-        if not rolled_back:
-            if t.key:
-                t.rows[_kj(t.key_of(full))] = full
-            else:
-                t.bag.append(full)
+        attempt = self._attempt(rolled_back)
+        full = {c: row.get(c) for c in t.columns if c in row and c not in unknown}
+        self._add(t, op, attempt=attempt, request_id=request_id, key_text=t.key_of(full),
+                  image=full, incomplete=bool(unknown))  # fmt: skip
+        self._apply(t, attempt, None, full)
 
     def snapshot(self, table: str, row: Mapping[str, Any]) -> None:
         self.insert(table, row, op="SNAPSHOT")
 
     def update(self, table: str, key: Any, changes: Mapping[str, Any], *, rolled_back: bool = False,
-               request_id: str | None = None) -> None:  # fmt: skip
+               request_id: str | None = None, unknown: Sequence[str] = ()) -> None:  # fmt: skip
+        """An UPDATE of the row named ``key``; ``unknown``: columns the image lacks (INCOMPLETE)."""
         t = self._t(table)
-        before = self._lookup(t, key)
-        after = {**before, **changes}
-        changed = [c for c in t.columns if c in changes and before.get(c) != after.get(c)]
+        attempt = self._attempt(rolled_back)
+        before = self._lookup(t, key, attempt)
+        after = {c: v for c, v in {**before, **changes}.items() if c not in unknown}
+        after = {c: after[c] for c in [*t.columns, *after] if c in after}
         old_key, new_key = t.key_of(before), t.key_of(after)
         self._add(
-            t, "UPDATE", rolled_back=rolled_back, request_id=request_id, key=new_key,
-            old_key=old_key if old_key != new_key else None, before=dict(before), after=after,
-            changed=changed,
+            t, "UPDATE", attempt=attempt, request_id=request_id, key_text=new_key, image=after,
+            before=before if t.replica_identity == "f" else None,
+            old_key_text=old_key if old_key != new_key else None, incomplete=bool(unknown),
         )  # fmt: skip
-        if not rolled_back:
-            if t.key:
-                del t.rows[_kj(old_key)]
-                t.rows[_kj(new_key)] = after
-            else:
-                t.bag.remove(before)
-                t.bag.append(after)
+        self._apply(t, attempt, before, after)
 
     def delete(
         self, table: str, key: Any, *, rolled_back: bool = False, request_id: str | None = None
     ) -> None:
         t = self._t(table)
-        before = self._lookup(t, key)
-        self._add(t, "DELETE", rolled_back=rolled_back, request_id=request_id, key=t.key_of(before),
-                  before=dict(before))  # fmt: skip
-        if not rolled_back:
-            if t.key:
-                del t.rows[_kj(t.key_of(before))]
-            else:
-                t.bag.remove(before)
+        attempt = self._attempt(rolled_back)
+        before = self._lookup(t, key, attempt)
+        image = before if t.replica_identity == "f" else t.key_image(before)
+        self._add(t, "DELETE", attempt=attempt, request_id=request_id, key_text=t.key_of(before),
+                  image=image)  # fmt: skip
+        self._apply(t, attempt, before, None)
 
     def truncate(self, table: str, *, rolled_back: bool = False) -> None:
         t = self._t(table)
-        self._add(t, "TRUNCATE", rolled_back=rolled_back)
-        if not rolled_back:
-            t.rows.clear()
-            t.bag.clear()
+        attempt = self._attempt(rolled_back)
+        self._add(t, "TRUNCATE", attempt=attempt, request_id=None)
+        for row in t.rows_now() if not attempt else ():
+            self._apply(t, attempt, row, None)
+        if attempt:  # what the attempt saw: every row gone
+            for kt in list(t.rows):
+                self._seen[(t.table_id, kt)] = None
 
 
 class StoreBuilder:
@@ -161,8 +240,13 @@ class StoreBuilder:
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.position = start
         self.xid = 1000
-        self.tables: dict[str, _Table] = {}
+        self.tables: dict[int, _Table] = {}  # by table_id, dropped ones too
+        self.live: dict[tuple[str, str], int] = {}  # (schema, name) -> table_id of the live table
         self.positions: list[int] = []  # of every committed transaction, in order
+        self._history: dict[int, list[tuple[int, list[dict[str, Any]]]]] = {}  # table_id -> states
+        self._between = 0  # DDL and error positions used since the last transaction
+        self._actor_seq: dict[str, int] = {}
+        self._request_context: dict[str, dict[str, Any]] = {}
         if create:
             self.create()
 
@@ -178,9 +262,25 @@ class StoreBuilder:
     def _t(self, name: str) -> sql.Identifier:
         return sql.Identifier(self.schema, name)
 
+    def _next_between(self) -> int:
+        """A position after the last transaction and before the next (DDL, reported errors)."""
+        self._between += 1
+        assert self._between < STEP
+        return self.position + self._between
+
     @staticmethod
     def full(name: str) -> str:
-        return name if "." in name else f"public.{name}"
+        """``users`` → ``public.users``, ``"User"`` → ``public."User"`` (cdc/names.py)."""
+        return format_table(*parse_table(name))
+
+    def resolve(self, name: str) -> _Table:
+        """The live table named ``name`` now."""
+        return self.tables[self.live[parse_table(name)]]
+
+    def table_id(self, name: str) -> int:
+        return self.resolve(name).table_id
+
+    # ------------------------------------------------------------------ tables
 
     def table(
         self,
@@ -189,28 +289,81 @@ class StoreBuilder:
         key: Sequence[str] = ("id",),
         *,
         replica_identity: str = "d",
+        relation_oid: int | None = None,
     ) -> int:
-        """Register (a new schema version of) a table: ``columns`` name → type oid, in table order."""
-        full = self.full(name)
+        """Register a table, or a new schema version of the live table of that name; the schema id.
+
+        ``columns``: name → type oid, in table order. An empty ``key``: REPLICA IDENTITY FULL.
+        """
+        schema, table = parse_table(name)
+        identity = "f" if not key else replica_identity
         cols = [
             {"name": c, "type_oid": oid, "type_modifier": -1, "key": c in key} for c, oid in columns.items()
         ]
-        fingerprint = json.dumps([full, list(key), cols])
-        row = self.conn.execute(
+        old = self.tables.get(self.live.get((schema, table), -1))
+        position = self._next_between()
+        if old is None:
+            row = self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (relation_oid, first_position) VALUES (%s, %s) RETURNING table_id"
+                ).format(self._t("tables")),
+                [relation_oid or 16384 + len(self.tables), position],
+            ).fetchone()
+            assert row is not None
+            table_id = int(row[0])
+            self._name_row(table_id, schema, table, position)
+        else:
+            table_id = old.table_id
+        fingerprint = hashlib.sha256(json.dumps([table_id, identity, list(key), cols]).encode()).hexdigest()
+        found = self.conn.execute(
             sql.SQL(
-                "INSERT INTO {} (table_name, relation_oid, replica_identity, key_columns, columns, "
-                "fingerprint, first_position) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING schema_id"
+                "INSERT INTO {} (table_id, replica_identity, key_columns, columns, fingerprint, first_position) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (fingerprint) DO UPDATE SET fingerprint = "
+                "excluded.fingerprint RETURNING schema_id"
             ).format(self._t("table_schemas")),
-            [full, 16384 + len(self.tables), "f" if not key else replica_identity, list(key), Jsonb(cols),
-             fingerprint, self.position],
-        ).fetchone()  # fmt: skip
-        assert row is not None
-        old = self.tables.get(full)
-        self.tables[full] = _Table(
-            name=full, schema_id=row[0], key=tuple(key), columns=tuple(columns),
+            [table_id, identity, list(key), Jsonb(cols), fingerprint, position],
+        ).fetchone()
+        assert found is not None
+        self.tables[table_id] = _Table(
+            table_id=table_id, schema=schema, name=table, schema_id=int(found[0]), key=tuple(key),
+            columns=tuple(columns), replica_identity=identity,
             rows=old.rows if old else {}, bag=old.bag if old else [],
         )  # fmt: skip
-        return int(row[0])
+        self.live[(schema, table)] = table_id
+        return int(found[0])
+
+    def _name_row(self, table_id: int, schema: str, name: str, position: int) -> None:
+        self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (table_id, schema_name, table_name, from_position) VALUES (%s, %s, %s, %s)"
+            ).format(self._t("table_names")),
+            [table_id, schema, name, position],
+        )
+
+    def rename(self, table: str, new_name: str) -> int:
+        """``ALTER TABLE ... RENAME`` / ``SET SCHEMA``: a table_names row; its position."""
+        t = self.resolve(table)
+        schema, name = parse_table(new_name)
+        assert (schema, name) not in self.live, f"{new_name} exists"
+        position = self._next_between()
+        self._name_row(t.table_id, schema, name, position)
+        del self.live[(t.schema, t.name)]
+        t.schema, t.name = schema, name
+        self.live[(schema, name)] = t.table_id
+        return position
+
+    def drop(self, table: str) -> int:
+        """``DROP TABLE``: the table's dropped_position; its name is free for a new table."""
+        t = self.resolve(table)
+        position = self._next_between()
+        self.conn.execute(
+            sql.SQL("UPDATE {} SET dropped_position = %s WHERE table_id = %s").format(self._t("tables")),
+            [position, t.table_id],
+        )
+        del self.live[(t.schema, t.name)]
+        return position
+
+    # ------------------------------------------------------------------ transactions
 
     @contextmanager
     def txn(
@@ -221,6 +374,7 @@ class StoreBuilder:
         status: str = "committed",
         actor: str | None = None,
         context: Mapping[str, Any] | None = None,
+        flags: int = 0,
     ) -> Iterator[Txn]:
         """One transaction at ``when``; ``status="rolled_back"`` for an aborted one."""
         if isinstance(when, str):
@@ -232,67 +386,93 @@ class StoreBuilder:
             ctx.setdefault("application_name", "app")
         txn = Txn(self, status, request_id, ctx)
         yield txn
-        self._write(txn, when)
+        self._write(txn, when, flags)
 
-    def _write(self, txn: Txn, when: datetime) -> None:
+    def _context(self, txn: Txn, request_id: str | None) -> dict[str, Any] | None:
+        doc = dict(txn.context, request_id=request_id) if request_id else dict(txn.context)
+        if not doc:
+            return None
+        return {k: doc[k] for k in [*_CONTEXT_ORDER, *doc] if k in doc and doc[k] is not None}
+
+    def _write(self, txn: Txn, when: datetime, flags: int) -> None:
         self.position += STEP
+        self._between = 0
         self.xid += 1
         position, xid = self.position, self.xid
         committed = txn.status == "committed"
+        contexts = [self._context(txn, c["request_id"]) for c in txn.changes] or [
+            self._context(txn, txn.request_id)
+        ]
+        spans = [o for o in range(len(contexts)) if o == 0 or contexts[o] != contexts[o - 1]]
+        span_rows = []
+        for i, start in enumerate(spans):
+            ctx = contexts[start]
+            length = (spans[i + 1] if i + 1 < len(spans) else len(txn.changes)) - start
+            actor = (ctx or {}).get("actor")
+            seq = None
+            if actor is not None:
+                seq = self._actor_seq.get(actor, 0) + 1
+                self._actor_seq[actor] = seq + max(length, 1) - 1
+            rid = (ctx or {}).get("request_id")
+            if rid is not None and ctx is not None:
+                self._request_context[rid] = ctx
+            span_rows.append((start, rid, actor, seq, json.dumps(ctx) if ctx else None))
         with self.conn.transaction():
+            first = span_rows[0]
             self.conn.execute(
                 sql.SQL(
-                    "INSERT INTO {} (position, xid, version, commit_lsn, status, committed_at, "
-                    "mutation_count, request_ids) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    "INSERT INTO {} (position, committed_at, xid, commit_lsn, status, flags, change_count, "
+                    "request_id, actor, actor_seq, context) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 ).format(self._t("transactions")),
-                [position, xid, position if committed else None, position - 16, txn.status, when,
-                 len(txn.mutations), sorted({m["request_id"] for m in txn.mutations if m["request_id"]})],
+                [position, when, xid, position - 16, STATUS_CODES[txn.status], int(flags), len(txn.changes),
+                 *first[1:]],
             )  # fmt: skip
-            for ordinal, m in enumerate(txn.mutations):
+            for start, rid, actor, seq, ctx_text in span_rows[1:]:
                 self.conn.execute(
                     sql.SQL(
-                        "INSERT INTO {} (position, ordinal, version, lsn, xid, committed_at, table_name, "
-                        "op, key, old_key, before, after, changed, status, request_id, context, schema_id) "
-                        "VALUES "
-                        "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                    ).format(self._t("mutations")),
-                    [position, ordinal, position if m["status"] == "committed" else None,
-                     position - STEP + 16 + ordinal, xid, when, m["table_name"], m["op"], _j(m["key"]),
-                     _j(m["old_key"]), _j(m["before"]), _j(m["after"]), m["changed"], m["status"],
-                     m["request_id"], _j(m["context"]), m["schema_id"]],
-                )  # fmt: skip
-            for rid in dict.fromkeys(m["request_id"] for m in txn.mutations if m["request_id"]):
-                rolled = txn.status == "rolled_back" or any(
-                    mm["status"] == "rolled_back" for mm in txn.mutations if mm["request_id"] == rid
+                        "INSERT INTO {} (position, committed_at, from_ordinal, request_id, actor, actor_seq, "
+                        "context) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                    ).format(self._t("context_changes")),
+                    [position, when, start, rid, actor, seq, ctx_text],
                 )
-                self.conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {} AS r (request_id, actor, context, first_seen_at, last_seen_at, "
-                        "committed_count, rolled_back_count) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                        "ON CONFLICT (request_id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
-                        "committed_count = r.committed_count + excluded.committed_count, "
-                        "rolled_back_count = r.rolled_back_count + excluded.rolled_back_count"
-                    ).format(self._t("requests")),
-                    [rid, txn.context.get("actor"), _j(dict(txn.context, request_id=rid)), when, when,
-                     1 if committed else 0, 1 if rolled else 0],
-                )  # fmt: skip
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                self._t("changes"), sql.SQL(", ").join(map(sql.Identifier, _CHANGE_COLUMNS))
+            )
+            with self.conn.cursor() as cur, cur.copy(copy_sql) as out:
+                for ordinal, c in enumerate(txn.changes):
+                    out.write_row(
+                        [position, ordinal, when, c["table_id"], c["schema_id"], c["op"], int(c["flags"]),
+                         position - STEP + 16 + ordinal, None, c["key_text"], c["image"], c["before"],
+                         c["old_key_text"], None]
+                    )  # fmt: skip
         if committed:
             self.positions.append(position)
-            for name, table in txn.tables.items():
-                self.tables[name].rows = table.rows
-                self.tables[name].bag = table.bag
+            for table_id, table in txn.tables.items():
+                self.tables[table_id].rows = table.rows
+                self.tables[table_id].bag = table.bag
+                self._history.setdefault(table_id, []).append((position, table.rows_now()))
 
     def request_error(
         self, request_id: str, error_type: str | None, message: str, location: str | None = None,
-        when: datetime | None = None,
-    ) -> None:  # fmt: skip
+        when: datetime | None = None, *, db_user: str | None = _UNSET, backend_pid: int | None = _UNSET,
+        client_addr: str | None = None,
+    ) -> int:  # fmt: skip
+        """A ``cdc.error`` message of the request; by default from the session of its last context.
+
+        Returns the message's LSN.
+        """
+        ctx = self._request_context.get(request_id, {})
+        lsn = self._next_between()
         self.conn.execute(
             sql.SQL(
-                "UPDATE {} SET error_type = %s, error_message = %s, error_location = %s, error_at = %s "
-                "WHERE request_id = %s"
-            ).format(self._t("requests")),
-            [error_type, message, location, when, request_id],
-        )
+                "INSERT INTO {} (lsn, request_id, reported_at, error_type, message, location, db_user, "
+                "backend_pid, client_addr) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            ).format(self._t("request_errors")),
+            [lsn, request_id, when or datetime.now(UTC), error_type, message, location,
+             ctx.get("db_user") if db_user is _UNSET else db_user,
+             ctx.get("backend_pid") if backend_pid is _UNSET else backend_pid, client_addr],
+        )  # fmt: skip
+        return lsn
 
     def finish(
         self,
@@ -314,14 +494,18 @@ class StoreBuilder:
             [slot, acked, baseline, floor],
         )
 
+    # ------------------------------------------------------------------ the oracle
+
     def state(self, table: str) -> list[dict[str, Any]]:
-        """The builder's own idea of the table now (for comparisons)."""
-        t = self.tables[self.full(table)]
-        return list(t.rows.values()) if t.key else list(t.bag)
+        """The builder's own idea of the live table named ``table`` now (for comparisons)."""
+        return self.resolve(table).rows_now()
 
-
-def _j(value: Any) -> Jsonb | None:
-    return None if value is None else Jsonb(value)
+    def state_at(self, table: str | int, version: int) -> list[dict[str, Any]]:
+        """The rows of a table (live name, or table id) at ``version``, as readers should see them."""
+        table_id = table if isinstance(table, int) else self.table_id(table)
+        states = self._history.get(table_id, [])
+        i = bisect.bisect_right([p for p, _ in states], version)
+        return [dict(r) for r in states[i - 1][1]] if i else []
 
 
 # ============================================================================ the seed 000 scenario
@@ -360,6 +544,7 @@ def build_seed_000(b: StoreBuilder) -> None:
             "backend_pid": 4242,
             "extra": {"route": "/pay"},
         },
+        flags=STREAMED,
     ) as t:
         t.update("users", 42, {"plan": None})
         t.update("orders", "81b2", {"status": None})

@@ -473,6 +473,7 @@ def request_json(record: RequestRecord, mutations: list[Mutation]) -> dict[str, 
         error_at=utc(record.error_at),
         transactions=[replace(t, committed_at=t.committed_at.astimezone(UTC)) for t in record.transactions],
         mutations=[],
+        errors=[replace(e, at=utc(e.at)) for e in record.errors],
     ).to_json()
     data["mutations"] = [mutation_record(m, utc=True) for m in mutations]
     return data
@@ -670,17 +671,17 @@ async def list_tables(request: Request, ctx: WebContext) -> dict[str, Any]:
     allow_params(request)
 
     def work(store: Store) -> dict[str, Any]:
-        tables = []
-        for name in store.known_tables():
-            info = store.table(name)
-            tables.append(
-                {
-                    "name": info.name,
-                    "key_columns": list(info.key_columns),
-                    "columns": list(info.columns),
-                    "keyless": info.keyless,
-                }
-            )
+        tables = [
+            {
+                "name": info.name,
+                "key_columns": list(info.key_columns),
+                "columns": list(info.columns),
+                "keyless": info.keyless,
+                "dropped": info.dropped,
+                "former_names": [name for _, name in info.names[:-1]],
+            }
+            for info in store.tables()
+        ]
         return {"tables": tables}
 
     return await ctx.run(work)
@@ -742,8 +743,9 @@ async def table_rows(request: Request, ctx: WebContext, table: str) -> dict[str,
     limit = parse_limit(request.query_params.get("limit"))
 
     def work(store: Store) -> dict[str, Any]:
-        info = store.table(table)
+        store.table(table)  # an unknown table first
         resolved, exact = resolve_version(store, version, when)
+        info = store.table(table, resolved)  # the table that had this name then
         rows: list[dict[str, Any]] = []
         next_after: str | None = None
         if exact and resolved is not None:
@@ -767,11 +769,12 @@ async def row_at(request: Request, ctx: WebContext, table: str, key_text: str) -
     version, when = _version_args(request)
 
     def work(store: Store) -> dict[str, Any]:
-        info = store.table(table)
-        stored = store.stored_key(info, parse_key(key_text))
+        store.table(table)  # an unknown table first
         resolved, exact = resolve_version(store, version, when)
-        row = store.row_at(info.name, stored, resolved) if exact and resolved is not None else None
-        if row is None and not store.has_history(info.name, stored):
+        info = store.table(table, resolved)  # the table that had this name then
+        stored = store.stored_key(info, parse_key(key_text))
+        row = store.row_at(info, stored, resolved) if exact and resolved is not None else None
+        if row is None and not store.has_history(info, stored):
             raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
         return {"table": info.name, "key": stored, **_version_json(resolved), "exact": exact, "row": row}
 
@@ -1070,12 +1073,14 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Table": {
         "type": "object",
-        "required": ["name", "key_columns", "columns", "keyless"],
+        "required": ["name", "key_columns", "columns", "keyless", "dropped", "former_names"],
         "properties": {
-            "name": _STRING,
+            "name": {**_STRING, "description": 'schema.name, quoted as PostgreSQL needs (public."User")'},
             "key_columns": {"type": "array", "items": _STRING},
             "columns": {"type": "array", "items": _STRING},
             "keyless": {"type": "boolean"},
+            "dropped": {"type": "boolean", "description": "dropped on the source; its history stays"},
+            "former_names": {"type": "array", "items": _STRING, "description": "oldest first"},
         },
     },
     "TableList": {
@@ -1196,6 +1201,7 @@ _SCHEMAS: dict[str, Any] = {
             "committed_at",
             "origin",
             "mutation_count",
+            "possibly_incomplete",
         ],
         "properties": {
             "position": _INT,
@@ -1207,6 +1213,10 @@ _SCHEMAS: dict[str, Any] = {
             "committed_at": _TIME,
             "origin": _nullable(_STRING),
             "mutation_count": _INT,
+            "possibly_incomplete": {
+                "type": "boolean",
+                "description": "rolled back and not decoded in progress: attempted changes may be missing",
+            },
         },
     },
     "Request": {
@@ -1221,6 +1231,8 @@ _SCHEMAS: dict[str, Any] = {
             "committed_count",
             "rolled_back_count",
             "error",
+            "errors",
+            "possibly_incomplete",
             "transactions",
             "mutation_count",
             "mutations",
@@ -1250,6 +1262,28 @@ _SCHEMAS: dict[str, Any] = {
                     },
                 }
             ),
+            "errors": {
+                "type": "array",
+                "description": "every error the request reported; only an attributed one is its root cause",
+                "items": {
+                    "type": "object",
+                    "required": ["type", "message", "location", "at", "db_user", "backend_pid", "attributed"],
+                    "properties": {
+                        "type": _nullable(_STRING),
+                        "message": _nullable(_STRING),
+                        "location": _nullable(_STRING),
+                        "at": _nullable(_TIME),
+                        "db_user": _nullable(_STRING),
+                        "backend_pid": _nullable(_INT),
+                        "attributed": {
+                            "type": "boolean",
+                            "description": "a verified context of the request came from the same "
+                            "db_user and backend_pid; false: reported by another session",
+                        },
+                    },
+                },
+            },
+            "possibly_incomplete": {"type": "boolean"},
             "transactions": {"type": "array", "items": _ref("Transaction")},
             "mutation_count": _INT,
             "mutations": {"type": "array", "items": _ref("Mutation")},

@@ -26,11 +26,18 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cdc.config import format_table
 from cdc.errors import CdcError, NotFoundError, UsageError
 from cdc.lsn import format_lsn
 from cdc.query import OPS, STATUSES, BlameEntry, Mutation, RequestRecord, Store
-from cdc.render import ROLLED_BACK, describe_mutation, format_value, shorten
+from cdc.render import (
+    POSSIBLY_INCOMPLETE,
+    ROLLED_BACK_NOTE,
+    describe_mutation,
+    format_value,
+    short_table,
+    shorten,
+    unattributed_text,
+)
 from cdc.web.api import (
     COOKIE_NAME,
     MAX_LOGIN_BODY,
@@ -84,13 +91,8 @@ def iso_full(value: datetime | None) -> str:
 
 
 def url_table(table: str) -> str:
-    """``public.users`` → ``users``; other schemas ``s.t``; identifiers quoted when needed."""
-    schema, _, name = table.partition(".")
-    if not name:
-        return table
-    if schema == "public":
-        return format_table("public", name).removeprefix("public.")
-    return format_table(schema, name)
+    """``public.users`` → ``users``, ``public."User"`` → ``"User"``; other schemas ``s.t``."""
+    return short_table(table)
 
 
 def url_key(key: Mapping[str, Any], keyless: bool = False) -> str:
@@ -144,12 +146,22 @@ class DiffRow:
     kind: str  # changed | added | removed | same
 
 
+@dataclass(frozen=True)
+class LinkFacts:
+    """What a link to a table's row needs: how its keys are written, and whether its name now
+    belongs to another table (then the link names a version at which it did not)."""
+
+    keyless: bool
+    pinned: bool
+
+
 @dataclass
 class Urls:
     """Links between the pages (under the app's root path)."""
 
     base: str
     keyless: Mapping[str, bool] = field(default_factory=dict)
+    tables: Mapping[int, LinkFacts] = field(default_factory=dict)  # by table id
 
     def static(self, name: str) -> str:
         return f"{self.base}/static/{quote(name)}"
@@ -158,11 +170,28 @@ class Urls:
         query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
         return f"{self.base}/" + (f"?{query}" if query else "")
 
-    def row(self, table: str, key: Mapping[str, Any] | None) -> str | None:
+    def row(
+        self,
+        table: str,
+        key: Mapping[str, Any] | None,
+        *,
+        keyless: bool | None = None,
+        version: int | None = None,
+    ) -> str | None:
         if key is None:
             return None
-        text = url_key(key, self.keyless.get(table, False))
-        return f"{self.base}/tables/{quote(url_table(table), safe='')}/rows/{quote(text, safe='')}"
+        text = url_key(key, self.keyless.get(table, False) if keyless is None else keyless)
+        href = f"{self.base}/tables/{quote(url_table(table), safe='')}/rows/{quote(text, safe='')}"
+        return href if version is None else f"{href}?version={version}"
+
+    def mutation_row(self, m: Mutation) -> str | None:
+        """The row page of a mutation's row, by the table's name at the change."""
+        if m.op == "TRUNCATE":
+            return None
+        facts = self.tables.get(m.table_id) if m.table_id is not None else None
+        if facts is None:
+            return self.row(m.table, m.key)
+        return self.row(m.table, m.key, keyless=facts.keyless, version=m.position if facts.pinned else None)
 
     def request(self, request_id: str | None) -> str | None:
         if not request_id:
@@ -215,7 +244,7 @@ def _diff(m: Mutation) -> tuple[list[DiffRow], list[DiffRow]]:
 
 
 def mutation_view(m: Mutation, urls: Urls, *, with_diff: bool = False) -> MutationView:
-    summary = describe_mutation(m, width=60).removesuffix(f"  {ROLLED_BACK}")
+    summary = describe_mutation(m, width=60).removesuffix(f"  {ROLLED_BACK_NOTE}")
     diff, unchanged = _diff(m) if with_diff else ([], [])
     return MutationView(
         m=m,
@@ -223,7 +252,7 @@ def mutation_view(m: Mutation, urls: Urls, *, with_diff: bool = False) -> Mutati
         time_full=iso_full(m.committed_at),
         table=url_table(m.table),
         key=key_label(m.key),
-        row_href=urls.row(m.table, m.key) if m.op != "TRUNCATE" else None,
+        row_href=urls.mutation_row(m),
         summary=summary,
         request_id=m.request_id,
         request_short=f"req:{m.request_id[:8]}" if m.request_id else "",
@@ -234,6 +263,21 @@ def mutation_view(m: Mutation, urls: Urls, *, with_diff: bool = False) -> Mutati
         diff=diff,
         unchanged=unchanged,
     )
+
+
+def link_facts(store: Store, mutations: Sequence[Mutation]) -> dict[int, LinkFacts]:
+    """For each table of ``mutations`` (by id): what links to its rows need."""
+    facts: dict[int, LinkFacts] = {}
+    for m in mutations:
+        if m.table_id is None or m.table_id in facts:
+            continue
+        then = store.table(m.table, m.position)
+        try:
+            now = store.table(m.table).table_id
+        except NotFoundError:
+            now = None
+        facts[m.table_id] = LinkFacts(keyless=then.keyless, pinned=now != m.table_id)
+    return facts
 
 
 # ============================================================================ rendering
@@ -310,14 +354,15 @@ async def log_page(request: Request) -> Response:
     try:
         filters = LogFilters.from_request(request, default_limit=LOG_PAGE_SIZE)
 
-        def work(store: Store) -> tuple[list[str], list[Mutation], tuple[int, int] | None, dict[str, bool]]:
+        def work(
+            store: Store,
+        ) -> tuple[list[str], list[Mutation], tuple[int, int] | None, dict[int, LinkFacts]]:
             names = store.known_tables()
             page, cursor = filters.page(store)
-            keyless = {m.table: store.table(m.table).keyless for m in page}
-            return names, page, cursor, keyless
+            return names, page, cursor, link_facts(store, page)
 
-        tables, page, cursor, keyless = await ctx.run(work)
-        urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"), keyless)
+        tables, page, cursor, facts = await ctx.run(work)
+        urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"), tables=facts)
         found = [mutation_view(m, urls) for m in page]
         if cursor is not None:
             older = urls.log(**{k: v for k, v in values.items() if v}, cursor=format_cursor(cursor))
@@ -407,15 +452,20 @@ async def row_page(request: Request) -> Response:
         when = parse_when(at_text, "at") if at_text is not None else None
 
         def work(store: Store) -> RowPage:
-            info = store.table(table_text)
+            store.table(table_text)  # an unknown table first
+            at_version: int | None = None
+            at_exact = False
+            if version is not None or when is not None:
+                at_version, at_exact = resolve_version(store, version, when)
+            info = store.table(table_text, at_version)  # the table of that name then (else now)
             stored = store.stored_key(info, key)
-            history = store.row_history(info.name, stored)
+            history = store.row_history(info, stored)
             blame: list[BlameEntry] | None = None
             note: str | None = None
             try:
-                blame = store.blame(info.name, stored)
-            except NotFoundError:
-                note = "The row does not exist now (deleted, moved to another key, or truncated)."
+                blame = store.blame(info, stored)
+            except NotFoundError as exc:
+                note = f"No blame: {exc.message}."
             page = RowPage(
                 table=info.name,
                 key=stored,
@@ -427,9 +477,9 @@ async def row_page(request: Request) -> Response:
             )
             if version is not None or when is not None:
                 page.at_asked = True
-                page.at_version, page.at_exact = resolve_version(store, version, when)
+                page.at_version, page.at_exact = at_version, at_exact
                 if page.at_exact and page.at_version is not None:
-                    page.at_row = store.row_at(info.name, stored, page.at_version)
+                    page.at_row = store.row_at(info, stored, page.at_version)
             return page
 
         result = await ctx.run(work)
@@ -509,16 +559,15 @@ async def request_page(request: Request) -> Response:
             raise NotFoundError("no such page: expected /requests/{id}")
         request_id = check_text(parts[0], "request id")
 
-        def work(store: Store) -> tuple[RequestRecord, dict[str, bool]]:
+        def work(store: Store) -> tuple[RequestRecord, dict[int, LinkFacts]]:
             record = store.request(request_id, mutation_limit=REQUEST_CHANGES_SHOWN)
-            keyless = {m.table: store.table(m.table).keyless for m in record.mutations}
-            return record, keyless
+            return record, link_facts(store, record.mutations)
 
-        record, keyless = await ctx.run(work)
+        record, facts = await ctx.run(work)
     except Exception as exc:  # noqa: BLE001 - the page's error boundary
         status, message = page_error(request, exc, "page_request")
         return error_page(request, status, message)
-    urls = Urls(base, keyless)
+    urls = Urls(base, tables=facts)
     cause = ": ".join(p for p in (record.error_type, record.error_message) if p) or None
     return render(
         request,
@@ -529,6 +578,16 @@ async def request_page(request: Request) -> Response:
         outcome=_OUTCOMES.get(record.outcome, record.outcome),
         cause=cause,
         error_at=iso(record.error_at) if record.error_at else None,
+        other_errors=[
+            {
+                "text": ": ".join(p for p in (e.error_type, e.message) if p),
+                "location": e.location,
+                "time": iso(e.at),
+                "reporter": unattributed_text(e),
+            }
+            for e in record.unattributed_errors
+        ],
+        incomplete_note=POSSIBLY_INCOMPLETE if record.possibly_incomplete else None,
         first_seen=iso(record.first_seen_at),
         last_seen=iso(record.last_seen_at),
         context=context_items(record.context),
@@ -539,6 +598,7 @@ async def request_page(request: Request) -> Response:
                 "status": t.status,
                 "time": iso(t.committed_at),
                 "count": t.mutation_count,
+                "possibly_incomplete": t.possibly_incomplete,
             }
             for t in record.transactions
         ],

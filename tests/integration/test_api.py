@@ -130,6 +130,8 @@ def test_tables(client: TestClient) -> None:
         "key_columns": ["id"],
         "columns": ["id", "email", "name", "plan"],
         "keyless": False,
+        "dropped": False,
+        "former_names": [],
     }
     assert tables["public.items"]["key_columns"] == ["order_id", "n"]
     assert tables["public.events"]["keyless"] is True

@@ -115,7 +115,7 @@ def test_why(run: Any, seed: StoreBuilder) -> None:
 
     out = ok(run(why, "550e8400"))
     xid, position = seed.conn.execute(
-        "SELECT xid, position FROM cdc_history.transactions WHERE status = 'rolled_back'"
+        "SELECT xid, position FROM cdc_history.transactions WHERE status = 'r'"
     ).fetchone() or (0, 0)
     expected = SEED_WHY.format(xid=xid, position=format_lsn(position))
     assert out == expected

@@ -1,0 +1,378 @@
+"""What the query layer returns: mutations, table facts, pages, blame, requests; key helpers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cdc.errors import UsageError
+from cdc.lsn import format_lsn
+from cdc.names import format_table, parse_table
+from cdc.store.format import ChangeFlag
+
+__all__ = [
+    "BlameEntry",
+    "Key",
+    "Mutation",
+    "MutationPage",
+    "RequestError",
+    "RequestRecord",
+    "Row",
+    "TableInfo",
+    "TablePage",
+    "TransactionInfo",
+    "VersionRange",
+    "format_key",
+    "key_from_text",
+    "table_name",
+]
+
+#: A row key as users give it: a scalar for one key column, a dict for several.
+Key = Any
+Row = dict[str, Any]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One stored change of one row (or a TRUNCATE of a whole table)."""
+
+    position: int
+    ordinal: int
+    version: int | None  # None: a rolled-back attempt
+    lsn: int
+    xid: int
+    committed_at: datetime
+    table: str  # the table's name at the change, "schema.name" quoted as PostgreSQL needs
+    op: str
+    key: Row | None  # None for TRUNCATE
+    old_key: Row | None  # set when an UPDATE moved the row from old_key to key
+    before: Row | None
+    after: Row | None
+    changed: tuple[str, ...]
+    status: str  # "committed" | "rolled_back"
+    request_id: str | None
+    context: dict[str, Any] | None
+    schema_id: int | None = None
+    flags: int = 0  # docs/store.md "Change flags"
+    table_id: int | None = None
+    unknown: tuple[str, ...] = ()  # columns of an INCOMPLETE image whose value is not known
+    key_text: str | None = None  # the stored key (docs/store.md "The key")
+    old_key_text: str | None = None
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.status == "rolled_back"
+
+    @property
+    def is_keyframe(self) -> bool:
+        """A SNAPSHOT written by pruning: the row's image at the history floor, not a change."""
+        return bool(self.flags & ChangeFlag.KEYFRAME)
+
+    @property
+    def incomplete(self) -> bool:
+        """Some columns of the image are unknown (listed in ``unknown`` when the schema says which)."""
+        return bool(self.flags & ChangeFlag.INCOMPLETE)
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """The ``(position, ordinal)`` pair that orders mutations (and pages the log)."""
+        return (self.position, self.ordinal)
+
+    def to_json(self) -> dict[str, Any]:
+        """The exported form (DESIGN.md "A mutation, as exported in JSON")."""
+        return {
+            "version": self.version,
+            "version_lsn": format_lsn(self.version) if self.version is not None else None,
+            "lsn": self.lsn,
+            "lsn_text": format_lsn(self.lsn),
+            "xid": self.xid,
+            "committed_at": self.committed_at.isoformat(),
+            "table": self.table,
+            "key": self.key,
+            "op": self.op,
+            "before": self.before,
+            "after": self.after,
+            "changed": list(self.changed),
+            "request_id": self.request_id,
+            "context": self.context,
+            "status": self.status,
+        }
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """The versions the store can read: ``earliest`` (the floor) to ``current``, with their times."""
+
+    earliest: int | None
+    current: int | None
+    earliest_at: datetime | None
+    current_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "earliest": self.earliest,
+            "earliest_lsn": format_lsn(self.earliest) if self.earliest is not None else None,
+            "earliest_at": _iso(self.earliest_at),
+            "current": self.current,
+            "current_lsn": format_lsn(self.current) if self.current is not None else None,
+            "current_at": _iso(self.current_at),
+        }
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A captured table (one source relation) as resolved from a name, with its schema there.
+
+    ``name`` is the name it was resolved by (at the version asked, else now or last);
+    ``current_name`` its latest name; ``until``: a bound on positions (exclusive) when the name is
+    an old one (the table was renamed or dropped there): only the history before it is read.
+    """
+
+    name: str  # "schema.name" quoted as PostgreSQL needs (cdc.names.format_table)
+    key_columns: tuple[str, ...]  # empty: no key, the whole row names it (multiset)
+    columns: tuple[str, ...]  # in table order
+    type_oids: Mapping[str, int]
+    table_id: int = 0
+    schema_name: str = ""
+    table_name: str = ""
+    current_name: str = ""
+    relation_oid: int = 0
+    dropped_position: int | None = None
+    until: int | None = None
+    names: tuple[tuple[int, str], ...] = ()  # (from position, "schema.name") of every name it had
+
+    @property
+    def keyless(self) -> bool:
+        return not self.key_columns
+
+    @property
+    def dropped(self) -> bool:
+        return self.dropped_position is not None
+
+    @property
+    def current_parts(self) -> tuple[str, str]:
+        """``(schema, name)`` of the table's latest name, exact."""
+        return parse_table(self.current_name)
+
+
+@dataclass(frozen=True)
+class TablePage:
+    """One page of a table at a version: rows in key order and the cursor for the next page."""
+
+    rows: list[Row]
+    next_after: Row | None  # the stored key to pass as ``after_key``; None on the last page
+
+
+@dataclass(frozen=True)
+class MutationPage:
+    """One page of the mutation log, newest first."""
+
+    mutations: list[Mutation]
+    next_cursor: tuple[int, int] | None  # pass as ``before=`` for the next (older) page
+
+
+@dataclass(frozen=True)
+class BlameEntry:
+    """Who wrote the current value of one column of a row."""
+
+    column: str
+    value: Any
+    request_id: str | None  # of the last committed write (None: no request or unknown)
+    committed_at: datetime | None  # None: written before the history floor
+    version: int | None
+    op: str | None
+    rolled_back_request_id: str | None = None  # a later attempt on the column that was reverted
+    rolled_back_at: datetime | None = None
+    rolled_back: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "value": self.value,
+            "request_id": self.request_id,
+            "committed_at": _iso(self.committed_at),
+            "version": self.version,
+            "op": self.op,
+            "rolled_back": self.rolled_back,
+            "rolled_back_request_id": self.rolled_back_request_id,
+            "rolled_back_at": _iso(self.rolled_back_at),
+        }
+
+
+@dataclass(frozen=True)
+class TransactionInfo:
+    position: int
+    xid: int
+    version: int | None
+    commit_lsn: int | None
+    status: str
+    committed_at: datetime
+    origin: str | None
+    mutation_count: int  # every change of the transaction (of any request)
+    possibly_incomplete: bool = False  # rolled back, not streamed: attempted changes may be missing
+    flags: int = 0  # docs/store.md "Transaction flags"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "position_lsn": format_lsn(self.position),
+            "xid": self.xid,
+            "version": self.version,
+            "commit_lsn": self.commit_lsn,
+            "status": self.status,
+            "committed_at": self.committed_at.isoformat(),
+            "origin": self.origin,
+            "mutation_count": self.mutation_count,
+            "possibly_incomplete": self.possibly_incomplete,
+        }
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """An error a request reported; the root cause only when ``attributed``.
+
+    Attributed: a verified context of the request came from the same database user and backend
+    as the error (docs/security.md). Else it was reported by another session (or one the history
+    has no context from) and is shown as such, never as the request's cause.
+    """
+
+    error_type: str | None
+    message: str | None
+    location: str | None
+    at: datetime | None
+    db_user: str | None
+    backend_pid: int | None
+    attributed: bool
+
+    @property
+    def reporter(self) -> str:
+        """``db_user app, pid 4242`` (who reported it)."""
+        return (
+            f"db_user {self.db_user or '?'}, pid {self.backend_pid if self.backend_pid is not None else '?'}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.error_type,
+            "message": self.message,
+            "location": self.location,
+            "at": _iso(self.at),
+            "db_user": self.db_user,
+            "backend_pid": self.backend_pid,
+            "attributed": self.attributed,
+        }
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """A request: its context, outcome, reported errors, transactions and data changes."""
+
+    request_id: str
+    actor: str | None
+    context: dict[str, Any] | None
+    first_seen_at: datetime | None
+    last_seen_at: datetime | None
+    committed_count: int
+    rolled_back_count: int
+    error_type: str | None  # of the attributed error (the root cause), else None
+    error_message: str | None
+    error_location: str | None
+    error_at: datetime | None
+    transactions: list[TransactionInfo] = field(default_factory=list)
+    mutations: list[Mutation] = field(default_factory=list)
+    mutation_count: int = 0  # every mutation of the request (``mutations`` may be cut)
+    errors: list[RequestError] = field(default_factory=list)  # every reported error, attributed or not
+
+    @property
+    def outcome(self) -> str:
+        """``committed``, ``rolled_back``, ``partly_rolled_back`` or ``unknown``."""
+        if self.committed_count and self.rolled_back_count:
+            return "partly_rolled_back"
+        if self.committed_count:
+            return "committed"
+        if self.rolled_back_count:
+            return "rolled_back"
+        return "unknown"
+
+    @property
+    def possibly_incomplete(self) -> bool:
+        """A rolled-back transaction of it may miss attempted changes (not decoded in progress)."""
+        return any(t.possibly_incomplete for t in self.transactions)
+
+    @property
+    def unattributed_errors(self) -> list[RequestError]:
+        return [e for e in self.errors if not e.attributed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "actor": self.actor,
+            "outcome": self.outcome,
+            "context": self.context,
+            "first_seen_at": _iso(self.first_seen_at),
+            "last_seen_at": _iso(self.last_seen_at),
+            "committed_count": self.committed_count,
+            "rolled_back_count": self.rolled_back_count,
+            "error": None
+            if not (self.error_type or self.error_message)
+            else {
+                "type": self.error_type,
+                "message": self.error_message,
+                "location": self.error_location,
+                "at": _iso(self.error_at),
+            },
+            "errors": [e.to_json() for e in self.errors],
+            "possibly_incomplete": self.possibly_incomplete,
+            "transactions": [t.to_json() for t in self.transactions],
+            "mutation_count": self.mutation_count,
+            "mutations": [m.to_json() for m in self.mutations],
+        }
+
+
+# ============================================================================ names and keys
+
+
+def table_name(name: str) -> str:
+    """``users`` → ``public.users``; ``"User"`` → ``public."User"`` (cdc/names.py)."""
+    return format_table(*parse_table(name))
+
+
+def key_from_text(text: str) -> Key:
+    """Parse a CLI ``--id``: a JSON object for a composite key, else the scalar text as given."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"invalid --id {short(text)}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                """a composite key is a JSON object such as '{"a": 1, "b": "x"}'"""
+            ) from None
+        if not isinstance(value, dict):
+            raise UsageError(f"invalid --id {short(text)}: expected a JSON object")
+        return value
+    if not stripped:
+        raise UsageError("invalid --id: empty")
+    return stripped
+
+
+def short(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def format_key(key: Mapping[str, Any] | None) -> str:
+    """``id=42`` / ``a=1,b=x`` (for messages)."""
+    if key is None:
+        return "(all rows)"
+    parts = []
+    for column, value in key.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        parts.append(f"{column}={text}")
+    return ",".join(parts)

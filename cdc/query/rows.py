@@ -1,0 +1,272 @@
+"""One row: at a version, its history, per-column blame (docs/store.md "Reading")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from psycopg import sql
+
+from cdc.errors import NotFoundError
+from cdc.query.changes import CHANGE_COLUMNS, MAX_ORDINAL, NO_TRANSACTION, Changes, RawChange, RowLookup
+from cdc.query.model import BlameEntry, Key, Mutation, Row, TableInfo, format_key
+from cdc.store.format import OP_CODES, OP_NAMES, ROW_OPS
+
+__all__ = ["Rows"]
+
+_MAX_KEY_HOPS = 1000
+_TRUNCATE = OP_CODES["TRUNCATE"]
+
+
+class Rows(Changes):
+    """Reads of single rows."""
+
+    def _key_filter(self, info: TableInfo, column: str) -> sql.Composed:
+        """``table_id = %(t)s AND <column>_hash = hash(%(k)s) AND <column> = %(k)s`` (+ the name's bound)."""
+        hashed = "key_hash" if column == "key_text" else "old_key_hash"
+        return sql.SQL(
+            'table_id = %(t)s AND {h} = hashtextextended(%(k)s::text COLLATE "C", 0) AND {c} = %(k)s{u}'
+        ).format(h=sql.Identifier(hashed), c=sql.Identifier(column), u=self._until(info))
+
+    @staticmethod
+    def _until(info: TableInfo) -> sql.Composable:
+        """The bound of a table read by an old name: only its history before the rename."""
+        if info.until is None:
+            return sql.SQL("")
+        return sql.SQL(" AND position < {}").format(sql.Literal(info.until))
+
+    def has_history(self, table: str | TableInfo, key: Key) -> bool:
+        """Whether any change (committed or not) ever named this row."""
+        info = table if isinstance(table, TableInfo) else self.table(table)
+        k = self.key_text_of(self.stored_key(info, key))
+        c = self._t("changes_all")
+        rows = self._rows(
+            sql.SQL(
+                "SELECT EXISTS (SELECT 1 FROM {c} WHERE {a}) OR EXISTS (SELECT 1 FROM {c} WHERE {b}) AS found"
+            ).format(c=c, a=self._key_filter(info, "key_text"), b=self._key_filter(info, "old_key_text")),
+            {"t": info.table_id, "k": k},
+        )
+        return bool(rows[0]["found"])
+
+    def row_at(self, table: str | TableInfo, key: Key, version: int) -> Row | None:
+        """The row at ``version`` (a dict in column order), None if absent then.
+
+        The version is not checked against the floor or the current version here: see
+        :meth:`check_version` (``History.at`` does both).
+        """
+        info = table if isinstance(table, TableInfo) else self.table(table, version)
+        k = self.key_text_of(self.stored_key(info, key))
+        if info.keyless:
+            count, image = self.keyless_count(info.table_id, k, version, MAX_ORDINAL)
+            return image if count > 0 else None
+        row, _ = self.rows_before([RowLookup(info.table_id, k, version, MAX_ORDINAL)])[0]
+        return row
+
+    # ------------------------------------------------------------------ history
+
+    def key_history(
+        self, info: TableInfo, k: str, *, before: tuple[int, int] | None = None
+    ) -> list[Mutation]:
+        """Every change of the row at key ``k``, oldest first, with before images: its own, the
+        UPDATE that moved it away (``old_key_text``), and each TRUNCATE that removed it.
+
+        ``before``: only changes before this ``(position, ordinal)``.
+        """
+        c = self._t("changes_all")
+        bound = sql.SQL("")
+        params: dict[str, Any] = {"t": info.table_id, "k": k}
+        if before is not None:
+            bound = sql.SQL(" AND position <= %(bp)s AND (position < %(bp)s OR ordinal < %(bo)s)")
+            params["bp"], params["bo"] = before
+        raws = self._raw_changes(
+            self._decorated(
+                sql.SQL(
+                    "(SELECT {cols} FROM {c} WHERE {a}{b}) UNION ALL (SELECT {cols} FROM {c} WHERE {o}{b})"
+                ).format(
+                    cols=CHANGE_COLUMNS,
+                    c=c,
+                    a=self._key_filter(info, "key_text"),
+                    o=self._key_filter(info, "old_key_text"),
+                    b=bound,
+                )
+            ),
+            params,
+        )
+        if not raws:
+            return []
+        truncates = self._raw_changes(
+            self._decorated(
+                sql.SQL(
+                    "SELECT {cols} FROM {c} WHERE table_id = %(t)s AND op = {t} AND position >= %(first)s{u}{b}"
+                ).format(cols=CHANGE_COLUMNS, c=c, t=sql.Literal(_TRUNCATE), u=self._until(info), b=bound)
+            ),
+            {**params, "first": raws[0].position},
+        )
+        return self._walk(k, sorted([*raws, *truncates], key=lambda r: r.cursor))
+
+    def _walk(self, k: str, raws: list[RawChange]) -> list[Mutation]:
+        """Before images along one key's history, and which TRUNCATEs removed the row."""
+        committed: Row | None = None  # the row as committed changes left it
+        seen: tuple[int, Row | None] = (-1, None)  # the row as the latest change of a transaction left it
+        out: list[tuple[RawChange, Row | None]] = []
+        moved_in: list[int] = []
+        for raw in raws:
+            state = seen[1] if raw.rolled_back and seen[0] == raw.position else committed
+            if raw.op == _TRUNCATE:
+                if state is None:
+                    continue  # the row was not there: not part of its history
+                new: Row | None = None
+                out.append((raw, None))
+            else:
+                at_key = raw.key_text == k
+                if at_key and raw.old_key_text is not None:
+                    moved_in.append(len(out))  # its before image is at the old key
+                out.append((raw, state))
+                new = raw.image if at_key and OP_NAMES[raw.op] in ROW_OPS else None
+            if not raw.rolled_back:
+                committed = new
+            seen = (raw.position, new)
+        if moved_in:
+            lookups = [
+                RowLookup(
+                    out[i][0].table_id,
+                    out[i][0].old_key_text or "",
+                    out[i][0].position,
+                    out[i][0].ordinal,
+                    out[i][0].position if out[i][0].rolled_back else NO_TRANSACTION,
+                )
+                for i in moved_in
+            ]
+            for i, (row, _schema_id) in zip(moved_in, self.rows_before(lookups), strict=True):
+                out[i] = (out[i][0], row)
+        return [self.mutation(raw, before) for raw, before in out]
+
+    def row_history(
+        self,
+        table: str | TableInfo,
+        key: Key,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_rolled_back: bool = True,
+    ) -> list[Mutation]:
+        """Every mutation of the row, oldest first: ``since <= committed_at < until``.
+
+        Includes the UPDATE that moved the row away to another key (``old_key``), rolled-back
+        attempts (unless ``include_rolled_back`` is false) and each TRUNCATE of the table that
+        removed the row. :class:`NotFoundError` if the row never had any mutation.
+        """
+        info = table if isinstance(table, TableInfo) else self.table(table)
+        stored = self.stored_key(info, key)
+        found = self.key_history(info, self.key_text_of(stored))
+        if not found:
+            raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
+        return [
+            m
+            for m in found
+            if (since is None or m.committed_at >= since)
+            and (until is None or m.committed_at < until)
+            and (include_rolled_back or not m.rolled_back)
+        ]
+
+    # ------------------------------------------------------------------ blame
+
+    def blame(self, table: str | TableInfo, key: Key) -> list[BlameEntry]:
+        """For each column of the row's current value: the last committed write to it.
+
+        Key columns are left out unless the table has no key. A rolled-back attempt on a column
+        after that write is reported as ``rolled_back_request_id``/``rolled_back_at``. A row moved
+        here from another key (key-changing UPDATE) is followed to its old key.
+        :class:`NotFoundError` if the row does not exist now.
+        """
+        info = table if isinstance(table, TableInfo) else self.table(table)
+        stored = self.stored_key(info, key)
+        current = self.current_version()
+        if info.dropped and info.until is None:
+            raise NotFoundError(
+                f"{info.name} was dropped: none of its rows exists now",
+                hint=f"its history stays: cdc state history {info.name} --id ...",
+            )
+        if info.until is not None:
+            raise NotFoundError(
+                f"{info.name} is a former name of {info.current_name}"
+                + (" (dropped since)" if info.dropped else "")
+                + ": blame reads the row as it is now",
+                hint=f"cdc state blame {info.current_name} --id ..., or its history by the former name",
+            )
+        row = self.row_at(info, stored, current) if current is not None else None
+        if row is None or current is None:
+            if not self.has_history(info, stored):
+                raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
+            raise NotFoundError(
+                f"{info.name} {format_key(stored)} does not exist now (deleted or moved)",
+                hint=f"see its history: cdc state history {info.name} --id ...",
+            )
+        columns = [c for c in row if info.keyless or c not in stored]
+        written: dict[str, Mutation] = {}
+        attempts: dict[str, Mutation] = {}
+        unresolved = set(columns)
+        k = self.key_text_of(stored)
+        bound: tuple[int, int] | None = (current, MAX_ORDINAL)
+        for _ in range(_MAX_KEY_HOPS):  # a row moved between keys is followed to its old key
+            moved_from = self._blame_key(info, k, bound, unresolved, written, attempts)
+            if moved_from is None or not unresolved or moved_from.old_key_text is None:
+                break
+            k, bound = moved_from.old_key_text, moved_from.cursor
+        entries = []
+        for column in columns:
+            w = written.get(column)
+            attempt = attempts.get(column)
+            entries.append(
+                BlameEntry(
+                    column=column,
+                    value=row[column],
+                    request_id=w.request_id if w else None,
+                    committed_at=w.committed_at if w else None,
+                    version=w.version if w else None,
+                    op=w.op if w else None,
+                    rolled_back=attempt is not None,
+                    rolled_back_request_id=attempt.request_id if attempt else None,
+                    rolled_back_at=attempt.committed_at if attempt else None,
+                )
+            )
+        return entries
+
+    def _blame_key(
+        self,
+        info: TableInfo,
+        k: str,
+        bound: tuple[int, int] | None,
+        unresolved: set[str],
+        written: dict[str, Mutation],
+        attempts: dict[str, Mutation],
+    ) -> Mutation | None:
+        """Walk the row's changes at ``k`` back from ``bound``; the UPDATE that moved it here, if any."""
+        history = self.key_history(info, k, before=bound)
+        for mutation in reversed(history):
+            if mutation.key_text != k:  # TRUNCATEs, the UPDATE moving the row away: its older lives
+                continue
+            if mutation.is_keyframe:
+                unresolved.clear()  # older writes were pruned: "written before the history floor"
+                return None
+            if mutation.op == "DELETE" and not mutation.rolled_back:
+                unresolved.clear()
+                return None
+            touched = (
+                set(unresolved)
+                if mutation.op in ("INSERT", "SNAPSHOT", "DELETE")
+                else unresolved.intersection(mutation.changed)
+            )
+            if mutation.rolled_back:
+                for column in touched:
+                    attempts.setdefault(column, mutation)
+                continue
+            for column in touched:
+                written[column] = mutation
+            unresolved -= touched
+            if mutation.op in ("INSERT", "SNAPSHOT"):
+                unresolved.clear()
+            if mutation.op == "UPDATE" and mutation.old_key_text is not None:
+                return mutation
+            if not unresolved:
+                return None
+        return None
