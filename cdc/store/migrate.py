@@ -35,6 +35,7 @@ from psycopg import sql
 import cdc
 from cdc.config import format_table
 from cdc.errors import CdcError
+from cdc.store.format import FORMAT_VERSION, OP_CODES, ChangeFlag
 from cdc.store.retention import partition_name
 
 __all__ = [
@@ -74,10 +75,7 @@ V1_VIEWS = ("mutations_all",)
 SUFFIX = "_v1"
 #: A gap of format 1 was only ever recorded by ``cdc setup --recreate-slot``.
 V1_GAP_REASON = "slot re-created (format 1)"
-_KEYFRAME = 256
-_ROLLED_BACK = 1
-_BEFORE_FROM_WAL = 2
-_KEY_UNKNOWN = 16
+_KEYFRAME = int(ChangeFlag.KEYFRAME)
 _NAMEDATALEN = 63
 #: How long the migration waits for a table lock before it gives up (nothing changed).
 LOCK_TIMEOUT = "10s"
@@ -525,7 +523,10 @@ def _migrate(run: _Run, source: Conn | None) -> None:
     _transactions(run)
     _request_errors(run)
     _small_tables(run, tables)
-    conn.execute(sql.SQL("UPDATE {} SET format_version = 2, updated_at = now()").format(run.t("store_meta")))
+    conn.execute(
+        sql.SQL("UPDATE {} SET format_version = %s, updated_at = now()").format(run.t("store_meta")),
+        (FORMAT_VERSION,),
+    )
 
 
 def _lock_out_writers(run: _Run) -> None:
@@ -669,14 +670,19 @@ def _tables(run: _Run, tables: list[_Table], table_of: dict[int, int]) -> None:
         )
     )
     # What the changes need of each schema row: its table, the key columns in key order (all
-    # columns in table order for a table without a key), and whether the WAL sent whole old rows.
+    # columns in table order for a table without a key), whether the WAL sent whole old rows, and
+    # its columns in table order with their JSON member prefixes ('"name": ').
     conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE _cdc_mig_schemas ON COMMIT DROP AS "
-            "SELECT s.schema_id, s.table_id, k.kc, cardinality(k.kc) AS n, s.replica_identity = 'f' AS whole_row "
-            "FROM {} s CROSS JOIN LATERAL (SELECT CASE WHEN cardinality(s.key_columns) > 0 THEN s.key_columns "
-            "  ELSE ARRAY(SELECT e->>'name' FROM jsonb_array_elements(s.columns) WITH ORDINALITY x(e, i) "
-            "  ORDER BY i) END AS kc) k"
+            "SELECT s.schema_id, s.table_id, k.kc, cardinality(k.kc) AS n, s.replica_identity = 'f' AS whole_row, "
+            "  c.cols, c.members "
+            "FROM {} s CROSS JOIN LATERAL (SELECT "
+            "  ARRAY(SELECT e->>'name' FROM jsonb_array_elements(s.columns) WITH ORDINALITY x(e, i) ORDER BY i) AS cols, "
+            "  ARRAY(SELECT to_json(e->>'name')::text || ': ' FROM jsonb_array_elements(s.columns) "
+            "    WITH ORDINALITY x(e, i) ORDER BY i) AS members) c "
+            "CROSS JOIN LATERAL (SELECT CASE WHEN cardinality(s.key_columns) > 0 THEN s.key_columns "
+            "  ELSE c.cols END AS kc) k"
         ).format(run.t("table_schemas"))
     )
     conn.execute("ALTER TABLE _cdc_mig_schemas ADD PRIMARY KEY (schema_id)")
@@ -781,9 +787,22 @@ def _key_text(column: str) -> sql.Composable:
     ).format(c=c, direct=sql.SQL(" ").join(direct))
 
 
-_OP = sql.SQL(
-    "(CASE m.op WHEN 'INSERT' THEN 'I' WHEN 'UPDATE' THEN 'U' WHEN 'DELETE' THEN 'D' WHEN 'TRUNCATE' THEN 'T' "
-    "ELSE 'S' END)::\"char\""
+def _image(value: str) -> sql.Composable:
+    """The text of the jsonb object ``value`` with its members in table order (docs/store.md
+    "Images and values"), formatted as jsonb prints it; jsonb's own text (its member order) when
+    the object has a member the schema row does not list."""
+    v = sql.SQL(value)
+    return sql.SQL(
+        "(SELECT CASE WHEN o.t IS NOT NULL AND length(o.t) = length(({v})::text) THEN o.t ELSE ({v})::text END "
+        "FROM (SELECT '{{' || string_agg(u.p || (({v}) -> u.c)::text, ', ' ORDER BY u.i) || '}}' AS t "
+        "FROM unnest(s.cols, s.members) WITH ORDINALITY u(c, p, i) WHERE ({v}) ? u.c) o)"
+    ).format(v=v)
+
+
+_OP = sql.SQL('(CASE m.op {} END)::"char"').format(
+    sql.SQL(" ").join(
+        sql.SQL("WHEN {} THEN {}").format(sql.Literal(n), sql.Literal(c)) for n, c in OP_CODES.items()
+    )
 )
 _CHANGE_COLUMNS = sql.SQL(
     "position, ordinal, committed_at, table_id, schema_id, op, flags, lsn, xid, key_text, image, before, old_key_text"
@@ -807,16 +826,15 @@ def _changes_select(
         " | {kf})::smallint, "
         "m.lsn, {xid}, {key}, "
         "CASE m.op WHEN 'TRUNCATE' THEN NULL "
-        "  WHEN 'DELETE' THEN (CASE WHEN s.whole_row THEN coalesce(m.before, m.key) ELSE m.key END)::text "
-        "  ELSE m.after::text END, "
-        "CASE WHEN m.op = 'UPDATE' AND s.whole_row THEN m.before::text END, {old_key} "
+        "  WHEN 'DELETE' THEN {deleted} ELSE {after} END, "
+        "CASE WHEN m.op = 'UPDATE' AND s.whole_row THEN {before} END, {old_key} "
         "FROM {src} m JOIN _cdc_mig_schemas s ON s.schema_id = m.schema_id "
         "LEFT JOIN {txn} t ON t.position = m.position AND t.committed_at = m.committed_at {bounds}"
     ).format(
         op=_OP,
-        rb=sql.Literal(_ROLLED_BACK),
-        bw=sql.Literal(_BEFORE_FROM_WAL),
-        ku=sql.Literal(_KEY_UNKNOWN),
+        rb=sql.Literal(int(ChangeFlag.ROLLED_BACK)),
+        bw=sql.Literal(int(ChangeFlag.BEFORE_FROM_WAL)),
+        ku=sql.Literal(int(ChangeFlag.KEY_UNKNOWN)),
         kf=sql.SQL("(CASE WHEN m.keyframe THEN {} ELSE 0 END)").format(sql.Literal(_KEYFRAME))
         if keep
         else sql.SQL("0"),
@@ -826,6 +844,9 @@ def _changes_select(
         ),
         key=_key_text("m.key"),
         old_key=_key_text("m.old_key"),
+        deleted=_image("CASE WHEN s.whole_row THEN coalesce(m.before, m.key) ELSE m.key END"),
+        after=_image("m.after"),
+        before=_image("m.before"),
         src=source,
         txn=transactions,
         bounds=sql.SQL(" ").join(bounds),
