@@ -787,16 +787,28 @@ def _key_text(column: str) -> sql.Composable:
     ).format(c=c, direct=sql.SQL(" ").join(direct))
 
 
-def _image(value: str) -> sql.Composable:
+#: Columns spelled out one by one in an image's expression; wider tables take a slower path.
+_IMAGE_TERMS = 64
+
+
+def _image(value: str, terms: int) -> sql.Composable:
     """The text of the jsonb object ``value`` with its members in table order (docs/store.md
-    "Images and values"), formatted as jsonb prints it; jsonb's own text (its member order) when
-    the object has a member the schema row does not list."""
+    "Images and values"), spelled as jsonb prints it: ``concat_ws`` of the schema row's first
+    ``terms`` columns (a subquery over all of them for a wider table); jsonb's own text when the
+    object has a member the schema row does not list."""
     v = sql.SQL(value)
+    members = sql.SQL(", ").join(
+        sql.SQL("CASE WHEN {v} ? s.cols[{i}] THEN s.members[{i}] || ({v} -> s.cols[{i}])::text END").format(
+            v=v, i=sql.Literal(i)
+        )
+        for i in range(1, terms + 1)
+    )
     return sql.SQL(
-        "(SELECT CASE WHEN o.t IS NOT NULL AND length(o.t) = length(({v})::text) THEN o.t ELSE ({v})::text END "
-        "FROM (SELECT '{{' || string_agg(u.p || (({v}) -> u.c)::text, ', ' ORDER BY u.i) || '}}' AS t "
-        "FROM unnest(s.cols, s.members) WITH ORDINALITY u(c, p, i) WHERE ({v}) ? u.c) o)"
-    ).format(v=v)
+        "(CASE WHEN {v} IS NULL THEN NULL WHEN ({v} - s.cols) <> '{{}}'::jsonb THEN ({v})::text "
+        "WHEN cardinality(s.cols) <= {terms} THEN '{{' || concat_ws(', ', {members}) || '}}' "
+        "ELSE (SELECT '{{' || coalesce(string_agg(u.p || ({v} -> u.c)::text, ', ' ORDER BY u.i), '') || '}}' "
+        "  FROM unnest(s.cols, s.members) WITH ORDINALITY u(c, p, i) WHERE {v} ? u.c) END)"
+    ).format(v=v, terms=sql.Literal(terms), members=members)
 
 
 _OP = sql.SQL('(CASE m.op {} END)::"char"').format(
@@ -810,9 +822,9 @@ _CHANGE_COLUMNS = sql.SQL(
 
 
 def _changes_select(
-    source: sql.Composable, transactions: sql.Composable, part: _Part | None, keep: bool
+    source: sql.Composable, transactions: sql.Composable, part: _Part | None, keep: bool, terms: int
 ) -> sql.Composable:
-    """The SELECT turning the mutations of ``source`` into changes."""
+    """The SELECT turning the mutations of ``source`` into changes (``terms``: see _image)."""
     bounds: list[sql.Composable] = []
     if part is not None and part.lo is not None:
         bounds.append(sql.SQL("AND t.committed_at >= {}").format(sql.Literal(part.lo)))
@@ -844,9 +856,11 @@ def _changes_select(
         ),
         key=_key_text("m.key"),
         old_key=_key_text("m.old_key"),
-        deleted=_image("CASE WHEN s.whole_row THEN coalesce(m.before, m.key) ELSE m.key END"),
-        after=_image("m.after"),
-        before=_image("m.before"),
+        deleted=sql.SQL("(CASE WHEN s.whole_row AND m.before IS NOT NULL THEN {} ELSE {} END)").format(
+            _image("m.before", terms), _image("m.key", terms)
+        ),
+        after=_image("m.after", terms),
+        before=_image("m.before", terms),
         src=source,
         txn=transactions,
         bounds=sql.SQL(" ").join(bounds),
@@ -869,6 +883,8 @@ def _changes(
     taken: set[str] = set()
     done = 0
     transactions = run.v1("transactions")
+    widest = conn.execute("SELECT coalesce(max(cardinality(cols)), 0) FROM _cdc_mig_schemas").fetchone()
+    terms = max(1, min(int(widest[0]) if widest else 0, _IMAGE_TERMS))
     for part in mutation_parts:
         source = run.t(part.name)
         if part.bound is None or part.default:
@@ -876,7 +892,7 @@ def _changes(
             target = run.t("changes")
             done += run.exec(
                 sql.SQL("INSERT INTO {} ({}) ").format(target, _CHANGE_COLUMNS)
-                + _changes_select(source, transactions, None, keep=False)
+                + _changes_select(source, transactions, None, keep=False, terms=terms)
             )
             run.step("changes", done, done=False)
             continue
@@ -901,7 +917,7 @@ def _changes(
             )
         done += run.exec(
             sql.SQL("INSERT INTO {} ({}) ").format(table, _CHANGE_COLUMNS)
-            + _changes_select(source, transactions, part, keep=False)
+            + _changes_select(source, transactions, part, keep=False, terms=terms)
         )
         conn.execute(
             sql.SQL("ALTER TABLE {} ATTACH PARTITION {} {}").format(
@@ -926,7 +942,7 @@ def _changes(
     if run.has_v1("mutations_keep"):
         kept = run.exec(
             sql.SQL("INSERT INTO {} ({}) ").format(run.t("changes_keep"), _CHANGE_COLUMNS)
-            + _changes_select(run.v1("mutations_keep"), transactions, None, keep=True)
+            + _changes_select(run.v1("mutations_keep"), transactions, None, keep=True, terms=terms)
             + sql.SQL(" WHERE ")
             + _pending_keyframes(floor)
         )

@@ -812,3 +812,27 @@ def test_a_transaction_under_two_commit_times(env: Env) -> None:
         ]  # fmt: skip
         check_changes(conn, env)
         check_contexts(conn)
+
+
+def test_images_of_wide_tables_and_unlisted_members(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table wider than the columns spelled out (here 3) takes the subquery path; an image with
+    a member its schema row does not list keeps jsonb's text, nothing lost."""
+    monkeypatch.setattr("cdc.store.migrate._IMAGE_TERMS", 3)
+    with env.store() as conn:
+        (position,) = q(conn, "SELECT max(position) FROM mutations WHERE op = 'INSERT'")[0]
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET after = after || '{{\"zz\": 1}}' WHERE position = %s AND op = 'INSERT'"
+            ).format(sql.Identifier(SCHEMA, "mutations")),
+            (position,),
+        )
+        migrate_v1(conn, SCHEMA)
+        check_contexts(conn)
+        (image,) = q(conn, "SELECT image FROM changes WHERE position = %s AND op = 'I'", (position,))[0]
+        (expected,) = q(
+            conn, "SELECT after::text FROM mutations_v1 WHERE position = %s AND op = 'INSERT'", (position,)
+        )[0]
+        assert image == expected and '"zz": 1' in image
+        conn.execute("DELETE FROM changes WHERE position = %s AND op = 'I'", (position,))
+        conn.execute("DELETE FROM mutations_v1 WHERE position = %s AND op = 'INSERT'", (position,))
+        check_changes(conn, env)
