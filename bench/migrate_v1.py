@@ -8,18 +8,20 @@ composite key, a keyless table under REPLICA IDENTITY FULL, a keyed table under 
 the changes updates, 25% inserts, 15% deletes, 1% of the transactions rolled back, every
 transaction with a request context (1% with a second context half way), 10,000 keyframes and
 1% kept rows in ``mutations_keep``, an error on 0.1% of the requests. Then times
-``migrate_v1`` (one transaction) and prints each step.
+``migrate_v1`` (one transaction) and prints each step, the wall time and the server's CPU time
+(the latter holds when other work shares the machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from psycopg import sql
 
-from bench.harness import connect, log, server
+from bench.harness import connect, log, server, server_cpu_seconds
 from cdc.logs import configure_logging
 from cdc.store.migrate import MigrationStep, migrate_v1
 from tests.v1_store import V1Store
@@ -195,14 +197,17 @@ def main() -> None:
                 log(f"  {step.table:<22} {step.rows:>10,} rows {step.seconds:8.2f} s")
 
         with connect(dsn) as conn:
+            cpu = server_cpu_seconds(pg)
             started = time.monotonic()
             report = migrate_v1(conn, SCHEMA, progress=progress)
             seconds = time.monotonic() - started
+            cpu = server_cpu_seconds(pg) - cpu
             size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()
         assert size is not None
         print(
             f"migrate_v1: {report.v1_rows:,} format-1 rows in {seconds:.1f} s "
-            f"({report.v1_rows / seconds:,.0f} rows/s; PostgreSQL {pg.flavor}); database now {size[0]}"
+            f"({report.v1_rows / seconds:,.0f} rows/s; server CPU {cpu:.1f} s; PostgreSQL {pg.flavor}); "
+            f"database now {size[0]}; load average {os.getloadavg()[0]:.1f}"
         )
 
 
