@@ -89,14 +89,19 @@ def run(config_path: str | None, no_http: bool) -> None:
 @click.option("--source", help="Source DSN (else CDC_SOURCE_DSN or the config file).")
 @click.option("--store", help="Store DSN (else CDC_STORE_DSN or the config file).")
 @click.option("--recreate-slot", is_flag=True, help="Create a lost slot again; the history records a gap.")
-def setup(config_path: str | None, source: str | None, store: str | None, recreate_slot: bool) -> None:
-    """Check the source and create publication, slot, context trigger and store schema."""
+@click.option("--drop-v1", is_flag=True, help="Drop the format-1 tables (*_v1) a store migration kept.")
+def setup(
+    config_path: str | None, source: str | None, store: str | None, recreate_slot: bool, drop_v1: bool
+) -> None:
+    """Check the source and create publication, slot, context trigger and store schema.
+
+    A store of format 1 is migrated to format 2 first (docs/store.md)."""
     from cdc.logs import configure_logging
     from cdc.setup import setup as do_setup
 
     configure_logging("warning", "console")
     try:
-        report = do_setup(load(config_path, source, store), recreate_slot=recreate_slot)
+        report = do_setup(load(config_path, source, store), recreate_slot=recreate_slot, drop_v1=drop_v1)
     except CdcError as exc:
         fail(exc)
     for step in report.steps:

@@ -28,6 +28,7 @@ from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import ColumnPolicies
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
 from cdc.source_context import context_installed, install_context, uninstall_context
+from cdc.store.migrate import prepare_store
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
 from cdc.values import convert
@@ -139,10 +140,10 @@ def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | No
     return str(row[0]), parse_lsn(row[1]) if row[1] else None
 
 
-def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
-    """Prepare the source and the store. Safe to run again at any time."""
+def setup(config: Config, *, recreate_slot: bool = False, drop_v1: bool = False) -> SetupReport:
+    """Prepare the source and the store (migrating a format-1 store). Safe to run again at any time."""
     try:
-        return _setup(config, recreate_slot=recreate_slot)
+        return _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise SetupError(
             f"a privilege is missing: {str(exc).strip().splitlines()[0]}",
@@ -156,7 +157,7 @@ def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
         raise SetupError(f"setup failed: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
+def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> SetupReport:
     source_dsn = config.require_source()
     store_dsn = config.require_store()
     slot, publication, schema = config.source.slot, config.source.publication, config.store.schema_name
@@ -167,6 +168,7 @@ def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
     ):
         check_source(src)
         report.did("source: wal_level=logical, replication allowed")
+        prepare_store(st, schema, src, drop=drop_v1, did=report.did, warn=report.warnings.append)
         apply_store_schema(st, schema)
         report.did(f"store: schema {schema} ready")
         exclude = schema if same_database(src, st) else None

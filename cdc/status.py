@@ -17,6 +17,7 @@ from psycopg import sql
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.store.format import STATUS_CODES
+from cdc.store.migrate import is_v1_store, v1_leftovers
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Status:
     last_error_at: datetime | None = None
     retention: str | None = None
     gaps: list[dict[str, Any]] = field(default_factory=list)
+    v1_tables: list[str] = field(default_factory=list)  # left by a store migration
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -114,6 +116,10 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     if not exists or exists[0] is None:
         status.store_error = f"no history schema {config.store.schema_name!r}: run `cdc setup`"
         return
+    if is_v1_store(conn, config.store.schema_name):
+        status.store_error = "the store is of format 1: stop the daemon and run `cdc setup` to migrate it"
+        return
+    status.v1_tables = v1_leftovers(conn, config.store.schema_name)
     row = conn.execute(
         sql.SQL(
             "SELECT acked_lsn, baseline_lsn, baseline_done, coalesce(history_floor, baseline_lsn), "
@@ -242,6 +248,13 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         ("daemon", show(status.daemon)),
         ("last error", f"{status.last_error} ({show(status.last_error_at)})" if status.last_error else "-"),
     ]
+    if status.v1_tables:
+        lines.append(
+            (
+                "format 1",
+                f"{len(status.v1_tables)} table(s) kept by the migration: `cdc setup --drop-v1` drops them",
+            )
+        )
     for gap in status.gaps:
         lines.append(("gap", f"after {gap['after']}, resumed at {gap['resumed']} ({gap['recorded_at']})"))
     return lines
