@@ -22,7 +22,7 @@ import tempfile
 
 from cdc.capture import _shared as sh
 from cdc.capture import model
-from cdc.capture.core import _parse_relation
+from cdc.capture.pgoutput import parse_relation
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, ColumnDesc
 from cdc.errors import ProtocolError
 
@@ -1204,7 +1204,7 @@ cdef class Core:
         body = PyBytes_FromStringAndSize(<const char *>p + off, size - off)
         found = self._by_body.get(body)
         if found is None:
-            desc = _parse_relation(PyBytes_FromStringAndSize(<const char *>p, size), off, wal_start)
+            desc = parse_relation(PyBytes_FromStringAndSize(<const char *>p, size), off, wal_start)
             info = self._describe(desc)
             model.check_info(desc, info, self._hash_value is not None)
             rel = _Rel.__new__(_Rel)
