@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-unit test-integration test-faults lint format typecheck bench clean system-deps check-deploy
 
-$(STAMP): pyproject.toml setup.py cdc/capture/_core.pyx
+$(STAMP): pyproject.toml setup.py cdc/capture/_core.pyx $(wildcard cdc/capture/_core_*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
