@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
+from cdc.capture.libpq import DrainPath
 from cdc.capture.model import Event, RelationDesc, RelationInfo
 
 def format_time(us: int) -> str: ...
@@ -11,6 +12,8 @@ class Core:
     server_wal_end: int
     last_received_lsn: int
     reply_requested: bool
+    @property
+    def drain_path(self) -> DrainPath | None: ...
     @property
     def memory_bytes(self) -> int: ...
     @property

@@ -16,7 +16,7 @@ call): ``_core_buffers.pxi`` (C buffers, maps, column arrays), ``_core_pgoutput.
 this file holds the state machine (``Core``) and the libpq drain loop.
 """
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -27,7 +27,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 import tempfile
 
 from cdc.capture import _shared as sh
-from cdc.capture import model
+from cdc.capture import libpq, model
 from cdc.capture.pgoutput import parse_relation
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, ColumnDesc
 from cdc.errors import ProtocolError
@@ -50,6 +50,11 @@ cdef enum:
     F_BEFORE = 2
     F_OVERSIZE = 8
     F_KEY_UNKNOWN = 16
+
+# libpq's functions, called through the addresses cdc.capture.libpq finds at run time (no
+# libpq header or library at build time).
+ctypedef int (*GetCopyData)(void *conn, char **buffer, int async_) noexcept nogil
+ctypedef void (*FreeMem)(void *ptr) noexcept nogil
 
 include "_core_buffers.pxi"
 include "_core_pgoutput.pxi"
@@ -81,6 +86,12 @@ cdef class Core:
     cdef Cols _old
     cdef Cols _new
     cdef Buf _scratch
+    cdef object _drain_conn  # the pgconn the drain path was chosen for, and its pgconn_ptr then
+    cdef object _drain_ptr
+    cdef void *_conn
+    cdef GetCopyData _get_copy_data  # NULL: the psycopg path
+    cdef FreeMem _freemem
+    cdef readonly object drain_path
     cdef public uint64_t server_wal_end
     cdef public uint64_t last_received_lsn
     cdef public bint reply_requested
@@ -102,6 +113,9 @@ cdef class Core:
         self._scratch.data = NULL
         self._scratch.len = 0
         self._scratch.cap = 0
+        self._conn = NULL
+        self._get_copy_data = NULL
+        self._freemem = NULL
 
     def __init__(
         self,
@@ -131,6 +145,7 @@ cdef class Core:
         self.reply_requested = False
         self.memory_bytes = 0
         self.spilled_transactions = 0
+        self.drain_path = None
 
     def __dealloc__(self):
         map_clear(&self._relations)
@@ -160,6 +175,10 @@ cdef class Core:
     # -- input ---------------------------------------------------------------------------------
     def drain(self, pgconn):
         cdef Py_ssize_t count = 0
+        if pgconn is not self._drain_conn or getattr(pgconn, "pgconn_ptr", None) != self._drain_ptr:
+            self._choose_drain(pgconn)
+        if self._get_copy_data != NULL:
+            return self._drain_libpq(pgconn)
         get = pgconn.get_copy_data
         while True:
             nbytes, data = get(1)
@@ -170,6 +189,48 @@ cdef class Core:
                 return count
             elif nbytes == -1:
                 return -1
+            else:
+                raise ProtocolError(f"reading the replication stream failed (get_copy_data returned {nbytes})")
+
+    cdef int _choose_drain(self, pgconn) except -1:
+        """The libpq path when cdc.capture.libpq vouches for this connection, else psycopg."""
+        self._get_copy_data = NULL
+        self._freemem = NULL
+        self._conn = NULL
+        self._drain_conn = pgconn
+        self._drain_ptr = getattr(pgconn, "pgconn_ptr", None)
+        found = libpq.drain_functions(pgconn)
+        if isinstance(found, str):
+            self.drain_path = "psycopg"
+            libpq.note("psycopg", found)
+            return 0
+        self._conn = <void *><uintptr_t>found.conn
+        self._get_copy_data = <GetCopyData><uintptr_t>found.get_copy_data
+        self._freemem = <FreeMem><uintptr_t>found.freemem
+        self.drain_path = "libpq"
+        libpq.note("libpq", found.path)
+        return 0
+
+    cdef Py_ssize_t _drain_libpq(self, pgconn) except -2:
+        """drain() with PQgetCopyData called from C: no Python call or object per frame."""
+        cdef char *buf
+        cdef int nbytes
+        cdef Py_ssize_t count = 0
+        while True:
+            buf = NULL
+            nbytes = self._get_copy_data(self._conn, &buf, 1)
+            if nbytes > 0:
+                try:
+                    self._frame(<const uint8_t *>buf, nbytes)
+                finally:
+                    self._freemem(buf)
+                count += 1
+            elif nbytes == 0:
+                return count
+            elif nbytes == -1:
+                return -1
+            elif nbytes == -2:
+                raise libpq.copy_failed(pgconn)
             else:
                 raise ProtocolError(f"reading the replication stream failed (get_copy_data returned {nbytes})")
 

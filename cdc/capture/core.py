@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from cdc.capture import _shared as sh
-from cdc.capture import images, model
+from cdc.capture import images, libpq, model
 from cdc.capture.buffers import Txn, spill_largest
 from cdc.capture.images import Rel, key_text, row_image
 from cdc.capture.model import (
@@ -88,6 +88,8 @@ class Core:
         self.reply_requested = False
         self.memory_bytes = 0
         self.spilled_transactions = 0
+        #: How drain() reads frames: always psycopg's get_copy_data here (None before the first).
+        self.drain_path: libpq.DrainPath | None = None
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -104,6 +106,11 @@ class Core:
 
     # -- input -------------------------------------------------------------------------------
     def drain(self, pgconn: Any) -> int:
+        """Feed every frame ``pgconn`` (a psycopg PGconn) has ready; how many, or -1 when
+        COPY ended (the result is left for the caller to read)."""
+        if self.drain_path is None:
+            self.drain_path = "psycopg"
+            libpq.note("psycopg", "the pure-Python core")
         count = 0
         get = pgconn.get_copy_data
         while True:
