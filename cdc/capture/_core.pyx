@@ -86,17 +86,17 @@ cdef class Core:
     cdef Cols _old
     cdef Cols _new
     cdef Buf _scratch
+    cdef public uint64_t server_wal_end
+    cdef public uint64_t last_received_lsn
+    cdef public bint reply_requested
+    cdef readonly Py_ssize_t memory_bytes
+    cdef readonly Py_ssize_t spilled_transactions
     cdef object _drain_conn  # the pgconn the drain path was chosen for, and its pgconn_ptr then
     cdef object _drain_ptr
     cdef void *_conn
     cdef GetCopyData _get_copy_data  # NULL: the psycopg path
     cdef FreeMem _freemem
     cdef readonly object drain_path
-    cdef public uint64_t server_wal_end
-    cdef public uint64_t last_received_lsn
-    cdef public bint reply_requested
-    cdef readonly Py_ssize_t memory_bytes
-    cdef readonly Py_ssize_t spilled_transactions
 
     def __cinit__(self):
         self._relations.slots = NULL
@@ -189,48 +189,6 @@ cdef class Core:
                 return count
             elif nbytes == -1:
                 return -1
-            else:
-                raise ProtocolError(f"reading the replication stream failed (get_copy_data returned {nbytes})")
-
-    cdef int _choose_drain(self, pgconn) except -1:
-        """The libpq path when cdc.capture.libpq vouches for this connection, else psycopg."""
-        self._get_copy_data = NULL
-        self._freemem = NULL
-        self._conn = NULL
-        self._drain_conn = pgconn
-        self._drain_ptr = getattr(pgconn, "pgconn_ptr", None)
-        found = libpq.drain_functions(pgconn)
-        if isinstance(found, str):
-            self.drain_path = "psycopg"
-            libpq.note("psycopg", found)
-            return 0
-        self._conn = <void *><uintptr_t>found.conn
-        self._get_copy_data = <GetCopyData><uintptr_t>found.get_copy_data
-        self._freemem = <FreeMem><uintptr_t>found.freemem
-        self.drain_path = "libpq"
-        libpq.note("libpq", found.path)
-        return 0
-
-    cdef Py_ssize_t _drain_libpq(self, pgconn) except -2:
-        """drain() with PQgetCopyData called from C: no Python call or object per frame."""
-        cdef char *buf
-        cdef int nbytes
-        cdef Py_ssize_t count = 0
-        while True:
-            buf = NULL
-            nbytes = self._get_copy_data(self._conn, &buf, 1)
-            if nbytes > 0:
-                try:
-                    self._frame(<const uint8_t *>buf, nbytes)
-                finally:
-                    self._freemem(buf)
-                count += 1
-            elif nbytes == 0:
-                return count
-            elif nbytes == -1:
-                return -1
-            elif nbytes == -2:
-                raise libpq.copy_failed(pgconn)
             else:
                 raise ProtocolError(f"reading the replication stream failed (get_copy_data returned {nbytes})")
 
@@ -592,3 +550,46 @@ cdef class Core:
     def snapshot_lines(self, info, copy_rows, *, position, first_ordinal, committed_at_us):
         return snapshot_rows(info, copy_rows, position, first_ordinal, committed_at_us, &self._new,
                              self._max_value, self._hash_value)
+
+    # -- the libpq drain path ------------------------------------------------------------------
+    cdef int _choose_drain(self, pgconn) except -1:
+        """The libpq path when cdc.capture.libpq vouches for this connection, else psycopg."""
+        self._get_copy_data = NULL
+        self._freemem = NULL
+        self._conn = NULL
+        self._drain_conn = pgconn
+        self._drain_ptr = getattr(pgconn, "pgconn_ptr", None)
+        found = libpq.drain_functions(pgconn)
+        if isinstance(found, str):
+            self.drain_path = "psycopg"
+            libpq.note("psycopg", found)
+            return 0
+        self._conn = <void *><uintptr_t>found.conn
+        self._get_copy_data = <GetCopyData><uintptr_t>found.get_copy_data
+        self._freemem = <FreeMem><uintptr_t>found.freemem
+        self.drain_path = "libpq"
+        libpq.note("libpq", found.path)
+        return 0
+
+    cdef Py_ssize_t _drain_libpq(self, pgconn) except -2:
+        """drain() with PQgetCopyData called from C: no Python call or object per frame."""
+        cdef char *buf
+        cdef int nbytes
+        cdef Py_ssize_t count = 0
+        while True:
+            buf = NULL
+            nbytes = self._get_copy_data(self._conn, &buf, 1)
+            if nbytes > 0:
+                try:
+                    self._frame(<const uint8_t *>buf, nbytes)
+                finally:
+                    self._freemem(buf)
+                count += 1
+            elif nbytes == 0:
+                return count
+            elif nbytes == -1:
+                return -1
+            elif nbytes == -2:
+                raise libpq.copy_failed(pgconn)
+            else:
+                raise ProtocolError(f"reading the replication stream failed (get_copy_data returned {nbytes})")
