@@ -46,9 +46,17 @@ class OptionalBuildExt(build_ext):
             warn(f"compiling {ext.name} failed", exc)
 
 
+def remove_inplace_build() -> None:
+    """An extension an earlier editable install built in the tree would still be imported."""
+    for path in Path("cdc/capture").glob("_core.*.so"):
+        path.unlink()
+        print(f"removed {path}, built by an earlier install", file=sys.stderr)
+
+
 def extensions() -> list[Any]:
     if os.environ.get("CDC_NO_EXTENSION", "").strip() == "1":
         warn("CDC_NO_EXTENSION=1")
+        remove_inplace_build()
         return []
     try:
         from Cython.Build import cythonize
