@@ -1,6 +1,8 @@
 """The capture core in use: the compiled one (``cdc.capture._core``) when it was built and
 ``CDC_PURE_PYTHON`` is not set to 1, else the pure-Python one (``cdc.capture.core``).
 Both have the same interface and give the same bytes (tests/unit/test_capture_core.py).
+The compiled one's ``drain`` calls libpq's PQgetCopyData from C when it can vouch for the
+connection (``cdc.capture.libpq``; ``Core.drain_path`` says which way it reads).
 """
 
 from __future__ import annotations
