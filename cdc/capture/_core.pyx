@@ -572,7 +572,9 @@ cdef class Core:
         return 0
 
     cdef Py_ssize_t _drain_libpq(self, pgconn) except -2:
-        """drain() with PQgetCopyData called from C: no Python call or object per frame."""
+        """drain() with PQgetCopyData called from C: no Python call or object per frame. The
+        PGconn * is the one drain() checked on entry: the connection must not be closed while
+        drain() runs (its owner closes it; cdc.watchdog never does)."""
         cdef char *buf
         cdef int nbytes
         cdef Py_ssize_t count = 0
