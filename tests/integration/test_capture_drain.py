@@ -44,6 +44,24 @@ def drop_slots(dsn: str, slots: list[str]) -> None:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
 
 
+def check_events(outcome: list[object]) -> None:
+    finished = [item[0] for item in outcome if isinstance(item, tuple)]
+    assert [t.status for t in finished].count("r") == 1 and len(finished) == 39  # 38 committed
+    assert any(t.flags & model.STREAMED for t in finished)
+    assert any(b"\tT\t" in item[1] for item in outcome if isinstance(item, tuple))
+
+
+def test_pure_core_drains_the_whole_stream(pg: LocalPostgres) -> None:
+    """Also where the compiled core is not built (CDC_NO_EXTENSION=1)."""
+    dsn, slots = new_source(pg, 1)
+    try:
+        outcome, core = read_slot(dsn, slots[0], python_core, "libpq")
+    finally:
+        drop_slots(dsn, slots)
+    assert core.drain_path == "psycopg"
+    check_events(outcome)
+
+
 def test_both_drain_paths_read_the_same_events(pg: LocalPostgres) -> None:
     compiled_core = compiled()
     dsn, slots = new_source(pg, 3)
@@ -58,10 +76,7 @@ def test_both_drain_paths_read_the_same_events(pg: LocalPostgres) -> None:
         drop_slots(dsn, slots)
     assert via_libpq == via_psycopg == pure
     assert core.last_received_lsn == other.last_received_lsn
-    finished = [item[0] for item in via_libpq if isinstance(item, tuple)]
-    assert [t.status for t in finished].count("r") == 1 and len(finished) == 39  # 38 committed
-    assert any(t.flags & model.STREAMED for t in finished)
-    assert any(b"\tT\t" in item[1] for item in via_libpq if isinstance(item, tuple))
+    check_events(via_libpq)
 
 
 @pytest.mark.parametrize("path", ["libpq", "psycopg"])
