@@ -3,14 +3,24 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PURE := $(filter 1,$(strip $(CDC_NO_EXTENSION)))
 
 .PHONY: install demo test test-unit test-integration test-faults lint format typecheck bench clean system-deps check-deploy
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py cdc/capture/_core.pyx $(wildcard cdc/capture/_core_*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(if $(PURE),touch,rm -f) $(VENV)/.installed-pure
 	touch $(STAMP)
+
+# CDC_NO_EXTENSION=1 (the pure-Python core only) installs again unless the last install was
+# one; back to the compiled core: make clean install.
+ifneq ($(PURE),)
+ifeq ($(wildcard $(VENV)/.installed-pure),)
+.PHONY: $(STAMP)
+endif
+endif
 
 install: $(STAMP)
 
@@ -59,7 +69,8 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info build
+	rm -f cdc/capture/_core.c cdc/capture/_core.*.so
 
 YAMLLINT_CONFIG := {extends: default, rules: {line-length: {max: 120}, document-start: disable}}
 K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/kubernetes/*.yaml))

@@ -86,6 +86,21 @@ def choose_options(
     return StreamOptions(slot, publication, start_lsn, protocol, streaming, immediate)
 
 
+def start_command(options: StreamOptions) -> sql.Composed:
+    """The START_REPLICATION command for ``options`` (pgoutput, logical messages on)."""
+    return sql.SQL(
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version {}, publication_names {}, messages 'true'{})"
+    ).format(
+        sql.Identifier(options.slot),
+        sql.SQL(format_lsn(options.start_lsn)),
+        sql.Literal(str(options.protocol_version)),
+        sql.Literal(options.publication),
+        sql.SQL(", streaming {}").format(sql.Literal(options.streaming))
+        if options.streaming != "off"
+        else sql.SQL(""),
+    )
+
+
 class ReplicationStream:
     """One START_REPLICATION session; closed and reopened by the daemon on failure."""
 
@@ -177,17 +192,7 @@ class ReplicationStream:
 
     def start(self, options: StreamOptions) -> None:
         assert self._conn is not None
-        command = sql.SQL(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version {}, publication_names {}, messages 'true'{})"
-        ).format(
-            sql.Identifier(options.slot),
-            sql.SQL(format_lsn(options.start_lsn)),
-            sql.Literal(str(options.protocol_version)),
-            sql.Literal(options.publication),
-            sql.SQL(", streaming {}").format(sql.Literal(options.streaming))
-            if options.streaming != "off"
-            else sql.SQL(""),
-        )
+        command = start_command(options)
         try:
             with self._deadline():
                 self._conn.execute(command)
