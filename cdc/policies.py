@@ -24,6 +24,11 @@ def hash_value(value: Any) -> str:
     return "sha256:" + hashlib.sha256(orjson.dumps(value)).hexdigest()
 
 
+def hash_text(raw: bytes) -> str:
+    """``hash_value`` of a column's text as the capture core has it (its ``hash_value``)."""
+    return hash_value(raw.decode())
+
+
 class ColumnPolicies:
     """Per-table column policies from the ``columns`` config section."""
 
