@@ -1,3 +1,4 @@
 from cdc.cli import main
 
-main()
+if __name__ == "__main__":  # also imported (as __mp_main__) by the writer process: spawn
+    main()
