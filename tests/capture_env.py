@@ -210,16 +210,20 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
     from cdc.stream.replication import OUTPUT_SETTINGS, options_string
     from cdc.values import convert, converter_for
 
-    schema, name = table.split(".", 1)
+    from psycopg import sql
+
+    from cdc.config import normalize_table
+
+    relation = sql.Identifier(*normalize_table(table))
     with psycopg.connect(env.source_dsn, autocommit=True, options=options_string(OUTPUT_SETTINGS)) as conn:
         columns = conn.execute(
             "SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
             "AND NOT attisdropped ORDER BY attnum",
-            (f'"{schema}"."{name}"',),
+            (relation.as_string(conn),),
         ).fetchall()
-        select = ", ".join(f'"{c}"' for c, _ in columns)
+        select = sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns)
         # COPY text format: every value through its type's output function.
-        with conn.cursor().copy(f'COPY (SELECT {select} FROM "{schema}"."{name}") TO STDOUT') as copy:
+        with conn.cursor().copy(sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(select, relation)) as copy:
             found = list(copy.rows())
     rows: Counter[str] = Counter()
     for row in found:

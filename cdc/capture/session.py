@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -33,7 +34,7 @@ import structlog
 from cdc.capture.ack import Acknowledgement
 from cdc.capture.batches import Batch, BatchBuilder
 from cdc.capture.engine import Core
-from cdc.capture.model import FinishedTransaction, LogicalMessage
+from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
 from cdc.capture.registry import Registry
 from cdc.capture.writer_process import Ready, WriterParams, WriterProcess
 from cdc.config import redact_dsn
@@ -155,8 +156,15 @@ class CaptureSession:
                 store_timeout=cfg.store.timeout_seconds,
                 report=daemon.report_error,
             )
+            def describe(desc: RelationDesc) -> RelationInfo:
+                if not desc.lsn:
+                    # A Relation message inside a streamed block comes without a WAL position:
+                    # the walsender's is no earlier than the change that follows it.
+                    desc = replace(desc, lsn=core.server_wal_end)
+                return registry.describe(desc)
+
             core = Core(
-                registry.describe,
+                describe,
                 skip_through=state.acked_lsn,
                 memory_limit_bytes=cfg.capture.memory_limit_bytes,
                 spill_dir=str(cfg.capture.spill_dir) if cfg.capture.spill_dir else None,

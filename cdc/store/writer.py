@@ -46,8 +46,10 @@ CONTEXT_CHANGES_COPY = (
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-#: Change flag: some columns of the image are unknown (docs/store.md "Change flags").
+#: Change flags (docs/store.md "Change flags"): some columns of the image are unknown; a value
+#: is stored by reference.
 INCOMPLETE = 4
+OVERSIZE = 8
 
 
 def from_us(us: int) -> datetime:
@@ -338,7 +340,8 @@ def fill_pending_sql(positions: list[int]) -> str:
     Each such row takes, for each pending column, the value of the row's previous image (the
     latest earlier change with the same key: committed, or of the same transaction when the row
     is a rolled-back attempt; none after a DELETE). A column with no previous value is left out
-    of the image and the row is flagged INCOMPLETE. Rows are done one at a time in (position,
+    of the image and the row is flagged INCOMPLETE; a value filled with an oversize reference
+    flags it OVERSIZE. Rows are done one at a time in (position,
     ordinal) order, so a row sees the fill of an earlier one of the same batch. JSON (never
     jsonb) functions only: an image holds values up to capture.max_value_bytes, and jsonb
     refuses strings over 256 MB. One seek per partition on ``changes_row`` per row.
@@ -358,6 +361,7 @@ DECLARE
     col text;
     i integer;
     missing boolean;
+    oversize boolean;
 BEGIN
     FOR r IN
         SELECT c.position, c.ordinal, c.committed_at, c.table_id, c.schema_id, c.flags, c.image, c.pending,
@@ -389,6 +393,7 @@ BEGIN
         WHERE s.schema_id = r.schema_id;
         parts := '{{}}';
         missing := false;
+        oversize := false;
         FOREACH col IN ARRAY coalesce(cols, ikeys || r.pending) LOOP
             IF col = ANY(r.pending) THEN
                 i := array_position(pkeys, col);
@@ -397,6 +402,7 @@ BEGIN
                     CONTINUE;
                 END IF;
                 parts := parts || (to_json(col)::text || ':' || pvals[i]);
+                oversize := oversize OR starts_with(pvals[i], '{{"$cdc":"oversize"');
             ELSE
                 i := array_position(ikeys, col);
                 IF i IS NOT NULL THEN
@@ -406,7 +412,7 @@ BEGIN
         END LOOP;
         UPDATE changes
         SET image = '{{' || array_to_string(parts, ',') || '}}', pending = NULL,
-            flags = flags | CASE WHEN missing THEN {INCOMPLETE} ELSE 0 END
+            flags = flags | CASE WHEN missing THEN {INCOMPLETE} ELSE 0 END | CASE WHEN oversize THEN {OVERSIZE} ELSE 0 END
         WHERE position = r.position AND ordinal = r.ordinal AND committed_at = r.committed_at;
     END LOOP;
 END
