@@ -207,12 +207,11 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
     settings as the replication session), ints and bools as JSON."""
     import json
 
-    from cdc.stream.replication import OUTPUT_SETTINGS, options_string
-    from cdc.values import convert, converter_for
-
     from psycopg import sql
 
     from cdc.config import normalize_table
+    from cdc.stream.replication import OUTPUT_SETTINGS, options_string
+    from cdc.values import convert, converter_for
 
     relation = sql.Identifier(*normalize_table(table))
     with psycopg.connect(env.source_dsn, autocommit=True, options=options_string(OUTPUT_SETTINGS)) as conn:
@@ -223,7 +222,9 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
         ).fetchall()
         select = sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns)
         # COPY text format: every value through its type's output function.
-        with conn.cursor().copy(sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(select, relation)) as copy:
+        with conn.cursor().copy(
+            sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(select, relation)
+        ) as copy:
             found = list(copy.rows())
     rows: Counter[str] = Counter()
     for row in found:

@@ -156,6 +156,7 @@ class CaptureSession:
                 store_timeout=cfg.store.timeout_seconds,
                 report=daemon.report_error,
             )
+
             def describe(desc: RelationDesc) -> RelationInfo:
                 if not desc.lsn:
                     # A Relation message inside a streamed block comes without a WAL position:
