@@ -182,8 +182,22 @@ def _error_from(reply: dict[str, Any]) -> CdcError:
 # ============================================================================ the child
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: be killed when the daemon dies (the store transaction in progress rolls back and
+    the slot's lock is free for the next daemon at once), not only once the pipe is read."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+
+
 def writer_main(conn: Connection, params: WriterParams) -> None:
     """The writer process's body (the target of ``multiprocessing``)."""
+    _die_with_parent(params.daemon_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the daemon's to handle
     configure_logging(params.log_level, params.log_format)
     writer = StoreWriter(params.store_dsn, params.schema, params.slot)
