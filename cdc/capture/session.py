@@ -43,12 +43,14 @@ from cdc.errors import (
     SetupError,
     SlotLostError,
     SourceUnavailableError,
+    StandbyError,
     StoreUnavailableError,
     error_text,
 )
 from cdc.lsn import format_lsn
 from cdc.policies import hash_text
 from cdc.store.retention import Pruner
+from cdc.store.writer import lock_taken
 from cdc.stream.replication import ReplicationStream, choose_options
 from cdc.watchdog import Deadline, probe_session
 
@@ -93,6 +95,9 @@ class CaptureSession:
     def run(self) -> None:
         cfg = self.config
         source_dsn, store_dsn = cfg.require_source(), cfg.require_store()
+        if self.daemon.standby and lock_taken(store_dsn, cfg.store.schema_name, self.slot):
+            # Still held: no writer process is started just to find that out again.
+            raise StandbyError(f"another cdc daemon is active on slot {self.slot!r}; standing by")
         writer = WriterProcess(
             WriterParams(
                 store_dsn,
@@ -364,7 +369,9 @@ class CaptureSession:
             self._hand(batch, wait=False)
 
     def _hand(self, batch: Batch, *, wait: bool) -> None:
-        """Send a batch to the writer; with ``wait``, first wait for room (back-pressure)."""
+        """Send a batch to the writer; with ``wait``, first wait for room (back-pressure), unless
+        the daemon is stopping (the transaction being split is dropped: its ack was not sent, it
+        comes back in the next session)."""
         while len(self.in_flight) >= MAX_IN_FLIGHT:
             if not wait:
                 raise AssertionError("no room for a batch")
@@ -422,10 +429,13 @@ class CaptureSession:
 
     def _finish(self) -> None:
         """Stopping: write what was built, wait for the writer, tell the slot."""
+        deadline = time.monotonic() + self.config.store.timeout_seconds
         batch = self.builder.take()
         if batch is not None:
-            self._hand(batch, wait=True)
-        deadline = time.monotonic() + self.config.store.timeout_seconds
+            while len(self.in_flight) >= MAX_IN_FLIGHT and time.monotonic() < deadline:
+                self._wait_writer(min(1.0, deadline - time.monotonic()))
+            if len(self.in_flight) < MAX_IN_FLIGHT:
+                self._hand(batch, wait=False)
         while self.in_flight and time.monotonic() < deadline:
             self._wait_writer(min(1.0, deadline - time.monotonic()))
         self._send_status(force=True)

@@ -124,6 +124,26 @@ def check_format(cur: psycopg.Cursor[Any], schema: str) -> None:
         )
 
 
+def lock_key(schema: str, slot_name: str) -> str:
+    """The advisory lock of "one active daemon per slot" (its hashtext)."""
+    return f"cdc:{schema}:{slot_name}"
+
+
+def lock_taken(dsn: str, schema: str, slot_name: str) -> bool:
+    """Whether another session holds the slot's lock now (a standby's cheap check)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s))", (lock_key(schema, slot_name),)
+            ).fetchone()
+            if row is not None and row[0]:
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock_key(schema, slot_name),))
+                return False
+            return True
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailableError(f"cannot reach the history store: {error_text(exc)}") from exc
+
+
 class StoreWriter:
     """The capture side's connection to the store. Not thread-safe; one per daemon."""
 
@@ -155,7 +175,7 @@ class StoreWriter:
                     # One active daemon per slot: a session-level advisory lock on the store,
                     # released by the server the moment this connection dies.
                     cur.execute(
-                        "SELECT pg_try_advisory_lock(hashtext(%s))", (f"cdc:{self.schema}:{self.slot_name}",)
+                        "SELECT pg_try_advisory_lock(hashtext(%s))", (lock_key(self.schema, self.slot_name),)
                     )
                     locked = cur.fetchone()
                     if not locked or not locked[0]:

@@ -338,3 +338,43 @@ def test_batches_create_partitions_of_every_partitioned_table(store_dsn: str, do
     assert q(store_dsn, "SELECT count(*) FROM changes_default") == [(0,)]
     assert q(store_dsn, "SELECT key_hash = hashtextextended('[1]', 0) FROM changes_p20260310") == [(True,)]
     writer.close()
+
+
+def test_fill_reads_rolled_back_images_only_for_rolled_back_rows(
+    store_dsn: str, docs: tuple[int, int]
+) -> None:
+    t, s = docs
+    writer = StoreWriter(store_dsn, SCHEMA, "cdc")
+    writer.connect()
+    writer.write(
+        batch(
+            change(1000, 0, t, s, "I", "[1]", {"id": 1, "body": "committed", "n": 0}),
+            fresh=[1000],
+            max_position=1000,
+        )
+    )
+    writer.write(
+        batch(
+            # a savepoint rolled back: its image must not fill the committed change after it
+            change(2000, 0, t, s, "U", "[1]", {"id": 1, "body": "attempt", "n": 1}, flags=1),
+            change(2000, 1, t, s, "U", "[1]", {"id": 1, "n": 2}, pending=["body"]),
+            # a rolled-back transaction: its own earlier (rolled-back) change counts
+            change(3001, 0, t, s, "U", "[1]", {"id": 1, "body": "doomed", "n": 3}, flags=1),
+            change(3001, 1, t, s, "U", "[1]", {"id": 1, "n": 4}, flags=1, pending=["body"]),
+            fresh=[2000, 3001],
+            pending=[2000, 3001],
+            max_position=3001,
+        )
+    )
+    bodies = q(
+        store_dsn,
+        "SELECT position, image::json ->> 'body' FROM changes WHERE pending IS NULL ORDER BY 1, ordinal",
+    )
+    assert bodies == [
+        (1000, "committed"),
+        (2000, "attempt"),
+        (2000, "committed"),
+        (3001, "doomed"),
+        (3001, "doomed"),
+    ]
+    writer.close()
