@@ -45,6 +45,8 @@ CONTEXT_REJECTED = 4
 CHUNK_BYTES = 4 * 1024 * 1024
 #: A batch stops growing at this many bytes of COPY text (one chunk may go over it alone).
 BATCH_MAX_BYTES = 32 * 1024 * 1024
+#: Verified contexts remembered by their message's bytes (then the cache starts again).
+CONTEXT_CACHE = 4096
 
 _NULL = b"\\N"
 
@@ -100,7 +102,7 @@ class Batch:
     store: StoreBatch = field(default_factory=StoreBatch)
     started: float = field(default_factory=time.monotonic)
     nbytes: int = 0
-    counts: Counter[tuple[int, str, bool]] = field(default_factory=Counter)  # (table_id, op, rolled back)
+    counts: dict[tuple[int, str, bool], int] = field(default_factory=dict)  # (table_id, op, rolled back)
     statuses: Counter[str] = field(default_factory=Counter)  # transactions by status
     last_committed_us: int | None = None  # Unix time of its last transaction's commit (lag metric)
 
@@ -133,6 +135,8 @@ class BatchBuilder:
         self.chunk_bytes = chunk_bytes
         self._actor_last_seq = actor_last_seq
         self._actors: dict[str, int] = {}  # actor -> last sequence number handed out
+        # Verified contexts by message content: a request spanning transactions is read once.
+        self._contexts: dict[bytes, _Context] = {}
         self.current: Batch | None = None
 
     # -- the batch being built -----------------------------------------------------
@@ -225,7 +229,9 @@ class BatchBuilder:
         store = batch.store
         flags = txn.flags | (CONTEXT_REJECTED if rejected else 0)
         self._rows(store, txn, spans, flags)
-        batch.counts.update(txn.counts)
+        counts = batch.counts
+        for key, n in txn.counts.items():
+            counts[key] = counts.get(key, 0) + n
         batch.statuses[txn.status] += 1
         batch.last_committed_us = us
         store.ack_lsn = position if store.ack_lsn is None else max(store.ack_lsn, position)
@@ -238,13 +244,18 @@ class BatchBuilder:
         for ordinal, _lsn, prefix, content in txn.messages:
             if prefix != CONTEXT_PREFIX:
                 continue
-            verified = verified_context(content)
-            if verified is None:
-                rejected = True
-                continue
+            ctx = self._contexts.get(content)
+            if ctx is None:
+                verified = verified_context(content)
+                if verified is None:
+                    rejected = True
+                    continue
+                ctx = _context(verified)
+                if len(self._contexts) >= CONTEXT_CACHE:
+                    self._contexts.clear()
+                self._contexts[content] = ctx
             if count and ordinal >= count:
                 continue  # after the last change: describes nothing
-            ctx = _context(verified)
             start = max(0, ordinal) if count else 0
             last_start, last = spans[-1]
             if last_start == start:
@@ -274,49 +285,36 @@ class BatchBuilder:
         first = spans[0][1]
         if not count and first is None:
             return
-        position = str(txn.position).encode()
         committed_at = txn.committed_at_text.encode()
         seqs: list[bytes] = []
         for i, (start, ctx) in enumerate(spans):
             end = spans[i + 1][0] if i + 1 < len(spans) else count
             seq = _NULL
             if ctx is not None and ctx.actor is not None and end > start:
-                seq = str(self._sequence(ctx.actor, end - start)).encode()
+                seq = b"%d" % self._sequence(ctx.actor, end - start)
                 store.actor_sequences[ctx.actor] = self._actors[ctx.actor]
             seqs.append(seq)
         store.transactions.append(
-            b"\t".join(
-                (
-                    position,
-                    committed_at,
-                    str(txn.xid).encode(),
-                    str(txn.commit_lsn).encode() if txn.commit_lsn is not None else _NULL,
-                    txn.status.encode(),
-                    str(flags).encode(),
-                    copy_text(txn.origin) if txn.origin is not None else _NULL,
-                    str(count).encode(),
-                    first.request_id if first is not None else _NULL,
-                    first.actor_field if first is not None else _NULL,
-                    seqs[0],
-                    first.document if first is not None else _NULL,
-                )
+            b"%d\t%s\t%d\t%s\t%s\t%d\t%s\t%d\t%s\t%s\t%s\t%s\n"
+            % (
+                txn.position,
+                committed_at,
+                txn.xid,
+                b"%d" % txn.commit_lsn if txn.commit_lsn is not None else _NULL,
+                txn.status.encode(),
+                flags,
+                copy_text(txn.origin) if txn.origin is not None else _NULL,
+                count,
+                first.request_id if first is not None else _NULL,
+                first.actor_field if first is not None else _NULL,
+                seqs[0],
+                first.document if first is not None else _NULL,
             )
-            + b"\n"
         )
         for (start, ctx), seq in zip(spans[1:], seqs[1:], strict=True):
             assert ctx is not None
             store.context_changes.append(
-                b"\t".join(
-                    (
-                        position,
-                        committed_at,
-                        str(start).encode(),
-                        ctx.request_id,
-                        ctx.actor_field,
-                        seq,
-                        ctx.document,
-                    )
-                )
-                + b"\n"
+                b"%d\t%s\t%d\t%s\t%s\t%s\t%s\n"
+                % (txn.position, committed_at, start, ctx.request_id, ctx.actor_field, seq, ctx.document)
             )
         store.span(txn.committed_at_us + PG_EPOCH_OFFSET_US)
