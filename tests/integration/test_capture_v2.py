@@ -202,3 +202,17 @@ def test_a_value_over_256_megabytes_is_stored_by_reference(capture: CaptureEnv) 
     assert json.loads(rows[1][3]) == {"id": 1, "body": reference, "n": 1} and rows[1][2] & 8
     assert json.loads(rows[2][3]) == {"id": 2, "body": "after", "n": 0}
     assert capture.stop() == 0
+
+
+def test_a_format_1_store_is_refused_by_setup_and_daemon(capture: CaptureEnv) -> None:
+    from cdc.errors import SetupError
+    from cdc.setup import setup
+
+    with capture.store() as store:
+        store.execute(f"CREATE SCHEMA {capture.schema}")
+        store.execute(f"CREATE TABLE {capture.schema}.mutations (position bigint)")
+    with pytest.raises(SetupError, match="format 1") as refused:
+        setup(capture.config)
+    assert "store.schema" in (refused.value.hint or "")
+    with capture.store() as store:  # nothing of format 2 was created beside it
+        assert store.execute("SELECT to_regclass('store_meta')").fetchone() == (None,)
