@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 import structlog
@@ -37,7 +37,7 @@ from cdc.capture.engine import Core
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
 from cdc.capture.registry import Registry
 from cdc.capture.writer_process import Ready, WriterParams, WriterProcess
-from cdc.config import redact_dsn
+from cdc.config import Config, redact_dsn
 from cdc.context import HEARTBEAT_PREFIX
 from cdc.errors import (
     SetupError,
@@ -48,14 +48,33 @@ from cdc.errors import (
     error_text,
 )
 from cdc.lsn import format_lsn
+from cdc.metrics import Metrics
 from cdc.policies import hash_text
 from cdc.store.retention import Pruner
 from cdc.store.writer import lock_taken
 from cdc.stream.replication import ReplicationStream, choose_options
 from cdc.watchdog import Deadline, probe_session
 
-if TYPE_CHECKING:
-    from cdc.daemon import Daemon
+
+class Daemon(Protocol):
+    """What a session uses of the daemon (cdc/daemon.py) that runs it."""
+
+    config: Config
+    metrics: Metrics
+    standby: bool
+    streaming: bool
+    acked_lsn: int
+    store_write_started: float | None  # when the write in progress began (the watchdog's)
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def beat(self) -> None: ...
+
+    def reload_if_requested(self) -> None: ...
+
+    def report_error(self, message: str) -> None: ...
+
 
 log = structlog.get_logger("cdc.daemon")
 
