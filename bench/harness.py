@@ -147,6 +147,23 @@ def process_cpu_seconds(pid: int, children: bool = True) -> float:
     return ticks / _TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and of its live children (`cdc run`: the store writer process)."""
+    total = process_cpu_seconds(pid)
+    for child in children_of(pid):
+        total += process_cpu_seconds(child)
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def server_cpu_seconds(pg: LocalPostgres) -> float:
     """CPU used by a server so far: the postmaster with every child it reaped, plus its live
     children (backends, walsenders, background processes). A difference of two readings is
@@ -178,7 +195,8 @@ class Capture:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        # Not the caller's configuration; CDC_PURE_PYTHON (which capture core) is no setting.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") or k == "CDC_PURE_PYTHON"}
         environ.update(
             {
                 "CDC_SOURCE_DSN": self.source_dsn,
@@ -225,6 +243,22 @@ class Capture:
         return bool(
             scalar(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self.slot,))
         )
+
+    def settle_slot(self) -> None:
+        """Bring the slot's restart_lsn up to what it confirmed (the daemon is stopped), by a
+        fast-forward decode: a daemon that just caught up and stopped leaves it behind (it moves
+        only with a standby status update after a running-xacts record), and its next session
+        would decode that WAL again before the workload it is timed on; pg_recvlogical's fresh
+        slots never do."""
+        with connect(self.source_dsn) as conn:
+            if conn.info.server_version >= 160000:
+                # A running-xacts record now: a restart point just behind the confirmed position.
+                conn.execute("SELECT pg_log_standby_snapshot()")
+            conn.execute(
+                "SELECT pg_replication_slot_advance(slot_name, confirmed_flush_lsn) "
+                "FROM pg_replication_slots WHERE slot_name = %s",
+                (self.slot,),
+            )
 
     def advance_slot(self) -> None:
         """Move the slot to the current WAL position (the daemon is stopped): what was written
@@ -344,14 +378,17 @@ class Daemon:
         return None
 
     def peak_rss_mb(self) -> float | None:
+        """Peak RSS of `cdc run` and its live children (the store writer process), together."""
         pid = self.daemon_pid()
         if pid is None:
             return None
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return None
+        total = None
+        for process in (pid, *children_of(pid)):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{process}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total = (total or 0.0) + int(line.split()[1]) / 1024
+        return total
 
     def stop(self, timeout: float = 60) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -408,11 +445,15 @@ def write_marker(source_dsn: str) -> tuple[int, int]:
 
 
 def marker_position(conn: psycopg.Connection[Any], marker: int) -> int | None:
+    """The version of the marker's insert in a store (format 2), once its transaction is stored."""
+    key = f"[{marker}]"
     value = scalar(
         conn,
-        "SELECT position FROM mutations WHERE table_name = 'public.bench_marker' AND key = %s::jsonb "
-        "AND version IS NOT NULL",
-        (f'{{"id": {marker}}}',),
+        "SELECT c.position FROM changes c JOIN table_names n USING (table_id) "
+        "JOIN transactions t ON t.position = c.position AND t.status = 'c' "
+        "WHERE n.schema_name = 'public' AND n.table_name = 'bench_marker' "
+        "AND c.key_hash = hashtextextended(%s, 0) AND c.key_text = %s",
+        (key, key),
     )
     return None if value is None else int(value)
 

@@ -23,6 +23,7 @@ from bench.harness import (
     Capture,
     Daemon,
     ProtocolOptions,
+    children_of,
     connect,
     create_logical_slot,
     drop_slot,
@@ -84,10 +85,16 @@ def time_daemon(
                 time.sleep(0.005)
         active = time.monotonic()
         pid = daemon.daemon_pid() or daemon.pid
-        cpu_before = process_cpu_seconds(pid)
+        writers = children_of(pid)  # the store writer process (and multiprocessing's tracker)
+        backends = _backends(capture)  # the writer's store backend and the walsender
+        cpu_before = process_cpu_seconds(pid, False)
+        writer_before = sum(process_cpu_seconds(w, False) for w in writers)
+        backends_before = {k: process_cpu_seconds(v, False) for k, v in backends.items()}
         server_before = server_cpu_seconds(capture.pg)
         done = wait_for_marker(capture, marker, daemon, interval=0.02)
-        cpu_s = process_cpu_seconds(pid) - cpu_before
+        main_cpu_s = process_cpu_seconds(pid, False) - cpu_before
+        writer_cpu_s = sum(process_cpu_seconds(w, False) for w in writers) - writer_before
+        backend_cpu = {k: process_cpu_seconds(v, False) - backends_before[k] for k, v in backends.items()}
         server_cpu_s = server_cpu_seconds(capture.pg) - server_before
         rss = daemon.peak_rss_mb() or 0.0
         metrics = daemon.metrics()
@@ -99,14 +106,41 @@ def time_daemon(
         "drain_s": done - active,
         "wall_s": done - daemon.started_at,
         "peak_rss_mb": rss,
-        # Where the CPU went while draining: the daemon's process, and the server's (the
-        # walsender decoding, the store's backend writing, both on this machine's 2 cores).
-        "cpu_s": cpu_s,
+        # Where the CPU went while draining: the daemon's two processes (capture, store writer),
+        # and the server's (the walsender decoding, the store's backend writing, both on this
+        # machine's 2 cores), with the writer's store backend and the walsender apart.
+        "cpu_s": main_cpu_s + writer_cpu_s,
+        "main_cpu_s": main_cpu_s,
+        "writer_cpu_s": writer_cpu_s,
+        "store_backend_cpu_s": backend_cpu.get("store", 0.0),
+        "walsender_cpu_s": backend_cpu.get("walsender", 0.0),
         "server_cpu_s": server_cpu_s,
         # What the store writes cost, from the daemon's own metrics (0 when not exposed).
         "store_writes": metrics.get("cdc_batch_rows_count", 0.0),
         "store_write_s": metrics.get("cdc_store_write_seconds_sum", 0.0),
     }
+
+
+def _backends(capture: Capture) -> dict[str, int]:
+    """Server pids of the daemon's store writer connection and of its walsender."""
+    found: dict[str, int] = {}
+    with capture.store() as conn:
+        for _ in range(100):  # the writer process connects as the session starts
+            pid = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'cdc-writer' "
+                "AND datname = current_database() ORDER BY backend_start DESC LIMIT 1"
+            ).fetchone()
+            if pid is not None:
+                found["store"] = int(pid[0])
+                break
+            time.sleep(0.05)
+    with connect(capture.source_dsn) as source:
+        walsender = source.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (capture.slot,)
+        ).fetchone()
+        if walsender is not None and walsender[0] is not None:
+            found["walsender"] = int(walsender[0])
+    return found
 
 
 def measure(ctx: Context) -> Measurement:
@@ -164,6 +198,8 @@ def measure(ctx: Context) -> Measurement:
                 if kind == "large" and rep == 0:
                     large_rows = _scaled_rows(ctx, p, results, m)
                 slots = {mode: f"rl_{mode}_{rep}_{kind}" for mode in modes}
+                for capture in captures.values():
+                    capture.settle_slot()
                 for slot in slots.values():
                     create_logical_slot(src, slot)
                 try:
@@ -286,17 +322,23 @@ def _daemon_note(rows: list[dict[str, Any]], mode: str) -> str:
     changes = [r["changes"] for r in rows if r["changes"]]
     if changes and all(f"daemon_{mode}_cpu_s" in r for r in rows):
         per_change = {
-            what: median([1e6 * r[key] / r["changes"] for r in rows if r["changes"]]) or 0.0
+            what: median([1e6 * r.get(key, 0.0) / r["changes"] for r in rows if r["changes"]]) or 0.0
             for what, key in (
                 ("daemon", f"daemon_{mode}_cpu_s"),
+                ("main", f"daemon_{mode}_main_cpu_s"),
+                ("writer", f"daemon_{mode}_writer_cpu_s"),
+                ("backend", f"daemon_{mode}_store_backend_cpu_s"),
+                ("walsender", f"daemon_{mode}_walsender_cpu_s"),
                 ("server", f"daemon_{mode}_server_cpu_s"),
                 ("recvlogical", f"recvlogical_{mode}_server_cpu_s"),
             )
         }
         note += (
-            f"; CPU per change while draining: daemon process {per_change['daemon']:.0f} µs, server "
-            f"{per_change['server']:.0f} µs (walsender + store backend; with pg_recvlogical the server "
-            f"spends {per_change['recvlogical']:.0f} µs)"
+            f"; CPU per change while draining: daemon {per_change['daemon']:.1f} µs (capture process "
+            f"{per_change['main']:.1f}, store writer process {per_change['writer']:.1f}), server "
+            f"{per_change['server']:.1f} µs (store backend {per_change['backend']:.1f}, walsender "
+            f"{per_change['walsender']:.1f}; with pg_recvlogical the server spends "
+            f"{per_change['recvlogical']:.1f} µs)"
         )
     return note
 
@@ -350,22 +392,25 @@ def _figures(m: Measurement, modes: list[str], results: list[dict[str, Any]]) ->
 
 
 def _store_ceiling(m: Measurement, pg: Any, capture: Capture, batch_rows: int = 2_000) -> None:
-    """What the history store alone accepts: the small transactions' mutations the daemon
-    stored, COPYed again into a table like ``mutations`` (its indexes, no partitions) by a
-    bare client, in transactions of ``batch_rows`` like the daemon's batches. No decoding, no
-    Python per row: the bound the store's write path puts on any capture into it."""
+    """What the history store alone accepts: the small transactions' changes the daemon
+    stored, COPYed again into a table like ``changes`` (its indexes and generated key hashes,
+    no partitions) by a bare client, in transactions of ``batch_rows`` like the daemon's
+    batches. No decoding, no Python per row: the bound the store's write path puts on any
+    capture into it."""
     columns = (
-        "position, ordinal, version, lsn, xid, committed_at, table_name, op, key, old_key, before, after, "
-        "changed, status, request_id, context, schema_id, actor, actor_seq"
+        "position, ordinal, committed_at, table_id, schema_id, op, flags, lsn, xid, key_text, image, "
+        "before, old_key_text, pending"
     )
     with capture.store() as conn:
         conn.execute(
-            "CREATE TEMP TABLE ceiling (LIKE mutations INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)"
+            "CREATE TEMP TABLE ceiling (LIKE changes INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+            "INCLUDING INDEXES INCLUDING GENERATED)"
         )
         lines: list[bytes] = []
         with conn.cursor().copy(
-            f"COPY (SELECT {columns} FROM mutations WHERE table_name IN "
-            "('public.bench_accounts', 'public.bench_history') ORDER BY position, ordinal LIMIT 200000) TO STDOUT"
+            f"COPY (SELECT {columns} FROM changes WHERE table_id IN (SELECT table_id FROM table_names "
+            "WHERE table_name IN ('bench_accounts', 'bench_history')) ORDER BY position, ordinal "
+            "LIMIT 200000) TO STDOUT"
         ) as copy:
             pending = b""
             for chunk in copy:
@@ -386,11 +431,11 @@ def _store_ceiling(m: Measurement, pg: Any, capture: Capture, batch_rows: int = 
     m.figures.append(
         Figure(
             "throughput.store_ceiling",
-            "the history store alone: COPY of captured mutations into a table like `mutations` (its "
+            "the history store alone: COPY of captured changes into a table like `changes` (its "
             f"indexes), {batch_rows:,} rows a transaction, by a bare client",
             "rows/s",
             [len(lines) / seconds],
-            note=f"{len(lines):,} rows; store backend CPU {1e6 * cpu / len(lines):.0f} µs a row",
+            note=f"{len(lines):,} rows; store backend CPU {1e6 * cpu / len(lines):.1f} µs a row",
         )
     )
 

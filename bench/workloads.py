@@ -69,8 +69,8 @@ def run_large(source_dsn: str, rows: int, first_id: int) -> None:
 def count_changes(conn: psycopg.Connection[object], after: int, through: int) -> int:
     """Row changes a store holds in (after, through], the marker rows left out."""
     row = conn.execute(
-        "SELECT count(*) FROM mutations WHERE position > %s AND position <= %s "
-        "AND table_name <> 'public.bench_marker'",
+        "SELECT count(*) FROM changes WHERE position > %s AND position <= %s AND table_id NOT IN "
+        "(SELECT table_id FROM table_names WHERE schema_name = 'public' AND table_name = 'bench_marker')",
         (after, through),
     ).fetchone()
     return int(row[0]) if row else 0

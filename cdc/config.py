@@ -452,6 +452,8 @@ class CaptureConfig(_Section):
     batch_max_seconds: PositiveSeconds = 0.2
     status_interval_seconds: PositiveSeconds = 10.0
     memory_limit_bytes: Size = 64 * 1024**2
+    # A value whose text is longer is stored by reference (size and SHA-256, docs/store.md).
+    max_value_bytes: Size = 64 * 1024**2
     spill_dir: Annotated[Path | None, BeforeValidator(_empty_to_none)] = None
     heartbeat_interval_seconds: Annotated[Seconds, Field(ge=0)] = 60.0
     max_lag_bytes: Size = 1024**3

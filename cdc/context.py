@@ -2,7 +2,7 @@
 
 Pure: no psycopg, no I/O. The source side (``sql/context.sql``, installed by
 :mod:`cdc.source_context`) and the client helper (:mod:`cdc.client`) write two kinds of
-logical decoding messages with ``pg_logical_emit_message``; the assembler reads them back
+logical decoding messages with ``pg_logical_emit_message``; the capture side reads them back
 from the slot and parses them with :func:`parse_context` and :func:`parse_error`.
 
 ``cdc.context`` (transactional, written before the changes it describes)::

@@ -9,9 +9,8 @@ slot's first change. Every step is idempotent and every failure says what to run
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,26 @@ import structlog
 from psycopg import sql
 
 import cdc
-from cdc.assembler import COMMITTED, Mutation, TableSchema, build_schema
+from cdc.capture.engine import Core
+from cdc.capture.model import PG_EPOCH_OFFSET_US, ColumnDesc, RelationDesc, format_time, now_us
+from cdc.capture.registry import Registry
 from cdc.config import Config, redact_dsn
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.policies import ColumnPolicies
+from cdc.policies import hash_text
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
 from cdc.source_context import context_installed, install_context, uninstall_context
 from cdc.store.migrate import prepare_store
-from cdc.store.writer import Batch, StoreWriter, TransactionRow
+from cdc.store.writer import StoreBatch, StoreWriter
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
-from cdc.values import convert
 
 log = structlog.get_logger("cdc.setup")
 
 SQL_DIR = Path(cdc.__file__).parent / "sql"
-BASELINE_CHUNK_ROWS = 5000
+#: Baseline rows per store transaction, and bytes of source COPY text read at a time.
+BASELINE_BATCH_ROWS = 50_000
+BASELINE_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -227,9 +229,7 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                 # A slot whose baseline never completed: its snapshot is gone, start over.
                 src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             gap = state is not None and state.baseline_done
-            baseline_lsn = create_slot_with_baseline(
-                src, source_dsn, writer, slot, publication, gap=gap, policies=ColumnPolicies(config.columns)
-            )
+            baseline_lsn = create_slot_with_baseline(src, source_dsn, writer, config, report, gap=gap)
             report.did(
                 f"source: slot {slot} created; baseline of {len(tables)} table(s) at {format_lsn(baseline_lsn)}"
                 + (" (after a gap)" if gap else "")
@@ -243,13 +243,13 @@ def create_slot_with_baseline(
     src: psycopg.Connection[Any],
     source_dsn: str,
     writer: StoreWriter,
-    slot: str,
-    publication: str,
+    config: Config,
+    report: SetupReport,
     *,
     gap: bool,
-    policies: ColumnPolicies,
 ) -> int:
     """Create the slot, exporting its snapshot, and record the published rows as SNAPSHOT."""
+    slot = config.source.slot
     repl = connect(
         source_dsn, "source", replication="database", autocommit=True, options=options_string(OUTPUT_SETTINGS)
     )
@@ -275,12 +275,13 @@ def create_slot_with_baseline(
                 (slot, system_id, src.info.dbname, consistent_point, consistent_point, consistent_point),
             )
             # A baseline that died half way left rows at this same position: start it over.
-            cur.execute("DELETE FROM mutations WHERE position = %s", (consistent_point,))
-            cur.execute("DELETE FROM transactions WHERE position = %s", (consistent_point,))
+            for table in ("changes", "transactions", "context_changes"):
+                cur.execute(
+                    sql.SQL("DELETE FROM {} WHERE position = %s").format(sql.Identifier(table)),
+                    (consistent_point,),
+                )
         writer.conn.commit()
-        count = copy_baseline(
-            source_dsn, snapshot, writer, publication, consistent_point, gap=gap, policies=policies
-        )
+        count = copy_baseline(source_dsn, snapshot, writer, config, consistent_point, report, gap=gap)
         with writer.conn.cursor() as cur:
             if gap:
                 cur.execute(
@@ -303,52 +304,115 @@ def copy_baseline(
     source_dsn: str,
     snapshot: str,
     writer: StoreWriter,
-    publication: str,
+    config: Config,
     position: int,
+    report: SetupReport,
     *,
     gap: bool,
-    policies: ColumnPolicies,
 ) -> int:
-    """Read every published table in the exported snapshot; write SNAPSHOT mutations."""
-    now = datetime.now(UTC)
+    """Read every published table in the exported snapshot; write its rows as SNAPSHOT changes.
+
+    The rows come as the source's COPY text, read in large chunks and turned into ``changes``
+    lines by the capture core (``snapshot_lines``): no row is parsed here."""
+    when = now_us()  # PostgreSQL epoch, as the core takes it
+    now_text = format_time(when).encode()
     ordinal = 0
     with connect(source_dsn, "source", options=options_string(OUTPUT_SETTINGS)) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        tables = published_tables(conn, publication)
-        batch = Batch()
+        tables = published_tables(conn, config.source.publication)
+        registry = Registry(
+            config.require_store(),
+            config.store.schema_name,
+            policies=config.columns,
+            catalog=conn,
+            source_timeout=config.source.timeout_seconds,
+            store_timeout=config.store.timeout_seconds,
+            report=report.warnings.append,
+        )
+        core = Core(
+            registry.describe,
+            skip_through=position,
+            memory_limit_bytes=config.capture.memory_limit_bytes,
+            spill_dir=str(config.capture.spill_dir) if config.capture.spill_dir else None,
+            max_value_bytes=config.capture.max_value_bytes,
+            hash_value=hash_text,
+        )
+        batch = StoreBatch()
 
         def flush() -> None:
             nonlocal batch
+            batch.span(when + PG_EPOCH_OFFSET_US)
+            batch.max_position = position
             writer.write(batch)
-            batch = Batch()
+            batch = StoreBatch()
 
-        for table in tables:
-            schema = build_schema(table.relation(), lambda _rel, t=table: t.primary_key or None)  # type: ignore[misc]
-            if gap:
-                # History before the gap may hold rows deleted meanwhile: start the table afresh.
-                batch.mutations.append(_mutation(position, ordinal, now, schema, "TRUNCATE", None))
-                ordinal += 1
-            for row in _read_table(conn, table):
-                image = {
-                    name: convert(conv, value)
-                    for name, conv, value in zip(schema.column_names, schema.converters, row, strict=True)
-                }
-                mutation = _mutation(position, ordinal, now, schema, "SNAPSHOT", image)
-                policies.apply(mutation)
-                batch.mutations.append(mutation)
-                ordinal += 1
-                if len(batch.mutations) >= BASELINE_CHUNK_ROWS:
-                    flush()
-        batch.transactions.append(
-            TransactionRow(position, 0, None, COMMITTED, now, "cdc.baseline", mutation_count=ordinal)
-        )
-        flush()
+        try:
+            for table in tables:
+                info = registry.describe(_relation_desc(table, position))
+                if gap:
+                    # History before the gap may hold rows deleted meanwhile: start the table afresh.
+                    batch.changes.append(
+                        _truncate_line(position, ordinal, now_text, info.table_id, info.schema_id)
+                    )
+                    batch.rows += 1
+                    ordinal += 1
+                for data in _read_table(conn, table):
+                    lines, n = core.snapshot_lines(
+                        info, data, position=position, first_ordinal=ordinal, committed_at_us=when
+                    )
+                    batch.changes.append(lines)
+                    batch.rows += n
+                    ordinal += n
+                    if batch.rows >= BASELINE_BATCH_ROWS:
+                        flush()
+            batch.transactions.append(
+                b"\t".join(
+                    (
+                        str(position).encode(),
+                        now_text,
+                        b"0",
+                        b"\\N",
+                        b"c",
+                        b"0",
+                        b"cdc.baseline",
+                        str(ordinal).encode(),
+                    )
+                    + (b"\\N",) * 4
+                )
+                + b"\n"
+            )
+            flush()
+        finally:
+            registry.close()
         conn.rollback()
     return ordinal
 
 
-def _read_table(conn: psycopg.Connection[Any], table: SourceTable) -> Any:
+def _truncate_line(position: int, ordinal: int, when: bytes, table_id: int, schema_id: int) -> bytes:
+    fields = (
+        str(position).encode(),
+        str(ordinal).encode(),
+        when,
+        str(table_id).encode(),
+        str(schema_id).encode(),
+    )
+    return b"\t".join((*fields, b"T", b"0", str(position).encode(), *(b"\\N",) * 6)) + b"\n"
+
+
+def _relation_desc(table: SourceTable, position: int) -> RelationDesc:
+    return RelationDesc(
+        table.oid,
+        table.schema,
+        table.name,
+        table.replica_identity,
+        tuple(ColumnDesc(c.name, c.type_oid, c.type_modifier, c.is_key) for c in table.columns),
+        position,
+    )
+
+
+def _read_table(conn: psycopg.Connection[Any], table: SourceTable) -> Iterator[bytes]:
+    """The table's rows as COPY text, in chunks of about BASELINE_CHUNK_BYTES."""
     if not table.columns:
         return
     # COPY's text format prints each value with its type's output function, exactly as
@@ -357,33 +421,15 @@ def _read_table(conn: psycopg.Connection[Any], table: SourceTable) -> Any:
         sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns),
         sql.Identifier(table.schema, table.name),
     )
+    buffer = bytearray()
     with conn.cursor().copy(select) as copy:
-        yield from copy.rows()
-
-
-def _mutation(
-    position: int, ordinal: int, when: datetime, schema: TableSchema, op: str, image: dict[str, Any] | None
-) -> Mutation:
-    key = None
-    if image is not None:
-        key = {k: image.get(k) for k in schema.key_columns} if schema.key_columns else dict(image)
-    return Mutation(
-        position,
-        ordinal,
-        position,
-        0,
-        when,
-        schema.table,
-        op,
-        key,
-        None,
-        None,
-        image,
-        list(image) if image is not None else None,
-        COMMITTED,
-        None,
-        schema,
-    )
+        for data in copy:
+            buffer += data
+            if len(buffer) >= BASELINE_CHUNK_BYTES:
+                yield bytes(buffer)
+                buffer.clear()
+    if buffer:
+        yield bytes(buffer)
 
 
 def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
@@ -440,4 +486,4 @@ def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
     return report
 
 
-__all__ = ["SetupReport", "apply_store_schema", "describe_table", "json", "primary_key", "setup", "teardown"]
+__all__ = ["SetupReport", "apply_store_schema", "describe_table", "primary_key", "setup", "teardown"]

@@ -121,38 +121,78 @@ def new_env(pg: LocalPostgres, same_database: bool = False) -> CaptureEnv:
     return CaptureEnv(pg, source, store, slot=f"cdc_{suffix}")
 
 
+def table_id(env: CaptureEnv, table: str) -> int:
+    """The store's id of the table that has the name ``table`` now (format 2)."""
+    from cdc.config import normalize_table
+
+    schema, name = normalize_table(table)
+    with env.store() as conn:
+        row = conn.execute(
+            "SELECT table_id FROM table_names WHERE schema_name = %s AND table_name = %s "
+            "ORDER BY from_position DESC LIMIT 1",
+            (schema, name),
+        ).fetchone()
+    assert row is not None, f"no table {table} in the store"
+    return int(row[0])
+
+
 def rebuild(env: CaptureEnv, table: str, version: int | None = None) -> Counter[str]:
     """An independent oracle: the table's rows at ``version`` replayed from the stored
-    mutations, as a multiset of canonical JSON rows."""
+    changes (format 2: committed transactions only), as a multiset of canonical JSON rows."""
     import json
 
-    rows: Counter[str] = Counter()
+    tid = table_id(env, table)
     with env.store() as conn:
         found = conn.execute(
-            "SELECT op, before, after FROM mutations WHERE table_name = %s AND version IS NOT NULL "
-            "AND (%s::bigint IS NULL OR version <= %s) ORDER BY position, ordinal",
-            (table, version, version),
+            "SELECT c.op, c.key_text, c.image, c.before, c.old_key_text, s.key_columns, c.flags, c.pending "
+            "FROM changes c JOIN transactions t ON t.position = c.position AND t.status = 'c' "
+            "LEFT JOIN table_schemas s ON s.schema_id = c.schema_id "
+            "WHERE c.table_id = %s AND c.flags & 1 = 0 AND (%s::bigint IS NULL OR c.position <= %s) "
+            "ORDER BY c.position, c.ordinal",
+            (tid, version, version),
         ).fetchall()
         # The schema in force: the one of the table's latest change at that version.
         latest = conn.execute(
-            "SELECT s.columns FROM mutations m JOIN table_schemas s USING (schema_id) "
-            "WHERE m.table_name = %s AND m.version IS NOT NULL AND (%s::bigint IS NULL OR m.version <= %s) "
-            "ORDER BY m.position DESC, m.ordinal DESC LIMIT 1",
-            (table, version, version),
+            "SELECT s.columns FROM changes c JOIN table_schemas s USING (schema_id) "
+            "WHERE c.table_id = %s AND (%s::bigint IS NULL OR c.position <= %s) "
+            "ORDER BY c.position DESC, c.ordinal DESC LIMIT 1",
+            (tid, version, version),
         ).fetchone()
+    keyed: dict[str, str] = {}
+    loose: Counter[str] = Counter()
+
+    def canonical(text: str) -> str:
+        return json.dumps(json.loads(text), sort_keys=True)
+
+    for op, key, image, before, old_key, key_columns, flags, pending in found:
+        assert pending is None, f"a stored change still has pending columns: {pending}"
+        assert flags & 4 == 0, f"an INCOMPLETE {op} of {table}"
+        if op == "T":
+            keyed.clear()
+            loose.clear()
+        elif key_columns:
+            if op == "D":
+                assert key in keyed, f"DELETE of a row not in the rebuilt state: {key}"
+                del keyed[key]
+                continue
+            if op == "U" and old_key is not None:
+                assert old_key in keyed, f"key change of a row not in the rebuilt state: {old_key}"
+                del keyed[old_key]
+            elif op == "U":
+                assert key in keyed, f"UPDATE of a row not in the rebuilt state: {key}"
+            keyed[key] = canonical(image)
+        else:
+            gone = image if op == "D" else before if op == "U" else None
+            if gone is not None:
+                text = canonical(gone)
+                assert loose[text] > 0, f"{op} of a row not in the rebuilt state: {text}"
+                loose[text] -= 1
+                if loose[text] == 0:
+                    del loose[text]
+            if op != "D":
+                loose[canonical(image)] += 1
+    rows: Counter[str] = loose + Counter(keyed.values())
     in_force = {c["name"] for c in latest[0]} if latest else None
-    for op, before, after in found:
-        if op == "TRUNCATE":
-            rows.clear()
-            continue
-        if before is not None and op in ("UPDATE", "DELETE"):
-            text = json.dumps(before, sort_keys=True)
-            assert rows[text] > 0, f"{op} of a row not in the rebuilt state: {text}"
-            rows[text] -= 1
-            if rows[text] == 0:
-                del rows[text]
-        if after is not None:
-            rows[json.dumps(after, sort_keys=True)] += 1
     if in_force is None:
         return rows
     projected: Counter[str] = Counter()
@@ -167,19 +207,24 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
     settings as the replication session), ints and bools as JSON."""
     import json
 
+    from psycopg import sql
+
+    from cdc.config import normalize_table
     from cdc.stream.replication import OUTPUT_SETTINGS, options_string
     from cdc.values import convert, converter_for
 
-    schema, name = table.split(".", 1)
+    relation = sql.Identifier(*normalize_table(table))
     with psycopg.connect(env.source_dsn, autocommit=True, options=options_string(OUTPUT_SETTINGS)) as conn:
         columns = conn.execute(
             "SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
             "AND NOT attisdropped ORDER BY attnum",
-            (f'"{schema}"."{name}"',),
+            (relation.as_string(conn),),
         ).fetchall()
-        select = ", ".join(f'"{c}"' for c, _ in columns)
+        select = sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns)
         # COPY text format: every value through its type's output function.
-        with conn.cursor().copy(f'COPY (SELECT {select} FROM "{schema}"."{name}") TO STDOUT') as copy:
+        with conn.cursor().copy(
+            sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(select, relation)
+        ) as copy:
             found = list(copy.rows())
     rows: Counter[str] = Counter()
     for row in found:

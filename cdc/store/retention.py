@@ -44,7 +44,7 @@ log = structlog.get_logger("cdc.retention")
 AHEAD = 3
 #: ``ensure_partitions`` refuses to create more partitions than this in one call.
 MAX_NEW_PARTITIONS = 1000
-PARTITIONED = ("transactions", "mutations")
+PARTITIONED = ("transactions", "context_changes", "changes")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MIN_INTERVAL = timedelta(minutes=1)
 _ADVISORY = "cdc:partitions:"
@@ -157,7 +157,7 @@ def _gaps(
 def _columns(conn: Conn, schema: str, table: str) -> list[str]:
     rows = conn.execute(
         "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
-        "AND NOT attisdropped ORDER BY attnum",
+        "AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
         (sql.Identifier(schema, table).as_string(conn),),
     ).fetchall()
     return [str(r[0]) for r in rows]
@@ -182,9 +182,9 @@ def _create_partition(
     name = _free_name(conn, schema, partition_name(parent, lo))
     table = _q(schema, name)
     conn.execute(
-        sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
-            table, _q(schema, parent)
-        )
+        sql.SQL(
+            "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED)"
+        ).format(table, _q(schema, parent))
     )
     # A constraint matching the bound lets ATTACH skip scanning the new table.
     conn.execute(
@@ -285,8 +285,8 @@ def _ensure_buckets(
 
 
 class PartitionCache:
-    """What the writer knows of the partitions: the time spans covered in both partitioned
-    tables. ``covers`` is a few comparisons; only a miss touches the store."""
+    """What the writer knows of the partitions: the time spans covered in every partitioned
+    table. ``covers`` is a few comparisons; only a miss touches the store."""
 
     def __init__(self, schema: str, *, ahead: int = AHEAD, retry_seconds: float = 30.0) -> None:
         self.schema = schema
@@ -299,19 +299,18 @@ class PartitionCache:
     def load(self, conn: Conn) -> None:
         """Read the partitions (in the connection's current transaction)."""
         self.interval = partition_interval(conn, self.schema)
-        per_table = []
+        spans: list[tuple[datetime, datetime]] | None = None
         for parent in PARTITIONED:
             low, high = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
-            per_table.append(
-                _merge(
-                    [
-                        (p.lo or low, p.hi or high)
-                        for p in list_partitions(conn, self.schema, parent)
-                        if not p.default
-                    ]
-                )
+            covered = _merge(
+                [
+                    (p.lo or low, p.hi or high)
+                    for p in list_partitions(conn, self.schema, parent)
+                    if not p.default
+                ]
             )
-        self.spans = _intersect(per_table[0], per_table[1])
+            spans = covered if spans is None else _intersect(spans, covered)
+        self.spans = spans or []
 
     def covers(self, lo: datetime, hi: datetime) -> bool:
         return any(a <= lo and hi < b for a, b in self.spans)

@@ -261,6 +261,29 @@ class ReplicationStream:
             if time.monotonic() >= deadline:
                 return None
 
+    # -- for a caller reading the stream itself (the capture session: core.drain(pgconn)) --
+    @property
+    def pgconn(self) -> Any:
+        """The libpq connection in COPY_BOTH, for reading CopyData without ``read``."""
+        return self._conn_or_raise().pgconn
+
+    def heard(self) -> None:
+        """The caller received a message: the source is there."""
+        self._heard_at = time.monotonic()
+        self._ping_at = None
+        if self._notices:
+            self._check_notices()
+
+    def watch_silence(self) -> None:
+        """The caller found nothing to read: ping a quiet source, give up on a silent one."""
+        if self._notices:
+            self._check_notices()
+        self._watch_silence()
+
+    def ended(self) -> SourceUnavailableError:
+        """The error to raise when the caller found that the source ended the COPY."""
+        return self._ended(self._conn_or_raise().pgconn)
+
     def _check_notices(self) -> None:
         """Log what the server said; a publication it skips is an error (nothing captured)."""
         notices, self._notices[:] = list(self._notices), []

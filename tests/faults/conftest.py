@@ -391,7 +391,7 @@ class FaultEnv:
 
     def mutation_count(self) -> int:
         with self.store() as conn:
-            row = conn.execute("SELECT count(*) FROM mutations").fetchone()
+            row = conn.execute("SELECT count(*) FROM changes").fetchone()
         assert row is not None
         return int(row[0])
 
@@ -498,6 +498,23 @@ class FaultEnv:
         return figures
 
 
+#: Every stored change with its request (docs/store.md "Transactions and context": the
+#: context_changes row of its transaction with the largest from_ordinal <= its ordinal, else
+#: the transaction's) and whether it is committed (its transaction committed, not rolled back
+#: by a savepoint).
+TAGGED_CHANGES = """
+SELECT c.position, c.ordinal, c.table_id, c.op, c.key_text,
+       t.status = 'c' AND c.flags & 1 = 0 AS committed,
+       CASE WHEN x.from_ordinal IS NULL THEN t.request_id ELSE x.request_id END AS request_id
+FROM changes c JOIN transactions t ON t.position = c.position
+LEFT JOIN LATERAL (
+    SELECT cc.from_ordinal, cc.request_id FROM context_changes cc
+    WHERE cc.position = c.position AND cc.from_ordinal <= c.ordinal
+    ORDER BY cc.from_ordinal DESC LIMIT 1
+) x ON true
+"""
+
+
 def check(env: FaultEnv) -> dict[str, Any]:
     """The end check shared by every scenario; returns the figures, asserts the promises."""
     workload = env.workload
@@ -523,22 +540,27 @@ def check(env: FaultEnv) -> dict[str, Any]:
         assert known is not None, f"request {rid} committed but the workload never made it"
         expected[rid] = known
     with env.store() as conn:
+        conn.execute(f"CREATE TEMP VIEW tagged AS {TAGGED_CHANGES}")
         stored = dict(
             conn.execute(
-                "SELECT request_id, count(*) FROM mutations WHERE status = 'committed' AND version IS NOT NULL "
-                "AND request_id IS NOT NULL AND op <> 'SNAPSHOT' GROUP BY 1"
+                "SELECT request_id, count(*) FROM tagged WHERE committed AND request_id IS NOT NULL "
+                "AND op <> 'S' GROUP BY 1"
             ).fetchall()
         )
         untagged = conn.execute(
-            "SELECT count(*) FROM mutations WHERE request_id IS NULL AND op <> 'SNAPSHOT' AND version IS NOT NULL"
+            "SELECT count(*) FROM tagged WHERE request_id IS NULL AND op <> 'S' AND committed"
         ).fetchone()
-        stored_events = conn.execute(
-            "SELECT key ->> 'id', request_id, count(*) FROM mutations WHERE table_name = 'public.events' "
-            "AND op = 'INSERT' AND version IS NOT NULL GROUP BY 1, 2"
-        ).fetchall()
+        stored_events = [
+            (json.loads(key)[0], rid, count)
+            for key, rid, count in conn.execute(
+                "SELECT t.key_text, t.request_id, count(*) FROM tagged t JOIN table_names n USING (table_id) "
+                "WHERE n.schema_name = 'public' AND n.table_name = 'events' AND t.op = 'I' AND t.committed "
+                "GROUP BY 1, 2"
+            ).fetchall()
+        ]
         rolled_back_rows = dict(
             conn.execute(
-                "SELECT request_id, count(*) FROM mutations WHERE status = 'rolled_back' AND request_id IS NOT NULL "
+                "SELECT request_id, count(*) FROM tagged WHERE NOT committed AND request_id IS NOT NULL "
                 "GROUP BY 1"
             ).fetchall()
         )

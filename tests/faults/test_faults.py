@@ -217,7 +217,7 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
-CREATE TRIGGER zz_injected_failure BEFORE INSERT ON {schema}.mutations
+CREATE TRIGGER zz_injected_failure BEFORE INSERT ON {schema}.changes
     FOR EACH ROW EXECUTE FUNCTION faults.fail_insert();
 """
 

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.capture_env import CaptureEnv, rebuild, source_rows
+from tests.capture_env import CaptureEnv, rebuild, source_rows, table_id
 
 TABLES = ("public.items", "public.pairs", "public.loose")
 
@@ -92,7 +92,7 @@ def test_random_workload_rebuilds_every_table_exactly(capture: CaptureEnv) -> No
         random_workload(conn, rng, 40)  # rows that exist before capture: the baseline
     capture.setup()
     with capture.store() as store:
-        baseline = store.execute("SELECT count(*) FROM mutations WHERE op = 'SNAPSHOT'").fetchone()
+        baseline = store.execute("SELECT count(*) FROM changes WHERE op = 'S'").fetchone()
         assert baseline is not None and baseline[0] > 0
     assert_rebuilt(capture)
     capture.start()
@@ -101,20 +101,30 @@ def test_random_workload_rebuilds_every_table_exactly(capture: CaptureEnv) -> No
     capture.wait_caught_up()
     assert_rebuilt(capture)
     with capture.store() as store:
-        ops = {r[0] for r in store.execute("SELECT DISTINCT op FROM mutations").fetchall()}
-        assert {"SNAPSHOT", "INSERT", "UPDATE", "DELETE", "TRUNCATE"} <= ops
-        moved = store.execute("SELECT count(*) FROM mutations WHERE old_key IS NOT NULL").fetchone()
+        ops = {r[0] for r in store.execute("SELECT DISTINCT op FROM changes").fetchall()}
+        assert {"S", "I", "U", "D", "T"} <= ops
+        moved = store.execute("SELECT count(*) FROM changes WHERE old_key_text IS NOT NULL").fetchone()
         assert moved is not None and moved[0] > 0
-        # Every UPDATE/DELETE of a committed row has its before image, never a placeholder.
-        missing = store.execute(
-            "SELECT count(*) FROM mutations WHERE op IN ('UPDATE', 'DELETE') AND status = 'committed' "
-            "AND before IS NULL"
+        # No image is left incomplete or with columns still to fill.
+        unknown = store.execute(
+            "SELECT count(*) FROM changes WHERE flags & 4 <> 0 OR pending IS NOT NULL"
         ).fetchone()
-        assert missing == (0,)
+        assert unknown == (0,)
+        # Every change belongs to a stored transaction, whose change count is right.
+        counts = store.execute(
+            "SELECT count(*) FROM transactions t WHERE change_count <> "
+            "(SELECT count(*) FROM changes c WHERE c.position = t.position)"
+        ).fetchone()
+        assert counts == (0,)
+        orphans = store.execute(
+            "SELECT count(*) FROM changes c WHERE NOT EXISTS "
+            "(SELECT 1 FROM transactions t WHERE t.position = c.position)"
+        ).fetchone()
+        assert orphans == (0,)
     assert capture.stop() == 0
 
 
-def test_before_image_and_changed_columns(capture: CaptureEnv) -> None:
+def test_each_change_stores_its_image_and_key(capture: CaptureEnv) -> None:
     with capture.source() as conn:
         create_tables(conn)
         conn.execute("INSERT INTO items VALUES (1, 'one', 1, 1.5, '{}')")
@@ -123,18 +133,23 @@ def test_before_image_and_changed_columns(capture: CaptureEnv) -> None:
     with capture.source() as conn:
         conn.execute("UPDATE items SET qty = 2 WHERE id = 1")
         conn.execute("UPDATE items SET name = NULL, qty = 3 WHERE id = 1")
-        conn.execute("DELETE FROM items WHERE id = 1")
+        conn.execute("UPDATE items SET id = 2 WHERE id = 1")
+        conn.execute("DELETE FROM items WHERE id = 2")
     capture.wait_caught_up()
     with capture.store() as store:
         rows = store.execute(
-            "SELECT op, before, after, changed, key FROM mutations WHERE table_name = 'public.items' "
-            "ORDER BY position, ordinal"
+            "SELECT op, key_text, old_key_text, image, before FROM changes WHERE table_id = %s "
+            "ORDER BY position, ordinal",
+            (table_id(capture, "items"),),
         ).fetchall()
-    assert [r[0] for r in rows] == ["SNAPSHOT", "UPDATE", "UPDATE", "DELETE"]
-    assert rows[1][1]["qty"] == 1 and rows[1][2]["qty"] == 2 and rows[1][3] == ["qty"]
-    assert rows[2][3] == ["name", "qty"] and rows[2][2]["name"] is None and "name" in rows[2][2]
-    assert rows[3][1] == {"id": 1, "name": None, "qty": 3, "price": "1.5000000000", "tags": "{}"}
-    assert rows[3][2] is None and rows[3][4] == {"id": 1}
+    assert [r[0] for r in rows] == ["S", "U", "U", "U", "D"]
+    assert [r[1] for r in rows] == ["[1]", "[1]", "[1]", "[2]", "[2]"]
+    assert [r[2] for r in rows] == [None, None, None, "[1]", None]
+    images = [json.loads(r[3]) for r in rows]
+    assert images[0] == {"id": 1, "name": "one", "qty": 1, "price": "1.5000000000", "tags": "{}"}
+    assert images[1]["qty"] == 2 and images[2]["name"] is None and images[2]["qty"] == 3
+    assert images[3]["id"] == 2 and images[4] == {"id": 2}  # a DELETE under DEFAULT: the key
+    assert all(r[4] is None for r in rows)  # the before image is derived on read
 
 
 ALL_TYPES = """
@@ -175,11 +190,12 @@ def test_every_builtin_type_round_trips_as_the_server_prints_it(capture: Capture
     assert rebuild(capture, "public.typed") == source_rows(capture, "public.typed")
     with capture.store() as store:
         row = store.execute(
-            "SELECT after FROM mutations WHERE table_name = 'public.typed' AND key = '{\"id\": 1}' "
-            "ORDER BY position DESC LIMIT 1"
+            "SELECT image FROM changes WHERE table_id = %s AND key_text = '[1]' "
+            "ORDER BY position DESC, ordinal DESC LIMIT 1",
+            (table_id(capture, "typed"),),
         ).fetchone()
     assert row is not None
-    after = row[0]
+    after = json.loads(row[0])
     assert after["n"] == "1234567890123456789012345678901234567890.0123456789"
     assert after["f8"] == "NaN" and after["f4"] == "Infinity"
     assert after["b"] == "\\x00ff10" and after["ok"] is True and after["i4"] == 2147483647
@@ -206,13 +222,14 @@ def test_unchanged_toast_value_is_kept_not_a_placeholder(capture: CaptureEnv, id
     capture.wait_caught_up()
     with capture.store() as store:
         rows = store.execute(
-            "SELECT key->>'id', after->>'body', changed FROM mutations "
-            "WHERE table_name = 'public.docs' AND op = 'UPDATE' ORDER BY position, ordinal"
+            "SELECT key_text, image, flags, pending FROM changes WHERE table_id = %s AND op = 'U' "
+            "ORDER BY position, ordinal",
+            (table_id(capture, "docs"),),
         ).fetchall()
     assert len(rows) == 3
-    for key, body, changed in rows:
-        assert body == (big if key == "1" else big[::-1])
-        assert changed == ["n"]
+    for key, image, flags, pending in rows:
+        assert json.loads(image)["body"] == (big if key == "[1]" else big[::-1])
+        assert flags & 4 == 0 and pending is None
     assert rebuild(capture, "public.docs") == source_rows(capture, "public.docs")
 
 
@@ -231,20 +248,22 @@ def test_add_and_drop_column_mid_stream(capture: CaptureEnv) -> None:
         conn.execute("INSERT INTO evolving VALUES (4, 8)")
         conn.execute("UPDATE evolving SET b = 9 WHERE id = 2")
     capture.wait_caught_up()
+    tid = table_id(capture, "evolving")
     with capture.store() as store:
-        rows = store.execute(
-            "SELECT op, after FROM mutations WHERE table_name = 'public.evolving' AND op <> 'SNAPSHOT' "
-            "ORDER BY position, ordinal"
-        ).fetchall()
-        schemas = store.execute(
-            "SELECT count(*) FROM table_schemas WHERE table_name = 'public.evolving'"
-        ).fetchone()
+        rows = [
+            (op, json.loads(image))
+            for op, image in store.execute(
+                "SELECT op, image FROM changes WHERE table_id = %s AND op <> 'S' ORDER BY position, ordinal",
+                (tid,),
+            ).fetchall()
+        ]
+        schemas = store.execute("SELECT count(*) FROM table_schemas WHERE table_id = %s", (tid,)).fetchone()
     assert rows == [
-        ("INSERT", {"id": 2, "a": "y"}),
-        ("INSERT", {"id": 3, "a": "z", "b": 7}),
-        ("UPDATE", {"id": 1, "a": "x", "b": 6}),
-        ("INSERT", {"id": 4, "b": 8}),
-        ("UPDATE", {"id": 2, "b": 9}),
+        ("I", {"id": 2, "a": "y"}),
+        ("I", {"id": 3, "a": "z", "b": 7}),
+        ("U", {"id": 1, "a": "x", "b": 6}),
+        ("I", {"id": 4, "b": 8}),
+        ("U", {"id": 2, "b": 9}),
     ]
     assert schemas is not None and schemas[0] >= 3
     assert rebuild(capture, "public.evolving") == source_rows(capture, "public.evolving")
@@ -261,7 +280,8 @@ def test_large_transaction_is_spilled_and_captured_whole(capture: CaptureEnv) ->
     capture.wait_caught_up()
     with capture.store() as store:
         row = store.execute(
-            "SELECT count(*), count(DISTINCT position) FROM mutations WHERE table_name = 'public.bulk'"
+            "SELECT count(*), count(DISTINCT position) FROM changes WHERE table_id = %s",
+            (table_id(capture, "bulk"),),
         ).fetchone()
     assert row == (50000, 1)
     assert daemon.metrics.spilled_transactions._value.get() >= 0  # metric exists
@@ -293,4 +313,5 @@ def test_setup_is_idempotent_and_explains_missing_wal_level(capture: CaptureEnv)
     capture.setup()
     capture.setup()  # second run changes nothing
     with capture.store() as store:
-        assert store.execute("SELECT count(*) FROM mutations").fetchone() == (1,)
+        assert store.execute("SELECT count(*) FROM changes").fetchone() == (1,)
+        assert store.execute("SELECT count(*) FROM transactions").fetchone() == (1,)

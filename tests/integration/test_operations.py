@@ -19,7 +19,7 @@ from cdc.cli import main as cli
 from cdc.daemon import Daemon
 from cdc.lsn import parse_lsn
 from cdc.metrics import Metrics
-from tests.capture_env import CaptureEnv, new_env, rebuild, source_rows
+from tests.capture_env import CaptureEnv, new_env, rebuild, source_rows, table_id
 from tests.integration.test_durability import DaemonProcess
 
 
@@ -244,7 +244,8 @@ def test_standby_takes_over_without_loss_or_duplicates(capture: CaptureEnv, tmp_
     assert took < 10
     with capture.store() as store:
         row = store.execute(
-            "SELECT count(*), count(DISTINCT key) FROM mutations WHERE table_name = 'public.f'"
+            "SELECT count(*), count(DISTINCT key_text) FROM changes WHERE table_id = %s",
+            (table_id(capture, "f"),),
         ).fetchone()
     with capture.source() as conn:
         total = conn.execute("SELECT count(*) FROM f").fetchone()

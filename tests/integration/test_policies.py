@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 
 from cdc.errors import SlotLostError
 from cdc.policies import MASK, hash_value
 from cdc.setup import setup
-from tests.capture_env import CaptureEnv, rebuild, source_rows
+from tests.capture_env import CaptureEnv, rebuild, source_rows, table_id
 
 SECRET = "s3cr3t-digest-0xDEADBEEF"
 
@@ -47,26 +49,40 @@ def test_excluded_hashed_and_masked_columns(capture: CaptureEnv) -> None:
     for clear in (SECRET, "a@b.com", "c@d.com", "123-45-6789", "987-65-4321"):
         assert clear not in dump
     with capture.store() as store:
-        images = store.execute(
-            "SELECT op, after, changed FROM mutations WHERE table_name = 'public.users' ORDER BY position, ordinal"
-        ).fetchall()
-    insert = next(after for op, after, _ in images if op == "INSERT")
-    assert "password_digest" not in insert
+        images = [
+            (op, json.loads(image))
+            for op, image in store.execute(
+                "SELECT op, image FROM changes WHERE table_id = %s ORDER BY position, ordinal",
+                (table_id(capture, "users"),),
+            ).fetchall()
+        ]
+    insert = next(image for op, image in images if op == "I")
+    assert insert["password_digest"] is None  # excluded: never stored
     assert insert["email"] == hash_value("c@d.com") and insert["ssn"] == MASK
-    update_changed = [changed for op, _, changed in images if op == "UPDATE"]
-    assert update_changed and all(c == ["n"] for c in update_changed)
     assert capture.stop() == 0
 
 
-def test_policy_on_a_key_column_is_refused(capture: CaptureEnv) -> None:
+def test_policy_on_a_key_column_is_ignored_and_reported(capture: CaptureEnv) -> None:
     capture.extra_env["CDC_COLUMNS__PUBLIC.T__ID"] = "hash"
+    capture.extra_env["CDC_COLUMNS__PUBLIC.T__V"] = "mask"
     with capture.source() as conn:
-        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
-        conn.execute("INSERT INTO t VALUES (1)")
-    from cdc.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="key column"):
-        capture.setup()
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO t VALUES (1, 'one')")
+    report = setup(capture.config)
+    assert any("columns.public.t.id" in w and "key column" in w for w in report.warnings)
+    daemon = capture.start()
+    with capture.source() as conn:
+        conn.execute("INSERT INTO t VALUES (2, 'two')")
+    capture.wait_caught_up()
+    with capture.store() as store:
+        images = [
+            json.loads(r[0]) for r in store.execute("SELECT image FROM changes ORDER BY position").fetchall()
+        ]
+        last_error = store.execute("SELECT last_error FROM capture_state").fetchone()
+    assert images == [{"id": 1, "v": MASK}, {"id": 2, "v": MASK}]  # the key in clear, the rest masked
+    assert daemon.last_error is not None and "columns.public.t.id" in daemon.last_error
+    assert last_error is not None and "columns.public.t.id" in last_error[0]
+    assert capture.stop() == 0
 
 
 def test_recreate_lost_slot_records_a_gap_and_a_fresh_baseline(capture: CaptureEnv) -> None:
