@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -204,15 +205,20 @@ def test_a_value_over_256_megabytes_is_stored_by_reference(capture: CaptureEnv) 
     assert capture.stop() == 0
 
 
-def test_a_format_1_store_is_refused_by_setup_and_daemon(capture: CaptureEnv) -> None:
+def test_the_daemon_refuses_a_format_1_store_and_names_setup(capture: CaptureEnv) -> None:
+    """The daemon never writes into a format-1 store: `cdc setup` converts it first
+    (tests/integration/test_migrate.py)."""
     from cdc.errors import SetupError
-    from cdc.setup import setup
+    from cdc.store.writer import StoreWriter
 
+    v1_ddl = (Path(__file__).resolve().parents[1] / "data" / "store_v1.sql").read_text()
     with capture.store() as store:
         store.execute(f"CREATE SCHEMA {capture.schema}")
-        store.execute(f"CREATE TABLE {capture.schema}.mutations (position bigint)")
+        store.execute(f"SET search_path = {capture.schema}")
+        store.execute(v1_ddl.encode())
+    writer = StoreWriter(capture.config.require_store(), capture.schema, capture.config.source.slot)
     with pytest.raises(SetupError, match="format 1") as refused:
-        setup(capture.config)
-    assert "store.schema" in (refused.value.hint or "")
+        writer.connect()
+    assert "cdc setup" in (refused.value.hint or "")
     with capture.store() as store:  # nothing of format 2 was created beside it
-        assert store.execute("SELECT to_regclass('store_meta')").fetchone() == (None,)
+        assert store.execute(f"SELECT to_regclass('{capture.schema}.store_meta')").fetchone() == (None,)
