@@ -85,7 +85,7 @@ def time_daemon(
                 time.sleep(0.005)
         active = time.monotonic()
         pid = daemon.daemon_pid() or daemon.pid
-        writers = children_of(pid)  # the store writer process (and multiprocessing's tracker)
+        writers = children_of(pid)  # the store writer process
         backends = _backends(capture)  # the writer's store backend and the walsender
         cpu_before = process_cpu_seconds(pid, False)
         writer_before = sum(process_cpu_seconds(w, False) for w in writers)

@@ -59,6 +59,21 @@ cdef int buf_u64(Buf *b, uint64_t v) except -1:
     return buf_put(b, tmp + i, 24 - i)
 
 
+cdef int buf_write(Buf *b, object file) except -1:
+    """Write the buffer's bytes to ``file`` in 1 MiB slices, viewed in place (no copy of a
+    buffer that may hold the whole memory limit)."""
+    cdef Py_ssize_t pos = 0, n
+    while pos < b.len:
+        n = b.len - pos if b.len - pos < (1 << 20) else (1 << 20)
+        view = PyMemoryView_FromMemory(b.data + pos, n, PyBUF_READ)
+        try:
+            file.write(view)
+        finally:
+            view.release()
+        pos += n
+    return 0
+
+
 cdef void buf_free(Buf *b):
     free(b.data)
     b.data = NULL

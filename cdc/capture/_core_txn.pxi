@@ -79,7 +79,7 @@ cdef class _Txn:
             # Unlinked at once: nothing is left behind if the process dies.
             self.file = tempfile.TemporaryFile(prefix="cdc-spill-", dir=self.spill_dir)
         if freed:
-            self.file.write(PyBytes_FromStringAndSize(self.mem.data, self.mem.len))
+            buf_write(&self.mem, self.file)
             self.mem.len = 0
         if self.mem.cap > 4 * SPILL_FLUSH:
             buf_free(&self.mem)
@@ -106,9 +106,8 @@ cdef class _Txn:
         carry.len = carry.cap = 0
         try:
             if from_file:
-                if self.mem.len:
-                    self.file.write(PyBytes_FromStringAndSize(self.mem.data, self.mem.len))
-                self.mem.len = 0
+                buf_write(&self.mem, self.file)
+                buf_free(&self.mem)
                 self.file.flush()
                 self.file.seek(0)
             else:

@@ -398,11 +398,14 @@ class CaptureSession:
             if self.daemon.stopping:
                 raise _Stopping
         self.batch_ids += 1
-        self.writer.send(self.batch_ids, batch.store)
+        store = batch.store
+        self.writer.send(self.batch_ids, store)
+        # The writer has its own copy: the COPY text is not kept here while it writes.
+        store.changes, store.transactions, store.context_changes = [], [], []
         if not self.in_flight:
             self.daemon.store_write_started = time.monotonic()
         self.in_flight[self.batch_ids] = batch
-        self.ack.handed(batch.store.ack_lsn)
+        self.ack.handed(store.ack_lsn)
 
     def _wait_writer(self, timeout: float) -> None:
         """Wait for the writer's next reply (at most ``timeout``), beating and reporting status."""

@@ -1,7 +1,11 @@
 """The store writer's process: batches in over a pipe, one store transaction each, replies out.
 
-The daemon starts it per capture session (multiprocessing, ``spawn``: nothing of the parent,
-no psycopg connection and no thread, is inherited). It connects to the store, takes the slot's
+The daemon starts it per capture session as a fresh interpreter (``python -c``, a socket pair
+inherited as the only extra file descriptor): nothing of the parent, no psycopg connection and
+no thread, is inherited, and it imports only what writing needs (no ``cdc.config``, no web
+stack, no ``rich``; no multiprocessing ``spawn``, which would import the daemon's main module
+and start a resource tracker process). Its parameters arrive as the first message (the DSN is
+never on a command line). It connects to the store, takes the slot's
 active-daemon lock, reads the capture state and says it is ready; then it writes each batch it
 receives, in order, and replies with the batch's id and write duration, or with the error that
 stopped it (type, message, hint, retryable), after which it exits. A batch travels as a small
@@ -15,15 +19,17 @@ progress; the daemon keeps at most two batches in flight.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import queue
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -195,8 +201,18 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def child_main() -> None:
+    """The writer process's entry point: ``argv[1]`` is its end of the socket pair."""
+    conn = Connection(int(sys.argv[1]))
+    try:
+        params = WriterParams(**orjson.loads(conn.recv_bytes()))
+    except (EOFError, OSError):
+        return  # the daemon went away before sending them
+    writer_main(conn, params)
+
+
 def writer_main(conn: Connection, params: WriterParams) -> None:
-    """The writer process's body (the target of ``multiprocessing``)."""
+    """The writer process's body."""
     _die_with_parent(params.daemon_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the daemon's to handle
     configure_logging(params.log_level, params.log_format)
@@ -250,19 +266,33 @@ def _report(conn: Connection, exc: BaseException) -> None:
 # ============================================================================ the daemon's side
 
 
+#: What the writer process runs: ``rich`` (which structlog would import for pretty
+#: tracebacks, ~6 MB) is kept out, and the tree ``cdc`` was imported from comes first.
+_CHILD = (
+    "import sys; sys.modules['rich'] = None; sys.path.insert(0, {root!r}); "
+    "from cdc.capture.writer_process import child_main; child_main()"
+)
+
+
 class WriterProcess:
     """The daemon's handle on its writer process."""
 
     def __init__(self, params: WriterParams) -> None:
         self.params = params
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe(duplex=True)
-        self._process: BaseProcess = context.Process(
-            target=writer_main, args=(child, params), name="cdc-writer", daemon=True
-        )
-        self._process.start()
-        child.close()
+        ours, child = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[2])
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD.format(root=root), str(child.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(child.fileno(),),
+            )
+        finally:
+            child.close()
+        self._conn = Connection(ours.detach())
         self.backend_pid: int | None = None
+        with contextlib.suppress(OSError):  # it died at once: ready() reports it
+            self._conn.send_bytes(orjson.dumps(asdict(params)))
 
     @property
     def pid(self) -> int | None:
@@ -311,20 +341,23 @@ class WriterProcess:
         return reply
 
     def _ended(self) -> CdcError:
-        self._process.join(timeout=5)
-        code = self._process.exitcode
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=5)
+        code = self._process.returncode
         return StoreUnavailableError(f"the store writer process ended (exit code {code})")
 
     def kill(self) -> None:
         """End the process at once (its store transaction, if any, rolls back)."""
-        with contextlib.suppress(ProcessLookupError, TypeError):
-            os.kill(self._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()  # a no-op once it was reaped
 
     def stop(self, timeout: float) -> None:
         """Close the pipe (the process writes what it holds, then exits); kill it after ``timeout``."""
         with contextlib.suppress(OSError):
             self._conn.close()
-        self._process.join(timeout)
-        if self._process.is_alive():
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
             self.kill()
-            self._process.join(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(5)

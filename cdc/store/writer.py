@@ -25,7 +25,6 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from cdc.config import redact_dsn
 from cdc.errors import SetupError, StandbyError, StoreUnavailableError, error_text
 from cdc.store.retention import PartitionCache
 
@@ -189,6 +188,9 @@ class StoreWriter:
             self._conn.commit()
         except psycopg.OperationalError as exc:
             self.close()
+            # Imported here: cdc.config (pydantic, yaml) is not loaded in the writer process.
+            from cdc.config import redact_dsn
+
             raise StoreUnavailableError(
                 f"cannot reach the history store ({redact_dsn(self.dsn)}): {error_text(exc)}"
             ) from exc
