@@ -244,21 +244,17 @@ class Capture:
             scalar(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self.slot,))
         )
 
-    def settle_slot(self) -> None:
-        """Bring the slot's restart_lsn up to what it confirmed (the daemon is stopped), by a
-        fast-forward decode: a daemon that just caught up and stopped leaves it behind (it moves
-        only with a standby status update after a running-xacts record), and its next session
-        would decode that WAL again before the workload it is timed on; pg_recvlogical's fresh
-        slots never do."""
+    def renew_slot(self) -> None:
+        """Drop the slot and create it again at the current WAL position (the daemon is
+        stopped), as pg_recvlogical's fresh slots are: the next drain decodes only what is
+        written after this. A slot kept from the last drain would first decode again from its
+        restart point, which lags its confirmed position by up to a running-xacts interval (the
+        stores' own writes since, and whole earlier workloads): with streaming, the walsender
+        spills each change of that range to disk (it may not stream before the confirmed
+        position), which was counted as the daemon's drain and its walsender's CPU."""
         with connect(self.source_dsn) as conn:
-            if conn.info.server_version >= 160000:
-                # A running-xacts record now: a restart point just behind the confirmed position.
-                conn.execute("SELECT pg_log_standby_snapshot()")
-            conn.execute(
-                "SELECT pg_replication_slot_advance(slot_name, confirmed_flush_lsn) "
-                "FROM pg_replication_slots WHERE slot_name = %s",
-                (self.slot,),
-            )
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,))
 
     def advance_slot(self) -> None:
         """Move the slot to the current WAL position (the daemon is stopped): what was written

@@ -199,7 +199,7 @@ def measure(ctx: Context) -> Measurement:
                     large_rows = _scaled_rows(ctx, p, results, m)
                 slots = {mode: f"rl_{mode}_{rep}_{kind}" for mode in modes}
                 for capture in captures.values():
-                    capture.settle_slot()
+                    capture.renew_slot()
                 for slot in slots.values():
                     create_logical_slot(src, slot)
                 try:

@@ -80,6 +80,11 @@ log = structlog.get_logger("cdc.daemon")
 
 #: Batches handed to the writer and not yet written, at most.
 MAX_IN_FLIGHT = 2
+#: A moved acknowledgement is sent to the slot within this many seconds (status_interval_seconds
+#: bounds the silence otherwise): the slot's confirmed and restart positions follow the store
+#: closely, so a new session decodes little again (with streaming, the walsender spills every
+#: change it decodes before the confirmed position to disk) and little WAL is retained.
+ACK_STATUS_SECONDS = 1.0
 #: How often the loop beats, checks for a reload and the slot (which has its own, longer
 #: interval): a bound on how late any of them is noticed.
 HOUSEKEEPING_SECONDS = 0.05
@@ -105,6 +110,7 @@ class CaptureSession:
         self.in_flight: OrderedDict[int, Batch] = OrderedDict()
         self.batch_ids = 0
         self.last_status = 0.0
+        self.sent_lsn = 0  # the acknowledgement last sent to the slot
         self.last_data = time.monotonic()
         self.last_slot_check = 0.0
         self.last_lag_warning = 0.0
@@ -465,11 +471,15 @@ class CaptureSession:
     # ============================================================ the source
     def _send_status(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self.last_status < self.cfg.status_interval_seconds:
-            return
         flushed = self.ack.flush_lsn()
+        interval = self.cfg.status_interval_seconds
+        if flushed != self.sent_lsn:
+            interval = min(interval, ACK_STATUS_SECONDS)
+        if not force and now - self.last_status < interval:
+            return
         self.stream.send_status(flushed, flushed, flushed)
         self.last_status = now
+        self.sent_lsn = flushed
         core, metrics = self.core, self.metrics
         metrics.received_lsn.set(core.last_received_lsn)
         metrics.open_transactions.set(core.open_transactions)
