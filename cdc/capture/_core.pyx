@@ -26,6 +26,7 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 
 import tempfile
+from dataclasses import replace as dataclass_replace
 
 from cdc.capture import _shared as sh
 from cdc.capture import libpq, model
@@ -522,10 +523,9 @@ cdef class Core:
         found = self._by_body.get(body)
         if found is None:
             desc = parse_relation(PyBytes_FromStringAndSize(<const char *>p, size), off, wal_start)
-            info = self._describe(desc)
-            model.check_info(desc, info, self._hash_value is not None)
-            rel = _Rel.__new__(_Rel)
-            rel.setup(desc.oid, info)
+            rel = _Rel.__new__(_Rel)  # described at its first change (_rel)
+            rel.oid = desc.oid
+            rel.desc = desc
             if len(self._by_body) >= CACHE_LIMIT:
                 self._by_body.clear()
             self._by_body[body] = rel
@@ -537,7 +537,7 @@ cdef class Core:
             map_put(&self._relations, rel.oid, rel)
         return 0
 
-    cdef _Rel _rel(self, _Txn txn, uint32_t oid, int tag):
+    cdef _Rel _rel(self, _Txn txn, uint32_t oid, int tag, uint64_t lsn):
         cdef PyObject *found = NULL
         if txn.overlay.count:
             found = map_get(&txn.overlay, oid)
@@ -545,7 +545,20 @@ cdef class Core:
             found = map_get(&self._relations, oid)
             if found == NULL:
                 raise sh.unknown_relation(NAMES[tag], oid)
+        if (<_Rel>found).info is None:
+            self._describe_rel(<_Rel>found, lsn)
         return <_Rel>found
+
+    cdef int _describe_rel(self, _Rel rel, uint64_t lsn) except -1:
+        """Describe a relation at the position of the change that uses it first (``lsn``): the
+        Relation message before it has none (its names hold from there, docs/store.md)."""
+        desc = rel.desc
+        if lsn:
+            desc = dataclass_replace(desc, lsn=lsn)
+        info = self._describe(desc)
+        model.check_info(desc, info, self._hash_value is not None)
+        rel.setup(rel.oid, info)
+        return 0
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot_lines(self, info, copy_rows, *, position, first_ordinal, committed_at_us):

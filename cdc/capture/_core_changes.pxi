@@ -21,7 +21,7 @@ cdef int change_insert(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size, P
     cdef Py_ssize_t pos, start, split
     cdef int flags = 0
     need(p, size, off, 4, tag)
-    rel = core._rel(txn, rd32(p + off), tag)
+    rel = core._rel(txn, rd32(p + off), tag, lsn)
     pos = off + 4
     need(p, size, pos, 1, tag)
     if p[pos] != b'N':
@@ -54,7 +54,7 @@ cdef int change_update(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size, P
     cdef Cols *old = &core._old
     cdef Cols *new = &core._new
     need(p, size, off, 4, tag)
-    rel = core._rel(txn, rd32(p + off), tag)
+    rel = core._rel(txn, rd32(p + off), tag, lsn)
     pos = off + 4
     need(p, size, pos, 1, tag)
     kind = p[pos]
@@ -132,7 +132,7 @@ cdef int change_delete(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size, P
     cdef uint8_t kind
     cdef bint full
     need(p, size, off, 4, tag)
-    rel = core._rel(txn, rd32(p + off), tag)
+    rel = core._rel(txn, rd32(p + off), tag, lsn)
     pos = off + 4
     need(p, size, pos, 1, tag)
     kind = p[pos]
@@ -170,7 +170,7 @@ cdef int change_truncate(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size,
     pos = off + 5
     if size - pos != 4 * <Py_ssize_t>count:
         err(tag, size, f"{count} relation oids announced, {size - pos} bytes left")
-    rels = [core._rel(txn, rd32(p + pos + 4 * i), tag) for i in range(count)]
+    rels = [core._rel(txn, rd32(p + pos + 4 * i), tag, lsn) for i in range(count)]
     for item in rels:
         rel = item
         start = begin_record(txn, rel, b'T')

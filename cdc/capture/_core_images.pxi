@@ -138,7 +138,11 @@ def format_time(int64_t us):
 # ---------------------------------------------------------------------------------------- relations
 
 cdef class _Rel:
+    # Made from a Relation message alone (info None, desc kept), it is described when the first
+    # change using it arrives (Core._describe_rel): pgoutput sends Relation messages without a
+    # position.
     cdef readonly object info
+    cdef object desc
     cdef uint32_t oid
     cdef int natts
     cdef int nkey

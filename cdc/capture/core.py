@@ -18,6 +18,7 @@ reads messages and tuples, ``images.py`` builds keys, images and snapshot lines.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Final
 
 from cdc.capture import _shared as sh
@@ -408,9 +409,7 @@ class Core:
         rel = self._by_body.get(body)
         if rel is None:
             desc = parse_relation(p, off, wal_start)
-            info = self._describe(desc)
-            model.check_info(desc, info, self._hash_value is not None)
-            rel = Rel(desc.oid, info)
+            rel = Rel(desc.oid, None, desc)  # described at its first change (_rel)
             if len(self._by_body) >= sh.RELATION_CACHE_LIMIT:
                 self._by_body.clear()
             self._by_body[body] = rel
@@ -421,21 +420,36 @@ class Core:
         else:
             self._relations[rel.oid] = rel
 
-    def _rel(self, txn: Txn, oid: int, what: str) -> Rel:
+    def _rel(self, txn: Txn, oid: int, what: str, lsn: int) -> Rel:
         if txn.overlay is not None:
             rel = txn.overlay.get(oid)
             if rel is not None:
+                if rel.info is None:
+                    self._describe_rel(rel, lsn)
                 return rel
         rel = self._relations.get(oid)
         if rel is None:
             raise sh.unknown_relation(what, oid)
+        if rel.info is None:
+            self._describe_rel(rel, lsn)
         return rel
+
+    def _describe_rel(self, rel: Rel, lsn: int) -> None:
+        """Describe a relation at the position of the change that uses it first (``lsn``): the
+        Relation message before it has none (its names hold from there, docs/store.md)."""
+        desc = rel.desc
+        assert desc is not None
+        if lsn:
+            desc = replace(desc, lsn=lsn)
+        info = self._describe(desc)
+        model.check_info(desc, info, self._hash_value is not None)
+        rel.setup(info)
 
     # -- changes -----------------------------------------------------------------------------
     def _insert(self, txn: Txn, p: bytes, off: int, subxid: int, lsn: int) -> None:
         what = "Insert"
         need(p, off, 4, what)
-        rel = self._rel(txn, u32(p, off)[0], what)
+        rel = self._rel(txn, u32(p, off)[0], what, lsn)
         pos = off + 4
         need(p, pos, 1, what)
         if p[pos] != 0x4E:
@@ -445,13 +459,13 @@ class Core:
         key, flags = key_text(rel, raws, jsons)
         image, image_flags, _ = row_image(rel, raws, jsons, False, self._hash_value)
         tail = b"\t%d\t%s\t%s\t%s\t\\N\t\\N\t\\N\n" % (lsn, _xid(txn, subxid), key, image)
-        self._append(txn, subxid, flags | image_flags, rel.info.table_id, "I", rel.ids + b"I", tail, False)
+        self._append(txn, subxid, flags | image_flags, rel.table_id, "I", rel.ids + b"I", tail, False)
 
     def _update(self, txn: Txn, p: bytes, off: int, subxid: int, lsn: int) -> None:
         what = "Update"
         size = len(p)
         need(p, off, 4, what)
-        rel = self._rel(txn, u32(p, off)[0], what)
+        rel = self._rel(txn, u32(p, off)[0], what, lsn)
         pos = off + 4
         need(p, pos, 1, what)
         kind = p[pos]
@@ -502,12 +516,12 @@ class Core:
             _NULL if old_key is None else old_key,
             pending,
         )
-        self._append(txn, subxid, flags, rel.info.table_id, "U", rel.ids + b"U", tail, bool(unknown))
+        self._append(txn, subxid, flags, rel.table_id, "U", rel.ids + b"U", tail, bool(unknown))
 
     def _delete(self, txn: Txn, p: bytes, off: int, subxid: int, lsn: int) -> None:
         what = "Delete"
         need(p, off, 4, what)
-        rel = self._rel(txn, u32(p, off)[0], what)
+        rel = self._rel(txn, u32(p, off)[0], what, lsn)
         pos = off + 4
         need(p, pos, 1, what)
         kind = p[pos]
@@ -529,7 +543,7 @@ class Core:
             _NULL if key is None else key,
             image,
         )
-        self._append(txn, subxid, flags, rel.info.table_id, "D", rel.ids + b"D", tail, False)
+        self._append(txn, subxid, flags, rel.table_id, "D", rel.ids + b"D", tail, False)
 
     def _truncate(self, txn: Txn, p: bytes, off: int, subxid: int, lsn: int) -> None:
         what = "Truncate"
@@ -539,10 +553,10 @@ class Core:
         pos = off + 5
         if size - pos != 4 * count:
             raise sh.malformed(what, size, f"{count} relation oids announced, {size - pos} bytes left")
-        rels = [self._rel(txn, u32(p, pos + 4 * i)[0], what) for i in range(count)]
+        rels = [self._rel(txn, u32(p, pos + 4 * i)[0], what, lsn) for i in range(count)]
         tail = b"\t%d\t%s\t\\N\t\\N\t\\N\t\\N\t\\N\n" % (lsn, _xid(txn, subxid))
         for rel in rels:
-            self._append(txn, subxid, 0, rel.info.table_id, "T", rel.ids + b"T", tail, False)
+            self._append(txn, subxid, 0, rel.table_id, "T", rel.ids + b"T", tail, False)
 
     # -- snapshots ---------------------------------------------------------------------------
     def snapshot_lines(

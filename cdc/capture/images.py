@@ -20,13 +20,37 @@ _NULL: Final = b"\\N"
 
 
 class Rel:
-    """A Relation message body's RelationInfo and what building lines needs from it."""
+    """A Relation message body's RelationInfo and what building lines needs from it. Made
+    from the message alone (``info`` None, ``desc`` kept), it is described when the first
+    change using it arrives (``setup``): pgoutput sends Relation messages without a position."""
 
-    __slots__ = ("ids", "info", "is_key", "key", "kinds", "names_json", "natts", "oid", "pending", "policies")
+    __slots__ = (
+        "desc",
+        "ids",
+        "info",
+        "is_key",
+        "key",
+        "kinds",
+        "names_json",
+        "natts",
+        "oid",
+        "pending",
+        "policies",
+        "table_id",
+    )
 
-    def __init__(self, oid: int, info: RelationInfo) -> None:
+    info: RelationInfo | None
+
+    def __init__(self, oid: int, info: RelationInfo | None, desc: RelationDesc | None = None) -> None:
         self.oid = oid
+        self.desc = desc
+        self.info = None
+        if info is not None:
+            self.setup(info)
+
+    def setup(self, info: RelationInfo) -> None:
         self.info = info
+        self.table_id = info.table_id
         self.names_json, self.pending, self.ids, self.kinds, self.policies = sh.relation_texts(info)
         self.natts = len(info.names)
         self.key = list(info.key)

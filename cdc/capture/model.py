@@ -2,8 +2,9 @@
 
 The capture core (``cdc.capture.engine.Core``) turns replication CopyData frames into, per
 finished transaction, the COPY text lines of the ``changes`` table (docs/store.md "COPY format").
-Its caller answers, for every distinct Relation message, what the registry knows of the table
-(``RelationInfo``); the core gives back ``FinishedTransaction`` and ``LogicalMessage`` events.
+Its caller answers, for every distinct Relation message (at the first change using it), what the
+registry knows of the table (``RelationInfo``); the core gives back ``FinishedTransaction`` and
+``LogicalMessage`` events.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class ColumnDesc:
 
 @dataclass(frozen=True, slots=True)
 class RelationDesc:
-    """A decoded Relation message. ``lsn``: the WAL position of its frame (wal_start)."""
+    """A decoded Relation message. ``lsn``: as the core describes it, the WAL position of the
+    first change using it (pgoutput sends the message itself with wal_start 0)."""
 
     oid: int
     namespace: str

@@ -188,9 +188,9 @@ class CaptureSession:
             )
 
             def describe(desc: RelationDesc) -> RelationInfo:
+                # The core gives the position of the change that follows the Relation message
+                # (which has none); only a change without one falls back to the server's.
                 if not desc.lsn:
-                    # A Relation message inside a streamed block comes without a WAL position:
-                    # the walsender's is no earlier than the change that follows it.
                     desc = replace(desc, lsn=core.server_wal_end)
                 return registry.describe(desc)
 

@@ -466,7 +466,41 @@ def test_describe_once_per_relation_body(impl: str) -> None:
         s.add(wire.stream_commit(xid, s.lsn, s.lsn + 8, T0))
     out = run(impl, s.frames, registry=registry)
     assert len(transactions(out)) == 10 and len(registry.calls) == 1
-    assert registry.calls[0].lsn == 0x10_0010 and registry.calls[0].namespace == "public"
+    # Described at the position of the change that follows the Relation message.
+    assert registry.calls[0].lsn == 0x10_0020 and registry.calls[0].namespace == "public"
+
+
+def test_relations_are_described_at_the_position_of_their_first_change(impl: str) -> None:
+    """pgoutput sends Relation messages with no position (wal_start 0): each is described with
+    the LSN of the first change using it, in a transaction, in a streamed block (a rename) and
+    in a TRUNCATE of two tables."""
+    registry = Registry()
+    s = Stream()
+
+    def unplaced(payload: bytes) -> None:
+        s.frames.append(wire.xlog(0, payload))
+
+    s.add(wire.begin(s.lsn + 1000, T0, 720))
+    unplaced(relation())
+    s.add(wire.insert(OID, ["1", "a", "b", "t"]))  # 0x10_0010
+    s.add(wire.commit(s.lsn, s.lsn + 8, T0))
+    s.add(wire.stream_start(721, True))
+    unplaced(relation(xid=721, name="renamed"))
+    s.add(wire.update(OID, ["1", "x", "b", "t"], xid=721))  # 0x10_0040
+    s.add(wire.stream_stop())
+    s.add(wire.stream_commit(721, s.lsn, s.lsn + 8, T0))
+    s.add(wire.begin(s.lsn + 1000, T0, 722))
+    unplaced(relation(OID2, name="other"))
+    unplaced(relation(name="renamed"))  # seen before: described already
+    s.add(wire.truncate([OID2, OID]))  # 0x10_0080
+    s.add(wire.commit(s.lsn, s.lsn + 8, T0))
+    out = run(impl, s.frames, registry=registry)
+    assert len(transactions(out)) == 3
+    assert [(d.name, d.lsn) for d in registry.calls] == [
+        ("t", 0x10_0010),
+        ("renamed", 0x10_0040),
+        ("other", 0x10_0080),
+    ]
 
 
 def test_skip_through_drops_stored_transactions_but_keeps_their_relations(impl: str) -> None:
