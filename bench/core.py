@@ -4,7 +4,10 @@ A synthetic stream in the shape PostgreSQL 16+ sends with
 ``debug_logical_replication_streaming = immediate``: small request-tagged transactions
 (a transactional context message, then 3 inserts/updates of a 5-column table), every change
 in its own Stream Start / Stop block, the Relation resent in each transaction, then a Stream
-Commit. Run: ``python -m bench.core [--transactions N] [--repeat R]``.
+Commit. Run: ``python -m bench.core [--transactions N] [--repeat R]``. Each transaction's
+context message is the one the context trigger writes (row_to_json of its fields), with a
+request id of its own; ``--batches`` also times the daemon's side of each transaction: the
+batch builder and the batch's encoding for the writer's pipe.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import argparse
 import importlib
 import time
 
+from cdc.capture.batches import CONTEXT_REJECTED, BatchBuilder
 from cdc.capture.model import Kind, Policy, RelationDesc, RelationInfo
+from cdc.capture.writer_process import encode_batch
 from cdc.protocol import encode as wire
 
 OID = 16_384
@@ -41,8 +46,11 @@ def describe(desc: RelationDesc) -> RelationInfo:
 def stream(transactions: int) -> list[bytes]:
     frames: list[bytes] = []
     lsn = 0x1_0000_0000
-    context = b'{"request_id":"8f14e45f-ceea-467f-a0e6-5b7a6b1a3c11","actor":"user:42"}'
     for t in range(transactions):
+        context = (
+            b'{"request_id":"8f14e45f-ceea-467f-a0e6-%012d","actor":"user:42","application_name":"app",'
+            b'"db_user":"app","client_addr":"10.1.2.3","backend_pid":4242,"source":"setting","extra":{}}' % t
+        )
         xid = 1000 + t
         for c in range(3):
             row = t * 3 + c
@@ -64,20 +72,30 @@ def stream(transactions: int) -> list[bytes]:
     return frames
 
 
-def measure(module: str, frames: list[bytes], changes: int, repeat: int) -> float:
+def measure(module: str, frames: list[bytes], changes: int, repeat: int, batches: bool = False) -> float:
     core_class = importlib.import_module(module).Core
     best = float("inf")
     for _ in range(repeat):
         core = core_class(describe)
         feed = core.feed
         pop = core.pop_events
+        builder = BatchBuilder(max_rows=5000, actor_last_seq=lambda actor: 0)
         started = time.process_time()
         total = 0
         for frame in frames:
             feed(frame)
             for event in pop():
-                for chunk in event.chunks(1 << 20):  # type: ignore[union-attr]
-                    total += len(chunk)
+                if batches:
+                    for batch in builder.add(event):
+                        total += sum(map(len, encode_batch(0, batch.store)))
+                    if builder.full:
+                        batch = builder.take()
+                        assert batch is not None
+                        assert not int(batch.store.transactions[0].split(b"\t")[5]) & CONTEXT_REJECTED
+                        total += sum(map(len, encode_batch(0, batch.store)))
+                else:
+                    for chunk in event.chunks(1 << 20):  # type: ignore[union-attr]
+                        total += len(chunk)
         elapsed = time.process_time() - started
         assert total > 0
         best = min(best, elapsed)
@@ -88,17 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--transactions", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batches", action="store_true", help="also the batch builder and encoding")
     args = parser.parse_args(argv)
     frames = stream(args.transactions)
     changes = args.transactions * 3
     print(f"{changes} changes in {len(frames)} frames ({len(frames) / changes:.1f} frames per change)")
     for name, module in (("compiled", "cdc.capture._core"), ("python", "cdc.capture.core")):
         try:
-            us = measure(module, frames, changes, args.repeat)
+            us = measure(module, frames, changes, args.repeat, args.batches)
         except ImportError:
             print(f"{name:9s} not built")
             continue
-        print(f"{name:9s} {us:6.2f} µs/change (feed + pop_events + chunks, best of {args.repeat})")
+        what = (
+            "feed + pop_events + BatchBuilder + encode_batch"
+            if args.batches
+            else "feed + pop_events + chunks"
+        )
+        print(f"{name:9s} {us:6.2f} µs/change ({what}, best of {args.repeat})")
     return 0
 
 

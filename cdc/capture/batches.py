@@ -15,10 +15,12 @@ ignored and its transaction flagged CONTEXT_REJECTED. No I/O here except through
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -27,6 +29,8 @@ from cdc.capture.model import PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMe
 from cdc.context import (
     CONTEXT_PREFIX,
     ERROR_PREFIX,
+    MAX_CONTENT_BYTES,
+    MAX_ID_CHARS,
     ReportedError,
     RequestContext,
     parse_context,
@@ -95,6 +99,28 @@ def _context(ctx: RequestContext) -> _Context:
     )
 
 
+#: How the context trigger's messages start (row_to_json: the request id is the first field).
+_ID_HEAD: Final = b'{"request_id":"'
+_ID_START: Final = len(_ID_HEAD)
+_STAND_IN: Final = "x"
+_CONTROL: Final = re.compile(b"[\x00-\x1f]")
+_UNKNOWN: Final[Any] = object()
+
+
+def _shape(rest: bytes) -> tuple[bytes, _Context] | None:
+    """For the rest of a context message after its request id: the rest of its document after
+    the id, and its context (verified with a stand-in id); None when that does not verify or
+    the id is not the one the document starts with."""
+    verified = verified_context(_ID_HEAD + _STAND_IN.encode() + rest)
+    if verified is None or verified.request_id != _STAND_IN:
+        return None
+    base = _context(verified)
+    head = _ID_HEAD + _STAND_IN.encode()
+    if not base.document.startswith(head):
+        return None
+    return base.document[len(head) :], base
+
+
 @dataclass(slots=True)
 class Batch:
     """A store batch being built, with what the daemon's metrics need once it is written."""
@@ -137,6 +163,8 @@ class BatchBuilder:
         self._actors: dict[str, int] = {}  # actor -> last sequence number handed out
         # Verified contexts by message content: a request spanning transactions is read once.
         self._contexts: dict[bytes, _Context] = {}
+        # What follows the request id in a context message -> its verified rest (_same_shape).
+        self._shapes: dict[bytes, tuple[bytes, _Context] | None] = {}
         self.current: Batch | None = None
 
     # -- the batch being built -----------------------------------------------------
@@ -246,11 +274,13 @@ class BatchBuilder:
                 continue
             ctx = self._contexts.get(content)
             if ctx is None:
-                verified = verified_context(content)
-                if verified is None:
-                    rejected = True
-                    continue
-                ctx = _context(verified)
+                ctx = self._same_shape(content)
+                if ctx is None:
+                    verified = verified_context(content)
+                    if verified is None:
+                        rejected = True
+                        continue
+                    ctx = _context(verified)
                 if len(self._contexts) >= CONTEXT_CACHE:
                     self._contexts.clear()
                 self._contexts[content] = ctx
@@ -265,6 +295,34 @@ class BatchBuilder:
             elif last != ctx:
                 spans.append((start, ctx))
         return spans, rejected
+
+    def _same_shape(self, content: bytes) -> _Context | None:
+        """The context of a message that differs from one verified before only in its request id
+        (None: parse it). The context trigger writes the request id first and the other fields
+        repeat within a session: the rest of the message is verified once, with a stand-in id."""
+        if not content.startswith(_ID_HEAD) or len(content) > MAX_CONTENT_BYTES:
+            return None
+        end = content.find(b'"', _ID_START)
+        raw = content[_ID_START:end]
+        if end < 0 or len(raw) > MAX_ID_CHARS or b"\\" in raw or _CONTROL.search(raw) is not None:
+            return None  # escapes, control characters (invalid JSON) or over the length limit
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            return None
+        if orjson.dumps(text) != b'"' + raw + b'"':
+            return None
+        rest = content[end:]
+        shape = self._shapes.get(rest, _UNKNOWN)
+        if shape is _UNKNOWN:
+            shape = _shape(rest)
+            if len(self._shapes) >= CONTEXT_CACHE:
+                self._shapes.clear()
+            self._shapes[rest] = shape
+        if shape is None:
+            return None
+        document_rest, base = shape
+        return _Context(_ID_HEAD + raw + document_rest, raw, base.actor, base.actor_field)
 
     def _sequence(self, actor: str, count: int) -> int:
         """Hand out ``count`` sequence numbers of ``actor``; return the first."""

@@ -7,8 +7,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cdc.capture.ack import Acknowledgement
-from cdc.capture.batches import CONTEXT_REJECTED, Batch, BatchBuilder, split_lines
+from cdc.capture.batches import CONTEXT_REJECTED, Batch, BatchBuilder, _context, split_lines, verified_context
 from cdc.capture.model import PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
 from cdc.capture.writer_process import _receive_batch, encode_batch
 from cdc.context import CONTEXT_PREFIX, ERROR_PREFIX
@@ -227,3 +231,86 @@ def test_fake_matches_the_core_interface() -> None:
     fake = vars(FakeTransaction(1, 1))
     for name in FinishedTransaction.__dataclass_fields__:
         assert name.startswith("_") or name in fake, name
+
+
+def trigger_message(request_id: str, tail: str | None = None) -> bytes:
+    """A context message as the trigger writes it (row_to_json: compact, the request id first)."""
+    rest = (
+        tail
+        if tail is not None
+        else (
+            ',"actor":"alice","application_name":"app","db_user":"app","client_addr":null,'
+            '"backend_pid":42,"source":"setting","extra":{"tenant":"t1"}}'
+        )
+    )
+    return b'{"request_id":' + json.dumps(request_id, ensure_ascii=False).encode() + rest.encode()
+
+
+def slow_context(content: bytes) -> Any:
+    verified = verified_context(content)
+    return None if verified is None else _context(verified)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        trigger_message("r-2"),
+        trigger_message(""),
+        trigger_message("é ☕ 𝄞"),
+        trigger_message("x" * 256),
+        trigger_message("x" * 257),  # over the length limit: cut by the parser
+        trigger_message('q"uote'),  # escaped in JSON
+        trigger_message("tab\there"),
+        trigger_message("back\\slash"),
+        b'{"request_id":"raw\ttab","actor":null,"db_user":"app","backend_pid":42,"source":"setting"}',
+        b'{"request_id":"\xff\xfe","actor":null,"db_user":"app","backend_pid":42,"source":"setting"}',
+        b'{"request_id":"\\ud800","actor":null,"db_user":"app","backend_pid":42,"source":"setting"}',
+        trigger_message("r-3", ',"db_user":"app","backend_pid":42,"source":"setting","request_id":"other"}'),
+        trigger_message("r-4", ',"db_user":"app","backend_pid":42,"source":"nowhere"}'),
+        trigger_message("r-5", ',"db_user":"app","backend_pid":42,"source":"setting"'),  # not JSON
+        trigger_message(
+            "r-6", ',"actor":null,"db_user":"app","backend_pid":42,"source":"setting","extra":{}}'
+        ),
+    ],
+)
+def test_a_context_of_a_known_shape_is_the_one_parsing_gives(content: bytes) -> None:
+    """Messages differing from a verified one only in their request id skip the parser: what
+    they give (or that they are rejected) is what parsing gives."""
+    b = builder()
+    tail = (
+        content[content.index(b'"', len(b'{"request_id":"')) :]
+        if content.startswith(b'{"request_id":"')
+        else b""
+    )
+    primer = trigger_message("primer", tail.decode(errors="replace") if tail else None)
+    add(b, FakeTransaction(1000, 1, messages=[(0, 1, CONTEXT_PREFIX, primer)]))
+    fast = b._same_shape(content)
+    assert fast is None or fast == slow_context(content)
+    txn = FakeTransaction(2000, 1, messages=[(0, 1, CONTEXT_PREFIX, content)])
+    add(b, txn)
+    batch = b.take()
+    assert batch is not None
+    line = fields(batch.store.transactions[-1])
+    expected = slow_context(content)
+    if expected is None:
+        assert line[5] == str(CONTEXT_REJECTED) and line[8] == r"\N"
+    else:
+        assert line[8] == expected.request_id.decode() and line[11] == expected.document.decode()
+
+
+def test_the_trigger_messages_of_a_session_take_the_fast_path() -> None:
+    b = builder()
+    add(b, FakeTransaction(1000, 1, messages=[(0, 1, CONTEXT_PREFIX, trigger_message("r-1"))]))
+    for request_id in ("r-2", "", "é ☕", "x" * 256):
+        content = trigger_message(request_id)
+        assert b._same_shape(content) == slow_context(content) is not None
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_fast_path_equals_parsing(request_id: str) -> None:
+    b = builder()
+    b._same_shape(trigger_message("primer"))
+    content = trigger_message(request_id)
+    fast = b._same_shape(content)
+    assert fast is None or fast == slow_context(content)
