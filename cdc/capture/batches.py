@@ -15,12 +15,11 @@ ignored and its transaction flagged CONTEXT_REJECTED. No I/O here except through
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 import structlog
@@ -76,9 +75,9 @@ def copy_text(value: str) -> bytes:
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
 
 
-@dataclass(frozen=True, slots=True)
-class _Context:
-    """A verified context as stored: its document (COPY-escaped JSON) and indexed fields."""
+class _Context(NamedTuple):
+    """A verified context as stored: its document (COPY-escaped JSON) and indexed fields (a
+    tuple: one is made per transaction)."""
 
     document: bytes
     request_id: bytes
@@ -103,7 +102,6 @@ def _context(ctx: RequestContext) -> _Context:
 _ID_HEAD: Final = b'{"request_id":"'
 _ID_START: Final = len(_ID_HEAD)
 _STAND_IN: Final = "x"
-_CONTROL: Final = re.compile(b"[\x00-\x1f]")
 _UNKNOWN: Final[Any] = object()
 
 
@@ -227,17 +225,21 @@ class BatchBuilder:
         us = txn.committed_at_us + PG_EPOCH_OFFSET_US  # the store batch keeps Unix time
         if txn.change_count:
             first = True
+            pending = txn.pending_count
+            max_rows, max_bytes = self.max_rows, self.max_bytes
             for data in txn.chunks(self.chunk_bytes):
                 chunk = data
                 while chunk:
-                    if self.full:
-                        batch = self.take()
-                        assert batch is not None
+                    batch = self.current
+                    if batch is None:
+                        batch = self.current = Batch()
+                    elif batch.store.rows >= max_rows or batch.nbytes >= max_bytes:  # full
+                        self.current = None
                         yield batch
-                    batch = self.batch()
+                        batch = self.current = Batch()
                     store = batch.store
                     lines = chunk.count(b"\n")
-                    room = self.max_rows - store.rows
+                    room = max_rows - store.rows
                     if lines > room > 0:
                         part, chunk = split_lines(chunk, room)
                         lines = room
@@ -251,9 +253,11 @@ class BatchBuilder:
                     if first:
                         store.fresh.append(position)
                         first = False
-                    if txn.pending_count and (not store.pending or store.pending[-1] != position):
+                    if pending and (not store.pending or store.pending[-1] != position):
                         store.pending.append(position)
-        batch = self.batch()
+        batch = self.current
+        if batch is None:
+            batch = self.current = Batch()
         store = batch.store
         flags = txn.flags | (CONTEXT_REJECTED if rejected else 0)
         self._rows(store, txn, spans, flags)
@@ -262,7 +266,8 @@ class BatchBuilder:
             counts[key] = counts.get(key, 0) + n
         batch.statuses[txn.status] += 1
         batch.last_committed_us = us
-        store.ack_lsn = position if store.ack_lsn is None else max(store.ack_lsn, position)
+        if store.ack_lsn is None or position > store.ack_lsn:
+            store.ack_lsn = position
 
     def _spans(self, txn: FinishedTransaction) -> tuple[list[tuple[int, _Context | None]], bool]:
         """The contexts in force over the transaction's changes: (from ordinal, context)."""
@@ -304,14 +309,14 @@ class BatchBuilder:
             return None
         end = content.find(b'"', _ID_START)
         raw = content[_ID_START:end]
-        if end < 0 or len(raw) > MAX_ID_CHARS or b"\\" in raw or _CONTROL.search(raw) is not None:
-            return None  # escapes, control characters (invalid JSON) or over the length limit
+        if end < 0 or len(raw) > MAX_ID_CHARS:
+            return None
         try:
             text = raw.decode()
         except UnicodeDecodeError:
             return None
         if orjson.dumps(text) != b'"' + raw + b'"':
-            return None
+            return None  # escapes or control characters: parsed (or rejected) the long way
         rest = content[end:]
         shape = self._shapes.get(rest, _UNKNOWN)
         if shape is _UNKNOWN:
