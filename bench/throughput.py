@@ -1,7 +1,7 @@
 """Measurement 1: capture throughput, `cdc run` against pg_recvlogical on the same backlog.
 
-Both consumers drain the same WAL: every slot (the daemons' and pg_recvlogical's) exists
-before the workload is written, with every daemon stopped. pg_recvlogical gets the options
+Both consumers drain the same WAL: every slot (the daemons' and pg_recvlogical's) is created
+just before the workload is written, with every daemon stopped. pg_recvlogical gets the options
 `cdc run` uses (proto_version, publication_names, messages, streaming) and, for the
 "immediate" mode, the same session setting debug_logical_replication_streaming=immediate
 (PGOPTIONS); it drains to /dev/null up to the end position (-E). The daemon is timed from
@@ -184,9 +184,9 @@ def measure(ctx: Context) -> Measurement:
         method=(
             "One server, a source and a store database. Slots of two daemons (`cdc run` with "
             "`source.stream_in_progress` at its default, which on PostgreSQL 16+ streams every "
-            "transaction as it happens, and with it `off`) and of pg_recvlogical exist before the "
-            "workload; the workload is written with every consumer stopped, so each drains the same "
-            "backlog. Small transactions: pgbench, 2 clients, each transaction sets a request id, "
+            "transaction as it happens, and with it `off`) and of pg_recvlogical are created anew "
+            "before each workload; the workload is written with every consumer stopped, so each drains "
+            "the same backlog and nothing else. Small transactions: pgbench, 2 clients, each transaction sets a request id, "
             "updates 2 rows and inserts 1 (3 changes). Large: one INSERT ... SELECT transaction. "
             "pg_recvlogical gets the daemon's protocol options (proto_version, publication_names, "
             "messages, streaming) and, in the immediate mode, the same session setting; it writes to "
