@@ -64,12 +64,16 @@ _MASK = "***"
 
 # --------------------------------------------------------------------------- redaction
 
+# Free text (an error message quoting a DSN) is redacted by pattern. A value is lexed as libpq
+# lexes it (fe-connect.c conninfo_parse): quoted, up to an unescaped quote, or bare, up to
+# whitespace; a backslash escapes the next character in both, so "pass\\ word" is one value.
 _SECRETS_RE = re.compile(
     r"(?P<uri>[A-Za-z][A-Za-z0-9+.-]*://\S*)"
-    r"|(?P<key>[A-Za-z_]*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)",
-    re.IGNORECASE | re.DOTALL,
+    r"|(?P<key>[A-Za-z_]*password\s*=\s*)(?:'(?:\\[\s\S]?|[^'\\])*'?|(?:\\[\s\S]?|[^\s\\])*)",
+    re.IGNORECASE,
 )
 _URI_PASSWORD_RE = re.compile(r"([?&][A-Za-z_]*password=)[^&#]*", re.IGNORECASE)
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
 
 
 def _redact_match(match: re.Match[str]) -> str:
@@ -84,13 +88,46 @@ def _redact_match(match: re.Match[str]) -> str:
     return f"{scheme}://{_URI_PASSWORD_RE.sub(lambda m: m.group(1) + _MASK, rest)}"
 
 
+def _redact_text(text: str) -> str:
+    return _SECRETS_RE.sub(_redact_match, text)
+
+
+def _parse_conninfo(text: str) -> dict[str, str] | None:
+    """libpq's own reading of ``text`` as a connection string (None: it is not one)."""
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(text).items()}
+    except (PsycopgError, ValueError, TypeError):
+        return None
+
+
 def redact_dsn(dsn: str) -> str:
     """Return ``dsn`` (or any text containing DSNs) with every password replaced by ``***``.
 
-    Handles libpq ``key=value`` strings (``password=...``, quoted or not, also ``sslpassword``)
-    and URIs (``postgresql://user:secret@host/db?password=...``).
+    A connection string is parsed by libpq itself (``psycopg.conninfo.conninfo_to_dict``: every
+    form libpq accepts, quotes and backslash escapes, URIs with percent-encoding, passwords in
+    URI query parameters, ``sslpassword``). The redaction keeps the text as written when libpq,
+    reading the result, finds no password but ``***`` and none of the original secrets is left
+    in it; otherwise the DSN is rebuilt from libpq's parameters with the secrets masked. Text
+    that is not a connection string (an error message quoting one) is redacted by pattern.
     """
-    return _SECRETS_RE.sub(_redact_match, dsn)
+    params = _parse_conninfo(dsn)
+    redacted = _redact_text(dsn)
+    if not params:
+        return redacted
+    secrets = [v for k, v in params.items() if k in _SECRET_PARAMS and v]
+    reread = _parse_conninfo(redacted)
+    if (
+        reread is not None
+        and all(v == _MASK for k, v in reread.items() if k in _SECRET_PARAMS)
+        and not any(len(s) >= 3 and s in redacted for s in secrets)
+    ):
+        return redacted
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(**{k: _MASK if k in _SECRET_PARAMS else v for k, v in params.items()})
 
 
 class SecretDsn(Secret[str]):

@@ -503,6 +503,65 @@ def test_redact_dsn_hides_any_password(password: str) -> None:
         assert password not in redact_dsn(dsn), dsn
 
 
+# Any character libpq takes in a password: spaces, quotes, backslashes, unicode, and the URI
+# delimiters. Written as a user must write them for libpq to read this password.
+ANY_PASSWORD = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(" '\\\"@/?=&#:%"),
+        st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Cs", "Cc")),
+    ),
+    min_size=3,
+    max_size=30,
+)
+
+
+def _keyword_value(password: str) -> str:
+    return "'" + password.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _bare_value(password: str) -> str:
+    return "".join("\\" + c if c in " \\'" else c for c in password)
+
+
+def _fragments(text: str) -> set[str]:
+    return {text[i:j] for i in range(len(text)) for j in range(i + 3, len(text) + 1)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(ANY_PASSWORD)
+def test_redact_dsn_no_fragment_of_any_password_survives(password: str) -> None:
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    encoded = quote(password, safe="")
+    forms = [
+        f"host=db.internal password={_keyword_value(password)} dbname=app",
+        f"host=db.internal password={_bare_value(password)} dbname=app",
+        f"host=db.internal sslpassword = {_keyword_value(password)} user=cdc",
+        f"postgresql://cdc:{encoded}@db.internal:5432/app?sslmode=require",
+        f"postgresql://cdc@db.internal/app?password={encoded}&sslmode=require",
+        f"postgres://db.internal/app?sslpassword={encoded}",
+    ]
+    for dsn in forms:
+        params = conninfo_to_dict(dsn)
+        assert password in (params.get("password"), params.get("sslpassword")), dsn  # libpq reads it so
+        redacted = redact_dsn(dsn)
+        # What the DSN says besides the password may share fragments with it: only those may show.
+        written = next(w for w in (encoded, _keyword_value(password), _bare_value(password)) if w in dsn)
+        expected = dsn.replace(written, "***")
+        leaked = {f for f in _fragments(password) if f in redacted and f not in expected}
+        assert not leaked, (dsn, redacted)
+
+
+def test_redact_dsn_backslash_escaped_space() -> None:
+    # the issue's case: a bare value with an escaped space is one value for libpq
+    assert redact_dsn(f"host=db password=abc\\ {SECRET} dbname=app") == "host=db password=*** dbname=app"
+    text = f"cannot connect (host=db password=abc\\ {SECRET})"
+    assert SECRET not in redact_dsn(text)
+    assert redact_dsn(f"postgresql://cdc:a%40{SECRET}@db/app") == "postgresql://cdc:***@db/app"
+
+
 def test_redact_dsn_keeps_the_rest() -> None:
     assert redact_dsn(f"postgresql://cdc:{SECRET}@db:5432/app") == "postgresql://cdc:***@db:5432/app"
     assert redact_dsn(f"host=db password={SECRET} dbname=app") == "host=db password=*** dbname=app"
