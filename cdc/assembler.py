@@ -96,18 +96,22 @@ class TableSchema:
     column_names: tuple[str, ...] = field(default=(), compare=False, repr=False)
     # (name, converter) of the columns whose text is converted (integers, booleans).
     typed_columns: tuple[tuple[str, Callable[[str], Any]], ...] = field(default=(), compare=False, repr=False)
+    # (column, policy) of the columns a redaction policy applies to (set by cdc.policies).
+    policies: tuple[tuple[str, str], ...] = ()
 
     @property
     def table(self) -> str:
         return f"{self.namespace}.{self.name}"
 
     def columns_json(self) -> list[dict[str, Any]]:
+        policies = dict(self.policies)
         return [
             {
                 "name": c.name,
                 "type_oid": c.type_oid,
                 "type_modifier": c.type_modifier,
                 "key": c.name in self.key_columns,
+                **({"policy": policies[c.name]} if c.name in policies else {}),
             }
             for c in self.columns
         ]

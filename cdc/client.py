@@ -68,6 +68,7 @@ from cdc.context import (
     truncate_utf8,
     validate_setting_name,
 )
+from cdc.errors import reported_message
 
 __all__ = [
     "ASGIMiddleware",
@@ -229,9 +230,7 @@ def _error_content(scope: RequestScope, exc: BaseException) -> str:
     # text also carries the SQL statement and its parameters).
     orig = getattr(exc, "orig", None)
     reported = orig if isinstance(orig, BaseException) else exc
-    message = str(reported)
-    if not message and reported.args:
-        message = repr(reported.args[0])
+    message = reported_message(reported)
     content = {
         "request_id": scope.request_id,
         "xid": scope.xid,

@@ -41,6 +41,7 @@ __all__ = [
     "Config",
     "ContextConfig",
     "LoggingConfig",
+    "PoliciesConfig",
     "ReconnectConfig",
     "RetentionConfig",
     "SecretDsn",
@@ -605,6 +606,36 @@ def _check_listen(value: Any) -> Any:
     return value.strip()
 
 
+class SecretValue(Secret[str]):
+    """A secret shown as ``***``, like the password of a DSN."""
+
+    def _display(self) -> str:
+        return _MASK
+
+
+#: shortest ``policies.hash_key`` accepted (UTF-8 bytes): a short key can be searched for
+MIN_HASH_KEY_BYTES = 16
+
+
+def _check_hash_key(value: SecretValue | None) -> SecretValue | None:
+    if value is not None and len(value.get_secret_value().encode()) < MIN_HASH_KEY_BYTES:
+        raise ValueError(f"must be at least {MIN_HASH_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)")
+    return value
+
+
+class PoliciesConfig(_Section):
+    """Secrets of the column policies (``columns``)."""
+
+    #: the HMAC-SHA256 key of the ``hash`` policy (env CDC_POLICIES__HASH_KEY); required when a
+    #: column is hashed. Values hashed under different keys do not compare equal (docs/security.md).
+    hash_key: Annotated[
+        SecretValue | None, BeforeValidator(_empty_to_none), AfterValidator(_check_hash_key)
+    ] = None
+
+    def hash_key_bytes(self) -> bytes | None:
+        return None if self.hash_key is None else self.hash_key.get_secret_value().encode()
+
+
 class ServerConfig(_Section):
     """``cdc serve``: HTTP API, page and metrics."""
 
@@ -685,6 +716,7 @@ class Config(_Section):
         BeforeValidator(_none_to_dict),
         BeforeValidator(_no_duplicate_tables),
     ] = Field(default_factory=dict)
+    policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
@@ -739,7 +771,7 @@ class Config(_Section):
 
 _Path = tuple[Any, ...]
 _DSN_VARIABLES = {"CDC_SOURCE_DSN": ("source", "dsn"), "CDC_STORE_DSN": ("store", "dsn")}
-_SECRET_KEYS = {"dsn", "token"}
+_SECRET_KEYS = {"dsn", "token", "hash_key"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -928,8 +960,22 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 
 def _cross_checks(config: Config, data: Mapping[str, Any], origins: Mapping[_Path, str]) -> list[str]:
-    """Policies naming a table that is not captured are almost surely typos: refuse them."""
+    """Policies naming a table that is not captured are almost surely typos: refuse them. A
+    ``hash`` policy needs ``policies.hash_key``."""
     problems: list[str] = []
+    hashed = [
+        f"{table}.{column}"
+        for table, columns in config.columns.items()
+        for column, policy in columns.items()
+        if policy == "hash"
+    ]
+    if hashed and config.policies.hash_key is None:
+        problems.append(
+            f"policies.hash_key (from {_origin(('policies', 'hash_key'), origins)}): required because "
+            f"{', '.join(hashed[:5])}{' ...' if len(hashed) > 5 else ''} {'uses' if len(hashed) == 1 else 'use'} the hash policy; "
+            "set CDC_POLICIES__HASH_KEY to a secret of at least "
+            f"{MIN_HASH_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+        )
     captured = set(config.source.tables)
     if not captured:
         return problems

@@ -355,7 +355,7 @@ class _Session:
         self.writer = writer
         self.assembler = assembler
         self.catalog = catalog
-        self.policies = ColumnPolicies(daemon.config.columns)
+        self.policies = ColumnPolicies.from_config(daemon.config)
         self.slot = daemon.config.source.slot
         self.batch = Batch()
         self.batch_started: float | None = None

@@ -226,7 +226,13 @@ def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
                 src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             gap = state is not None and state.baseline_done
             baseline_lsn = create_slot_with_baseline(
-                src, source_dsn, writer, slot, publication, gap=gap, policies=ColumnPolicies(config.columns)
+                src,
+                source_dsn,
+                writer,
+                slot,
+                publication,
+                gap=gap,
+                policies=ColumnPolicies.from_config(config),
             )
             report.did(
                 f"source: slot {slot} created; baseline of {len(tables)} table(s) at {format_lsn(baseline_lsn)}"

@@ -28,6 +28,7 @@ from cdc.errors import ConfigError, UsageError
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "cdc.example.yaml"
 DSNS = {"CDC_SOURCE_DSN": "postgresql://cdc@src/app", "CDC_STORE_DSN": "host=store dbname=hist"}
 SECRET = "hunter2-s3cret"
+HASH_KEY = "0123456789abcdef-hash-key"
 
 
 def write(tmp_path: Path, text: str, name: str = "cdc.yaml") -> Path:
@@ -159,6 +160,7 @@ def test_env_values_are_parsed_leniently() -> None:
         "CDC_SOURCE__STREAM_IN_PROGRESS": "OFF",
         "CDC_STORE__SCHEMA": "hist",
         "CDC_COLUMNS__USERS__EMAIL": "hash",
+        "CDC_POLICIES__HASH_KEY": HASH_KEY,
         "CDC_UNRELATED": "ignored",  # not CDC_<SECTION>__<KEY>, not a typo of one
     }
     config = load_config(env=env)
@@ -646,14 +648,18 @@ columns: {users: {'"Email"': hash}}
 server: {listen: '0.0.0.0:8080', open: true}
 """,
     )
-    config = load_config(path, env=DSNS)
+    config = load_config(path, env={**DSNS, "CDC_POLICIES__HASH_KEY": HASH_KEY})
     assert config.column_policies('public."Odd Name"') == {}
     assert config.column_policies("USERS") == {"Email": "hash"}
     assert config.server.is_loopback is False
     dumped = config.redacted()
     assert dumped["retention"]["default"] == "36h"
     assert dumped["capture"]["memory_limit_bytes"] == "3000000"
-    again = load_config(write(tmp_path, yaml.safe_dump(dumped), "again.yaml"), env=DSNS)
+    assert dumped["policies"]["hash_key"] == "***"
+    again = load_config(
+        write(tmp_path, yaml.safe_dump(dumped), "again.yaml"),
+        env={**DSNS, "CDC_POLICIES__HASH_KEY": HASH_KEY},
+    )
     assert again == config
 
 
@@ -733,3 +739,20 @@ def test_arbitrary_yaml_values_give_config_or_config_error(
     except ConfigError as exc:
         assert exc.problems
         assert all(f"(from {path})" in p for p in exc.problems), exc.problems
+
+
+def test_hash_policy_needs_a_key_reported_with_every_other_problem(tmp_path: Path) -> None:
+    path = write(tmp_path, "columns: {users: {email: hash, ssn: mask}}\nsource: {tables: [users]}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={**DSNS, "CDC_RETENTION__TABLES__ORDERS": "1d"})
+    problems = caught.value.problems
+    assert any(p.startswith("policies.hash_key") and "public.users.email" in p for p in problems), problems
+    assert any("retention.tables" in p for p in problems), problems  # all at once
+    with pytest.raises(ConfigError, match="at least 16 bytes"):
+        load_config(path, env={**DSNS, "CDC_POLICIES__HASH_KEY": "short"})
+    config = load_config(path, env={**DSNS, "CDC_POLICIES__HASH_KEY": SECRET + "-long-enough"})
+    assert config.policies.hash_key_bytes() == (SECRET + "-long-enough").encode()
+    for text in (str(config), repr(config), str(config.redacted())):
+        assert SECRET not in text
+    # a mask or exclude policy needs no key
+    load_config(write(tmp_path, "columns: {users: {ssn: mask}}\n", "mask.yaml"), env=DSNS)
