@@ -269,8 +269,8 @@ def erase(
                 )
                 click.echo(
                     f"{plan.mutations_removed} image(s) of {name}{window} will be removed "
-                    f"({plan.keyframes_removed} keyframe(s)); source: {check}"
-                    + (f" ({reason})" if reason else "")
+                    f"({plan.keyframes_removed} keyframe(s)) under {len(plan.keys)} key(s) the row had; "
+                    f"source: {check}" + (f" ({reason})" if reason else "")
                 )
                 click.confirm("erase them?", abort=True)
             report = erase_row(
@@ -284,7 +284,8 @@ def erase(
         return
     click.echo(
         f"erased {report.mutations_removed} image(s) of {name} ({report.keyframes_removed} keyframe(s)) "
-        f"from {len(report.partitions)} partition(s); erasure #{report.erasure_id} recorded by {who} "
+        f"under {len(report.keys)} key(s) the row had, from {len(report.partitions)} partition(s); "
+        f"erasure #{report.erasure_id} recorded by {who} "
         f"(key sha256 {report.key_sha256[:16]}...)"
     )
     if check == "live":

@@ -273,6 +273,9 @@ CREATE TABLE IF NOT EXISTS erasures (
     forced           boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS erasures_key ON erasures (table_name, key_sha256);
+-- Every key the erased row had (followed through key-changing UPDATEs), as its SHA-256, with
+-- the images removed under it: [{"key_sha256": hex, "removed": n}]. Counts only, never a key.
+ALTER TABLE erasures ADD COLUMN IF NOT EXISTS keys jsonb;
 
 CREATE TABLE IF NOT EXISTS actor_sequences (
     actor            text PRIMARY KEY,

@@ -1622,6 +1622,9 @@ class ErasureReport:
     actor: str
     since: datetime | None
     until: datetime | None
+    #: every key the row had (followed through key-changing UPDATEs), as its SHA-256, with the
+    #: images removed under it: counts only, never a key value
+    keys: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1636,6 +1639,7 @@ class ErasureReport:
             "actor": self.actor,
             "since": self.since.isoformat() if self.since else None,
             "until": self.until.isoformat() if self.until else None,
+            "keys": self.keys,
         }
 
 
@@ -1661,6 +1665,71 @@ def _erasable_relations(conn: Conn, schema: str) -> list[str]:
     return [p.name for p in list_partitions(conn, schema, "mutations")] + ["mutations_keep"]
 
 
+# A row's life under one key: (key, from, to), bounds as (position, ordinal), None = open.
+_Segment = tuple[dict[str, Any], tuple[int, int] | None, tuple[int, int] | None]
+_MAX_LINKED_KEYS = 1000
+
+
+def _bounds(lo: tuple[int, int] | None, hi: tuple[int, int] | None) -> sql.Composable:
+    out: sql.Composable = sql.SQL("")
+    if lo is not None:
+        out += sql.SQL(" AND (position, ordinal) >= ({}, {})").format(sql.Literal(lo[0]), sql.Literal(lo[1]))
+    if hi is not None:
+        out += sql.SQL(" AND (position, ordinal) <= ({}, {})").format(sql.Literal(hi[0]), sql.Literal(hi[1]))
+    return out
+
+
+def linked_keys(conn: Conn, schema: str, table: str, key: Mapping[str, Any]) -> list[_Segment]:
+    """Every key the row named by ``key`` had, followed through key-changing UPDATEs.
+
+    Backwards: an UPDATE that moved the row into a key it had (``old_key`` -> ``key``) makes
+    the old key's images up to that UPDATE part of the row. Forwards: an UPDATE that moved it
+    out of ``key`` (given as an old key) makes the new key's images from that UPDATE on part of
+    it. The first segment is ``key`` itself, whole, as erasure by key always was: a key reused
+    by another row before or after (a DELETE then an INSERT) goes with it.
+    """
+    view = _q(schema, "mutations_all")
+    start: _Segment = (dict(key), None, None)
+    segments: list[_Segment] = [start]
+    seen: set[tuple[str, tuple[int, int] | None, tuple[int, int] | None]] = {
+        (json.dumps(dict(key), sort_keys=True), None, None)
+    }
+    todo: list[tuple[_Segment, bool, bool]] = [(start, True, True)]  # (segment, backwards, forwards)
+    while todo:
+        (k, lo, hi), backwards, forwards = todo.pop()
+        found: list[tuple[_Segment, bool, bool]] = []
+        if backwards:
+            for old, position, ordinal in conn.execute(
+                sql.SQL(
+                    "SELECT old_key, position, ordinal FROM {v} WHERE table_name = %(t)s AND key = %(k)s "
+                    "AND old_key IS NOT NULL AND old_key <> key{b}"
+                ).format(v=view, b=_bounds(lo, hi)),
+                {"t": table, "k": Jsonb(k)},
+            ).fetchall():
+                found.append(((dict(old), None, (int(position), int(ordinal))), True, False))
+        if forwards:
+            for new, position, ordinal in conn.execute(
+                sql.SQL(
+                    "SELECT key, position, ordinal FROM {v} WHERE table_name = %(t)s AND old_key = %(k)s "
+                    "AND key IS NOT NULL AND old_key <> key{b}"
+                ).format(v=view, b=_bounds(lo, hi)),
+                {"t": table, "k": Jsonb(k)},
+            ).fetchall():
+                found.append(((dict(new), (int(position), int(ordinal)), None), False, True))
+        for segment, back, fwd in found:
+            marker = (json.dumps(segment[0], sort_keys=True), segment[1], segment[2])
+            if marker in seen:
+                continue
+            seen.add(marker)
+            if len(segments) >= _MAX_LINKED_KEYS:
+                raise UsageError(
+                    f"the row of {table} changed its key more than {_MAX_LINKED_KEYS} times: erase refused"
+                )
+            segments.append(segment)
+            todo.append((segment, back, fwd))
+    return segments
+
+
 def erase_row(
     conn: Conn,
     schema: str,
@@ -1675,52 +1744,67 @@ def erase_row(
     until: datetime | None = None,
     dry_run: bool = False,
 ) -> ErasureReport:
-    """Delete every mutation of ``table`` whose ``key`` or ``old_key`` is ``key`` (optionally only
-    those committed in ``[since, until)``), keyframes included, one partition at a time in one
-    transaction, and record the erasure (``erasures``: who, when, the key's SHA-256, counts).
+    """Delete every image of the row of ``table`` named by ``key`` (optionally only those
+    committed in ``[since, until)``), keyframes and SNAPSHOT rows included, one partition at a
+    time in one transaction, and record the erasure (``erasures``: who, when, the key's
+    SHA-256, counts).
 
-    ``key`` is the stored form (:meth:`cdc.query.Store.stored_key`). Raises NotFoundError when
-    nothing matches. ``conn`` must be in autocommit mode (this runs its own transaction).
+    The row is followed through its key changes (:func:`linked_keys`): its images under an
+    earlier key, up to the UPDATE that changed it, and under a later key when ``key`` is an
+    old one, go too. ``key`` is the stored form (:meth:`cdc.query.Store.stored_key`). Raises
+    NotFoundError when nothing matches. ``conn`` must be in autocommit mode (this runs its own
+    transaction).
     """
     digest = canonical_key_sha256(table, key)
     window: sql.Composable = sql.SQL("")
-    params: dict[str, Any] = {"t": table, "k": Jsonb(dict(key)), "since": since, "until": until}
+    params: dict[str, Any] = {"t": table, "since": since, "until": until}
     if since is not None:
         window += sql.SQL(" AND committed_at >= %(since)s")
     if until is not None:
         window += sql.SQL(" AND committed_at < %(until)s")
     removed: dict[str, int] = {}
+    per_key: dict[str, int] = {}
     keyframes = 0
     erasure_id: int | None = None
     try:
         with conn.transaction(force_rollback=dry_run):
             # One at a time with prunes (which may be dropping a partition listed here).
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_ADVISORY + schema,))
+            segments = linked_keys(conn, schema, table, key)
+            for k, _lo, _hi in segments:
+                per_key.setdefault(canonical_key_sha256(table, k), 0)
             for name in _erasable_relations(conn, schema):
                 keyframe = sql.SQL("keyframe") if name == "mutations_keep" else sql.SQL("false")
-                row = conn.execute(
-                    sql.SQL(
-                        "WITH d AS (DELETE FROM {r} WHERE table_name = %(t)s AND (key = %(k)s OR old_key = %(k)s){w} "
-                        "RETURNING {kf} AS keyframe) SELECT count(*), count(*) FILTER (WHERE keyframe) FROM d"
-                    ).format(r=_q(schema, name), w=window, kf=keyframe),
-                    params,
-                ).fetchone()
-                if row and row[0]:
-                    removed[name] = int(row[0])
-                    keyframes += int(row[1])
+                for k, lo, hi in segments:
+                    row = conn.execute(
+                        sql.SQL(
+                            "WITH d AS (DELETE FROM {r} WHERE table_name = %(t)s AND (key = %(k)s OR old_key = %(k)s)"
+                            "{b}{w} RETURNING {kf} AS keyframe) SELECT count(*), count(*) FILTER (WHERE keyframe) FROM d"
+                        ).format(r=_q(schema, name), b=_bounds(lo, hi), w=window, kf=keyframe),
+                        {**params, "k": Jsonb(k)},
+                    ).fetchone()
+                    if row and row[0]:
+                        removed[name] = removed.get(name, 0) + int(row[0])
+                        per_key[canonical_key_sha256(table, k)] += int(row[0])
+                        keyframes += int(row[1])
             if _staging_supported(conn, schema):
                 # Keyframes staged for the next prune (pending, above the floor) go whatever the
                 # window: they may copy an image just erased. The staging is void (the publish
                 # computes the keyframes again).
-                row = conn.execute(
-                    sql.SQL(
-                        "WITH d AS (DELETE FROM {k} WHERE table_name = %(t)s AND key = %(k)s AND keyframe "
-                        "AND position > coalesce((SELECT max(history_floor) FROM {c}), -1) RETURNING 1) "
-                        "SELECT count(*) FROM d"
-                    ).format(k=_q(schema, "mutations_keep"), c=_q(schema, "capture_state")),
-                    params,
-                ).fetchone()
-                pending = int(row[0]) if row else 0
+                pending = 0
+                for text in dict.fromkeys(json.dumps(s[0], sort_keys=True) for s in segments):
+                    row = conn.execute(
+                        sql.SQL(
+                            "WITH d AS (DELETE FROM {k} WHERE table_name = %(t)s AND key = %(k)s AND keyframe "
+                            "AND position > coalesce((SELECT max(history_floor) FROM {c}), -1) RETURNING 1) "
+                            "SELECT count(*) FROM d"
+                        ).format(k=_q(schema, "mutations_keep"), c=_q(schema, "capture_state")),
+                        {**params, "k": Jsonb(json.loads(text))},
+                    ).fetchone()
+                    count = int(row[0]) if row else 0
+                    if count:
+                        per_key[canonical_key_sha256(table, json.loads(text))] += count
+                    pending += count
                 if pending:
                     removed["mutations_keep"] = removed.get("mutations_keep", 0) + pending
                     keyframes += pending
@@ -1736,12 +1820,13 @@ def erase_row(
                 raise NotFoundError(
                     f"no image of {table} with that key in the history {what}: nothing erased"
                 )
+            keys = [{"key_sha256": h, "removed": n} for h, n in per_key.items()]
             if not dry_run:
                 found = conn.execute(
                     sql.SQL(
                         "INSERT INTO {} (actor, table_name, key_sha256, key_columns, from_time, until_time, "
-                        "mutations_removed, keyframes_removed, source_check, forced) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING erasure_id"
+                        "mutations_removed, keyframes_removed, source_check, forced, keys) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING erasure_id"
                     ).format(_q(schema, "erasures")),
                     (
                         actor,
@@ -1754,12 +1839,20 @@ def erase_row(
                         keyframes,
                         source_check,
                         forced,
+                        Jsonb(keys),
                     ),
                 ).fetchone()
                 erasure_id = int(found[0]) if found else None
     except psycopg.OperationalError as exc:
         raise StoreUnavailableError(f"erasure failed, nothing was removed: {_first_line(exc)}") from None
-    log.info("row_erased", table=table, key_sha256=digest, mutations=sum(removed.values()), dry_run=dry_run)
+    log.info(
+        "row_erased",
+        table=table,
+        key_sha256=digest,
+        mutations=sum(removed.values()),
+        keys=len(per_key),
+        dry_run=dry_run,
+    )
     return ErasureReport(
         erasure_id=erasure_id,
         table=table,
@@ -1772,6 +1865,7 @@ def erase_row(
         actor=actor,
         since=since,
         until=until,
+        keys=keys,
     )
 
 

@@ -265,3 +265,78 @@ def test_erase_removes_keyframes_staged_for_the_next_prune(pg: Any) -> None:
     finally:
         b.close()
         pg.drop_database(name)
+
+
+def test_erase_follows_the_row_through_its_key_changes(capture: CaptureEnv) -> None:
+    """The issue's leftover: images of the row under its earlier keys (its SNAPSHOT, a keyframe,
+    the UPDATEs before the key changed) stayed after erasing it by its final key."""
+    from cdc.store.retention import canonical_key_sha256, linked_keys
+
+    other = "zq-other-row-that-reused-key-1@example.org"
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+        conn.execute("INSERT INTO users VALUES (1, %s, NULL)", (EMAIL,))
+    capture.setup()  # SNAPSHOT under key 1
+    capture.start()
+    with capture.source() as conn:
+        conn.execute("UPDATE users SET name = %s WHERE id = 1", (NAME,))
+    capture.wait_caught_up()
+    capture.stop()
+    move_history_to_the_past(capture)  # then a prune: a keyframe under key 1
+    with Pruner(capture.store_dsn, capture.schema, RetentionConfig(default=DAY)) as pruner:
+        assert pruner.prune().keyframes >= 1
+    capture.start()
+    with capture.source() as conn:
+        conn.execute("UPDATE users SET id = 2, name = %s WHERE id = 1", (NAME + " 2",))
+        conn.execute("INSERT INTO users VALUES (1, %s, 'another row')", (other,))  # key 1 reused
+        conn.execute("UPDATE users SET id = 3 WHERE id = 2")
+        conn.execute("UPDATE users SET email = %s WHERE id = 3", (NOTE,))
+        conn.execute("DELETE FROM users WHERE id = 3")
+    capture.wait_caught_up()
+    with capture.store() as conn:
+        keys = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT key->>'id' FROM mutations_all WHERE table_name = 'public.users' "
+                "AND (after->>'email' = %s OR before->>'email' = %s)",
+                (EMAIL, EMAIL),
+            ).fetchall()
+        }
+        assert keys == {"1", "2", "3"}  # the row's images under its three keys
+        assert conn.execute("SELECT count(*) FROM mutations_keep WHERE keyframe").fetchone()[0] >= 1  # type: ignore[index]
+        # Named by an old key, the row is followed forwards too.
+        forward = linked_keys(conn, capture.schema, "public.users", {"id": 1})
+        assert {s[0]["id"] for s in forward} == {1, 2, 3}
+
+    done = run_erase(capture, "users", "--id", "3", "--yes", "--format", "json")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    per_key = {k["key_sha256"]: k["removed"] for k in report["keys"]}
+    digests = {i: hashlib.sha256(f'{{"id":{i}}}'.encode()).hexdigest() for i in (1, 2, 3)}
+    assert digests[3] == canonical_key_sha256("public.users", {"id": 3}) == report["key_sha256"]
+    assert set(per_key) == set(digests.values()) and all(per_key[d] > 0 for d in digests.values())
+    for table, text in dump_schema(capture).items():
+        for secret in SECRETS:
+            assert secret not in text, f"{secret!r} still in {table}"
+    with capture.store() as conn:
+        for view in ("mutations_all", "mutations_keep"):
+            left = conn.execute(
+                sql.SQL("SELECT t::text FROM {} t WHERE table_name = 'public.users'").format(
+                    sql.Identifier(view)
+                )
+            ).fetchall()
+            assert all(EMAIL not in r[0] and NAME not in r[0] for r in left), view
+        recorded = conn.execute("SELECT keys FROM erasures").fetchone()
+        assert recorded is not None and sorted(k["key_sha256"] for k in recorded[0]) == sorted(
+            digests.values()
+        )
+        assert "{" not in json.dumps([k["key_sha256"] for k in recorded[0]])  # hashes, no key values
+    # The row that reused key 1 afterwards is another row: its history stays.
+    with History(capture.store_dsn, schema=capture.schema) as h:
+        assert h.at(version=h.current_version()).table("users").get(1) == {
+            "id": 1,
+            "email": other,
+            "name": "another row",
+        }
+        assert [m.op for m in h.row_history("users", 1)] == ["INSERT"]
+    assert capture.stop() == 0
