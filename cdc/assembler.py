@@ -11,7 +11,8 @@ What it does:
 - keeps a relation cache of every schema version (a streamed transaction's Relation
   messages apply to it first and to everyone once it commits, as pgoutput assumes);
 - stitches request context: each change carries the ``cdc.context`` message in force
-  at its own position in the transaction;
+  at its own position in the transaction, as verified by the given reader (a message
+  that fails verification leaves the changes after it without context);
 - marks changes of aborted streamed transactions and rolled-back savepoints
   ``rolled_back``;
 - fills before images and unchanged TOAST values from the last image it has seen of
@@ -36,7 +37,7 @@ from typing import IO, Any
 
 import orjson
 
-from cdc.context import CONTEXT_PREFIX, RequestContext, parse_context
+from cdc.context import CONTEXT_PREFIX, RequestContext
 from cdc.errors import ProtocolError
 from cdc.protocol.frames import pg_time_to_datetime
 from cdc.protocol.pgoutput import (
@@ -73,6 +74,9 @@ LocalImages = dict[tuple[str, tuple[Any, ...]], tuple[Row, tuple[str, ...]] | No
 # Given a relation whose protocol key flags do not name the row (REPLICA IDENTITY FULL or
 # NOTHING), return its primary key columns, or None when it has none (the whole row is the key).
 PrimaryKeyLookup = Callable[[Relation], tuple[str, ...] | None]
+# Given a cdc.context message's content, its LSN and its transaction's xid, the verified context
+# or None (cdc.context.ContextVerifier.context): unverified content is never used.
+ContextReader = Callable[[bytes, int, int], RequestContext | None]
 
 COMMITTED = "committed"
 ROLLED_BACK = "rolled_back"
@@ -351,8 +355,10 @@ class Assembler:
         spill_dir: str | None = None,
         image_cache_rows: int = 20_000,
         skip_through: int = 0,
+        read_context: ContextReader | None = None,
     ) -> None:
         self._primary_key = primary_key
+        self._read_context = read_context  # None: context messages are ignored
         self.memory_limit_bytes = memory_limit_bytes
         self._spill_dir = spill_dir
         self._relations: dict[int, TableSchema] = {}
@@ -550,10 +556,8 @@ class Assembler:
             message = decode_message(payload, in_stream=buffer.streamed)
             if isinstance(message, Message):
                 if message.prefix == CONTEXT_PREFIX:
-                    try:
-                        context = parse_context(message.content)
-                    except ProtocolError:
-                        context = None
+                    read = self._read_context
+                    context = read(message.content, lsn, buffer.xid) if read is not None else None
                 continue
             if isinstance(message, Relation):
                 schema = self._schema_for(message)

@@ -89,14 +89,29 @@ def run(config_path: str | None, no_http: bool) -> None:
 @click.option("--source", help="Source DSN (else CDC_SOURCE_DSN or the config file).")
 @click.option("--store", help="Store DSN (else CDC_STORE_DSN or the config file).")
 @click.option("--recreate-slot", is_flag=True, help="Create a lost slot again; the history records a gap.")
-def setup(config_path: str | None, source: str | None, store: str | None, recreate_slot: bool) -> None:
+@click.option(
+    "--rotate-context-key",
+    is_flag=True,
+    help="A new key for signing context messages; the previous one stays accepted (docs/security.md).",
+)
+def setup(
+    config_path: str | None,
+    source: str | None,
+    store: str | None,
+    recreate_slot: bool,
+    rotate_context_key: bool,
+) -> None:
     """Check the source and create publication, slot, context trigger and store schema."""
     from cdc.logs import configure_logging
     from cdc.setup import setup as do_setup
 
     configure_logging("warning", "console")
     try:
-        report = do_setup(load(config_path, source, store), recreate_slot=recreate_slot)
+        report = do_setup(
+            load(config_path, source, store),
+            recreate_slot=recreate_slot,
+            rotate_context_key=rotate_context_key,
+        )
     except CdcError as exc:
         fail(exc)
     for step in report.steps:

@@ -24,10 +24,9 @@ import structlog
 
 from cdc.assembler import COMMITTED, Assembler, FinishedTransaction, LogicalMessage
 from cdc.config import Config, load_config, redact_dsn
-from cdc.context import ERROR_PREFIX, HEARTBEAT_PREFIX, RequestContext, parse_error
+from cdc.context import ERROR_PREFIX, HEARTBEAT_PREFIX, ContextKeys, ContextVerifier, RequestContext
 from cdc.errors import (
     CdcError,
-    ProtocolError,
     SetupError,
     SlotLostError,
     SourceUnavailableError,
@@ -41,7 +40,8 @@ from cdc.metrics import Metrics
 from cdc.policies import ColumnPolicies
 from cdc.protocol.frames import PrimaryKeepalive, XLogData
 from cdc.protocol.pgoutput import Relation
-from cdc.source import primary_key
+from cdc.source import is_internal, primary_key
+from cdc.source_context import read_context_keys
 from cdc.store.retention import Pruner
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import ReplicationStream, choose_options
@@ -77,6 +77,12 @@ class Daemon:
         self.store_write_started: float | None = None
         # The loop beats at least once a second; a minute of silence means it is stuck.
         self.health_max_age_seconds = max(60.0, 3 * config.capture.status_interval_seconds)
+        # Context and error messages are used only when their MAC verifies (cdc/context.py).
+        self.verifier = ContextVerifier(on_reject=self._message_rejected)
+
+    def _message_rejected(self, prefix: str, lsn: int, reason: str) -> None:
+        log.warning("context_message_rejected", prefix=prefix, lsn=format_lsn(lsn), reason=reason)
+        self.metrics.context_rejected.labels(prefix=prefix).inc()
 
     # -- control ---------------------------------------------------------------
     def request_stop(self) -> None:
@@ -286,11 +292,19 @@ class Daemon:
                         raise SourceUnavailableError(f"cannot read a table's primary key: {exc}") from exc
                 return keys[relation.oid]
 
+            def context_keys() -> ContextKeys | None:
+                assert catalog is not None
+                with Deadline(catalog, cfg.source.timeout_seconds, _source_silent):
+                    return read_context_keys(catalog)
+
+            if self.verifier.use(context_keys) is None:
+                log.warning("context_key_unavailable", hint="run `cdc setup`: context messages are refused")
             assembler = Assembler(
                 primary_key=lookup,
                 memory_limit_bytes=cfg.capture.memory_limit_bytes,
                 spill_dir=str(cfg.capture.spill_dir) if cfg.capture.spill_dir else None,
                 skip_through=state.acked_lsn,
+                read_context=self.verifier.context,
             )
             stream.start(options)
             self.streaming = True
@@ -516,11 +530,10 @@ class _Session:
                     self.batch.ack_lsn = max(event.lsn, self.batch.ack_lsn or 0)
                     self._mark_batch()
             elif event.prefix == ERROR_PREFIX:
-                try:
-                    self.batch.errors.append(parse_error(event.content))
-                except ProtocolError:
-                    log.warning("bad_error_message", lsn=format_lsn(event.lsn))
-                self._mark_batch()
+                error = self.daemon.verifier.error(event.content, event.lsn)
+                if error is not None:
+                    self.batch.errors.append(error)
+                    self._mark_batch()
             return
         txn = TransactionRow(
             event.position, event.xid, event.commit_lsn, event.status, event.committed_at, event.origin
@@ -528,6 +541,8 @@ class _Session:
         policies = self.policies
         seen: dict[str, tuple[RequestContext, bool]] = {}
         for mutation in event.mutations():
+            if is_internal(mutation.table):
+                continue  # cdc's own tables (the signing key) are never stored
             if policies:
                 policies.apply(mutation)
             txn.mutation_count += 1

@@ -684,6 +684,7 @@ def uninstall_simulate(conn: psycopg.Connection[Any]) -> None:
             "cdc.simulate_capture()",  # CASCADE: the triggers go with their functions
             "cdc.simulate_capture_truncate()",
             "cdc.simulate_begin()",
+            "cdc.emit_simulate_marker()",
             "cdc.simulate_excluded_schemas()",
         ):
             conn.execute(f"DROP FUNCTION IF EXISTS {signature} CASCADE")

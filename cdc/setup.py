@@ -27,7 +27,8 @@ from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreU
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import ColumnPolicies
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
-from cdc.source_context import context_installed, install_context, uninstall_context
+from cdc.source_context import context_installed, install_context, signing_status, uninstall_context
+from cdc.source_context import rotate_context_key as rotate_key
 from cdc.store.writer import Batch, StoreWriter, TransactionRow
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
 from cdc.values import convert
@@ -79,7 +80,11 @@ def apply_store_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     ddl = (SQL_DIR / "store.sql").read_text()
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(schema)))
+        # The store's own schema first (the file's names are unqualified), then the catalog, and
+        # pg_temp explicitly last: left implicit it would be searched first.
+        conn.execute(
+            sql.SQL("SET LOCAL search_path = {}, pg_catalog, pg_temp").format(sql.Identifier(schema))
+        )
         conn.execute(ddl.encode())  # a trusted file shipped with the package
 
 
@@ -139,10 +144,11 @@ def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | No
     return str(row[0]), parse_lsn(row[1]) if row[1] else None
 
 
-def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
-    """Prepare the source and the store. Safe to run again at any time."""
+def setup(config: Config, *, recreate_slot: bool = False, rotate_context_key: bool = False) -> SetupReport:
+    """Prepare the source and the store. Safe to run again at any time. ``rotate_context_key``:
+    also replace the key that signs context messages (the previous one stays accepted)."""
     try:
-        return _setup(config, recreate_slot=recreate_slot)
+        return _setup(config, recreate_slot=recreate_slot, rotate_context_key=rotate_context_key)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise SetupError(
             f"a privilege is missing: {str(exc).strip().splitlines()[0]}",
@@ -156,7 +162,7 @@ def setup(config: Config, *, recreate_slot: bool = False) -> SetupReport:
         raise SetupError(f"setup failed: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
+def _setup(config: Config, *, recreate_slot: bool, rotate_context_key: bool) -> SetupReport:
     source_dsn = config.require_source()
     store_dsn = config.require_store()
     slot, publication, schema = config.source.slot, config.source.publication, config.store.schema_name
@@ -194,6 +200,13 @@ def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
         )
         install_await_capture(src, slot)
         report.did(f"source: context trigger on {len(tables)} table(s)")
+        if rotate_context_key:
+            rotate_key(src)
+        signing = signing_status(src)
+        if signing.key_id is not None and signing.emit_revoked:
+            report.did(f"source: {signing.describe()}")
+        else:
+            report.warnings.append(signing.describe())
         if config.simulate.enabled:
             wanted = set(config.simulate.tables)
             chosen = [(t.schema, t.name) for t in tables if not wanted or t.qualified in wanted]

@@ -251,6 +251,9 @@ def test_a_raw_commit_cannot_escape_the_simulation(source: psycopg.Connection[An
 
 
 def test_non_autocommit_connection_and_client_request_inside(source: psycopg.Connection[Any]) -> None:
+    from cdc.source_context import install_context
+
+    install_context(source, [("public", "items")])  # the client helper needs cdc.emit_context()
     with psycopg.connect(source.info.dsn, password=source.info.password) as conn:  # autocommit off
         assert not conn.autocommit
 
