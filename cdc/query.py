@@ -279,6 +279,50 @@ class RequestRecord:
     transactions: list[TransactionInfo] = field(default_factory=list)
     mutations: list[Mutation] = field(default_factory=list)
     mutation_count: int = 0  # every mutation of the request (``mutations`` may be cut)
+    # Who reported the error, as the source stamped it (None: recorded before signing).
+    error_db_user: str | None = None
+    error_backend_pid: int | None = None
+    error_client_addr: str | None = None
+    error_xid: int | None = None
+    # The reporter proved with its session token that it wrote a context of this request.
+    error_proven: bool = False
+    # (db_user, backend_pid) of the sessions whose verified contexts carried this request id.
+    sessions: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def has_error(self) -> bool:
+        return bool(self.error_type or self.error_message)
+
+    @property
+    def error_attribution(self) -> str | None:
+        """How the reported error relates to the request (docs/security.md, "Attribution").
+
+        ``own_session``: reported by a session that wrote this request's context (one of its
+        captured contexts has the reporter's db_user and backend_pid, or the reporter proved it
+        with the session token cdc.emit_context() gave it, as the client helper does): its root
+        cause. ``other_session``: reported by a session that did neither, while the request has
+        captured contexts; ``no_captured_session``: the same, for a request with no captured
+        context: both not attributed. ``unverified``: recorded before messages were signed.
+        None: no error.
+        """
+        if not self.has_error:
+            return None
+        if self.error_db_user is None or self.error_backend_pid is None:
+            return "unverified"
+        if self.error_proven or (self.error_db_user, self.error_backend_pid) in self.sessions:
+            return "own_session"
+        return "other_session" if self.sessions else "no_captured_session"
+
+    @property
+    def error_attributed(self) -> bool:
+        """Whether the error may be shown as the request's root cause."""
+        return self.error_attribution == "own_session"
+
+    def error_reporter(self) -> str:
+        """ "db_user X, pid N" of the session that reported the error."""
+        if self.error_db_user is None:
+            return "an unverified reporter"
+        return f"db_user {self.error_db_user}, pid {self.error_backend_pid}"
 
     @property
     def outcome(self) -> str:
@@ -302,17 +346,41 @@ class RequestRecord:
             "committed_count": self.committed_count,
             "rolled_back_count": self.rolled_back_count,
             "error": None
-            if not (self.error_type or self.error_message)
+            if not self.has_error
             else {
                 "type": self.error_type,
                 "message": self.error_message,
                 "location": self.error_location,
                 "at": self.error_at.isoformat() if self.error_at else None,
+                "attributed": self.error_attributed,
+                "attribution": self.error_attribution,
+                "reported_by": {
+                    "db_user": self.error_db_user,
+                    "backend_pid": self.error_backend_pid,
+                    "client_addr": self.error_client_addr,
+                    "xid": self.error_xid,
+                    "proven": self.error_proven,
+                },
             },
             "transactions": [t.to_json() for t in self.transactions],
             "mutation_count": self.mutation_count,
             "mutations": [m.to_json() for m in self.mutations],
         }
+
+
+def _sessions(value: Any) -> tuple[tuple[str, int], ...]:
+    """[[db_user, backend_pid], ...] (stored or aggregated) as pairs; malformed entries skipped."""
+    out: list[tuple[str, int]] = []
+    for item in value or ():
+        if (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], int)
+            and not isinstance(item[1], bool)
+        ):
+            out.append((item[0], item[1]))
+    return tuple(dict.fromkeys(out))
 
 
 # ============================================================================ names and keys
@@ -1233,13 +1301,16 @@ class Store:
         mutations = self._request_mutations(full, limit=mutation_limit)
         count_rows = self._rows(
             sql.SQL(
-                "SELECT count(*) AS n, array_agg(DISTINCT position) AS positions "
+                "SELECT count(*) AS n, array_agg(DISTINCT position) AS positions, "
+                "jsonb_agg(DISTINCT jsonb_build_array(context->'db_user', context->'backend_pid')) "
+                "FILTER (WHERE context ? 'db_user') AS sessions "
                 "FROM {} WHERE request_id = %(r)s"
             ).format(self._t(_MUTATIONS)),
             {"r": full},
         )
         count = int(count_rows[0]["n"])
         positions = list(count_rows[0]["positions"] or [])
+        sessions = _sessions(count_rows[0]["sessions"])
         tx_rows = (
             self._rows(
                 sql.SQL("SELECT * FROM {} WHERE position = ANY(%(p)s::bigint[]) ORDER BY position").format(
@@ -1281,6 +1352,12 @@ class Store:
                 transactions=transactions,
                 mutations=mutations,
                 mutation_count=count,
+                error_db_user=rec.get("error_db_user"),
+                error_backend_pid=rec.get("error_backend_pid"),
+                error_client_addr=rec.get("error_client_addr"),
+                error_xid=rec.get("error_xid"),
+                error_proven=bool(rec.get("error_proven")),
+                sessions=tuple(dict.fromkeys(sessions + _sessions(rec.get("sessions")))),
             )
         # No record row (the capture side saw only the changes): derive what we can.
         committed = sum(1 for t in transactions if t.status == "committed")
@@ -1304,6 +1381,7 @@ class Store:
             transactions=transactions,
             mutations=mutations,
             mutation_count=count,
+            sessions=sessions,
         )
 
 

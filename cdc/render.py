@@ -290,17 +290,32 @@ def _context_text(context: Mapping[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+def unattributed_text(record: RequestRecord) -> str:
+    """Why a reported error is not shown as the request's root cause (docs/security.md)."""
+    if record.error_attribution == "other_session":
+        return f"reported by another session ({record.error_reporter()}): not attributed"
+    if record.error_attribution == "no_captured_session":
+        return (
+            f"reported by a session that wrote no captured context of this request ({record.error_reporter()}): "
+            "not attributed"
+        )
+    return "unverified (recorded before messages were signed): not attributed"
+
+
 def why_lines(record: RequestRecord, *, utc: bool = False, max_changes: int = 50) -> list[str]:
     """``cdc why REQ``: the request's record, one labelled field a line."""
     fields: list[tuple[str, str]] = [("REQUEST", record.request_id)]
     if record.actor:
         fields.append(("ACTOR", record.actor))
     fields.append(("OUTCOME", _outcome(record)))
-    if record.error_type or record.error_message:
-        cause = ": ".join(p for p in (record.error_type, record.error_message) if p)
-        fields.append(("ROOT CAUSE", cause.translate(_CONTROL)))
+    cause = ": ".join(p for p in (record.error_type, record.error_message) if p).translate(_CONTROL)
+    if record.error_attributed:
+        fields.append(("ROOT CAUSE", cause))
+        fields.append(("REPORTED BY", record.error_reporter()))
     elif record.rolled_back_count:
         fields.append(("ROOT CAUSE", "unknown (no error was reported for this request)"))
+    if record.has_error and not record.error_attributed:
+        fields.append(("REPORTED ERROR", f"{unattributed_text(record)}: {cause}"))
     if record.error_location:
         fields.append(("LOCATION", record.error_location))
     context = _context_text(record.context)

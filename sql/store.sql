@@ -296,6 +296,19 @@ CREATE TABLE IF NOT EXISTS requests (
     error_location   text,
     error_at         timestamptz
 );
+-- Attribution (docs/security.md). Who reported the error, as the source stamped it in the signed
+-- cdc.error message (never as the application claimed it): the error is the request's own only
+-- when one of the request's sessions, [db_user, backend_pid] pairs of its verified contexts
+-- (`sessions`), reported it, or the reporter proved it is one (`error_proven`). NULL reporter:
+-- recorded before messages were signed.
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS error_db_user text;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS error_backend_pid integer;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS error_client_addr text;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS error_xid bigint;
+-- The reporter proved (with the session token cdc.emit_context() gave it) that it wrote a context
+-- of this request: the error is the request's own even when none of its contexts was captured.
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS error_proven boolean NOT NULL DEFAULT false;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS sessions jsonb NOT NULL DEFAULT '[]';
 -- `cdc why 550e8400` names a request by a prefix of its id.
 CREATE INDEX IF NOT EXISTS requests_id_prefix ON requests (request_id text_pattern_ops);
 -- Pruning removes the records of requests last seen before the horizon.

@@ -284,14 +284,18 @@ class StoreBuilder:
 
     def request_error(
         self, request_id: str, error_type: str | None, message: str, location: str | None = None,
-        when: datetime | None = None,
+        when: datetime | None = None, *, reported_by: tuple[str, int] | None = ("app", 4242),
+        proven: bool = True,
     ) -> None:  # fmt: skip
+        """The request's reported error; by default as the client helper reports it (a session of
+        the request, proven by its token)."""
+        user, pid = reported_by if reported_by is not None else (None, None)
         self.conn.execute(
             sql.SQL(
-                "UPDATE {} SET error_type = %s, error_message = %s, error_location = %s, error_at = %s "
-                "WHERE request_id = %s"
+                "UPDATE {} SET error_type = %s, error_message = %s, error_location = %s, error_at = %s, "
+                "error_db_user = %s, error_backend_pid = %s, error_proven = %s WHERE request_id = %s"
             ).format(self._t("requests")),
-            [error_type, message, location, when, request_id],
+            [error_type, message, location, when, user, pid, proven and reported_by is not None, request_id],
         )
 
     def finish(

@@ -498,26 +498,35 @@ class StoreWriter:
             for request_id, (context, committed, actor) in txn.requests.items():
                 row = merged.get(request_id)
                 if row is None:
-                    merged[request_id] = [actor, context, txn.committed_at, txn.committed_at, 0, 0]
+                    merged[request_id] = [actor, context, txn.committed_at, txn.committed_at, 0, 0, []]
                     row = merged[request_id]
                 row[0] = actor or row[0]
                 row[2] = min(row[2], txn.committed_at)
                 row[3] = max(row[3], txn.committed_at)
                 row[4 if committed else 5] += 1
+                # the sessions of the request's (verified) contexts: whose errors are its own
+                session = [context.get("db_user"), context.get("backend_pid")]
+                if session not in row[6]:
+                    row[6].append(session)
         if merged:
             cur.execute(
                 "INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, "
-                "committed_count, rolled_back_count) "
+                "committed_count, rolled_back_count, sessions) "
                 "SELECT r.request_id, r.actor, r.context, r.first_seen_at, r.last_seen_at, r.committed_count, "
-                "r.rolled_back_count FROM json_to_recordset(%s::json) AS r(request_id text, actor text, "
+                "r.rolled_back_count, r.sessions FROM json_to_recordset(%s::json) AS r(request_id text, actor text, "
                 "context jsonb, first_seen_at timestamptz, last_seen_at timestamptz, committed_count integer, "
-                "rolled_back_count integer) "
+                "rolled_back_count integer, sessions jsonb) "
                 "ON CONFLICT (request_id) DO UPDATE SET "
                 "actor = coalesce(EXCLUDED.actor, requests.actor), "
+                "context = coalesce(requests.context, EXCLUDED.context), "
                 "last_seen_at = greatest(requests.last_seen_at, EXCLUDED.last_seen_at), "
                 "first_seen_at = least(requests.first_seen_at, EXCLUDED.first_seen_at), "
                 "committed_count = requests.committed_count + EXCLUDED.committed_count, "
-                "rolled_back_count = requests.rolled_back_count + EXCLUDED.rolled_back_count",
+                "rolled_back_count = requests.rolled_back_count + EXCLUDED.rolled_back_count, "
+                # bounded: a request spread over more sessions keeps its first 1000
+                "sessions = (SELECT coalesce(jsonb_agg(s ORDER BY n), '[]') FROM ("
+                "  SELECT s, min(n) AS n FROM jsonb_array_elements(requests.sessions || EXCLUDED.sessions) "
+                "  WITH ORDINALITY AS e(s, n) GROUP BY s ORDER BY min(n) LIMIT 1000) AS u)",
                 (
                     _json_param(
                         [
@@ -529,6 +538,7 @@ class StoreWriter:
                                 "last_seen_at": row[3],
                                 "committed_count": row[4],
                                 "rolled_back_count": row[5],
+                                "sessions": row[6],
                             }
                             for request_id, row in merged.items()
                         ]
@@ -537,16 +547,20 @@ class StoreWriter:
             )
 
     def _record_errors(self, cur: psycopg.Cursor[Any], errors: Iterable[ReportedError]) -> None:
+        # One error per request. A later one replaces it unless the stored one is the request's own
+        # (reported by one of its sessions, or proven by a session token) and the new one is
+        # neither proven nor from the same session: another session cannot push the request's own
+        # root cause out (readers decide attribution, cdc/query.py).
         for error in errors:
             if not error.request_id:
                 continue
             cur.execute(
-                "INSERT INTO requests (request_id, actor, context, first_seen_at, last_seen_at, error_type, "
-                "error_message, error_location, error_at) VALUES (%s, %s, NULL, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (request_id) DO UPDATE SET error_type = EXCLUDED.error_type, "
-                "error_message = EXCLUDED.error_message, error_location = EXCLUDED.error_location, "
-                "error_at = EXCLUDED.error_at, actor = coalesce(requests.actor, EXCLUDED.actor), "
-                "last_seen_at = greatest(requests.last_seen_at, EXCLUDED.last_seen_at)",
+                "INSERT INTO requests AS r (request_id, actor, context, first_seen_at, last_seen_at, error_type, "
+                "error_message, error_location, error_at, error_db_user, error_backend_pid, error_client_addr, "
+                "error_xid, error_proven) VALUES (%s, %s, NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"ON CONFLICT (request_id) DO UPDATE SET {_ERROR_UPDATE}, "
+                "actor = coalesce(r.actor, EXCLUDED.actor), "
+                "last_seen_at = greatest(r.last_seen_at, EXCLUDED.last_seen_at)",
                 (
                     error.request_id,
                     error.actor,
@@ -556,8 +570,36 @@ class StoreWriter:
                     error.message,
                     error.location,
                     error.at,
+                    error.db_user,
+                    error.backend_pid,
+                    error.client_addr,
+                    error.xid,
+                    error.reporter_pid is not None,
                 ),
             )
+
+
+# The stored error is replaced unless it came from a session of the request and the new one
+# does not (see StoreWriter._record_errors).
+_ERROR_REPLACES = (
+    "(r.error_type IS NULL OR EXCLUDED.error_proven OR (r.error_db_user, r.error_backend_pid) IS NOT DISTINCT "
+    "FROM (EXCLUDED.error_db_user, EXCLUDED.error_backend_pid) OR NOT (r.error_proven OR r.sessions @> "
+    "jsonb_build_array(jsonb_build_array(r.error_db_user, r.error_backend_pid))))"
+)
+_ERROR_UPDATE = ", ".join(
+    f"{c} = CASE WHEN {_ERROR_REPLACES} THEN EXCLUDED.{c} ELSE r.{c} END"
+    for c in (
+        "error_type",
+        "error_message",
+        "error_location",
+        "error_at",
+        "error_db_user",
+        "error_backend_pid",
+        "error_client_addr",
+        "error_xid",
+        "error_proven",
+    )
+)
 
 
 class _StoreGuard:

@@ -1241,12 +1241,41 @@ _SCHEMAS: dict[str, Any] = {
             "error": _nullable(
                 {
                     "type": "object",
-                    "required": ["type", "message", "location", "at"],
+                    "required": [
+                        "type",
+                        "message",
+                        "location",
+                        "at",
+                        "attributed",
+                        "attribution",
+                        "reported_by",
+                    ],
                     "properties": {
                         "type": _nullable(_STRING),
                         "message": _nullable(_STRING),
                         "location": _nullable(_STRING),
                         "at": _nullable(_TIME),
+                        "attributed": {
+                            "type": "boolean",
+                            "description": "false: reported by a session that never wrote this request's "
+                            "context (or before messages were signed); not the request's root cause",
+                        },
+                        "attribution": {
+                            "type": "string",
+                            "enum": ["own_session", "no_captured_session", "other_session", "unverified"],
+                        },
+                        "reported_by": {
+                            "type": "object",
+                            "description": "the reporting session, as the source stamped it",
+                            "required": ["db_user", "backend_pid", "client_addr", "xid", "proven"],
+                            "properties": {
+                                "db_user": _nullable(_STRING),
+                                "backend_pid": _nullable(_INT),
+                                "client_addr": _nullable(_STRING),
+                                "xid": _nullable(_INT),
+                                "proven": {"type": "boolean"},
+                            },
+                        },
                     },
                 }
             ),

@@ -30,7 +30,7 @@ from cdc.config import format_table
 from cdc.errors import CdcError, NotFoundError, UsageError
 from cdc.lsn import format_lsn
 from cdc.query import OPS, STATUSES, BlameEntry, Mutation, RequestRecord, Store
-from cdc.render import ROLLED_BACK, describe_mutation, format_value, shorten
+from cdc.render import ROLLED_BACK, describe_mutation, format_value, shorten, unattributed_text
 from cdc.web.api import (
     COOKIE_NAME,
     MAX_LOGIN_BODY,
@@ -519,7 +519,9 @@ async def request_page(request: Request) -> Response:
         status, message = page_error(request, exc, "page_request")
         return error_page(request, status, message)
     urls = Urls(base, keyless)
-    cause = ": ".join(p for p in (record.error_type, record.error_message) if p) or None
+    text = ": ".join(p for p in (record.error_type, record.error_message) if p) or None
+    cause = text if record.error_attributed else None
+    unattributed = f"{unattributed_text(record)}: {text}" if text and not record.error_attributed else None
     return render(
         request,
         "request.html",
@@ -528,6 +530,8 @@ async def request_page(request: Request) -> Response:
         record=record,
         outcome=_OUTCOMES.get(record.outcome, record.outcome),
         cause=cause,
+        reporter=record.error_reporter() if cause else None,
+        unattributed=unattributed,
         error_at=iso(record.error_at) if record.error_at else None,
         first_seen=iso(record.first_seen_at),
         last_seen=iso(record.last_seen_at),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -208,18 +209,40 @@ def test_why_lines() -> None:
         transactions=[TransactionInfo(0x1_0000_0500, 901, None, None, "rolled_back", T0, None, 1)],
         mutations=[SEED[3]],
         mutation_count=1,
+        error_db_user="app",
+        error_backend_pid=4242,
+        sessions=(("app", 4242),),
     )
     assert why_lines(record, utc=True) == [
         "  REQUEST      550e8400-e29b-41d4-a716-446655440000",
         "  ACTOR        alice@example.com",
         "  OUTCOME      rolled back",
         "  ROOT CAUSE   TimeoutError: Stripe API timeout after 10s",
+        "  REPORTED BY  db_user app, pid 4242",
         "  LOCATION     payments/create.ts:42",
         "  CONTEXT      app=checkout, db user=app, client=10.0.0.5, pid=4242",
         "  WHEN         2026-03-10 12:00",
         "  TRANSACTION  xid 901  rolled back at 1/500  2026-03-10 12:00  1 change",
         "  DATA CHANGES users.id=42  plan: pro → null  (rolled back)",
     ]
+    # Reported by a session that never wrote this request's context: never shown as its cause.
+    forged = replace(record, error_db_user="mallory", error_backend_pid=666)
+    lines = why_lines(forged, utc=True)
+    assert "  ROOT CAUSE     unknown (no error was reported for this request)" in lines
+    assert (
+        "  REPORTED ERROR reported by another session (db_user mallory, pid 666): not attributed: "
+        "TimeoutError: Stripe API timeout after 10s"
+    ) in lines
+    assert forged.to_json()["error"]["attributed"] is False
+    assert forged.to_json()["error"]["reported_by"]["db_user"] == "mallory"
+    legacy = replace(record, error_db_user=None, error_backend_pid=None)
+    assert legacy.error_attribution == "unverified" and not legacy.error_attributed
+    alone = replace(record, sessions=(), error_db_user="app", error_backend_pid=1)
+    assert alone.error_attribution == "no_captured_session" and not alone.error_attributed
+    # The client helper's report carries its session's proof: its own even with no captured context.
+    proven = replace(alone, error_proven=True)
+    assert proven.error_attribution == "own_session" and proven.error_attributed
+    assert proven.to_json()["error"]["reported_by"]["proven"] is True
     many = RequestRecord(
         request_id="r1",
         actor=None,
