@@ -66,14 +66,18 @@ def is_placeholder(policy: str | None, value: Any) -> bool:
     return False  # exclude: the column is absent from the image, never a value
 
 
+def normalized_policies(tables: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """The ``columns`` config section keyed as images are: "schema.name" -> raw column -> policy.
+
+    (Config keys are "schema.name" with quotes only where needed.)"""
+    return {_plain(table): {_plain_column(c): p for c, p in cols.items()} for table, cols in tables.items()}
+
+
 class ColumnPolicies:
     """Per-table column policies from the ``columns`` config section."""
 
     def __init__(self, tables: Mapping[str, Mapping[str, str]], *, hash_key: bytes | None = None) -> None:
-        # Config keys are "schema.name" with quotes only where needed; images use raw names.
-        self._tables = {
-            _plain(table): {_plain_column(c): p for c, p in cols.items()} for table, cols in tables.items()
-        }
+        self._tables = normalized_policies(tables)
         hashed = sorted(
             f"{t}.{c}" for t, cols in self._tables.items() for c, p in cols.items() if p == "hash"
         )

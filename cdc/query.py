@@ -693,6 +693,19 @@ class Store:
         self._tables[full] = (time.monotonic(), info)
         return info
 
+    def recorded_policies(self, name: str) -> dict[str, str]:
+        """Column -> redaction policy (hash, mask, exclude) as capture recorded them in any stored
+        schema version of the table (the latest wins): which stored values are placeholders."""
+        rows = self._rows(
+            sql.SQL(
+                "SELECT c->>'name' AS name, c->>'policy' AS policy "
+                "FROM {} AS s, jsonb_array_elements(s.columns) AS c "
+                "WHERE s.table_name = %(t)s AND c ? 'policy' ORDER BY s.first_position, s.schema_id"
+            ).format(self._t("table_schemas")),
+            {"t": table_name(name)},
+        )
+        return {str(r["name"]): str(r["policy"]) for r in rows if r["name"] and r["policy"]}
+
     def _table_from_mutations(self, full: str) -> TableInfo:
         """No schema row (an old or partial store): infer the key columns from the newest key."""
         rows = self._rows(

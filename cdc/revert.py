@@ -40,6 +40,16 @@ change exactly the expected number of rows: anything else rolls the whole revert
 **Restore** makes the current row equal to its state at a version (``Store.row_at``): an
 INSERT, an UPDATE of the differing columns, or a DELETE. It reports the diff; it has no
 conflicts (it is explicit), but it refuses to apply if the row changed since the plan.
+
+**Redacted columns** (``columns:`` policies hash, mask, exclude) are stored as placeholders
+(``hmac-sha256:...``, ``****``) or not at all: neither plan ever writes one into the source.
+Which columns they are is read from the stored schema (capture records each column's policy)
+and the current configuration. A plan that would write a placeholder, or re-insert a row
+without an excluded column, raises :class:`RedactedValuesError` naming the table and columns,
+unless ``keep_redacted``: those columns are then left out (an UPDATE leaves them as they are
+now, an INSERT gives them their default), except a NOT NULL column without a default, which
+still refuses. Redacted columns are not compared in the conflict checks (the store has no value
+to compare).
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from cdc.config import normalize_table
 from cdc.dryrun import parse_record
 from cdc.errors import CdcError, NotFoundError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.policies import is_placeholder, normalized_policies
 from cdc.query import Mutation, Row, Store, TableInfo, format_key
 from cdc.values import converter_for
 
@@ -66,6 +77,7 @@ __all__ = [
     "OUTPUT_SETTINGS",
     "ColumnDiff",
     "Conflict",
+    "RedactedValuesError",
     "RevertApplyError",
     "RevertConflictError",
     "RevertPlan",
@@ -206,6 +218,33 @@ class RevertConflictError(CdcError):
         super().__init__(text, hint="review them; --force (force=True) applies anyway")
 
 
+class RedactedValuesError(UsageError):
+    """A plan would write redaction placeholders (or nothing, for an excluded column) where the
+    source has real values. ``columns``: table -> column -> why."""
+
+    def __init__(
+        self, what: str, columns: Mapping[str, Mapping[str, str]], *, required: bool = False
+    ) -> None:
+        self.columns = {t: dict(c) for t, c in columns.items()}
+        listed = "; ".join(
+            f"{table}: " + ", ".join(f"{c} ({why})" for c, why in sorted(cols.items()))
+            for table, cols in sorted(self.columns.items())
+        )
+        if required:
+            super().__init__(
+                f"the {what} cannot leave these columns out: they are NOT NULL without a default, and the "
+                f"history holds no value for them (redacted at capture): {listed}",
+                hint="restore these values by hand, or give the columns a default",
+            )
+        else:
+            super().__init__(
+                f"the {what} would write redaction placeholders into the source instead of the values they "
+                f"stand for: {listed}",
+                hint="--keep-redacted (keep_redacted=True) leaves these columns as they are now "
+                "(a re-inserted row gets their default)",
+            )
+
+
 class RevertApplyError(CdcError):
     """A statement of the plan did not change the rows it should have: nothing was applied."""
 
@@ -223,6 +262,7 @@ class _Column:
     identity: str  # '' | 'a' (GENERATED ALWAYS AS IDENTITY) | 'd'
     generated: bool
     has_equality: bool
+    required: bool = False  # NOT NULL with no default (nor identity): an INSERT must give it
 
 
 @dataclass(frozen=True)
@@ -243,7 +283,8 @@ SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmo
        a.atttypid::pg_catalog.int8, a.attidentity::pg_catalog.text, a.attgenerated <> '',
        EXISTS (SELECT 1 FROM pg_catalog.pg_operator AS o
                 WHERE o.oprname = '=' AND o.oprresult = 'pg_catalog.bool'::pg_catalog.regtype
-                  AND o.oprleft = e.base AND o.oprright = e.base)
+                  AND o.oprleft = e.base AND o.oprright = e.base),
+       a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
   FROM pg_catalog.pg_attribute AS a
   JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid
   CROSS JOIN LATERAL (
@@ -297,7 +338,7 @@ class _Source:
                 "SELECT pg_catalog.set_config('search_path', %s, true)", [saved[0] if saved else ""]
             )
         columns = {
-            str(r[0]): _Column(str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[5]))
+            str(r[0]): _Column(str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[5]), bool(r[6]))
             for r in found_columns
         }
         found = _Table(name=name, oid=int(row[0]), ident=ident, columns=columns)
@@ -442,6 +483,91 @@ def script_text(plan: RevertPlan, *, header: Sequence[str] = ()) -> str:
     lines.extend(f"SET LOCAL {name} = '{value}';" for name, value in OUTPUT_SETTINGS.items())
     text = "\n".join(lines) + "\n" + plan.sql_text
     return text + "COMMIT;\n"
+
+
+# ============================================================================ redacted columns
+
+
+class _Redactions:
+    """Which values of a plan are placeholders of a redaction policy, and what becomes of them.
+
+    A column's policy is the one capture recorded in the stored schema, else the configured one
+    (``configured``: the ``columns`` config section). Hash and mask placeholders are recognised
+    by their form too (:func:`cdc.policies.is_placeholder`): a value stored before the policy
+    applied is the clear value and may be written.
+    """
+
+    def __init__(self, store: Store, configured: Mapping[str, Mapping[str, str]] | None, keep: bool) -> None:
+        self.store = store
+        self.configured = normalized_policies(configured or {})
+        self.keep = keep
+        self._policies: dict[str, dict[str, str]] = {}
+        self.refused: dict[str, dict[str, str]] = {}
+        self.required: dict[str, dict[str, str]] = {}
+        self.kept: dict[str, set[str]] = {}
+
+    def policies(self, table: str) -> dict[str, str]:
+        found = self._policies.get(table)
+        if found is None:
+            found = {**self.configured.get(table, {}), **self.store.recorded_policies(table)}
+            self._policies[table] = found
+        return found
+
+    def _hidden(self, table: _Table, values: Mapping[str, Any], *, whole_row: bool) -> dict[str, str]:
+        policies = self.policies(table.name)
+        hidden = {c: policies[c] for c, v in values.items() if is_placeholder(policies.get(c), v)}
+        if whole_row:  # an INSERT: an excluded column would get its default, not its value
+            for column, policy in policies.items():
+                found = table.columns.get(column)
+                if policy == "exclude" and column not in values and found is not None and not found.generated:
+                    hidden[column] = "exclude: never captured"
+        return hidden
+
+    def values(self, table: _Table, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The SET list of an UPDATE, without placeholders (when keeping) or as it is (refused)."""
+        hidden = self._hidden(table, values, whole_row=False)
+        if not hidden:
+            return dict(values)
+        if not self.keep:
+            self.refused.setdefault(table.name, {}).update(hidden)
+            return dict(values)
+        self.kept.setdefault(table.name, set()).update(hidden)
+        return {c: v for c, v in values.items() if c not in hidden}
+
+    def image(self, table: _Table, image: Mapping[str, Any]) -> dict[str, Any]:
+        """The row an INSERT writes, without placeholders (when keeping) or as it is (refused)."""
+        hidden = self._hidden(table, image, whole_row=True)
+        if not hidden:
+            return dict(image)
+        if not self.keep:
+            self.refused.setdefault(table.name, {}).update(hidden)
+            return dict(image)
+        required = {c: why for c, why in hidden.items() if c in table.columns and table.columns[c].required}
+        if required:
+            self.required.setdefault(table.name, {}).update(required)
+        self.kept.setdefault(table.name, set()).update(hidden)
+        return {c: v for c, v in image.items() if c not in hidden}
+
+    def comparable(self, table: str, image: Mapping[str, Any]) -> dict[str, Any]:
+        """``image`` without the columns whose stored value stands for another (never compared)."""
+        policies = self.policies(table)
+        return {c: v for c, v in image.items() if not is_placeholder(policies.get(c), v)}
+
+    def unseen(self, table: str) -> list[str]:
+        """Columns whose changes the history cannot show (excluded; masked, **** before and after)."""
+        return sorted(c for c, p in self.policies(table).items() if p in ("exclude", "mask"))
+
+    def check(self, what: str) -> None:
+        if self.refused:
+            raise RedactedValuesError(what, self.refused)
+        if self.required:
+            raise RedactedValuesError(what, self.required, required=True)
+
+    def notes(self) -> list[str]:
+        return [
+            f"{table}: redacted column(s) {', '.join(sorted(cols))} left as they are on the source (--keep-redacted)"
+            for table, cols in sorted(self.kept.items())
+        ]
 
 
 # ============================================================================ foreign keys
@@ -678,13 +804,23 @@ def _merge(conflicts: Sequence[Conflict]) -> list[Conflict]:
     return list(best.values())
 
 
-def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: str) -> RevertPlan:
+def plan_revert(
+    store: Store,
+    source_conn: psycopg.Connection[Any],
+    request_id: str,
+    *,
+    keep_redacted: bool = False,
+    policies: Mapping[str, Mapping[str, str]] | None = None,
+) -> RevertPlan:
     """The SQL that undoes the committed changes of ``request_id`` (full id or unique prefix).
 
     Reads the history from ``store`` and the current rows and column types from
     ``source_conn`` (inside a transaction or savepoint that is rolled back). Raises
-    :class:`~cdc.errors.NotFoundError` for an unknown request and
-    :class:`~cdc.errors.UsageError` for changes that cannot be inverted (TRUNCATE).
+    :class:`~cdc.errors.NotFoundError` for an unknown request,
+    :class:`~cdc.errors.UsageError` for changes that cannot be inverted (TRUNCATE) and
+    :class:`RedactedValuesError` when an inverse would write a redacted column (see the module
+    documentation; ``policies``: the ``columns`` config section, ``keep_redacted``: leave such
+    columns as they are).
     """
     full = store.resolve_request(request_id)
     mutations = [m for m in store.request_mutations(full) if not m.rolled_back and m.version is not None]
@@ -700,6 +836,7 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
     if not mutations:
         notes.append(f"request {full} has no committed data changes: nothing to revert")
     infos = {t: store.table(t) for t in {m.table for m in mutations}}
+    redactions = _Redactions(store, policies, keep_redacted)
     steps: list[_Step] = []
     conflicts: list[Conflict] = []
     expectations: list[RowExpectation] = []
@@ -722,6 +859,7 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
                     notes.append(
                         f"{m.table}: column(s) {', '.join(gone)} no longer exist; left out of the INSERT"
                     )
+                before = redactions.image(table, before)
                 steps.append(_Step(_insert(table, before), m.table, rows, keyless))
             else:
                 before, after = dict(m.before or {}), dict(m.after or {})
@@ -735,7 +873,7 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
                             m.table, dict(m.key or {}), column, None, None, "the column no longer exists"
                         )
                     )
-                values = {c: before[c] for c in changed if c in table.columns}
+                values = redactions.values(table, {c: before[c] for c in changed if c in table.columns})
                 if not values:
                     continue
                 where = _one_row(table, after) if keyless else _key_condition(table, dict(m.key or {}))
@@ -749,7 +887,9 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
             image = (
                 None
                 if track.final is None
-                else {c: v for c, v in track.final.items() if c in track.touched or track.keyless}
+                else redactions.comparable(
+                    track.table, {c: v for c, v in track.final.items() if c in track.touched or track.keyless}
+                )
             )
             expectation = RowExpectation(track.table, dict(track.keys[-1]), image, track.keyless)
             if track.keyless:
@@ -760,6 +900,15 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
         for expectation in expectations:
             table = tables[expectation.table]
             conflicts.extend(_current_state(source, table, expectation, lock=False))
+        redactions.check("revert")
+        notes.extend(redactions.notes())
+        for name in sorted({m.table for m in mutations if m.op == "UPDATE"}):
+            unseen = redactions.unseen(name)
+            if unseen:
+                notes.append(
+                    f"{name}: a change the request made to redacted column(s) {', '.join(unseen)} is not in the "
+                    "history (excluded, or masked before and after): it is not undone"
+                )
         sql_text = _render(source_conn, statements)
     return RevertPlan(
         statements=statements,
@@ -806,12 +955,15 @@ def plan_restore(
     *,
     version: int | str | None = None,
     at: datetime | None = None,
+    keep_redacted: bool = False,
+    policies: Mapping[str, Mapping[str, str]] | None = None,
 ) -> RevertPlan:
     """The SQL that makes row ``key`` of ``table`` on the source equal to its state at ``version``.
 
     ``version``: an int LSN or ``X/Y``; or ``at``: a time (the newest version at or before it).
     The plan's ``diff`` lists the differing columns; it has no conflicts, but applying it
-    checks that the row has not changed since the plan.
+    checks that the row has not changed since the plan. Redacted columns: as for
+    :func:`plan_revert` (:class:`RedactedValuesError` unless ``keep_redacted``).
     """
     info = store.table(table)
     stored = store.stored_key(info, key)
@@ -820,6 +972,7 @@ def plan_restore(
     if target is None and not store.has_history(info.name, stored):
         raise NotFoundError(f"no history for {info.name} {format_key(stored)}")
     label = f"{info.name} {format_key(stored)} @ {format_lsn(number)}"
+    redactions = _Redactions(store, policies, keep_redacted)
     notes: list[str] = []
     statements: list[sql.Composed] = []
     expected_rows: list[tuple[int, ...]] = []
@@ -831,7 +984,8 @@ def plan_restore(
             gone = [c for c in target if c not in src.columns]
             if gone:
                 notes.append(f"column(s) {', '.join(gone)} no longer exist on the source: not restored")
-            added = [c for c in plain if c not in target]
+            excluded = {c for c, p in redactions.policies(info.name).items() if p == "exclude"}
+            added = [c for c in plain if c not in target and c not in excluded]
             if added:
                 notes.append(f"column(s) {', '.join(added)} did not exist at that version: left as they are")
             target = {c: v for c, v in target.items() if c in plain}
@@ -850,16 +1004,24 @@ def plan_restore(
             current = found[0] if found else None
             expectation = RowExpectation(info.name, stored, current)
             if target is not None and current is None:
+                target = redactions.image(src, target)
                 statements.append(_insert(src, target))
                 expected_rows.append((1,))
             elif target is None and current is not None:
                 statements.append(_delete(src, _key_condition(src, stored)))
                 expected_rows.append((1,))
             elif target is not None and current is not None:
-                values = {c: v for c, v in target.items() if c not in current or current[c] != v}
+                values = redactions.values(
+                    src, {c: v for c, v in target.items() if c not in current or current[c] != v}
+                )
+                target = {
+                    c: v for c, v in target.items() if c in values or c not in current or current[c] == v
+                }
                 if values:
                     statements.append(_update(src, values, _key_condition(src, stored)))
                     expected_rows.append((1,))
+        redactions.check("restore")
+        notes.extend(redactions.notes())
         diff = _diff(current, target)
         if not statements:
             notes.append(f"{info.name} {format_key(stored)} already equals its state at {format_lsn(number)}")
