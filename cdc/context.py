@@ -208,7 +208,7 @@ class ReportedError:
 
 
 # --------------------------------------------------------------------------------------------
-# Signing and verification (the Python twin of cdc.sign_message in sql/context.sql).
+# Signing and verification (the Python twin of the signing in cdc.emit_context() and cdc.report_error(), sql/context.sql).
 
 _MAC_OPEN: Final = b',"mac":"'
 _MAC_HEX: Final = 64
@@ -240,7 +240,7 @@ def _mac(prefix: str, body: bytes, key: bytes) -> bytes:
 
 
 def sign_content(prefix: str, body: bytes, key: bytes) -> bytes:
-    """``body`` (a JSON object's bytes) with its MAC appended, as cdc.sign_message() writes it."""
+    """``body`` (a JSON object's bytes) with its MAC appended, as the signing functions write it."""
     if not body.endswith(b"}") or body.rstrip() == b"{}":
         raise ValueError("the body must be a non-empty JSON object")
     return body[:-1] + _MAC_OPEN + _mac(prefix, body, key) + b'"}'

@@ -366,7 +366,6 @@ def uninstall_context(conn: psycopg.Connection[Any]) -> None:
             "cdc.emit_context(text, text, json, text)",
             "cdc.report_error(text, text, text, text, text, text)",
             "cdc.session_proof(text, text, integer, bigint, bytea, bytea)",
-            "cdc.sign_message(bytea, bytea, bytea, bytea)",
             "cdc.context_fingerprint()",
             "cdc.context_extra_json()",
             "cdc.context_emit_none()",
@@ -374,6 +373,7 @@ def uninstall_context(conn: psycopg.Connection[Any]) -> None:
             "cdc.request_id_from_application_name(text)",
             "cdc.context_settings_prefix()",
             # earlier versions
+            "cdc.sign_message(bytea, bytea, bytea, bytea)",
             "cdc.emit_cached_none()",
             "cdc.emit_and_cache_none()",
             "cdc.context_message(text, text)",

@@ -175,24 +175,6 @@ EXCEPTION WHEN duplicate_object THEN
 END
 $$;
 
--- The content of a message: `body` with its MAC appended (format at the top of the file).
--- `inner_prefix` is prefix || 0x00; the pads come from cdc.context_key. Not called by
--- applications (EXECUTE revoked from PUBLIC): only by the definer functions, as their owner.
--- No SET clause (it would keep the planner from inlining it into them): every name is qualified.
-CREATE OR REPLACE FUNCTION cdc.sign_message(body pg_catalog.bytea, inner_prefix pg_catalog.bytea,
-                                            ipad pg_catalog.bytea, opad pg_catalog.bytea)
-RETURNS pg_catalog.bytea
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$
-SELECT pg_catalog.substring(body, 1, pg_catalog.octet_length(body) OPERATOR(pg_catalog.-) 1)
-       OPERATOR(pg_catalog.||) pg_catalog.convert_to(
-           ',"mac":"' OPERATOR(pg_catalog.||) pg_catalog.encode(
-               pg_catalog.sha256(opad OPERATOR(pg_catalog.||) pg_catalog.sha256(
-                   ipad OPERATOR(pg_catalog.||) inner_prefix OPERATOR(pg_catalog.||) body)),
-               'hex')
-           OPERATOR(pg_catalog.||) '"}', 'UTF8')
-$$;
-
 -- The proof, handed to the client helper, that a session wrote request_id's context: it lets
 -- another connection of the same database user report that session's error as that session's
 -- (cdc.report_error's session_token). HMAC over the JSON array [request_id, user, pid, xid].
@@ -223,38 +205,41 @@ AS $fn$
 DECLARE
     v_ipad pg_catalog.bytea;
     v_opad pg_catalog.bytea;
-    v_xid pg_catalog.int8;
-    v_pid pg_catalog.int4;
-    v_rid pg_catalog.text;
+    v_body pg_catalog.bytea;
     v_lsn pg_catalog.pg_lsn;
 BEGIN
+    -- Few statements on purpose: each PL/pgSQL expression is set up again in every transaction
+    -- (and a helper SQL function would be planned again in every transaction; one query doing
+    -- it all is planned again at every call: both measured slower).
     SELECT k.ipad, k.opad INTO v_ipad, v_opad FROM cdc.context_key AS k;
     IF v_ipad IS NULL THEN
-        RETURN '';
+        RETURN '';  -- no key: no message rather than a failed write
     END IF;
-    v_xid := pg_catalog.txid_current();
-    v_pid := pg_catalog.pg_backend_pid();
-    v_rid := pg_catalog.left(emit_context.request_id, 256);
-    v_lsn := pg_catalog.pg_logical_emit_message(true, 'cdc.context', cdc.sign_message(
-        pg_catalog.convert_to(pg_catalog.row_to_json(ROW(
-            v_rid,
-            pg_catalog.left(emit_context.actor, 256),
-            nullif(pg_catalog.current_setting('application_name'), ''),
-            SESSION_USER::pg_catalog.text,
-            pg_catalog.host(pg_catalog.inet_client_addr()),
-            v_pid,
-            CASE WHEN emit_context.source OPERATOR(pg_catalog.=) ANY ('{setting,application_name,client,none}'::pg_catalog.text[])
-                 THEN emit_context.source ELSE 'client' END,
-            CASE WHEN pg_catalog.octet_length(emit_context.extra::pg_catalog.text) OPERATOR(pg_catalog.<=) 65536
-                 THEN emit_context.extra END,
-            v_xid
-        )::cdc.context_body_t)::pg_catalog.text, 'UTF8'),
-        pg_catalog.decode('6364632e636f6e7465787400', 'hex'),  -- 'cdc.context' 0x00
-        v_ipad, v_opad));
+    -- The claims go in as given: the daemon truncates ids, refuses an unknown source and a
+    -- body over 1 MiB (checks here would cost every transaction).
+    v_body := pg_catalog.convert_to(pg_catalog.row_to_json(ROW(
+        emit_context.request_id,
+        emit_context.actor,
+        nullif(pg_catalog.current_setting('application_name'), ''),
+        SESSION_USER::pg_catalog.text,
+        pg_catalog.host(pg_catalog.inet_client_addr()),
+        pg_catalog.pg_backend_pid(),
+        emit_context.source,
+        emit_context.extra,
+        pg_catalog.txid_current()
+    )::cdc.context_body_t)::pg_catalog.text, 'UTF8');
+    v_lsn := pg_catalog.pg_logical_emit_message(true, 'cdc.context',
+        pg_catalog.substring(v_body, 1, pg_catalog.octet_length(v_body) OPERATOR(pg_catalog.-) 1)
+        OPERATOR(pg_catalog.||) pg_catalog.convert_to(
+            ',"mac":"' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(v_opad OPERATOR(pg_catalog.||)
+                pg_catalog.sha256(v_ipad OPERATOR(pg_catalog.||) pg_catalog.decode('6364632e636f6e7465787400', 'hex')  -- 'cdc.context' 0x00
+                                  OPERATOR(pg_catalog.||) v_body)), 'hex')
+            OPERATOR(pg_catalog.||) '"}', 'UTF8'));
     IF emit_context.source OPERATOR(pg_catalog.=) 'client' THEN
-        RETURN v_pid::pg_catalog.text OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) v_xid::pg_catalog.text
-               OPERATOR(pg_catalog.||) '.'
-               OPERATOR(pg_catalog.||) cdc.session_proof(v_rid, SESSION_USER::pg_catalog.text, v_pid, v_xid, v_ipad, v_opad);
+        RETURN pg_catalog.pg_backend_pid()::pg_catalog.text OPERATOR(pg_catalog.||) '.'
+               OPERATOR(pg_catalog.||) pg_catalog.txid_current()::pg_catalog.text OPERATOR(pg_catalog.||) '.'
+               OPERATOR(pg_catalog.||) cdc.session_proof(emit_context.request_id,
+                   SESSION_USER::pg_catalog.text, pg_catalog.pg_backend_pid(), pg_catalog.txid_current(), v_ipad, v_opad);
     END IF;
     RETURN '';
 END
@@ -279,8 +264,9 @@ DECLARE
     v_pid pg_catalog.int4 := pg_catalog.pg_backend_pid();
     v_xid pg_catalog.int8 := pg_catalog.txid_current_if_assigned();
     v_reporter pg_catalog.int4;
-    v_rid pg_catalog.text := pg_catalog.left(report_error.request_id, 256);
+    v_rid pg_catalog.text := report_error.request_id;
     v_parts pg_catalog.text[];
+    v_body pg_catalog.bytea;
     v_content pg_catalog.bytea;
 BEGIN
     SELECT k.ipad, k.opad, k.previous_ipad, k.previous_opad INTO v_key FROM cdc.context_key AS k;
@@ -300,22 +286,25 @@ BEGIN
         v_pid := v_parts[1]::pg_catalog.int4;
         v_xid := v_parts[2]::pg_catalog.int8;
     END IF;
-    v_content := cdc.sign_message(
-        pg_catalog.convert_to(pg_catalog.row_to_json(ROW(
-            v_rid,
-            pg_catalog.left(report_error.error_type, 256),
-            pg_catalog.left(report_error.message, 4096),
-            pg_catalog.left(report_error.location, 1024),
-            pg_catalog.left(report_error.actor, 256),
-            pg_catalog.clock_timestamp(),
-            SESSION_USER::pg_catalog.text,
-            pg_catalog.host(pg_catalog.inet_client_addr()),
-            v_pid,
-            v_xid,
-            v_reporter
-        )::cdc.error_body_t)::pg_catalog.text, 'UTF8'),
-        pg_catalog.decode('6364632e6572726f7200', 'hex'),  -- 'cdc.error' 0x00
-        v_key.ipad, v_key.opad);
+    v_body := pg_catalog.convert_to(pg_catalog.row_to_json(ROW(
+        v_rid,
+        pg_catalog.left(report_error.error_type, 256),
+        pg_catalog.left(report_error.message, 4096),
+        pg_catalog.left(report_error.location, 1024),
+        pg_catalog.left(report_error.actor, 256),
+        pg_catalog.clock_timestamp(),
+        SESSION_USER::pg_catalog.text,
+        pg_catalog.host(pg_catalog.inet_client_addr()),
+        v_pid,
+        v_xid,
+        v_reporter
+    )::cdc.error_body_t)::pg_catalog.text, 'UTF8');
+    v_content := pg_catalog.substring(v_body, 1, pg_catalog.octet_length(v_body) OPERATOR(pg_catalog.-) 1)
+        OPERATOR(pg_catalog.||) pg_catalog.convert_to(
+            ',"mac":"' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(v_key.opad OPERATOR(pg_catalog.||)
+                pg_catalog.sha256(v_key.ipad OPERATOR(pg_catalog.||) pg_catalog.decode('6364632e6572726f7200', 'hex')  -- 'cdc.error' 0x00
+                                  OPERATOR(pg_catalog.||) v_body)), 'hex')
+            OPERATOR(pg_catalog.||) '"}', 'UTF8');
     IF pg_catalog.current_setting('server_version_num')::pg_catalog.int4 OPERATOR(pg_catalog.>=) 170000 THEN
         RETURN pg_catalog.pg_logical_emit_message(false, 'cdc.error', v_content, true);
     END IF;
@@ -470,7 +459,6 @@ $fn$;
 -- An event trigger function needs no EXECUTE to fire.
 GRANT USAGE ON SCHEMA cdc TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION
-    cdc.sign_message(pg_catalog.bytea, pg_catalog.bytea, pg_catalog.bytea, pg_catalog.bytea),
     cdc.session_proof(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8, pg_catalog.bytea, pg_catalog.bytea),
     cdc.context_attach_new_tables()
 FROM PUBLIC;
@@ -492,6 +480,7 @@ GRANT EXECUTE ON FUNCTION
 TO PUBLIC;
 
 -- What earlier versions installed and this one no longer uses (the unsigned message builders).
+DROP FUNCTION IF EXISTS cdc.sign_message(pg_catalog.bytea, pg_catalog.bytea, pg_catalog.bytea, pg_catalog.bytea);
 DROP FUNCTION IF EXISTS cdc.emit_and_cache_none();
 DROP FUNCTION IF EXISTS cdc.emit_cached_none();
 DROP FUNCTION IF EXISTS cdc.context_message(text, text);

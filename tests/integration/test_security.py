@@ -223,7 +223,7 @@ def test_temporary_objects_never_run_as_a_definer_functions_owner(capture: Captu
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM cdc.context_key")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("SELECT cdc.sign_message('\\x7b7d', '\\x00', '\\x00', '\\x00')")
+            conn.execute("SELECT cdc.session_proof('r', 'u', 1, 1, '\\x00', '\\x00')")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT pg_logical_emit_message(true, 'cdc.context', '{}')")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
