@@ -2,27 +2,39 @@
 
 ``install_context`` runs ``sql/context.sql`` (idempotent), writes the configuration into the
 small immutable functions the trigger reads (settings prefix, application_name pattern, extra
-setting names, schemas the event trigger skips), attaches the statement-level trigger
+setting names, schemas the event trigger skips), creates the signing key of the context
+messages when there is none (``cdc.context_key``), attaches the statement-level trigger
 ``cdc_context`` to the given tables and, when the connecting role is superuser, installs the
-event trigger ``cdc_context_attach`` that attaches it to tables created later. Everything runs
-in one transaction under an advisory lock, so concurrent ``cdc setup`` runs do not collide.
+event trigger ``cdc_context_attach`` that attaches it to tables created later and revokes
+``pg_logical_emit_message`` from PUBLIC. Everything runs in one transaction under an advisory
+lock, so concurrent ``cdc setup`` runs do not collide. This module also reads the key for the
+daemon (:func:`read_context_keys`), rotates it (:func:`rotate_context_key`) and reports the
+state of signing (:func:`signing_status`); it never logs the key or a setting's value.
 
-See ``sql/context.sql`` for what the trigger emits and how it is kept cheap.
+See ``sql/context.sql`` for what the trigger emits, how messages are signed and how it is kept
+cheap, and docs/security.md for the trust model.
 
 Cost, measured on PostgreSQL 15 with pgbench's TPC-B transaction (the trigger on its four
-tables; server instructions per transaction under callgrind, simple query protocol, so the
-figures do not depend on the machine's load; pgbench TPS figures: see the project's notes):
+tables; server instructions per transaction under callgrind, ``postgres --single`` running 1000
+transactions, simple query protocol, ``fsync=off``, so the figures do not depend on the
+machine's load):
 
-- no trigger: 724 k instructions per transaction;
-- any PL/pgSQL statement trigger at all (an empty body): 765 k (+5.7 %);
-- ``emit_none=False`` (no message for a transaction without a request): 810 k (+11.9 %);
-- the default (a "none" message per transaction): 851 k (+17.5 %);
-- ``SET LOCAL cdc.request_id`` in every transaction: 894 k against 746 k without the trigger
-  (+19.8 %).
+- no trigger: 633 k instructions per transaction (670 k with the two ``SET LOCAL`` statements);
+- the default (a "none" message per transaction): 885 k (+40 %); before messages were signed
+  (an unsigned "none" message cached in the session): 770 k;
+- ``SET LOCAL cdc.request_id`` (and ``cdc.actor``) in every transaction: 918 k against 670 k
+  without the trigger (+37 %); unsigned: 826 k. The signed emission costs 92 k instructions per
+  request transaction (about 30 µs of one core), of which the SECURITY DEFINER call itself (its
+  ``SET search_path``) is ~14 k, reading the key ~16 k, the two SHA-256 ~24 k, and setting up
+  its expressions in each new transaction the rest;
+- the client helper's round trip (``client.request``): 1,555 k against 1,526 k unsigned (+2 %).
 
-Most of it is PL/pgSQL's per-transaction initialization of each trigger's expressions (every
-table's trigger is a separately compiled function), about a microsecond per function call in
-an expression, which is why the fast path is one expression with six calls.
+On PostgreSQL 18 (same method): no trigger 560 k / 589 k; "none" 774 k (unsigned 672 k);
+``SET LOCAL cdc.request_id`` 805 k (unsigned 719 k): +85 k per request transaction.
+
+Most of the trigger's cost is PL/pgSQL's per-transaction initialization of each trigger's
+expressions (every table's trigger is a separately compiled function), about a microsecond per
+function call in an expression, which is why the fast path is one expression with six calls.
 """
 
 from __future__ import annotations
