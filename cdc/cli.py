@@ -92,7 +92,8 @@ def run(config_path: str | None, no_http: bool) -> None:
 @click.option(
     "--rotate-context-key",
     is_flag=True,
-    help="A new key for signing context messages; the previous one stays accepted (docs/security.md).",
+    help="Only replace the key that signs context messages (the previous one stays accepted; the daemon "
+    "may keep running; docs/security.md).",
 )
 def setup(
     config_path: str | None,

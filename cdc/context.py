@@ -477,12 +477,15 @@ class ContextVerifier:
 
     ``load_keys`` reads the source's keys (the daemon passes a reader over its catalog
     connection at the start of each session); a message whose MAC fails under the keys held
-    reloads them first (at most once per :attr:`RELOAD_SECONDS`: a key rotated while the daemon
-    runs is picked up at once). A refused message returns None and is reported once per
-    (prefix, LSN) through ``on_reject(prefix, lsn, reason)``; its content never leaves here.
+    reloads them first, so a key rotated while the daemon runs is picked up at once. Reloads
+    are rationed (a burst of :attr:`RELOAD_BURST`, then one per :attr:`RELOAD_SECONDS`), so a
+    stream of forged messages costs the source at most one query a second. A refused message
+    returns None and is reported once per (prefix, LSN) through ``on_reject(prefix, lsn,
+    reason)``; its content never leaves here.
     """
 
     RELOAD_SECONDS = 1.0
+    RELOAD_BURST = 3.0
     _REMEMBERED = 4096  # rejected (prefix, LSN) pairs kept to report each once
 
     def __init__(
@@ -496,7 +499,8 @@ class ContextVerifier:
         self._load = load_keys
         self._on_reject = on_reject
         self._clock = clock
-        self._loaded_at = float("-inf")
+        self._reloads = self.RELOAD_BURST  # reloads allowed now (refilled one per RELOAD_SECONDS)
+        self._refilled_at = clock()
         self._rejected: OrderedDict[tuple[str, int], None] = OrderedDict()
         if load_keys is not None:
             self.reload()
@@ -507,10 +511,20 @@ class ContextVerifier:
         return self.reload()
 
     def reload(self) -> ContextKeys | None:
-        self._loaded_at = self._clock()
         if self._load is not None:
             self.keys = self._load()
         return self.keys
+
+    def _may_reload(self) -> bool:
+        now = self._clock()
+        self._reloads = min(
+            self.RELOAD_BURST, self._reloads + (now - self._refilled_at) / self.RELOAD_SECONDS
+        )
+        self._refilled_at = now
+        if self._reloads < 1:
+            return False
+        self._reloads -= 1
+        return True
 
     def context(self, content: bytes, lsn: int, xid: int | None) -> RequestContext | None:
         """The verified context of a transactional message at ``lsn`` in transaction ``xid``."""
@@ -525,7 +539,7 @@ class ContextVerifier:
             return parse(self.keys)
         except MessageRejectedError as exc:
             reason = exc.reason
-            if reason in ("bad_mac", "no_key") and self._clock() - self._loaded_at >= self.RELOAD_SECONDS:
+            if reason in ("bad_mac", "no_key") and self._may_reload():
                 try:
                     return parse(self.reload())
                 except MessageRejectedError as again:

@@ -146,9 +146,12 @@ def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | No
 
 def setup(config: Config, *, recreate_slot: bool = False, rotate_context_key: bool = False) -> SetupReport:
     """Prepare the source and the store. Safe to run again at any time. ``rotate_context_key``:
-    also replace the key that signs context messages (the previous one stays accepted)."""
+    only replace the key that signs context messages (the previous one stays accepted); the
+    daemon may keep running."""
     try:
-        return _setup(config, recreate_slot=recreate_slot, rotate_context_key=rotate_context_key)
+        if rotate_context_key:
+            return _rotate(config)
+        return _setup(config, recreate_slot=recreate_slot)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise SetupError(
             f"a privilege is missing: {str(exc).strip().splitlines()[0]}",
@@ -162,7 +165,15 @@ def setup(config: Config, *, recreate_slot: bool = False, rotate_context_key: bo
         raise SetupError(f"setup failed: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def _setup(config: Config, *, recreate_slot: bool, rotate_context_key: bool) -> SetupReport:
+def _rotate(config: Config) -> SetupReport:
+    report = SetupReport()
+    with connect(config.require_source(), "source", autocommit=True) as src:
+        status = rotate_key(src)
+    report.did(f"source: new context key; {status.describe()}")
+    return report
+
+
+def _setup(config: Config, *, recreate_slot: bool) -> SetupReport:
     source_dsn = config.require_source()
     store_dsn = config.require_store()
     slot, publication, schema = config.source.slot, config.source.publication, config.store.schema_name
@@ -200,8 +211,6 @@ def _setup(config: Config, *, recreate_slot: bool, rotate_context_key: bool) -> 
         )
         install_await_capture(src, slot)
         report.did(f"source: context trigger on {len(tables)} table(s)")
-        if rotate_context_key:
-            rotate_key(src)
         signing = signing_status(src)
         if signing.key_id is not None and signing.emit_revoked:
             report.did(f"source: {signing.describe()}")

@@ -423,3 +423,53 @@ def test_an_error_cannot_be_attached_to_another_sessions_request(capture: Captur
     with History(capture.store_dsn, schema=capture.schema) as h:
         assert not h.request("victim-1").error_attributed
     assert capture.stop() == 0
+
+
+def test_key_rotation_while_capturing_and_teardown(capture: CaptureEnv) -> None:
+    """`cdc setup --rotate-context-key` while the daemon runs: messages signed with either key
+    verify (the daemon picks the new key up at its first message); teardown gives
+    pg_logical_emit_message back to PUBLIC, as it was before setup."""
+    from cdc.setup import teardown
+    from cdc.source_context import signing_status
+
+    set_up(capture)
+    capture.start()
+    with capture.source() as conn:
+        before = signing_status(conn)
+        with client.request(conn, "before-rotation"):
+            conn.execute("UPDATE t SET v = 'one' WHERE id = 1")
+    result = CliRunner().invoke(
+        cli,
+        ["setup", "--rotate-context-key"],
+        env={"CDC_SOURCE_DSN": capture.source_dsn, "CDC_STORE_DSN": capture.store_dsn,
+             "CDC_STORE__SCHEMA": capture.schema, "CDC_SOURCE__SLOT": capture.slot,
+             "CDC_SOURCE__PUBLICATION": capture.slot, "CDC_SIMULATE__ENABLED": "true"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with capture.source() as conn:
+        after = signing_status(conn)
+        assert after.key_id != before.key_id and after.previous_key_id == before.key_id
+        assert f"previous {before.key_id} still accepted" in result.output
+        with client.request(conn, "after-rotation"):
+            conn.execute("UPDATE t SET v = 'two' WHERE id = 1")
+        conn.execute("SET cdc.request_id = 'setting-after-rotation'")
+        conn.execute("UPDATE t SET v = 'three' WHERE id = 1")
+    capture.wait_caught_up()
+    with capture.store() as store:
+        tagged = store.execute(
+            "SELECT request_id FROM mutations WHERE op = 'UPDATE' ORDER BY position"
+        ).fetchall()
+    assert [r[0] for r in tagged] == ["before-rotation", "after-rotation", "setting-after-rotation"]
+    assert capture.daemon is not None
+    assert capture.daemon.metrics.context_rejected.labels(prefix="cdc.context")._value.get() == 0
+    assert capture.stop() == 0
+    with capture.source() as conn:
+        assert signing_status(conn).emit_revoked
+    teardown(capture.config)
+    with capture.source() as conn:
+        public = conn.execute(
+            "SELECT bool_and(has_function_privilege('public', oid, 'EXECUTE')) FROM pg_proc "
+            "WHERE proname = 'pg_logical_emit_message'"
+        ).fetchone()
+        assert public == (True,)
+        assert conn.execute("SELECT to_regnamespace('cdc')").fetchone() == (None,)
