@@ -475,6 +475,26 @@ def test_key_rotation_while_capturing_and_teardown(capture: CaptureEnv) -> None:
     with Store(capture.store_dsn, schema=capture.schema) as reader:
         tagged = [m.request_id for m in reversed(reader.mutation_log(table="t", op="UPDATE").mutations)]
     assert tagged == ["before-rotation", "after-rotation", "setting-after-rotation"]
+    # The rotation wrote the key table, which the all-tables publication sends: never captured.
+    with capture.source() as conn:
+        assert conn.execute(
+            "SELECT puballtables FROM pg_publication WHERE pubname = %s", [capture.slot]
+        ).fetchone() == (True,)
+        pads = conn.execute(
+            "SELECT encode(ipad, 'hex'), encode(opad, 'hex'), encode(previous_ipad, 'hex') FROM cdc.context_key"
+        ).fetchone()
+    assert pads is not None
+    with capture.store() as store:
+        assert store.execute("SELECT count(*) FROM table_names WHERE schema_name = 'cdc'").fetchone() == (0,)
+        dump = "".join(
+            str(
+                store.execute(
+                    sql.SQL("SELECT array_agg(r::text) FROM {} r").format(sql.Identifier(t))
+                ).fetchone()
+            )
+            for t in ("changes", "transactions", "context_changes", "table_schemas", "table_names")
+        )
+    assert not any(pad in dump for pad in pads)
     assert capture.daemon is not None
     assert capture.daemon.metrics.context_rejected.labels(prefix="cdc.context")._value.get() == 0
     assert capture.stop() == 0
