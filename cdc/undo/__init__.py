@@ -46,14 +46,15 @@ INSERT, an UPDATE of the differing columns, or a DELETE. It reports the diff; it
 conflicts (it is explicit), but it refuses to apply if the row changed since the plan.
 
 **Redacted columns** (``columns:`` policies hash, mask, exclude) are stored as placeholders
-(``hmac-sha256:...``, ``****``) or not at all: neither plan ever writes one into the source.
+(``hmac-sha256:...``, ``****``, and null for an excluded column; history migrated from format 1
+left it out): neither plan ever writes one into the source.
 Which columns they are is read from the stored schema (capture records each column's policy)
 and the current configuration. A plan that would write a placeholder, or re-insert a row
 without an excluded column, raises :class:`RedactedValuesError` naming the table and columns,
 unless ``keep_redacted``: those columns are then left out (an UPDATE leaves them as they are
 now, an INSERT gives them their default), except a NOT NULL column without a default, which
-still refuses. Redacted columns are not compared in the conflict checks (the store has no value
-to compare).
+still refuses. A restore updating an existing row leaves its excluded columns as they are.
+Redacted columns are not compared in the conflict checks (the store has no value to compare).
 
 The package: ``model`` (plans, conflicts, errors), ``source`` (the source's tables and the SQL
 of the inverse statements), ``redactions`` (columns under a redaction policy), ``plan``
