@@ -72,6 +72,12 @@ class Metrics:
         self.slot_wal_status = Gauge(
             "cdc_slot_wal_status", "1 for the slot's current wal_status", ["status"], registry=r
         )
+        self.context_rejected = Counter(
+            "cdc_context_messages_rejected_total",
+            "cdc.context and cdc.error messages refused (MAC missing or wrong, another transaction)",
+            ["prefix"],
+            registry=r,
+        )
         self.heartbeats = Counter(
             "cdc_heartbeats_total", "Heartbeat messages written to the source", registry=r
         )

@@ -26,9 +26,10 @@ from cdc.config import Config, redact_dsn
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.policies import hash_text
+from cdc.policies import column_hasher
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
-from cdc.source_context import context_installed, install_context, uninstall_context
+from cdc.source_context import context_installed, install_context, signing_status, uninstall_context
+from cdc.source_context import rotate_context_key as rotate_key
 from cdc.store.migrate import prepare_store
 from cdc.store.writer import StoreBatch, StoreWriter
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
@@ -82,7 +83,11 @@ def apply_store_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     ddl = (SQL_DIR / "store.sql").read_text()
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(schema)))
+        # The store's own schema first (the file's names are unqualified), then the catalog, and
+        # pg_temp explicitly last: left implicit it would be searched first.
+        conn.execute(
+            sql.SQL("SET LOCAL search_path = {}, pg_catalog, pg_temp").format(sql.Identifier(schema))
+        )
         conn.execute(ddl.encode())  # a trusted file shipped with the package
 
 
@@ -142,9 +147,16 @@ def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | No
     return str(row[0]), parse_lsn(row[1]) if row[1] else None
 
 
-def setup(config: Config, *, recreate_slot: bool = False, drop_v1: bool = False) -> SetupReport:
-    """Prepare the source and the store (migrating a format-1 store). Safe to run again at any time."""
+def setup(
+    config: Config, *, recreate_slot: bool = False, drop_v1: bool = False, rotate_context_key: bool = False
+) -> SetupReport:
+    """Prepare the source and the store (migrating a format-1 store). Safe to run again at any time.
+
+    ``rotate_context_key``: only replace the key that signs context messages (the previous one
+    stays accepted); the daemon may keep running."""
     try:
+        if rotate_context_key:
+            return _rotate(config)
         return _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise SetupError(
@@ -157,6 +169,14 @@ def setup(config: Config, *, recreate_slot: bool = False, drop_v1: bool = False)
         raise SourceUnavailableError(f"setup lost its connection: {str(exc).strip()}") from exc
     except psycopg.Error as exc:
         raise SetupError(f"setup failed: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def _rotate(config: Config) -> SetupReport:
+    report = SetupReport()
+    with connect(config.require_source(), "source", autocommit=True) as src:
+        status = rotate_key(src)
+    report.did(f"source: new context key; {status.describe()}")
+    return report
 
 
 def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> SetupReport:
@@ -198,6 +218,11 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         )
         install_await_capture(src, slot)
         report.did(f"source: context trigger on {len(tables)} table(s)")
+        signing = signing_status(src)
+        if signing.key_id is not None and signing.emit_revoked:
+            report.did(f"source: {signing.describe()}")
+        else:
+            report.warnings.append(signing.describe())
         if config.simulate.enabled:
             wanted = set(config.simulate.tables)
             chosen = [(t.schema, t.name) for t in tables if not wanted or t.qualified in wanted]
@@ -336,7 +361,7 @@ def copy_baseline(
             memory_limit_bytes=config.capture.memory_limit_bytes,
             spill_dir=str(config.capture.spill_dir) if config.capture.spill_dir else None,
             max_value_bytes=config.capture.max_value_bytes,
-            hash_value=hash_text,
+            hash_value=column_hasher(config.policies.hash_key_bytes()),
         )
         batch = StoreBatch()
 

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.source_context import signing_status
 from cdc.store.format import STATUS_CODES
 from cdc.store.migrate import is_v1_store, v1_leftovers
 
@@ -53,6 +54,9 @@ class Status:
     last_error: str | None = None
     last_error_at: datetime | None = None
     retention: str | None = None
+    #: context message signing on the source: key id, and whether pg_logical_emit_message is
+    #: still executable by PUBLIC (cdc.source_context.SigningStatus)
+    signing: str | None = None
     gaps: list[dict[str, Any]] = field(default_factory=list)
     v1_tables: list[str] = field(default_factory=list)  # left by a store migration
 
@@ -97,6 +101,7 @@ def collect_status(config: Config) -> Status:
                     status.retained_wal_bytes, status.server_lsn = row[5], row[6]
                     if row[4] and row[6]:
                         status.lag_bytes = max(0, parse_lsn(row[6]) - parse_lsn(row[4]))
+                status.signing = signing_status(conn).describe()
         except psycopg.Error as exc:
             status.source_error = str(exc).strip().splitlines()[0]
     if config.store.dsn is not None:
@@ -246,6 +251,7 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         ("mutations (est.)", show(status.mutations)),
         ("retention", show(status.retention)),
         ("daemon", show(status.daemon)),
+        ("signing", show(status.signing)),
         ("last error", f"{status.last_error} ({show(status.last_error_at)})" if status.last_error else "-"),
     ]
     if status.v1_tables:

@@ -22,11 +22,24 @@ _NULL: Final = b"\\N"
 class Rel:
     """A Relation message body's RelationInfo and what building lines needs from it."""
 
-    __slots__ = ("ids", "info", "is_key", "key", "kinds", "names_json", "natts", "oid", "pending", "policies")
+    __slots__ = (
+        "ids",
+        "ignored",
+        "info",
+        "is_key",
+        "key",
+        "kinds",
+        "names_json",
+        "natts",
+        "oid",
+        "pending",
+        "policies",
+    )
 
     def __init__(self, oid: int, info: RelationInfo) -> None:
         self.oid = oid
         self.info = info
+        self.ignored = info.ignored
         self.names_json, self.pending, self.ids, self.kinds, self.policies = sh.relation_texts(info)
         self.natts = len(info.names)
         self.key = list(info.key)
