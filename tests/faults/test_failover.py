@@ -326,3 +326,86 @@ def test_unsynchronized_slot_is_a_recorded_gap(flavor: Any, tmp_path: Path) -> N
             },
         )
         assert all(not m.violations for m in monitors), [m.violations for m in monitors]
+
+
+# ============================================================================ a standby behind capture
+
+
+def standby_slot_synced(env: FaultEnv) -> bool:
+    from cdc.failover_readiness import readiness
+
+    result = readiness(env.capture.source_dsn, env.capture.slot)
+    return any(s.slot == "synced" for s in result.standbys)
+
+
+@pytest.mark.parametrize("flavor", [p for p in _pg_params() if "system" not in str(p.values[0])])
+def test_promotion_behind_capture_is_a_recorded_fork(flavor: Any, tmp_path: Path) -> None:
+    """Without ``synchronized_standby_slots``, capture may store changes the standby never
+    received. A failover slot then survives the promotion, but the new primary's history ends
+    the old timeline before the store's acknowledged position: a fork, recorded, never resumed
+    past silently (the new primary would reuse those positions for other transactions)."""
+    with failover_env(
+        _flavor(flavor), tmp_path, "promotion_behind_capture_is_a_recorded_fork", synchronized=True
+    ) as (
+        env,
+        cluster,
+    ):
+        with psycopg.connect(cluster.primary.dsn(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronized_standby_slots = ''")
+            conn.execute("SELECT pg_reload_conf()")
+        env.start_daemon(daemon_env(env))
+        with env.source() as conn:
+            deadline = time.monotonic() + 90
+            while not standby_slot_synced(env):  # the daemon's confirmations complete the first sync
+                conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+                assert time.monotonic() < deadline, "the slot was never synchronized"
+                time.sleep(0.5)
+        # The standby stops receiving WAL; capture goes on from the primary.
+        with psycopg.connect(cluster.standby.dsn(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET primary_conninfo = ''")
+            conn.execute("SELECT pg_reload_conf()")
+        time.sleep(1)
+        with env.source() as conn:
+            for i in range(20):
+                conn.execute(
+                    "INSERT INTO events (request_id, kind) VALUES (%s, 'old primary only')", (f"x{i}",)
+                )
+        env.wait_caught_up()
+        cluster.primary.kill()
+        entry = env.fault("standby behind capture promoted")
+        cluster.promote()
+        assert env.daemon is not None and env.daemon.proc is not None
+        assert env.daemon.proc.wait(timeout=60) == SlotLostError.exit_code, env.log_tail()
+        assert env.log_events("source_fork") == 1, env.log_tail()
+        fork = store_rows(
+            env, "SELECT acked_lsn, fork_lsn, slot_synced, reason FROM source_switches WHERE outcome = 'fork'"
+        )
+        assert len(fork) == 1 and fork[0][1] < fork[0][0] and fork[0][2] is True, fork
+        assert "never reached the promoted one" in fork[0][3]
+        phantom = store_rows(
+            env, f"SELECT count(*) FROM transactions WHERE status = 'c' AND position > {int(fork[0][1])}"
+        )[0][0]
+        assert phantom >= 20
+        status = run_cli(env, "status", "--format", "json")
+        assert status.returncode == 1 and json.loads(status.stdout)["pending_gap"].startswith("fork")
+        recreated = run_cli(env, "setup", "--recreate-slot")
+        assert recreated.returncode == 0, recreated.stdout + recreated.stderr
+        gaps = store_rows(env, "SELECT after_position, resumed_position, reason FROM gaps")
+        assert len(gaps) == 1 and gaps[0][2].startswith("fork:"), gaps
+        env.start_daemon(daemon_env(env))
+        env.recovered(entry)
+        with env.source() as conn:
+            conn.execute("UPDATE accounts SET balance = 0 WHERE id = 2")
+        env.wait_caught_up()
+        assert env.daemon.stop() == 0
+        for table in TABLES:
+            assert rebuild(env.capture, table) == source_rows(env.capture, table), table
+        report(
+            env,
+            {
+                "acked_lsn": fork[0][0],
+                "fork_lsn": fork[0][1],
+                "transactions_only_on_old_primary": phantom,
+                "gap_reason": gaps[0][2],
+            },
+        )
