@@ -217,8 +217,11 @@ class SwitchLog:
         except psycopg.OperationalError as exc:
             raise StoreUnavailableError(f"cannot reach the history store: {error_text(exc)}") from exc
 
+    def _silent(self, what: str) -> StoreUnavailableError:
+        return StoreUnavailableError(f"the history store went silent: {what}")
+
     def last(self) -> Switch | None:
-        with self._connect() as conn:
+        with self._connect() as conn, Deadline(conn, self.timeout, self._silent):
             return last_switch(conn, self.schema, self.slot)
 
     def record(
@@ -229,7 +232,11 @@ class SwitchLog:
         view: SlotView | None,
         verdict: Verdict,
     ) -> None:
-        with self._connect() as conn:
+        with self._connect() as conn, Deadline(conn, self.timeout, self._silent):
+            if last_switch(conn, self.schema, self.slot) is None and not _has_table(conn, self.schema):
+                # A store set up by an earlier version: `cdc setup` adds the table.
+                log.warning("source_switches_missing", hint="run `cdc setup` to record source switches")
+                return
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {}.source_switches (slot_name, host, timeline, previous_host, previous_timeline, "
@@ -255,10 +262,14 @@ class SwitchLog:
 _SWITCH_COLUMNS = "switch_id, host, timeline, outcome, acked_lsn, reason, resolved_position"
 
 
+def _has_table(conn: psycopg.Connection[Any], schema: str) -> bool:
+    exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.source_switches",)).fetchone()
+    return bool(exists and exists[0] is not None)
+
+
 def last_switch(conn: psycopg.Connection[Any], schema: str, slot: str) -> Switch | None:
     """The latest row of ``source_switches`` for ``slot`` (None: none, or a store without it)."""
-    exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.source_switches",)).fetchone()
-    if not exists or exists[0] is None:
+    if not _has_table(conn, schema):
         return None
     row = conn.execute(
         sql.SQL(
@@ -273,8 +284,7 @@ def recent_switches(
     conn: psycopg.Connection[Any], schema: str, slot: str, limit: int = 5
 ) -> list[dict[str, Any]]:
     """The latest rows of ``source_switches``, newest first, for `cdc status`."""
-    exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.source_switches",)).fetchone()
-    if not exists or exists[0] is None:
+    if not _has_table(conn, schema):
         return []
     rows = conn.execute(
         sql.SQL(

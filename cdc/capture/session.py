@@ -161,7 +161,9 @@ class CaptureSession:
                 source_dsn,
                 slot=self.slot,
                 acked_lsn=state.acked_lsn,
-                switches=SwitchLog(store_dsn, cfg.store.schema_name, self.slot),
+                switches=SwitchLog(
+                    store_dsn, cfg.store.schema_name, self.slot, timeout=cfg.store.timeout_seconds
+                ),
                 metrics=self.metrics,
                 timeout=cfg.source.timeout_seconds,
                 connect_timeout=cfg.source.connect_timeout_seconds,

@@ -492,7 +492,10 @@ ALERT_TESTS: list[dict[str, Any]] = [
     {  # a promotion of the source: capture resumed on the new primary (information, not a fault)
         "interval": "1m",
         "input_series": _series(
-            {**HEALTHY_PAIR, 'cdc_source_switches_total{job="cdc", instance="a", outcome="resumed"}': "0x10 1x30"}
+            {
+                **HEALTHY_PAIR,
+                'cdc_source_switches_total{job="cdc", instance="a", outcome="resumed"}': "0x10 1x30",
+            }
         ),
         "alert_rule_test": [
             {"eval_time": "5m", **_alert("CdcSourceSwitched")},
