@@ -50,6 +50,7 @@ from tests.faults.conftest import (
     SCHEMA,
     SERVER_SETTINGS,
     TABLES,
+    TAGGED_CHANGES,
     AckMonitor,
     FaultEnv,
     Servers,
@@ -311,16 +312,32 @@ def test_unsynchronized_slot_is_a_recorded_gap(flavor: Any, tmp_path: Path) -> N
             assert rebuild(env.capture, table) == source_rows(env.capture, table), table
         final = collect_status(env.capture.config)
         assert final.healthy and final.pending_gap is None and len(final.gaps) == 1
+        # Nothing doubled, across the gap either: no request has more stored changes than it made.
+        # Requests of the new primary with none stored fell in the gap (before the new baseline).
         with psycopg.connect(env.capture.source_dsn, autocommit=True) as conn:
-            committed = conn.execute("SELECT count(*) FROM events").fetchone()
+            truth = {str(r[0]) for r in conn.execute("SELECT request_id FROM events").fetchall()}
+        with env.store() as conn:
+            stored = dict(
+                conn.execute(
+                    f"SELECT request_id, count(*) FROM ({TAGGED_CHANGES}) t WHERE committed AND op <> 'S' "
+                    "AND request_id IS NOT NULL GROUP BY 1"
+                ).fetchall()
+            )
+        assert workload is not None
+        made = {**workload.unknown, **workload.committed}
+        doubled = sum(max(0, n - made.get(rid, 0)) for rid, n in stored.items() if rid in truth)
+        assert doubled == 0
+        assert not [rid for rid in stored if rid not in truth], "stored a request the new primary lacks"
         report(
             env,
             {
+                "transactions_on_new_primary": len(truth),
+                "transactions_in_the_gap": sum(1 for rid in truth if rid not in stored),
+                "mutations_doubled": doubled,
                 "gap_after": gap_after,
                 "gap_resumed": gaps[0][1],
                 "gap_reason": gaps[0][2],
                 "status_exit_code_at_gap": status.returncode,
-                "transactions_on_new_primary": committed[0] if committed else None,
                 "ack_monitor_samples": sum(m.samples for m in monitors),
                 "ack_ahead_of_store": sum(len(m.violations) for m in monitors),
             },
