@@ -20,7 +20,7 @@ from psycopg import sql
 
 import cdc
 from cdc.capture.engine import Core
-from cdc.capture.failover import pending_gap, record_gap
+from cdc.capture.failover import identify, pending_gap, record_gap, record_slot_created
 from cdc.capture.model import PG_EPOCH_OFFSET_US, ColumnDesc, RelationDesc, format_time, now_us
 from cdc.capture.registry import Registry
 from cdc.config import Config, redact_dsn
@@ -267,6 +267,8 @@ def create_slot_with_baseline(
         source_dsn, "source", replication="database", autocommit=True, options=options_string(OUTPUT_SETTINGS)
     )
     try:
+        # Before the slot: any later command on this connection ends its exported snapshot.
+        created_on = identify(repl)
         command = create_slot_command(repl.info.server_version, config.source.failover)
         row = repl.execute(command.format(sql.Identifier(slot))).fetchone()
         assert row is not None
@@ -295,6 +297,7 @@ def create_slot_with_baseline(
         with writer.conn.cursor() as cur:
             if gap:
                 record_gap(cur, slot, previous_ack, consistent_point)
+            record_slot_created(cur, slot, created_on, consistent_point)
             cur.execute(
                 "UPDATE capture_state SET baseline_done = true, updated_at = now() WHERE slot_name = %s",
                 (slot,),

@@ -333,6 +333,22 @@ def record_gap(cur: psycopg.Cursor[Any], slot: str, after: int, resumed: int) ->
     )
 
 
+def identify(repl: psycopg.Connection[Any]) -> tuple[str, int]:
+    """(host:port, timeline) of the server a replication connection reached."""
+    row = repl.execute("IDENTIFY_SYSTEM").fetchone()
+    return connected_host(repl), int(row[1]) if row else 0
+
+
+def record_slot_created(cur: psycopg.Cursor[Any], slot: str, server: tuple[str, int], position: int) -> None:
+    """`cdc setup`, in the store transaction that completes a baseline: the server and timeline
+    the new slot lives on, where the next session's checks start from."""
+    cur.execute(
+        "INSERT INTO source_switches (slot_name, host, timeline, acked_lsn, slot_confirmed_lsn, outcome, reason) "
+        "VALUES (%s, %s, %s, %s, %s, 'first', 'slot created by cdc setup')",
+        (slot, server[0], server[1], position, position),
+    )
+
+
 def pending_gap(conn: psycopg.Connection[Any], schema: str, slot: str) -> Switch | None:
     """The gap or fork the daemon stopped at, not yet resolved by `cdc setup --recreate-slot`."""
     last = last_switch(conn, schema, slot)
