@@ -222,7 +222,10 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                     f"slot {slot!r} exists with plugin {existing[0]!r}, not pgoutput",
                     hint=f"choose another slot name (source.slot) or drop it: SELECT pg_drop_replication_slot('{slot}')",
                 )
-            pending = pending_gap(writer.conn, schema, slot)  # the daemon stopped at a gap or fork
+            # The daemon stopped at a gap or fork (a history torn down since starts afresh).
+            pending = (
+                pending_gap(writer.conn, schema, slot) if state is not None and state.baseline_done else None
+            )
             if state is not None and state.baseline_done and existing is not None and pending is None:
                 report.did(f"source: slot {slot} in place (acknowledged {format_lsn(state.acked_lsn)})")
                 return report
