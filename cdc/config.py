@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from cdc import names
+from cdc import names, source_hosts
 from cdc.config_text import (
     MASK,
     SecretDsn,
@@ -262,6 +262,12 @@ def _on_off(value: Any) -> Any:
     return {"true": "on", "false": "off"}.get(value, value) if isinstance(value, str) else value
 
 
+def _source_hosts(value: tuple[str, ...]) -> tuple[str, ...]:
+    for host in value:
+        source_hosts.parse_host(host)
+    return _unique(value)
+
+
 class SourceConfig(_Section):
     """The captured database."""
 
@@ -275,6 +281,21 @@ class SourceConfig(_Section):
     #: silence after which a source connection counts as broken (a query unanswered, the
     #: replication stream quiet although pinged): the daemon then reconnects
     timeout_seconds: PositiveSeconds = 30.0
+    #: PostgreSQL 17+: the slot is a failover slot, synchronized to the standbys (docs/reliability.md)
+    failover: bool = False
+    #: the source's servers, primary and standbys (``host:port``): replace the DSN's host and
+    #: port; capture follows whichever is the primary (cdc/source_hosts.py)
+    hosts: Annotated[tuple[str, ...], BeforeValidator(_split_list), AfterValidator(_source_hosts)] = ()
+
+    @model_validator(mode="after")
+    def _dsn_follows_primary(self) -> SourceConfig:
+        if self.dsn is not None:
+            problems = source_hosts.dsn_problems(
+                source_hosts.source_dsn(self.dsn.get_secret_value(), self.hosts)
+            )
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
 
 
 class StoreConfig(_Section):
@@ -479,7 +500,7 @@ class Config(_Section):
         """The source DSN; raises :class:`ConfigError` when none is configured."""
         if self.source.dsn is None:
             raise ConfigError(["source.dsn: not set; set CDC_SOURCE_DSN or source.dsn in the config file"])
-        return self.source.dsn.get_secret_value()
+        return source_hosts.source_dsn(self.source.dsn.get_secret_value(), self.source.hosts)
 
     def require_store(self) -> str:
         """The store DSN; raises :class:`ConfigError` when none is configured."""

@@ -101,3 +101,16 @@ class Metrics:
         self.keyframes_written = Counter(
             "cdc_keyframes_written_total", "Keyframes written by pruning", registry=r
         )
+        # Source failover (cdc/capture/failover.py).
+        self.source_switches = Counter(
+            "cdc_source_switches_total",
+            "Sessions that found the source on another server or timeline, by outcome (resumed, gap, fork)",
+            ["outcome"],
+            registry=r,
+        )
+        self.source_info = Gauge(
+            "cdc_source_info",
+            "1 for the source server and timeline capture reads from",
+            ["host", "timeline"],
+            registry=r,
+        )

@@ -20,11 +20,13 @@ from psycopg import sql
 
 import cdc
 from cdc.capture.engine import Core
+from cdc.capture.failover import identify, pending_gap, record_gap, record_slot_created
 from cdc.capture.model import PG_EPOCH_OFFSET_US, ColumnDesc, RelationDesc, format_time, now_us
 from cdc.capture.registry import Registry
 from cdc.config import Config, redact_dsn
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
+from cdc.failover_readiness import create_slot_command, setup_failover
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import column_hasher
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
@@ -157,7 +159,12 @@ def setup(
     try:
         if rotate_context_key:
             return _rotate(config)
-        return _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1)
+        report = _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1)
+        steps, warnings = setup_failover(config, config.require_source(), options_string(OUTPUT_SETTINGS))
+        for step in steps:
+            report.did(step)
+        report.warnings.extend(warnings)
+        return report
     except psycopg.errors.InsufficientPrivilege as exc:
         raise SetupError(
             f"a privilege is missing: {str(exc).strip().splitlines()[0]}",
@@ -240,9 +247,18 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                     f"slot {slot!r} exists with plugin {existing[0]!r}, not pgoutput",
                     hint=f"choose another slot name (source.slot) or drop it: SELECT pg_drop_replication_slot('{slot}')",
                 )
-            if state is not None and state.baseline_done and existing is not None:
+            # The daemon stopped at a gap or fork (a history torn down since starts afresh).
+            pending = (
+                pending_gap(writer.conn, schema, slot) if state is not None and state.baseline_done else None
+            )
+            if state is not None and state.baseline_done and existing is not None and pending is None:
                 report.did(f"source: slot {slot} in place (acknowledged {format_lsn(state.acked_lsn)})")
                 return report
+            if pending is not None and not recreate_slot:
+                raise SlotLostError(
+                    f"capture stopped at a {pending.outcome}: {pending.reason}",
+                    hint="run `cdc setup --recreate-slot`: a new baseline, and the gap recorded in the history",
+                )
             if state is not None and state.baseline_done and existing is None and not recreate_slot:
                 raise SlotLostError(
                     f"the store has history for slot {slot!r} but the slot is gone from the source: "
@@ -279,10 +295,9 @@ def create_slot_with_baseline(
         source_dsn, "source", replication="database", autocommit=True, options=options_string(OUTPUT_SETTINGS)
     )
     try:
-        if repl.info.server_version >= 150000:
-            command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')")
-        else:
-            command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT")
+        # Before the slot: any later command on this connection ends its exported snapshot.
+        created_on = identify(repl)
+        command = create_slot_command(repl.info.server_version, config.source.failover)
         row = repl.execute(command.format(sql.Identifier(slot))).fetchone()
         assert row is not None
         consistent_point, snapshot = parse_lsn(row[1]), str(row[2])
@@ -309,11 +324,8 @@ def create_slot_with_baseline(
         count = copy_baseline(source_dsn, snapshot, writer, config, consistent_point, report, gap=gap)
         with writer.conn.cursor() as cur:
             if gap:
-                cur.execute(
-                    "INSERT INTO gaps (slot_name, after_position, resumed_position) VALUES (%s, %s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    (slot, previous_ack, consistent_point),
-                )
+                record_gap(cur, slot, previous_ack, consistent_point)
+            record_slot_created(cur, slot, created_on, consistent_point)
             cur.execute(
                 "UPDATE capture_state SET baseline_done = true, updated_at = now() WHERE slot_name = %s",
                 (slot,),

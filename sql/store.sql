@@ -302,3 +302,26 @@ CREATE TABLE IF NOT EXISTS erasures (
     forced           boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS erasures_key ON erasures (table_id, key_sha256);
+
+-- The source servers capture read from (cdc/capture/failover.py, docs/reliability.md "Source
+-- failover"): a row when capture first streams from a server or timeline, and when it finds it
+-- cannot resume there without losing changes (a gap) or with changes the server never had (a
+-- fork). A gap or fork stops the daemon until `cdc setup --recreate-slot` resolves it: a new
+-- baseline, a `gaps` row with this reason, and resolved_position set.
+CREATE TABLE IF NOT EXISTS source_switches (
+    switch_id          bigserial PRIMARY KEY,
+    slot_name          text NOT NULL,
+    switched_at        timestamptz NOT NULL DEFAULT now(),
+    host               text NOT NULL,        -- host:port the daemon connected to
+    timeline           integer NOT NULL,     -- its timeline (IDENTIFY_SYSTEM)
+    previous_host      text,
+    previous_timeline  integer,
+    acked_lsn          bigint NOT NULL,      -- the store's acknowledged position then
+    slot_confirmed_lsn bigint,               -- the slot's confirmed_flush_lsn there (NULL: no slot)
+    slot_synced        boolean,              -- PostgreSQL 17+: synchronized from the old primary
+    fork_lsn           bigint,               -- where the previous timeline ends in this server's history
+    outcome            text NOT NULL CHECK (outcome IN ('first', 'resumed', 'gap', 'fork')),
+    reason             text,
+    resolved_position  bigint                -- a gap or fork: where capture started again
+);
+CREATE INDEX IF NOT EXISTS source_switches_slot ON source_switches (slot_name, switch_id);

@@ -34,10 +34,11 @@ import structlog
 from cdc.capture.ack import Acknowledgement
 from cdc.capture.batches import Batch, BatchBuilder
 from cdc.capture.engine import Core
+from cdc.capture.failover import SwitchLog, same_source, verify_source
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
 from cdc.capture.registry import Registry
 from cdc.capture.writer_process import Ready, WriterParams, WriterProcess
-from cdc.config import Config, redact_dsn
+from cdc.config import Config
 from cdc.context import HEARTBEAT_PREFIX, ContextKeys, ContextVerifier
 from cdc.errors import (
     SetupError,
@@ -157,7 +158,18 @@ class CaptureSession:
                     f"history was captured from ({state.source_system_id})",
                     hint="point source.dsn at the original server, or use another store schema",
                 )
-            self._check_slot(stream, source_dsn)
+            source = verify_source(
+                stream,
+                source_dsn,
+                slot=self.slot,
+                acked_lsn=state.acked_lsn,
+                switches=SwitchLog(
+                    store_dsn, cfg.store.schema_name, self.slot, timeout=cfg.store.timeout_seconds
+                ),
+                metrics=self.metrics,
+                timeout=cfg.source.timeout_seconds,
+                connect_timeout=cfg.source.connect_timeout_seconds,
+            )
             options = choose_options(
                 stream.server_version,
                 self.slot,
@@ -169,6 +181,7 @@ class CaptureSession:
             stream.connect(
                 {"debug_logical_replication_streaming": "immediate"} if options.stream_immediately else {}
             )
+            same_source(stream, source)
             try:
                 catalog = psycopg.connect(source_dsn, autocommit=True, connect_timeout=10)
             except psycopg.OperationalError as exc:
@@ -274,20 +287,6 @@ class CaptureSession:
                     hint="check the history store server",
                 )
         return None
-
-    def _check_slot(self, stream: ReplicationStream, source_dsn: str) -> None:
-        slot = stream.slot_info(self.slot)
-        if slot is None:
-            raise SlotLostError(
-                f"replication slot {self.slot!r} does not exist on the source "
-                f"({redact_dsn(source_dsn)}): changes since it was dropped were not captured",
-                hint="run `cdc setup --recreate-slot`; the history records a gap and a new baseline",
-            )
-        if slot[2] == "lost":
-            raise SlotLostError(
-                f"replication slot {self.slot!r} was invalidated (wal_status=lost): the WAL it needed was removed",
-                hint="run `cdc setup --recreate-slot`; raise max_slot_wal_keep_size to avoid it",
-            )
 
     @contextmanager
     def _pruner(self, store_dsn: str) -> Iterator[None]:
