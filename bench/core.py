@@ -5,8 +5,8 @@ A synthetic stream in the shape PostgreSQL 16+ sends with
 (a transactional context message, then 3 inserts/updates of a 5-column table), every change
 in its own Stream Start / Stop block, the Relation resent in each transaction, then a Stream
 Commit. Run: ``python -m bench.core [--transactions N] [--repeat R]``. Each transaction's
-context message is the one the context trigger writes (row_to_json of its fields), with a
-request id of its own; ``--batches`` also times the daemon's side of each transaction: the
+context message is the one the context trigger writes (its fields, signed for its transaction),
+with a request id of its own; ``--batches`` also times the daemon's side of each transaction: the
 batch builder and the batch's encoding for the writer's pipe.
 """
 
@@ -19,9 +19,11 @@ import time
 from cdc.capture.batches import CONTEXT_REJECTED, BatchBuilder
 from cdc.capture.model import Kind, Policy, RelationDesc, RelationInfo
 from cdc.capture.writer_process import encode_batch
+from cdc.context import CONTEXT_PREFIX, ContextKeys, ContextVerifier, context_key_id, sign_content
 from cdc.protocol import encode as wire
 
 OID = 16_384
+KEY = b"bench-context-key".ljust(32, b".")  # the context messages' MAC key (cdc.context)
 COLUMNS = [
     (1, "id", 20, -1),
     (0, "account", 23, -1),
@@ -47,11 +49,14 @@ def stream(transactions: int) -> list[bytes]:
     frames: list[bytes] = []
     lsn = 0x1_0000_0000
     for t in range(transactions):
-        context = (
-            b'{"request_id":"8f14e45f-ceea-467f-a0e6-%012d","actor":"user:42","application_name":"app",'
-            b'"db_user":"app","client_addr":"10.1.2.3","backend_pid":4242,"source":"setting","extra":{}}' % t
-        )
         xid = 1000 + t
+        context = sign_content(
+            CONTEXT_PREFIX,
+            b'{"request_id":"8f14e45f-ceea-467f-a0e6-%012d","actor":"user:42","application_name":"app",'
+            b'"db_user":"app","client_addr":"10.1.2.3","backend_pid":4242,"source":"setting","extra":{},'
+            b'"xid":%d}' % (t, xid),
+            KEY,
+        )
         for c in range(3):
             row = t * 3 + c
             values = [str(row), str(row % 97), "shipped", f"{row % 1000}.25", "2026-12-07 20:39:29.070400+00"]
@@ -79,7 +84,8 @@ def measure(module: str, frames: list[bytes], changes: int, repeat: int, batches
         core = core_class(describe)
         feed = core.feed
         pop = core.pop_events
-        builder = BatchBuilder(max_rows=5000, actor_last_seq=lambda actor: 0)
+        verifier = ContextVerifier(lambda: ContextKeys(KEY, context_key_id(KEY)))
+        builder = BatchBuilder(max_rows=5000, actor_last_seq=lambda actor: 0, verifier=verifier)
         started = time.process_time()
         total = 0
         for frame in frames:

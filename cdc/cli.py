@@ -90,8 +90,19 @@ def run(config_path: str | None, no_http: bool) -> None:
 @click.option("--store", help="Store DSN (else CDC_STORE_DSN or the config file).")
 @click.option("--recreate-slot", is_flag=True, help="Create a lost slot again; the history records a gap.")
 @click.option("--drop-v1", is_flag=True, help="Drop the format-1 tables (*_v1) a store migration kept.")
+@click.option(
+    "--rotate-context-key",
+    is_flag=True,
+    help="Only replace the key that signs context messages (the previous one stays accepted; the daemon "
+    "may keep running; docs/security.md).",
+)
 def setup(
-    config_path: str | None, source: str | None, store: str | None, recreate_slot: bool, drop_v1: bool
+    config_path: str | None,
+    source: str | None,
+    store: str | None,
+    recreate_slot: bool,
+    drop_v1: bool,
+    rotate_context_key: bool,
 ) -> None:
     """Check the source and create publication, slot, context trigger and store schema.
 
@@ -101,7 +112,12 @@ def setup(
 
     configure_logging("warning", "console")
     try:
-        report = do_setup(load(config_path, source, store), recreate_slot=recreate_slot, drop_v1=drop_v1)
+        report = do_setup(
+            load(config_path, source, store),
+            recreate_slot=recreate_slot,
+            drop_v1=drop_v1,
+            rotate_context_key=rotate_context_key,
+        )
     except CdcError as exc:
         fail(exc)
     for step in report.steps:

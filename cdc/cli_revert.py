@@ -1,6 +1,6 @@
 """The undo commands of the CLI: ``cdc revert REQ`` and ``cdc restore TABLE --id ID --version V``.
 
-Thin shells over :mod:`cdc.revert`. Both read the history store (``--store DSN``, else
+Thin shells over :mod:`cdc.undo`. Both read the history store (``--store DSN``, else
 ``CDC_STORE_DSN``, else ``store.dsn`` of the config file) and the source (``--source DSN``,
 else ``CDC_SOURCE_DSN``, else ``source.dsn``). Without ``--apply`` they only print the plan:
 a SQL script for psql. With ``--apply`` they run it in one transaction on the source, tagged
@@ -8,7 +8,9 @@ with a new request id (context ``reverts`` / ``restores``), and print that id.
 
 Exit codes: 0 done; 3 conflicts (later changes to the same columns) stop a revert unless
 ``--force``, or a statement did not change the rows it should have; 2 bad input (unknown
-request, table, row, version); 1 a server could not be reached or refused the SQL. Errors are
+request, table, row, version) or a value to write that the history holds only as a redaction
+placeholder (``--keep-redacted`` leaves such columns as they are); 1 a server could not be
+reached or refused the SQL. Errors are
 one ``error: ...`` message on stderr, never a traceback.
 """
 
@@ -27,7 +29,7 @@ from cdc.config import load_config, redact_dsn
 from cdc.errors import CdcError, SourceUnavailableError, UsageError
 from cdc.query import key_from_text
 from cdc.render import align, format_value, json_text
-from cdc.revert import (
+from cdc.undo import (
     RevertConflictError,
     RevertPlan,
     apply_plan,
@@ -85,10 +87,19 @@ def undo_options(func: Any) -> Any:
                      help="Request id of the applying request (default: a fresh one)."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default="sql", show_default=True,
                      help="sql: a psql script; json: the plan, conflicts and diff."),
+        click.option("--keep-redacted", "keep_redacted", is_flag=True,
+                     help="Leave columns under a redaction policy (hash, mask, exclude) as they are now "
+                          "instead of refusing to write their stored placeholders."),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _configured_policies(config_path: str | None) -> dict[str, dict[str, str]]:
+    """The ``columns`` policies of the configuration (the stored schema records them too)."""
+    config = load_config(config_path)
+    return {table: dict(columns) for table, columns in config.columns.items()}
 
 
 def _default_actor() -> str:
@@ -137,6 +148,7 @@ def revert(
     actor: str | None,
     new_request_id: str | None,
     fmt: str,
+    keep_redacted: bool,
 ) -> None:
     """Print (or --apply) the SQL that undoes the committed changes of request REQ.
 
@@ -146,6 +158,9 @@ def revert(
     (or the rows differ on the source now), unless --force.
 
     \b
+    Refuses (exit code 2) to write the stored placeholder of a redacted column (hash, mask,
+    exclude) into the source, unless --keep-redacted leaves those columns as they are.
+    \b
       cdc revert 550e8400                 # the plan, as a psql script
       cdc revert 550e8400 --apply         # run it; prints the new request id
       cdc revert 550e8400 --apply --force
@@ -153,7 +168,13 @@ def revert(
     with boundary(_refused):
         store = open_store(store_dsn, config_path, store_schema)
         with store, open_source(source_dsn, config_path) as source:
-            plan = plan_revert(store, source, request_id)
+            plan = plan_revert(
+                store,
+                source,
+                request_id,
+                keep_redacted=keep_redacted,
+                policies=_configured_policies(config_path),
+            )
             if plan.conflicts and not force:
                 if fmt == "json":  # the conflicts for scripts on stdout; the error on stderr
                     _emit_plan(plan, fmt, (), None)
@@ -201,6 +222,7 @@ def restore(
     actor: str | None,
     new_request_id: str | None,
     fmt: str,
+    keep_redacted: bool,
 ) -> None:
     """Print (or --apply) the SQL that puts one row back to its state at a version.
 
@@ -215,7 +237,16 @@ def restore(
         when = parse_time(at_text, utc=utc) if at_text is not None else None
         store = open_store(store_dsn, config_path, store_schema)
         with store, open_source(source_dsn, config_path) as source:
-            plan = plan_restore(store, source, table, key_from_text(key_text), version=version_text, at=when)
+            plan = plan_restore(
+                store,
+                source,
+                table,
+                key_from_text(key_text),
+                version=version_text,
+                at=when,
+                keep_redacted=keep_redacted,
+                policies=_configured_policies(config_path),
+            )
             if fmt != "json":
                 for line in _diff_lines(plan):
                     click.echo(line)

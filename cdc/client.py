@@ -6,14 +6,21 @@ connection (or a SQLAlchemy Engine/Connection). Inside a transaction it
 1. sets ``cdc.request_id``, ``cdc.actor`` and ``cdc.<key>`` for each extra, transaction-local
    (``set_config(..., true)``), so nothing leaks into the session: safe behind poolers such as
    pgbouncer in transaction mode;
-2. writes the ``cdc.context`` message itself (transactional, ``"source": "client"``), so the
-   context reaches the WAL even for tables without the trigger, and records the fingerprint the
-   trigger compares (``cdc._emitted``), so the trigger does not emit a second one;
-3. when the block raises, writes a NON-transactional ``cdc.error`` message (error type, message,
-   the application's file:line, request id, xid) that survives the rollback and, when ``cdc
-   setup`` installed ``cdc.await_capture()`` and the transaction is still alive, waits (bounded)
-   until the capture daemon has decoded past it, so the attempted changes are captured before
-   the rollback discards them (PostgreSQL 16+ streaming); then re-raises.
+2. writes the ``cdc.context`` message through ``cdc.emit_context()`` (transactional, ``"source":
+   "client"``; the server stamps and signs it), so the context reaches the WAL even for tables
+   without the trigger, and records the fingerprint the trigger compares (``cdc._emitted``), so
+   the trigger does not emit a second one;
+3. when the block raises, writes a NON-transactional ``cdc.error`` message through
+   ``cdc.report_error()`` (error type, message, the application's file:line, request id; the
+   server stamps the session and the xid) that survives the rollback and, when ``cdc setup``
+   installed ``cdc.await_capture()`` and the transaction is still alive, waits (bounded) until
+   the capture daemon has decoded past it, so the attempted changes are captured before the
+   rollback discards them (PostgreSQL 16+ streaming); then re-raises. The message of a database
+   error is its primary message and SQLSTATE only (never DETAIL, HINT or CONTEXT, which quote
+   row values: :func:`cdc.errors.reported_message`).
+
+Both functions are installed on the source by ``cdc setup``: without them ``request()`` raises
+:class:`cdc.errors.SetupError`.
 
 All of step 1 and 2 is one round trip. Transactions: with an autocommit connection the block
 runs in its own transaction (``conn.transaction()``: committed at the end, rolled back on an
@@ -26,8 +33,9 @@ nothing, not even a non-transactional message, can be written. When ``request()`
 transaction it rolls back first and then writes the message on the same connection (autocommit,
 so it is a statement of its own). When the caller owns the transaction, ``request()`` must not
 roll it back, so it writes the message over a short separate connection to the same server
-(``conn.info.get_parameters()`` plus the password), then re-raises. Reporting never masks the
-original exception: a failure to report is logged (without values) and swallowed.
+(``conn.info.get_parameters()`` plus the password), then re-raises; the session token that
+``cdc.emit_context()`` returned proves to the server that the error is that session's. Reporting
+never masks the original exception: a failure to report is logged (without values) and swallowed.
 
 ``arequest(aconn, ...)`` is the same for psycopg's AsyncConnection. ``WSGIMiddleware`` and
 ``ASGIMiddleware`` take the request id from a header (or make one), expose it through
@@ -49,7 +57,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import Any, Final
 
@@ -58,9 +65,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg.pq import TransactionStatus
 
 from cdc.context import (
-    CONTEXT_PREFIX,
     EMITTED_SETTING,
-    ERROR_PREFIX,
     MAX_EXTRA_KEYS,
     MAX_EXTRA_VALUE_CHARS,
     MAX_ID_CHARS,
@@ -68,6 +73,7 @@ from cdc.context import (
     truncate_utf8,
     validate_setting_name,
 )
+from cdc.errors import SetupError, error_text, reported_message
 
 __all__ = [
     "ASGIMiddleware",
@@ -117,7 +123,8 @@ class RequestScope:
 
     ``connection`` is the connection passed in, or, for a SQLAlchemy Engine, the Connection
     opened for the block. ``xid`` is the (64-bit) id of the transaction the context was
-    written in.
+    written in. ``session_token`` (from ``cdc.emit_context()``) lets another connection report
+    this session's error.
     """
 
     request_id: str
@@ -125,6 +132,7 @@ class RequestScope:
     extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     connection: Any = None
     xid: int | None = None
+    session_token: str | None = field(default=None, repr=False)
 
 
 # ============================================================================ SQL
@@ -153,10 +161,6 @@ def _prepare(
 
 def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict[str, Any]:
     prefix = _settings_prefix
-    head = json.dumps({"request_id": rid, "actor": actor}, separators=(",", ":"), ensure_ascii=False)[:-1]
-    tail = json.dumps({"source": "client", "extra": dict(extra)}, separators=(",", ":"), ensure_ascii=False)[
-        1:
-    ]
     return {
         "k_rid": f"{prefix}.request_id",
         "k_actor": f"{prefix}.actor",
@@ -164,16 +168,15 @@ def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict
         "k_emitted": EMITTED_SETTING,
         "rid": rid,
         "actor": actor or "",
+        "actor_claim": actor,
         "extra": json.dumps(dict(extra), separators=(",", ":"), ensure_ascii=False),
-        "prefix": CONTEXT_PREFIX,
-        "head": head,
-        "tail": tail,
     }
 
 
-# One round trip: set the settings, emit the context, record the fingerprint the trigger
-# compares (request_id US application_name, see cdc.context.context_fingerprint) and return
-# the transaction id (column 2). The columns do not depend on each other, so their order of
+# One round trip: set the settings, emit the context through cdc.emit_context() (which stamps
+# and signs it and returns the session token, column 4), record the fingerprint the trigger
+# compares (request_id US application_name, see cdc.context.context_fingerprint) and return the
+# transaction id (column 1). The columns do not depend on each other, so their order of
 # evaluation does not matter. Only `%(name)s` placeholders and no `::` casts: the same text
 # serves psycopg and (after a placeholder rewrite) SQLAlchemy's text().
 _BEGIN_SQL: Final = """
@@ -182,37 +185,35 @@ SELECT pg_catalog.set_config(CAST(%(k_rid)s AS text), CAST(%(rid)s AS text), tru
        pg_catalog.set_config(CAST(%(k_actor)s AS text), CAST(%(actor)s AS text), true),
        (SELECT pg_catalog.count(pg_catalog.set_config(CAST(%(k_extra)s AS text) || e.key, e.value, true))
           FROM pg_catalog.json_each_text(CAST(%(extra)s AS json)) AS e),
-       pg_catalog.pg_logical_emit_message(true, CAST(%(prefix)s AS text),
-           CAST(%(head)s AS text)
-           || ',"application_name":'
-           || coalesce(CAST(pg_catalog.to_json(nullif(pg_catalog.current_setting('application_name', true), ''))
-                            AS text), 'null')
-           || ',"db_user":' || CAST(pg_catalog.to_json(CAST(CURRENT_USER AS text)) AS text)
-           || ',"client_addr":'
-           || coalesce(CAST(pg_catalog.to_json(pg_catalog.host(pg_catalog.inet_client_addr())) AS text), 'null')
-           || ',"backend_pid":' || CAST(pg_catalog.pg_backend_pid() AS text)
-           || ',' || CAST(%(tail)s AS text)),
+       cdc.emit_context(CAST(%(rid)s AS text), CAST(%(actor_claim)s AS text), CAST(%(extra)s AS json),
+                        CAST('client' AS text)),
        pg_catalog.set_config(CAST(%(k_emitted)s AS text),
            CAST(%(rid)s AS text) || pg_catalog.chr(31) || pg_catalog.current_setting('application_name'), true)
 """
 
-# The error message, non-transactional (it survives the rollback), and whether `cdc setup`
-# installed cdc.await_capture() (sql/await_capture.sql). Column 1 is the end of the message.
+# The error message through cdc.report_error() (non-transactional, flushed on PostgreSQL 17+; it
+# returns the message's end), and whether `cdc setup` installed cdc.await_capture()
+# (sql/await_capture.sql).
 _ERROR_SQL: Final = """
-SELECT CAST(pg_catalog.pg_logical_emit_message(false, CAST(%(prefix)s AS text), CAST(%(content)s AS text)) AS text),
-       pg_catalog.to_regprocedure('cdc.await_capture(pg_lsn,integer)') IS NOT NULL
-"""
-# PostgreSQL 17+: flush the message, so the walsender (which reads only flushed WAL) can reach
-# it and the changes before it while the transaction is still alive.
-_ERROR_SQL_FLUSH: Final = """
-SELECT CAST(pg_catalog.pg_logical_emit_message(false, CAST(%(prefix)s AS text), CAST(%(content)s AS text), true)
+SELECT CAST(cdc.report_error(CAST(%(rid)s AS text), CAST(%(error_type)s AS text), CAST(%(message)s AS text),
+                             CAST(%(location)s AS text), CAST(%(actor)s AS text), CAST(%(token)s AS text))
             AS text),
        pg_catalog.to_regprocedure('cdc.await_capture(pg_lsn,integer)') IS NOT NULL
 """
 
 
-def _error_sql(server_version: int) -> str:
-    return _ERROR_SQL_FLUSH if server_version >= 170000 else _ERROR_SQL
+def _begun(row: Any) -> tuple[int | None, str | None]:
+    """(xid, session token) from the row of _BEGIN_SQL."""
+    if row is None:
+        return None, None
+    return (int(row[1]) if row[1] is not None else None), (str(row[4]) if row[4] else None)
+
+
+def _not_set_up(exc: BaseException) -> SetupError:
+    return SetupError(
+        f"cdc is not set up on this database ({error_text(exc)})",
+        hint="run `cdc setup` for this source: it installs cdc.emit_context() and cdc.report_error()",
+    )
 
 
 # Before a failed request's transaction rolls back: wait (bounded, by default 2 s) until the
@@ -224,28 +225,19 @@ def _error_sql(server_version: int) -> str:
 _AWAIT_SQL: Final = "SELECT cdc.await_capture(CAST(%(lsn)s AS pg_lsn))"
 
 
-def _error_content(scope: RequestScope, exc: BaseException) -> str:
+def _error_params(scope: RequestScope, exc: BaseException) -> dict[str, Any]:
     # A driver error wrapped by SQLAlchemy: report the database's error, not the wrapper (whose
     # text also carries the SQL statement and its parameters).
     orig = getattr(exc, "orig", None)
     reported = orig if isinstance(orig, BaseException) else exc
-    message = str(reported)
-    if not message and reported.args:
-        message = repr(reported.args[0])
-    content = {
-        "request_id": scope.request_id,
-        "xid": scope.xid,
+    return {
+        "rid": scope.request_id,
         "error_type": type(reported).__name__,
-        "message": truncate_utf8(message, MAX_MESSAGE_BYTES),
+        "message": truncate_utf8(reported_message(reported), MAX_MESSAGE_BYTES),
         "location": error_location(exc),
         "actor": scope.actor,
-        "at": datetime.now(UTC).isoformat(),
+        "token": scope.session_token,
     }
-    return json.dumps(content, separators=(",", ":"), ensure_ascii=False)
-
-
-def _error_params(scope: RequestScope, exc: BaseException) -> dict[str, Any]:
-    return {"prefix": ERROR_PREFIX, "content": _error_content(scope, exc)}
 
 
 # ============================================================================ error location
@@ -356,7 +348,7 @@ def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: Ba
         status = conn.info.transaction_status
         if _usable(status) and not conn.closed:
             started = status == TransactionStatus.IDLE and not conn.autocommit
-            row = conn.execute(_error_sql(conn.info.server_version), params).fetchone()
+            row = conn.execute(_ERROR_SQL, params).fetchone()
             if row is not None and row[1] and status == TransactionStatus.INTRANS:
                 conn.execute(_AWAIT_SQL, {"lsn": row[0]})
             if started:
@@ -370,9 +362,11 @@ def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: Ba
 
 def _begin_sync(
     conn: psycopg.Connection[Any], rid: str, actor: str | None, extra: Mapping[str, str]
-) -> int | None:
-    row = conn.execute(_BEGIN_SQL, _begin_params(rid, actor, extra)).fetchone()
-    return int(row[1]) if row is not None and row[1] is not None else None
+) -> tuple[int | None, str | None]:
+    try:
+        return _begun(conn.execute(_BEGIN_SQL, _begin_params(rid, actor, extra)).fetchone())
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
+        raise _not_set_up(exc) from exc
 
 
 @contextmanager
@@ -387,7 +381,7 @@ def _psycopg_request(
     rid_token = _request_id.set(rid)
     try:
         with conn.transaction() if owned else nullcontext():
-            scope = RequestScope(rid, actor, scope.extra, conn, _begin_sync(conn, rid, actor, extra))
+            scope = RequestScope(rid, actor, scope.extra, conn, *_begin_sync(conn, rid, actor, extra))
             try:
                 yield scope
             except Exception as exc:
@@ -426,7 +420,7 @@ async def _emit_error_async(
         status = conn.info.transaction_status
         if _usable(status) and not conn.closed:
             started = status == TransactionStatus.IDLE and not conn.autocommit
-            cur = await conn.execute(_error_sql(conn.info.server_version), params)
+            cur = await conn.execute(_ERROR_SQL, params)
             row = await cur.fetchone()
             if row is not None and row[1] and status == TransactionStatus.INTRANS:
                 await conn.execute(_AWAIT_SQL, {"lsn": row[0]})
@@ -443,10 +437,12 @@ async def _emit_error_async(
 
 async def _begin_async(
     conn: psycopg.AsyncConnection[Any], rid: str, actor: str | None, extra: Mapping[str, str]
-) -> int | None:
-    cur = await conn.execute(_BEGIN_SQL, _begin_params(rid, actor, extra))
-    row = await cur.fetchone()
-    return int(row[1]) if row is not None and row[1] is not None else None
+) -> tuple[int | None, str | None]:
+    try:
+        cur = await conn.execute(_BEGIN_SQL, _begin_params(rid, actor, extra))
+        return _begun(await cur.fetchone())
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
+        raise _not_set_up(exc) from exc
 
 
 @asynccontextmanager
@@ -469,7 +465,9 @@ async def arequest(
     rid_token = _request_id.set(rid)
     try:
         async with aconn.transaction() if owned else nullcontext():
-            scope = RequestScope(rid, actor, scope.extra, aconn, await _begin_async(aconn, rid, actor, clean))
+            scope = RequestScope(
+                rid, actor, scope.extra, aconn, *(await _begin_async(aconn, rid, actor, clean))
+            )
             try:
                 yield scope
             except Exception as exc:
@@ -529,16 +527,17 @@ def _sa_status(sa_conn: Any) -> TransactionStatus | None:
     return None
 
 
-def _sa_begin(sa_conn: Any, rid: str, actor: str | None, extra: Mapping[str, str]) -> int | None:
-    row = sa_conn.execute(_sa_text(_BEGIN_SQL), _begin_params(rid, actor, extra)).fetchone()
-    return int(row[1]) if row is not None and row[1] is not None else None
+def _sa_begin(
+    sa_conn: Any, rid: str, actor: str | None, extra: Mapping[str, str]
+) -> tuple[int | None, str | None]:
+    return _begun(sa_conn.execute(_sa_text(_BEGIN_SQL), _begin_params(rid, actor, extra)).fetchone())
 
 
 def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usable: bool) -> None:
     try:
         params = _error_params(scope, exc)
         if usable:
-            row = sa_conn.execute(_sa_text(_error_sql(_sa_server_version(sa_conn))), params).fetchone()
+            row = sa_conn.execute(_sa_text(_ERROR_SQL), params).fetchone()
             if row is not None and row[1]:
                 sa_conn.execute(_sa_text(_AWAIT_SQL), {"lsn": row[0]})
             return
@@ -547,14 +546,6 @@ def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usa
             other.commit()
     except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
         _report_failed("sqlalchemy", err)
-
-
-def _sa_server_version(sa_conn: Any) -> int:
-    """The server version as libpq spells it (150004), 0 when the dialect does not know it."""
-    info: tuple[Any, ...] = tuple(getattr(sa_conn.dialect, "server_version_info", None) or ())
-    major = info[0] if info and isinstance(info[0], int) else 0
-    minor = info[1] if len(info) > 1 and isinstance(info[1], int) else 0
-    return major * 10000 + minor if major >= 10 else 0
 
 
 def _sa_usable(sa_conn: Any, exc: BaseException) -> bool:
@@ -591,7 +582,7 @@ def _sqlalchemy_on(
     rid_token = _request_id.set(rid)
     try:
         scope = RequestScope(
-            rid, actor, MappingProxyType(dict(extra)), sa_conn, _sa_begin(sa_conn, rid, actor, extra)
+            rid, actor, MappingProxyType(dict(extra)), sa_conn, *_sa_begin(sa_conn, rid, actor, extra)
         )
         try:
             yield scope

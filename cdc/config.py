@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,7 +32,17 @@ from pydantic import (
     model_validator,
 )
 
-from cdc import names
+from cdc import names, source_hosts
+from cdc.config_text import (
+    MASK,
+    SecretDsn,
+    _short,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+    redact_dsn,
+)
 from cdc.errors import ConfigError, UsageError
 
 __all__ = [
@@ -42,6 +51,7 @@ __all__ = [
     "Config",
     "ContextConfig",
     "LoggingConfig",
+    "PoliciesConfig",
     "ReconnectConfig",
     "RetentionConfig",
     "SecretDsn",
@@ -60,174 +70,7 @@ __all__ = [
 
 ColumnPolicy = Literal["exclude", "hash", "mask"]
 
-_MAX_TEXT = 100  # longer duration/size texts are refused outright
-_MASK = "***"
-
-# --------------------------------------------------------------------------- redaction
-
-_SECRETS_RE = re.compile(
-    r"(?P<uri>[A-Za-z][A-Za-z0-9+.-]*://\S*)"
-    r"|(?P<key>[A-Za-z_]*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)",
-    re.IGNORECASE | re.DOTALL,
-)
-_URI_PASSWORD_RE = re.compile(r"([?&][A-Za-z_]*password=)[^&#]*", re.IGNORECASE)
-
-
-def _redact_match(match: re.Match[str]) -> str:
-    if match.group("key") is not None:
-        return match.group("key") + _MASK
-    scheme, _, rest = match.group().partition("://")
-    at = rest.rfind("@")  # the last "@": an unencoded "@" in the password must not leak its tail
-    if at >= 0:
-        colon = rest.find(":", 0, at)
-        if colon >= 0:
-            rest = f"{rest[: colon + 1]}{_MASK}{rest[at:]}"
-    return f"{scheme}://{_URI_PASSWORD_RE.sub(lambda m: m.group(1) + _MASK, rest)}"
-
-
-def redact_dsn(dsn: str) -> str:
-    """Return ``dsn`` (or any text containing DSNs) with every password replaced by ``***``.
-
-    Handles libpq ``key=value`` strings (``password=...``, quoted or not, also ``sslpassword``)
-    and URIs (``postgresql://user:secret@host/db?password=...``).
-    """
-    return _SECRETS_RE.sub(_redact_match, dsn)
-
-
-class SecretDsn(Secret[str]):
-    """A DSN whose ``str()``/``repr()`` show it with the password redacted.
-
-    ``get_secret_value()`` returns the DSN to pass to the driver.
-    """
-
-    def _display(self) -> str:
-        return redact_dsn(self.get_secret_value())
-
-
-# --------------------------------------------------------------------------- durations and sizes
-
-_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_DURATION_UNITS_US = {
-    "ms": 1_000,
-    "s": 1_000_000,
-    "m": 60_000_000,
-    "h": 3_600_000_000,
-    "d": 86_400_000_000,
-    "w": 604_800_000_000,
-}
-_DURATION_PART_RE = re.compile(rf"({_NUMBER})\s*(ms|s|m|h|d|w)\s*", re.ASCII | re.IGNORECASE)
-_DURATION_RE = re.compile(rf"(?:{_NUMBER}\s*(?:ms|s|m|h|d|w)\s*)+", re.ASCII | re.IGNORECASE)
-_PLAIN_NUMBER_RE = re.compile(_NUMBER, re.ASCII)
-_ISO_DURATION_RE = re.compile(
-    rf"P(?:([0-9]+)W)?(?:([0-9]+)D)?(?:T(?:([0-9]+)H)?(?:([0-9]+)M)?(?:({_NUMBER})S)?)?",
-    re.ASCII | re.IGNORECASE,
-)
-_MAX_TIMEDELTA_US = (timedelta.max.days + 1) * 86_400_000_000 - 1
-
-
-def _short(text: str) -> str:
-    return repr(text if len(text) <= 60 else text[:57] + "...")
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse ``500ms``, ``30s``, ``90m``, ``24h``, ``7d``, ``2w``, ``1h30m``, ``P7D``, ``PT1H30M``
-    or a plain number of seconds (``0.2``).
-
-    Raises :class:`UsageError` on anything else, including negative or absurdly large values.
-    """
-    value = text.strip()
-    error = UsageError(
-        f"invalid duration {_short(text)}: expected seconds (30, 0.5) or a number with a unit: "
-        "500ms, 30s, 90m, 24h, 7d, 2w (combinable: 1h30m) or ISO 8601 (P7D, PT1H)"
-    )
-    if not value or len(value) > _MAX_TEXT:
-        raise error
-    micros: Fraction
-    if _PLAIN_NUMBER_RE.fullmatch(value):
-        micros = Fraction(value) * 1_000_000
-    elif _DURATION_RE.fullmatch(value):
-        micros = sum(
-            (
-                Fraction(m.group(1)) * _DURATION_UNITS_US[m.group(2).lower()]
-                for m in _DURATION_PART_RE.finditer(value)
-            ),
-            Fraction(0),
-        )
-    elif (iso := _ISO_DURATION_RE.fullmatch(value)) and value.upper() not in ("P", "PT"):
-        if value.upper().endswith("T"):
-            raise error
-        weeks, days, hours, minutes, seconds = (Fraction(g) if g else Fraction(0) for g in iso.groups())
-        micros = (
-            weeks * _DURATION_UNITS_US["w"]
-            + days * _DURATION_UNITS_US["d"]
-            + hours * _DURATION_UNITS_US["h"]
-            + minutes * _DURATION_UNITS_US["m"]
-            + seconds * _DURATION_UNITS_US["s"]
-        )
-    else:
-        raise error
-    rounded = round(micros)
-    if rounded > _MAX_TIMEDELTA_US:
-        raise UsageError(f"invalid duration {_short(text)}: too large")
-    return timedelta(microseconds=rounded)
-
-
-def format_duration(value: timedelta) -> str:
-    """Format ``value`` in the largest unit that divides it exactly (``7d``, ``90m``, ``200ms``)."""
-    micros = (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
-    if micros < 0:
-        raise ValueError(f"negative duration {value!r}")
-    if micros == 0:
-        return "0s"
-    for unit in ("w", "d", "h", "m", "s", "ms"):
-        size = _DURATION_UNITS_US[unit]
-        if micros % size == 0:
-            return f"{micros // size}{unit}"
-    return f"{micros // 1_000_000}.{micros % 1_000_000:06d}".rstrip("0") + "s"
-
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-_SIZE_RE = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)", re.ASCII)
-
-
-def parse_size(text: str) -> int:
-    """Parse ``1024`` (bytes), ``512B``, ``64KiB``, ``64MiB``, ``1GiB`` (powers of 1024) or
-    ``1kB``, ``64MB``, ``1GB`` (powers of 1000; units are case-insensitive) into bytes.
-
-    Raises :class:`UsageError` on anything else.
-    """
-    value = text.strip()
-    match = _SIZE_RE.fullmatch(value) if len(value) <= _MAX_TEXT else None
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _SIZE_UNITS:
-        raise UsageError(
-            f"invalid size {_short(text)}: expected bytes (1024) or a number with a unit: "
-            "KiB, MiB, GiB, TiB (1024-based) or kB, MB, GB, TB (1000-based)"
-        )
-    size = Fraction(match.group(1)) * _SIZE_UNITS[unit]
-    if size.denominator != 1:
-        raise UsageError(f"invalid size {_short(text)}: not a whole number of bytes")
-    return int(size)
-
-
-def format_size(value: int) -> str:
-    """Format a byte count with the largest binary unit that divides it (``64MiB``, ``1000``)."""
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if value and value % size == 0:
-            return f"{value // size}{unit}"
-    return str(value)
-
+_MASK = MASK
 
 # --------------------------------------------------------------------------- table names
 
@@ -419,6 +262,12 @@ def _on_off(value: Any) -> Any:
     return {"true": "on", "false": "off"}.get(value, value) if isinstance(value, str) else value
 
 
+def _source_hosts(value: tuple[str, ...]) -> tuple[str, ...]:
+    for host in value:
+        source_hosts.parse_host(host)
+    return _unique(value)
+
+
 class SourceConfig(_Section):
     """The captured database."""
 
@@ -432,6 +281,21 @@ class SourceConfig(_Section):
     #: silence after which a source connection counts as broken (a query unanswered, the
     #: replication stream quiet although pinged): the daemon then reconnects
     timeout_seconds: PositiveSeconds = 30.0
+    #: PostgreSQL 17+: the slot is a failover slot, synchronized to the standbys (docs/reliability.md)
+    failover: bool = False
+    #: the source's servers, primary and standbys (``host:port``): replace the DSN's host and
+    #: port; capture follows whichever is the primary (cdc/source_hosts.py)
+    hosts: Annotated[tuple[str, ...], BeforeValidator(_split_list), AfterValidator(_source_hosts)] = ()
+
+    @model_validator(mode="after")
+    def _dsn_follows_primary(self) -> SourceConfig:
+        if self.dsn is not None:
+            problems = source_hosts.dsn_problems(
+                source_hosts.source_dsn(self.dsn.get_secret_value(), self.hosts)
+            )
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
 
 
 class StoreConfig(_Section):
@@ -516,6 +380,36 @@ def _check_listen(value: Any) -> Any:
     return value.strip()
 
 
+class SecretValue(Secret[str]):
+    """A secret shown as ``***``, like the password of a DSN."""
+
+    def _display(self) -> str:
+        return _MASK
+
+
+#: shortest ``policies.hash_key`` accepted (UTF-8 bytes): a short key can be searched for
+MIN_HASH_KEY_BYTES = 16
+
+
+def _check_hash_key(value: SecretValue | None) -> SecretValue | None:
+    if value is not None and len(value.get_secret_value().encode()) < MIN_HASH_KEY_BYTES:
+        raise ValueError(f"must be at least {MIN_HASH_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)")
+    return value
+
+
+class PoliciesConfig(_Section):
+    """Secrets of the column policies (``columns``)."""
+
+    #: the HMAC-SHA256 key of the ``hash`` policy (env CDC_POLICIES__HASH_KEY); required when a
+    #: column is hashed. Values hashed under different keys do not compare equal (docs/security.md).
+    hash_key: Annotated[
+        SecretValue | None, BeforeValidator(_empty_to_none), AfterValidator(_check_hash_key)
+    ] = None
+
+    def hash_key_bytes(self) -> bytes | None:
+        return None if self.hash_key is None else self.hash_key.get_secret_value().encode()
+
+
 class ServerConfig(_Section):
     """``cdc serve``: HTTP API, page and metrics."""
 
@@ -596,6 +490,7 @@ class Config(_Section):
         BeforeValidator(_none_to_dict),
         BeforeValidator(_no_duplicate_tables),
     ] = Field(default_factory=dict)
+    policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
@@ -605,7 +500,7 @@ class Config(_Section):
         """The source DSN; raises :class:`ConfigError` when none is configured."""
         if self.source.dsn is None:
             raise ConfigError(["source.dsn: not set; set CDC_SOURCE_DSN or source.dsn in the config file"])
-        return self.source.dsn.get_secret_value()
+        return source_hosts.source_dsn(self.source.dsn.get_secret_value(), self.source.hosts)
 
     def require_store(self) -> str:
         """The store DSN; raises :class:`ConfigError` when none is configured."""
@@ -650,7 +545,7 @@ class Config(_Section):
 
 _Path = tuple[Any, ...]
 _DSN_VARIABLES = {"CDC_SOURCE_DSN": ("source", "dsn"), "CDC_STORE_DSN": ("store", "dsn")}
-_SECRET_KEYS = {"dsn", "token"}
+_SECRET_KEYS = {"dsn", "token", "hash_key"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -839,8 +734,22 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 
 def _cross_checks(config: Config, data: Mapping[str, Any], origins: Mapping[_Path, str]) -> list[str]:
-    """Policies naming a table that is not captured are almost surely typos: refuse them."""
+    """Policies naming a table that is not captured are almost surely typos: refuse them. A
+    ``hash`` policy needs ``policies.hash_key``."""
     problems: list[str] = []
+    hashed = [
+        f"{table}.{column}"
+        for table, columns in config.columns.items()
+        for column, policy in columns.items()
+        if policy == "hash"
+    ]
+    if hashed and config.policies.hash_key is None:
+        problems.append(
+            f"policies.hash_key (from {_origin(('policies', 'hash_key'), origins)}): required because "
+            f"{', '.join(hashed[:5])}{' ...' if len(hashed) > 5 else ''} {'uses' if len(hashed) == 1 else 'use'} the hash policy; "
+            "set CDC_POLICIES__HASH_KEY to a secret of at least "
+            f"{MIN_HASH_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+        )
     captured = set(config.source.tables)
     if not captured:
         return problems

@@ -22,6 +22,7 @@ import structlog
 
 from cdc.capture.session import CaptureSession
 from cdc.config import Config, load_config
+from cdc.context import ContextVerifier
 from cdc.errors import CdcError, StandbyError, error_text
 from cdc.logs import configure_logging
 from cdc.lsn import format_lsn
@@ -58,6 +59,12 @@ class Daemon:
         self.store_write_started: float | None = None
         # The loop beats at least once a second; a minute of silence means it is stuck.
         self.health_max_age_seconds = max(60.0, 3 * config.capture.status_interval_seconds)
+        # Context and error messages are used only when their MAC verifies (cdc/context.py).
+        self.verifier = ContextVerifier(on_reject=self._message_rejected)
+
+    def _message_rejected(self, prefix: str, lsn: int, reason: str) -> None:
+        log.warning("context_message_rejected", prefix=prefix, lsn=format_lsn(lsn), reason=reason)
+        self.metrics.context_rejected.labels(prefix=prefix).inc()
 
     # -- control ---------------------------------------------------------------
     def request_stop(self) -> None:

@@ -50,7 +50,7 @@ from psycopg import sql
 from psycopg.errors import Diagnostic
 from psycopg.pq import TransactionStatus
 
-from cdc.errors import SetupError, UsageError
+from cdc.errors import SetupError, UsageError, reported_message
 from cdc.source_context import tables_with_trigger
 from cdc.values import converter_for
 
@@ -366,7 +366,8 @@ def _check_idle(conn: Any) -> None:
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip()
+    # A server error's DETAIL/CONTEXT can quote row values: the primary message and SQLSTATE only.
+    text = reported_message(exc).strip()
     return text or type(exc).__name__
 
 
@@ -683,6 +684,7 @@ def uninstall_simulate(conn: psycopg.Connection[Any]) -> None:
             "cdc.simulate_capture()",  # CASCADE: the triggers go with their functions
             "cdc.simulate_capture_truncate()",
             "cdc.simulate_begin()",
+            "cdc.emit_simulate_marker()",
             "cdc.simulate_excluded_schemas()",
         ):
             conn.execute(f"DROP FUNCTION IF EXISTS {signature} CASCADE")

@@ -96,3 +96,26 @@ def error_text(exc: BaseException) -> str:
     primary = getattr(diag, "message_primary", None)
     text = str(primary or str(exc).strip() or type(exc).__name__)
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def reported_message(exc: BaseException) -> str:
+    """The text of ``exc`` that may be stored: never a database error's DETAIL, HINT or CONTEXT.
+
+    A server error (psycopg 3, or psycopg2 under SQLAlchemy: anything carrying ``diag``) is
+    reported as its primary message and SQLSTATE only: the other fields quote row values
+    ("Failing row contains (...)", "Key (email)=(...) already exists"), including the clear
+    values of columns the store hashes, masks or excludes. Any other exception is reported as
+    the application wrote its message.
+    """
+    diag = getattr(exc, "diag", None)
+    if diag is not None:
+        primary = getattr(diag, "message_primary", None)
+        sqlstate = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+        if not primary:  # no server result (a client-side failure): its first line, no more
+            text = str(exc).strip()
+            primary = text.splitlines()[0] if text else type(exc).__name__
+        return f"{primary} (SQLSTATE {sqlstate})" if sqlstate else str(primary)
+    message = str(exc)
+    if not message and exc.args:
+        message = repr(exc.args[0])
+    return message

@@ -72,6 +72,12 @@ class Metrics:
         self.slot_wal_status = Gauge(
             "cdc_slot_wal_status", "1 for the slot's current wal_status", ["status"], registry=r
         )
+        self.context_rejected = Counter(
+            "cdc_context_messages_rejected_total",
+            "cdc.context and cdc.error messages refused (MAC missing or wrong, another transaction)",
+            ["prefix"],
+            registry=r,
+        )
         self.heartbeats = Counter(
             "cdc_heartbeats_total", "Heartbeat messages written to the source", registry=r
         )
@@ -94,4 +100,17 @@ class Metrics:
         self.prune_seconds = Gauge("cdc_prune_seconds", "Duration of the last prune", registry=r)
         self.keyframes_written = Counter(
             "cdc_keyframes_written_total", "Keyframes written by pruning", registry=r
+        )
+        # Source failover (cdc/capture/failover.py).
+        self.source_switches = Counter(
+            "cdc_source_switches_total",
+            "Sessions that found the source on another server or timeline, by outcome (resumed, gap, fork)",
+            ["outcome"],
+            registry=r,
+        )
+        self.source_info = Gauge(
+            "cdc_source_info",
+            "1 for the source server and timeline capture reads from",
+            ["host", "timeline"],
+            registry=r,
         )

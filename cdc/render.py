@@ -320,8 +320,13 @@ POSSIBLY_INCOMPLETE = (
 
 
 def unattributed_text(error: RequestError) -> str:
-    """``reported by another session (db_user app, pid 4242)``: an error that is no root cause."""
-    return f"reported by another session ({error.reporter})"
+    """Why a reported error is not shown as the request's root cause (docs/security.md):
+    ``reported by another session (db_user app, pid 4242): not attributed``."""
+    if error.attribution == "other_session":
+        return f"reported by another session ({error.reporter}): not attributed"
+    if error.attribution == "no_captured_session":
+        return f"reported by a session that wrote no captured context of this request ({error.reporter}): not attributed"
+    return "unverified (recorded before messages were signed): not attributed"
 
 
 def _error_text(error_type: str | None, message: str | None) -> str:
@@ -336,6 +341,7 @@ def why_lines(record: RequestRecord, *, utc: bool = False, max_changes: int = 50
     fields.append(("OUTCOME", _outcome(record)))
     if record.error_type or record.error_message:
         fields.append(("ROOT CAUSE", _error_text(record.error_type, record.error_message)))
+        fields.append(("REPORTED BY", record.error_reporter()))
     elif record.rolled_back_count:
         none = (
             "no error of this request's sessions was reported" if record.errors else "no error was reported"

@@ -20,15 +20,18 @@ from psycopg import sql
 
 import cdc
 from cdc.capture.engine import Core
+from cdc.capture.failover import identify, pending_gap, record_gap, record_slot_created
 from cdc.capture.model import PG_EPOCH_OFFSET_US, ColumnDesc, RelationDesc, format_time, now_us
 from cdc.capture.registry import Registry
 from cdc.config import Config, redact_dsn
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
+from cdc.failover_readiness import create_slot_command, setup_failover
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.policies import hash_text
+from cdc.policies import column_hasher
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
-from cdc.source_context import context_installed, install_context, uninstall_context
+from cdc.source_context import context_installed, install_context, signing_status, uninstall_context
+from cdc.source_context import rotate_context_key as rotate_key
 from cdc.store.migrate import prepare_store
 from cdc.store.writer import StoreBatch, StoreWriter
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
@@ -82,7 +85,11 @@ def apply_store_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     ddl = (SQL_DIR / "store.sql").read_text()
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(schema)))
+        # The store's own schema first (the file's names are unqualified), then the catalog, and
+        # pg_temp explicitly last: left implicit it would be searched first.
+        conn.execute(
+            sql.SQL("SET LOCAL search_path = {}, pg_catalog, pg_temp").format(sql.Identifier(schema))
+        )
         conn.execute(ddl.encode())  # a trusted file shipped with the package
 
 
@@ -142,10 +149,22 @@ def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | No
     return str(row[0]), parse_lsn(row[1]) if row[1] else None
 
 
-def setup(config: Config, *, recreate_slot: bool = False, drop_v1: bool = False) -> SetupReport:
-    """Prepare the source and the store (migrating a format-1 store). Safe to run again at any time."""
+def setup(
+    config: Config, *, recreate_slot: bool = False, drop_v1: bool = False, rotate_context_key: bool = False
+) -> SetupReport:
+    """Prepare the source and the store (migrating a format-1 store). Safe to run again at any time.
+
+    ``rotate_context_key``: only replace the key that signs context messages (the previous one
+    stays accepted); the daemon may keep running."""
     try:
-        return _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1)
+        if rotate_context_key:
+            return _rotate(config)
+        report = _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1)
+        steps, warnings = setup_failover(config, config.require_source(), options_string(OUTPUT_SETTINGS))
+        for step in steps:
+            report.did(step)
+        report.warnings.extend(warnings)
+        return report
     except psycopg.errors.InsufficientPrivilege as exc:
         raise SetupError(
             f"a privilege is missing: {str(exc).strip().splitlines()[0]}",
@@ -157,6 +176,14 @@ def setup(config: Config, *, recreate_slot: bool = False, drop_v1: bool = False)
         raise SourceUnavailableError(f"setup lost its connection: {str(exc).strip()}") from exc
     except psycopg.Error as exc:
         raise SetupError(f"setup failed: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def _rotate(config: Config) -> SetupReport:
+    report = SetupReport()
+    with connect(config.require_source(), "source", autocommit=True) as src:
+        status = rotate_key(src)
+    report.did(f"source: new context key; {status.describe()}")
+    return report
 
 
 def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> SetupReport:
@@ -198,6 +225,11 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         )
         install_await_capture(src, slot)
         report.did(f"source: context trigger on {len(tables)} table(s)")
+        signing = signing_status(src)
+        if signing.key_id is not None and signing.emit_revoked:
+            report.did(f"source: {signing.describe()}")
+        else:
+            report.warnings.append(signing.describe())
         if config.simulate.enabled:
             wanted = set(config.simulate.tables)
             chosen = [(t.schema, t.name) for t in tables if not wanted or t.qualified in wanted]
@@ -215,9 +247,18 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                     f"slot {slot!r} exists with plugin {existing[0]!r}, not pgoutput",
                     hint=f"choose another slot name (source.slot) or drop it: SELECT pg_drop_replication_slot('{slot}')",
                 )
-            if state is not None and state.baseline_done and existing is not None:
+            # The daemon stopped at a gap or fork (a history torn down since starts afresh).
+            pending = (
+                pending_gap(writer.conn, schema, slot) if state is not None and state.baseline_done else None
+            )
+            if state is not None and state.baseline_done and existing is not None and pending is None:
                 report.did(f"source: slot {slot} in place (acknowledged {format_lsn(state.acked_lsn)})")
                 return report
+            if pending is not None and not recreate_slot:
+                raise SlotLostError(
+                    f"capture stopped at a {pending.outcome}: {pending.reason}",
+                    hint="run `cdc setup --recreate-slot`: a new baseline, and the gap recorded in the history",
+                )
             if state is not None and state.baseline_done and existing is None and not recreate_slot:
                 raise SlotLostError(
                     f"the store has history for slot {slot!r} but the slot is gone from the source: "
@@ -254,10 +295,9 @@ def create_slot_with_baseline(
         source_dsn, "source", replication="database", autocommit=True, options=options_string(OUTPUT_SETTINGS)
     )
     try:
-        if repl.info.server_version >= 150000:
-            command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')")
-        else:
-            command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT")
+        # Before the slot: any later command on this connection ends its exported snapshot.
+        created_on = identify(repl)
+        command = create_slot_command(repl.info.server_version, config.source.failover)
         row = repl.execute(command.format(sql.Identifier(slot))).fetchone()
         assert row is not None
         consistent_point, snapshot = parse_lsn(row[1]), str(row[2])
@@ -284,11 +324,8 @@ def create_slot_with_baseline(
         count = copy_baseline(source_dsn, snapshot, writer, config, consistent_point, report, gap=gap)
         with writer.conn.cursor() as cur:
             if gap:
-                cur.execute(
-                    "INSERT INTO gaps (slot_name, after_position, resumed_position) VALUES (%s, %s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    (slot, previous_ack, consistent_point),
-                )
+                record_gap(cur, slot, previous_ack, consistent_point)
+            record_slot_created(cur, slot, created_on, consistent_point)
             cur.execute(
                 "UPDATE capture_state SET baseline_done = true, updated_at = now() WHERE slot_name = %s",
                 (slot,),
@@ -336,7 +373,7 @@ def copy_baseline(
             memory_limit_bytes=config.capture.memory_limit_bytes,
             spill_dir=str(config.capture.spill_dir) if config.capture.spill_dir else None,
             max_value_bytes=config.capture.max_value_bytes,
-            hash_value=hash_text,
+            hash_value=column_hasher(config.policies.hash_key_bytes()),
         )
         batch = StoreBatch()
 

@@ -9,6 +9,10 @@ import psycopg
 
 from cdc.protocol.pgoutput import Column, Relation
 
+#: cdc's own schema on the source (context trigger, signing key, dry-run guard). Never captured:
+#: an all-tables publication includes cdc.context_key, whose rows are the signing key.
+INTERNAL_SCHEMA = "cdc"
+
 
 @dataclass(frozen=True, slots=True)
 class SourceTable:
@@ -46,14 +50,14 @@ def primary_key(conn: psycopg.Connection[Any], relation_oid: int) -> tuple[str, 
 
 
 def published_tables(conn: psycopg.Connection[Any], publication: str) -> list[SourceTable]:
-    """Every table of the publication, with its columns as pgoutput would describe them."""
+    """Every table of the publication but cdc's own, with its columns as pgoutput would describe them."""
     rows = conn.execute(
         "SELECT c.oid, n.nspname, c.relname, c.relreplident "
         "FROM pg_publication_tables pt "
         "JOIN pg_namespace n ON n.nspname = pt.schemaname "
         "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename "
-        "WHERE pt.pubname = %s ORDER BY n.nspname, c.relname",
-        (publication,),
+        "WHERE pt.pubname = %s AND n.nspname <> %s ORDER BY n.nspname, c.relname",
+        (publication, INTERNAL_SCHEMA),
     ).fetchall()
     return [describe_table(conn, int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
 

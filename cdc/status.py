@@ -14,8 +14,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdc.capture.failover import pending_gap, recent_switches
 from cdc.config import Config, format_duration, redact_dsn
+from cdc.failover_readiness import failover_json, failover_lines
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.source_context import signing_status
+from cdc.source_hosts import connected_host
 from cdc.store.format import STATUS_CODES
 from cdc.store.migrate import is_v1_store, v1_leftovers
 
@@ -53,7 +57,15 @@ class Status:
     last_error: str | None = None
     last_error_at: datetime | None = None
     retention: str | None = None
+    #: context message signing on the source: key id, and whether pg_logical_emit_message is
+    #: still executable by PUBLIC (cdc.source_context.SigningStatus)
+    signing: str | None = None
     gaps: list[dict[str, Any]] = field(default_factory=list)
+    # Source failover (cdc/failover_readiness.py, cdc/capture/failover.py).
+    source_server: str | None = None  # host:port of the primary the source DSN reached
+    failover: dict[str, Any] | None = None  # the slot's readiness to survive a promotion
+    switches: list[dict[str, Any]] = field(default_factory=list)  # newest first
+    pending_gap: str | None = None  # capture stopped at a gap or fork: `cdc setup --recreate-slot`
     v1_tables: list[str] = field(default_factory=list)  # left by a store migration
 
     def as_json(self) -> dict[str, Any]:
@@ -70,6 +82,7 @@ class Status:
             and self.store_error is None
             and bool(self.slot_exists)
             and self.wal_status not in ("lost", "unreserved")
+            and self.pending_gap is None
         )
 
 
@@ -97,8 +110,12 @@ def collect_status(config: Config) -> Status:
                     status.retained_wal_bytes, status.server_lsn = row[5], row[6]
                     if row[4] and row[6]:
                         status.lag_bytes = max(0, parse_lsn(row[6]) - parse_lsn(row[4]))
+                status.signing = signing_status(conn).describe()
+                status.source_server = connected_host(conn)
         except psycopg.Error as exc:
             status.source_error = str(exc).strip().splitlines()[0]
+        if status.source_error is None:
+            status.failover = failover_json(dsn, config.source.slot, config.source.failover)
     if config.store.dsn is not None:
         dsn = config.require_store()
         status.store = redact_dsn(dsn)
@@ -167,6 +184,10 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     ).fetchone()
     if counts is not None:
         status.tables, status.dropped_tables = int(counts[0]), int(counts[1])
+    status.switches = recent_switches(conn, config.store.schema_name, config.source.slot)
+    pending = pending_gap(conn, config.store.schema_name, config.source.slot)
+    if pending is not None:
+        status.pending_gap = f"{pending.outcome} after {format_lsn(pending.acked_lsn)}: {pending.reason}"
     status.gaps = [
         {"after": format_lsn(r[0]), "resumed": format_lsn(r[1]), "recorded_at": r[2].isoformat()}
         for r in conn.execute(
@@ -246,6 +267,7 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         ("mutations (est.)", show(status.mutations)),
         ("retention", show(status.retention)),
         ("daemon", show(status.daemon)),
+        ("signing", show(status.signing)),
         ("last error", f"{status.last_error} ({show(status.last_error_at)})" if status.last_error else "-"),
     ]
     if status.v1_tables:
@@ -255,6 +277,7 @@ def render_status(status: Status) -> list[tuple[str, str]]:
                 f"{len(status.v1_tables)} table(s) kept by the migration: `cdc setup --drop-v1` drops them",
             )
         )
+    lines.extend(failover_lines(status.source_server, status.failover, status.switches, status.pending_gap))
     for gap in status.gaps:
         lines.append(("gap", f"after {gap['after']}, resumed at {gap['resumed']} ({gap['recorded_at']})"))
     return lines

@@ -126,17 +126,25 @@ BEGIN
 END
 $do$;
 
+-- The dry-run marker: a transactional `cdc.simulate` logical message (the capture daemon sees a
+-- streamed, then aborted, transaction; the marker says that it was a dry run). SECURITY DEFINER
+-- because `cdc setup`, run as a superuser, revokes pg_logical_emit_message() from PUBLIC; the
+-- content is fixed, the caller chooses nothing. search_path pinned with pg_temp last, names
+-- qualified. EXECUTE stays granted to PUBLIC: cdc.simulate_begin() runs as the application's role.
+CREATE OR REPLACE FUNCTION cdc.emit_simulate_marker() RETURNS pg_lsn
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_catalog.pg_logical_emit_message(true, 'cdc.simulate', '{"simulate": true}'::pg_catalog.text) $$;
+
 -- Start a simulation in the current transaction: switch the triggers on (transaction-local),
--- reset the counter, arm the commit guard, and mark the transaction in the WAL with a
--- transactional `cdc.simulate` logical message (the capture daemon sees a streamed, then
--- aborted, transaction; the marker tells it that it was a dry run). Returns true.
+-- reset the counter, arm the commit guard, and mark the transaction in the WAL. Returns true.
 CREATE OR REPLACE FUNCTION cdc.simulate_begin() RETURNS boolean
 LANGUAGE sql VOLATILE SECURITY INVOKER
 AS $$
 SELECT pg_catalog.set_config('cdc.simulate', 'on', true) IS NOT NULL
    AND pg_catalog.set_config('cdc.simulate_seq', '0', true) IS NOT NULL;
 INSERT INTO cdc.simulate_guard DEFAULT VALUES;
-SELECT pg_catalog.pg_logical_emit_message(true, 'cdc.simulate', '{"simulate": true}') IS NOT NULL
+SELECT cdc.emit_simulate_marker() IS NOT NULL
 $$;
 
 -- Tables created later: an event trigger (installed only when `cdc setup` runs as superuser)
@@ -154,24 +162,24 @@ DECLARE
     r record;
 BEGIN
     FOR r IN
-        SELECT DISTINCT c.oid::regclass AS rel
-          FROM pg_event_trigger_ddl_commands() AS d
-          JOIN pg_class AS c ON c.oid = d.objid
-          JOIN pg_namespace AS n ON n.oid = c.relnamespace
-         WHERE d.classid = 'pg_catalog.pg_class'::regclass
-           AND d.objsubid = 0
-           AND c.relkind IN ('r', 'p')
-           AND c.relpersistence = 'p'
-           AND n.nspname <> ALL (cdc.simulate_excluded_schemas()
-                                 || ARRAY['cdc', 'pg_catalog', 'information_schema', 'pg_toast'])
-           AND NOT EXISTS (SELECT 1 FROM pg_trigger AS t
-                            WHERE t.tgrelid = c.oid AND t.tgname = 'cdc_simulate')
+        SELECT DISTINCT c.oid::pg_catalog.regclass AS rel
+          FROM pg_catalog.pg_event_trigger_ddl_commands() AS d
+          JOIN pg_catalog.pg_class AS c ON c.oid OPERATOR(pg_catalog.=) d.objid
+          JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND d.objsubid OPERATOR(pg_catalog.=) 0
+           AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
+           AND c.relpersistence OPERATOR(pg_catalog.=) 'p'
+           AND n.nspname::pg_catalog.text OPERATOR(pg_catalog.<>) ALL (cdc.simulate_excluded_schemas()
+                OPERATOR(pg_catalog.||) '{cdc,pg_catalog,information_schema,pg_toast}'::pg_catalog.text[])
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
+                            WHERE t.tgrelid OPERATOR(pg_catalog.=) c.oid AND t.tgname OPERATOR(pg_catalog.=) 'cdc_simulate')
     LOOP
         BEGIN
-            EXECUTE format('CREATE TRIGGER cdc_simulate AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW'
+            EXECUTE pg_catalog.format('CREATE TRIGGER cdc_simulate AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW'
                            ' WHEN (pg_catalog.current_setting(''cdc.simulate'', true) OPERATOR(pg_catalog.=) ''on'')'
                            ' EXECUTE FUNCTION cdc.simulate_capture()', r.rel);
-            EXECUTE format('CREATE TRIGGER cdc_simulate_truncate BEFORE TRUNCATE ON %s FOR EACH STATEMENT'
+            EXECUTE pg_catalog.format('CREATE TRIGGER cdc_simulate_truncate BEFORE TRUNCATE ON %s FOR EACH STATEMENT'
                            ' WHEN (pg_catalog.current_setting(''cdc.simulate'', true) OPERATOR(pg_catalog.=) ''on'')'
                            ' EXECUTE FUNCTION cdc.simulate_capture_truncate()', r.rel);
         EXCEPTION WHEN OTHERS THEN
@@ -181,13 +189,20 @@ BEGIN
 END
 $fn$;
 
--- The application's roles run simulations (SECURITY INVOKER): they must reach these.
+-- Privileges. The application's roles run simulations (cdc.simulate_begin(), the triggers'
+-- functions, the marker) and the event trigger runs as the role that created a table, which
+-- creates the triggers (CREATE TRIGGER checks EXECUTE on their functions): those keep EXECUTE
+-- for PUBLIC. The commit guard's trigger function and the event trigger function need none.
 GRANT USAGE ON SCHEMA cdc TO PUBLIC;
 GRANT INSERT ON cdc.simulate_guard TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION
+    cdc.simulate_refuse_commit(),
+    cdc.simulate_attach_new_tables()
+FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     cdc.simulate_capture(),
     cdc.simulate_capture_truncate(),
-    cdc.simulate_refuse_commit(),
     cdc.simulate_begin(),
+    cdc.emit_simulate_marker(),
     cdc.simulate_excluded_schemas()
 TO PUBLIC;

@@ -175,9 +175,13 @@ CREATE TABLE IF NOT EXISTS transactions_default PARTITION OF transactions DEFAUL
 CREATE TABLE IF NOT EXISTS context_changes_default PARTITION OF context_changes DEFAULT;
 CREATE TABLE IF NOT EXISTS changes_default PARTITION OF changes DEFAULT;
 
--- Errors reported by requests (`cdc.error` messages, verified): never row values (the client
--- helper sends the primary message only). Attributed to the request on read only when a verified
--- context of that request came from the same database user and backend (docs/security.md).
+-- Errors reported by requests (`cdc.error` messages whose MAC verified): never row values (the
+-- client helper sends the primary message and SQLSTATE only). Who reported it is as the source
+-- stamped it (cdc.report_error, never as the application claimed it). Attributed to the request on
+-- read (docs/security.md "Request attribution") only when a verified context of that request came
+-- from the same database user and backend, or the reporter proved with the session token that
+-- cdc.emit_context() gave it that it is such a session (`reporter_pid` set). NULL db_user: recorded
+-- before messages were signed (format 1).
 CREATE TABLE IF NOT EXISTS request_errors (
     lsn              bigint PRIMARY KEY,   -- of the message
     request_id       text NOT NULL,
@@ -185,11 +189,14 @@ CREATE TABLE IF NOT EXISTS request_errors (
     error_type       text,
     message          text,
     location         text,
-    db_user          text,                 -- stamped by the source (cdc.report_error)
-    backend_pid      integer,
+    db_user          text,                 -- stamped by the source: session_user
+    backend_pid      integer,              -- the session the error belongs to
     client_addr      text,
-    xid              bigint
+    xid              bigint,               -- that session's transaction (txid_current_if_assigned)
+    reporter_pid     integer               -- proven by the session token: the reporting connection
 );
+-- (stores created before the session token was recorded)
+ALTER TABLE request_errors ADD COLUMN IF NOT EXISTS reporter_pid integer;
 CREATE INDEX IF NOT EXISTS request_errors_request ON request_errors (request_id text_pattern_ops);
 CREATE INDEX IF NOT EXISTS request_errors_time ON request_errors (reported_at);
 
@@ -295,3 +302,26 @@ CREATE TABLE IF NOT EXISTS erasures (
     forced           boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS erasures_key ON erasures (table_id, key_sha256);
+
+-- The source servers capture read from (cdc/capture/failover.py, docs/reliability.md "Source
+-- failover"): a row when capture first streams from a server or timeline, and when it finds it
+-- cannot resume there without losing changes (a gap) or with changes the server never had (a
+-- fork). A gap or fork stops the daemon until `cdc setup --recreate-slot` resolves it: a new
+-- baseline, a `gaps` row with this reason, and resolved_position set.
+CREATE TABLE IF NOT EXISTS source_switches (
+    switch_id          bigserial PRIMARY KEY,
+    slot_name          text NOT NULL,
+    switched_at        timestamptz NOT NULL DEFAULT now(),
+    host               text NOT NULL,        -- host:port the daemon connected to
+    timeline           integer NOT NULL,     -- its timeline (IDENTIFY_SYSTEM)
+    previous_host      text,
+    previous_timeline  integer,
+    acked_lsn          bigint NOT NULL,      -- the store's acknowledged position then
+    slot_confirmed_lsn bigint,               -- the slot's confirmed_flush_lsn there (NULL: no slot)
+    slot_synced        boolean,              -- PostgreSQL 17+: synchronized from the old primary
+    fork_lsn           bigint,               -- where the previous timeline ends in this server's history
+    outcome            text NOT NULL CHECK (outcome IN ('first', 'resumed', 'gap', 'fork')),
+    reason             text,
+    resolved_position  bigint                -- a gap or fork: where capture started again
+);
+CREATE INDEX IF NOT EXISTS source_switches_slot ON source_switches (slot_name, switch_id);

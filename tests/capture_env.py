@@ -18,6 +18,7 @@ from cdc.daemon import Daemon
 from cdc.devdb import LocalPostgres
 from cdc.lsn import parse_lsn
 from cdc.metrics import Metrics
+from cdc.query import Mutation
 from cdc.setup import setup
 
 
@@ -231,3 +232,19 @@ def source_rows(env: CaptureEnv, table: str) -> Counter[str]:
         image = {c: convert(converter_for(t), v) for (c, t), v in zip(columns, row, strict=True)}
         rows[json.dumps(image, sort_keys=True)] += 1
     return rows
+
+
+def stored_mutations(env: CaptureEnv, table: str | None = None) -> list[Mutation]:
+    """Every stored change (SNAPSHOTs included) as the query layer reads it, oldest first."""
+    from cdc.query import Store
+
+    found: list[Mutation] = []
+    with Store(env.store_dsn, schema=env.schema) as store:
+        cursor: tuple[int, int] | None = None
+        while True:
+            page = store.mutation_log(table=table, before=cursor, limit=1000)
+            found.extend(page.mutations)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+    return found[::-1]

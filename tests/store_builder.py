@@ -482,22 +482,27 @@ class StoreBuilder:
     def request_error(
         self, request_id: str, error_type: str | None, message: str, location: str | None = None,
         when: datetime | None = None, *, db_user: str | None = _UNSET, backend_pid: int | None = _UNSET,
-        client_addr: str | None = None,
+        client_addr: str | None = None, proven: bool | None = None,
     ) -> int:  # fmt: skip
-        """A ``cdc.error`` message of the request; by default from the session of its last context.
+        """A ``cdc.error`` message of the request; by default from the session of its last context,
+        as the client helper reports it (proven by the session token: ``reporter_pid`` set).
+        ``proven`` defaults to whether the reporter is that session.
 
         Returns the message's LSN.
         """
         ctx = self._request_context.get(request_id, {})
         lsn = self._next_between()
+        user = ctx.get("db_user") if db_user is _UNSET else db_user
+        pid = ctx.get("backend_pid") if backend_pid is _UNSET else backend_pid
+        if proven is None:
+            proven = db_user is _UNSET and backend_pid is _UNSET and pid is not None
         self.conn.execute(
             sql.SQL(
                 "INSERT INTO {} (lsn, request_id, reported_at, error_type, message, location, db_user, "
-                "backend_pid, client_addr) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                "backend_pid, client_addr, reporter_pid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             ).format(self._t("request_errors")),
-            [lsn, request_id, when or datetime.now(UTC), error_type, message, location,
-             ctx.get("db_user") if db_user is _UNSET else db_user,
-             ctx.get("backend_pid") if backend_pid is _UNSET else backend_pid, client_addr],
+            [lsn, request_id, when or datetime.now(UTC), error_type, message, location, user, pid, client_addr,
+             pid if proven else None],
         )  # fmt: skip
         return lsn
 

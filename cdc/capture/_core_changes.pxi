@@ -22,6 +22,8 @@ cdef int change_insert(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size, P
     cdef int flags = 0
     need(p, size, off, 4, tag)
     rel = core._rel(txn, rd32(p + off), tag, lsn)
+    if rel.ignored:
+        return 0
     pos = off + 4
     need(p, size, pos, 1, tag)
     if p[pos] != b'N':
@@ -55,6 +57,8 @@ cdef int change_update(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size, P
     cdef Cols *new = &core._new
     need(p, size, off, 4, tag)
     rel = core._rel(txn, rd32(p + off), tag, lsn)
+    if rel.ignored:
+        return 0
     pos = off + 4
     need(p, size, pos, 1, tag)
     kind = p[pos]
@@ -133,6 +137,8 @@ cdef int change_delete(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size, P
     cdef bint full
     need(p, size, off, 4, tag)
     rel = core._rel(txn, rd32(p + off), tag, lsn)
+    if rel.ignored:
+        return 0
     pos = off + 4
     need(p, size, pos, 1, tag)
     kind = p[pos]
@@ -173,6 +179,8 @@ cdef int change_truncate(Core core, _Txn txn, const uint8_t *p, Py_ssize_t size,
     rels = [core._rel(txn, rd32(p + pos + 4 * i), tag, lsn) for i in range(count)]
     for item in rels:
         rel = item
+        if rel.ignored:
+            continue
         start = begin_record(txn, rel, b'T')
         split = txn.mem.len - start - HEADER
         put_lsn_xid(txn, lsn, subxid)

@@ -154,6 +154,7 @@ cdef class _Rel:
     cdef list pending
     cdef bytes ids
     cdef int64_t table_id
+    cdef bint ignored  # changes of this relation are dropped (RelationInfo.ignored)
     cdef const char **name_ptr
     cdef Py_ssize_t *name_len
 
@@ -182,6 +183,7 @@ cdef class _Rel:
         self.pending = pending
         self.ids = ids
         self.table_id = info.table_id
+        self.ignored = bool(info.ignored)
         n = len(kinds)
         self.natts = n
         self.nkey = len(info.key)

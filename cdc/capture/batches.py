@@ -8,9 +8,14 @@ from ``cdc.error`` messages, the committed_at range, the positions to fill ``pen
 of, and the ack LSN. A transaction larger than a batch is split: only the batch carrying its
 last change carries its transaction row and its ack.
 
-Context messages are verified in one place (``verified_context``): one that does not verify is
-ignored and its transaction flagged CONTEXT_REJECTED. No I/O here except through the
-``actor_last_seq`` callback (the registry's store connection), once per actor and session.
+Context and error messages are verified in one place (``verified_context``, ``verified_error``:
+the daemon's :class:`cdc.context.ContextVerifier`, which checks each message's MAC under the
+source's key, and a context's transaction): one that does not verify is ignored, reported once
+per LSN (log ``context_message_rejected``, metric ``cdc_context_messages_rejected_total``), and a
+rejected context flags its transaction CONTEXT_REJECTED (docs/security.md "Request attribution").
+The changes after a rejected context keep the context in force before it. No I/O here except
+through the ``actor_last_seq`` callback (the registry's store connection), once per actor and
+session, and the verifier's key reload (the source's catalog connection) after a failed MAC.
 """
 
 from __future__ import annotations
@@ -19,27 +24,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import NamedTuple
 
 import orjson
-import structlog
 
 from cdc.capture.model import PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
 from cdc.context import (
     CONTEXT_PREFIX,
     ERROR_PREFIX,
-    MAX_CONTENT_BYTES,
-    MAX_ID_CHARS,
+    ContextVerifier,
     ReportedError,
     RequestContext,
-    parse_context,
-    parse_error,
 )
-from cdc.errors import ProtocolError
-from cdc.lsn import format_lsn
 from cdc.store.writer import StoreBatch
-
-log = structlog.get_logger("cdc.batches")
 
 #: Transaction flag: a context message failed verification and was ignored.
 CONTEXT_REJECTED = 4
@@ -48,26 +45,21 @@ CONTEXT_REJECTED = 4
 CHUNK_BYTES = 4 * 1024 * 1024
 #: A batch stops growing at this many bytes of COPY text (one chunk may go over it alone).
 BATCH_MAX_BYTES = 32 * 1024 * 1024
-#: Verified contexts remembered by their message's bytes (then the cache starts again).
+#: Verified contexts remembered by their transaction and message bytes (then the cache starts again).
 CONTEXT_CACHE = 4096
 
 _NULL = b"\\N"
 
 
-def verified_context(content: bytes) -> RequestContext | None:
-    """The context a ``cdc.context`` message carries, or None when it does not verify."""
-    try:
-        return parse_context(content)
-    except ProtocolError:
-        return None
+def verified_context(verifier: ContextVerifier, content: bytes, lsn: int, xid: int) -> RequestContext | None:
+    """The context a ``cdc.context`` message at ``lsn`` of transaction ``xid`` carries, or None when
+    it does not verify (no MAC, a wrong one, signed in another transaction, malformed)."""
+    return verifier.context(content, lsn, xid)
 
 
-def verified_error(content: bytes) -> ReportedError | None:
-    """The error a ``cdc.error`` message reports, or None when it does not verify."""
-    try:
-        return parse_error(content)
-    except ProtocolError:
-        return None
+def verified_error(verifier: ContextVerifier, content: bytes, lsn: int) -> ReportedError | None:
+    """The error a ``cdc.error`` message at ``lsn`` reports, or None when it does not verify."""
+    return verifier.error(content, lsn)
 
 
 def copy_text(value: str) -> bytes:
@@ -96,27 +88,6 @@ def _context(ctx: RequestContext) -> _Context:
         ctx.actor,
         copy_text(ctx.actor) if ctx.actor is not None else _NULL,
     )
-
-
-#: How the context trigger's messages start (row_to_json: the request id is the first field).
-_ID_HEAD: Final = b'{"request_id":"'
-_ID_START: Final = len(_ID_HEAD)
-_STAND_IN: Final = "x"
-_UNKNOWN: Final[Any] = object()
-
-
-def _shape(rest: bytes) -> tuple[bytes, _Context] | None:
-    """For the rest of a context message after its request id: the rest of its document after
-    the id, and its context (verified with a stand-in id); None when that does not verify or
-    the id is not the one the document starts with."""
-    verified = verified_context(_ID_HEAD + _STAND_IN.encode() + rest)
-    if verified is None or verified.request_id != _STAND_IN:
-        return None
-    base = _context(verified)
-    head = _ID_HEAD + _STAND_IN.encode()
-    if not base.document.startswith(head):
-        return None
-    return base.document[len(head) :], base
 
 
 @dataclass(slots=True)
@@ -151,6 +122,7 @@ class BatchBuilder:
         *,
         max_rows: int,
         actor_last_seq: Callable[[str], int],
+        verifier: ContextVerifier,
         max_bytes: int = BATCH_MAX_BYTES,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
@@ -158,11 +130,11 @@ class BatchBuilder:
         self.max_bytes = max_bytes
         self.chunk_bytes = chunk_bytes
         self._actor_last_seq = actor_last_seq
+        self._verifier = verifier
         self._actors: dict[str, int] = {}  # actor -> last sequence number handed out
-        # Verified contexts by message content: a request spanning transactions is read once.
-        self._contexts: dict[bytes, _Context] = {}
-        # What follows the request id in a context message -> its verified rest (_same_shape).
-        self._shapes: dict[bytes, tuple[bytes, _Context] | None] = {}
+        # Verified contexts by (transaction, message content): a context is bound to its
+        # transaction (a signed body replayed elsewhere must be verified, and refused, again).
+        self._contexts: dict[tuple[int, bytes], _Context] = {}
         self.current: Batch | None = None
 
     # -- the batch being built -----------------------------------------------------
@@ -196,11 +168,8 @@ class BatchBuilder:
         return self._transaction(event)
 
     def _error(self, message: LogicalMessage) -> None:
-        error = verified_error(message.content)
-        if error is None:
-            log.warning("error_message_rejected", lsn=format_lsn(message.lsn))
-            return
-        if not error.request_id:
+        error = verified_error(self._verifier, message.content, message.lsn)
+        if error is None or not error.request_id:
             return
         self.batch().store.request_errors.append(
             {
@@ -210,17 +179,17 @@ class BatchBuilder:
                 "error_type": error.error_type,
                 "message": error.message,
                 "location": error.location,
-                "db_user": getattr(error, "db_user", None),
-                "backend_pid": getattr(error, "backend_pid", None),
-                "client_addr": getattr(error, "client_addr", None),
+                # who reported it, as the source stamped it (docs/security.md "Request attribution")
+                "db_user": error.db_user,
+                "backend_pid": error.backend_pid,
+                "client_addr": error.client_addr,
                 "xid": error.xid,
+                "reporter_pid": error.reporter_pid,
             }
         )
 
     def _transaction(self, txn: FinishedTransaction) -> Iterator[Batch]:
         spans, rejected = self._spans(txn)
-        if rejected:
-            log.warning("context_rejected", xid=txn.xid, lsn=format_lsn(txn.position))
         position = txn.position
         us = txn.committed_at_us + PG_EPOCH_OFFSET_US  # the store batch keeps Unix time
         if txn.change_count:
@@ -274,21 +243,20 @@ class BatchBuilder:
         spans: list[tuple[int, _Context | None]] = [(0, None)]
         rejected = False
         count = txn.change_count
-        for ordinal, _lsn, prefix, content in txn.messages:
+        for ordinal, lsn, prefix, content in txn.messages:
             if prefix != CONTEXT_PREFIX:
                 continue
-            ctx = self._contexts.get(content)
+            cached = (txn.xid, content)
+            ctx = self._contexts.get(cached)
             if ctx is None:
-                ctx = self._same_shape(content)
-                if ctx is None:
-                    verified = verified_context(content)
-                    if verified is None:
-                        rejected = True
-                        continue
-                    ctx = _context(verified)
+                verified = verified_context(self._verifier, content, lsn, txn.xid)
+                if verified is None:
+                    rejected = True
+                    continue
+                ctx = _context(verified)
                 if len(self._contexts) >= CONTEXT_CACHE:
                     self._contexts.clear()
-                self._contexts[content] = ctx
+                self._contexts[cached] = ctx
             if count and ordinal >= count:
                 continue  # after the last change: describes nothing
             start = max(0, ordinal) if count else 0
@@ -300,34 +268,6 @@ class BatchBuilder:
             elif last != ctx:
                 spans.append((start, ctx))
         return spans, rejected
-
-    def _same_shape(self, content: bytes) -> _Context | None:
-        """The context of a message that differs from one verified before only in its request id
-        (None: parse it). The context trigger writes the request id first and the other fields
-        repeat within a session: the rest of the message is verified once, with a stand-in id."""
-        if not content.startswith(_ID_HEAD) or len(content) > MAX_CONTENT_BYTES:
-            return None
-        end = content.find(b'"', _ID_START)
-        raw = content[_ID_START:end]
-        if end < 0 or len(raw) > MAX_ID_CHARS:
-            return None
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError:
-            return None
-        if orjson.dumps(text) != b'"' + raw + b'"':
-            return None  # escapes or control characters: parsed (or rejected) the long way
-        rest = content[end:]
-        shape = self._shapes.get(rest, _UNKNOWN)
-        if shape is _UNKNOWN:
-            shape = _shape(rest)
-            if len(self._shapes) >= CONTEXT_CACHE:
-                self._shapes.clear()
-            self._shapes[rest] = shape
-        if shape is None:
-            return None
-        document_rest, base = shape
-        return _Context(_ID_HEAD + raw + document_rest, raw, base.actor, base.actor_field)
 
     def _sequence(self, actor: str, count: int) -> int:
         """Hand out ``count`` sequence numbers of ``actor``; return the first."""

@@ -450,6 +450,8 @@ class Core:
         what = "Insert"
         need(p, off, 4, what)
         rel = self._rel(txn, u32(p, off)[0], what, lsn)
+        if rel.ignored:
+            return
         pos = off + 4
         need(p, pos, 1, what)
         if p[pos] != 0x4E:
@@ -466,6 +468,8 @@ class Core:
         size = len(p)
         need(p, off, 4, what)
         rel = self._rel(txn, u32(p, off)[0], what, lsn)
+        if rel.ignored:
+            return
         pos = off + 4
         need(p, pos, 1, what)
         kind = p[pos]
@@ -522,6 +526,8 @@ class Core:
         what = "Delete"
         need(p, off, 4, what)
         rel = self._rel(txn, u32(p, off)[0], what, lsn)
+        if rel.ignored:
+            return
         pos = off + 4
         need(p, pos, 1, what)
         kind = p[pos]
@@ -554,6 +560,7 @@ class Core:
         if size - pos != 4 * count:
             raise sh.malformed(what, size, f"{count} relation oids announced, {size - pos} bytes left")
         rels = [self._rel(txn, u32(p, pos + 4 * i)[0], what, lsn) for i in range(count)]
+        rels = [rel for rel in rels if not rel.ignored]
         tail = b"\t%d\t%s\t\\N\t\\N\t\\N\t\\N\t\\N\n" % (lsn, _xid(txn, subxid))
         for rel in rels:
             self._append(txn, subxid, 0, rel.table_id, "T", rel.ids + b"T", tail, False)

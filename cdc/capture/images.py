@@ -27,6 +27,7 @@ class Rel:
     __slots__ = (
         "desc",
         "ids",
+        "ignored",
         "info",
         "is_key",
         "key",
@@ -51,6 +52,7 @@ class Rel:
     def setup(self, info: RelationInfo) -> None:
         self.info = info
         self.table_id = info.table_id
+        self.ignored = info.ignored
         self.names_json, self.pending, self.ids, self.kinds, self.policies = sh.relation_texts(info)
         self.natts = len(info.names)
         self.key = list(info.key)

@@ -97,6 +97,9 @@ class RelationInfo:
     policies: tuple[Policy, ...]
     key: tuple[int, ...]  # indices of the key columns, in key order (all columns when keyless)
     keyless: bool
+    # Changes of this relation are dropped, never encoded (cdc's own tables on the source, such as
+    # the context-signing key, which an all-tables publication sends too: docs/security.md).
+    ignored: bool = False
 
 
 def check_info(desc: RelationDesc, info: RelationInfo, can_hash: bool) -> None:

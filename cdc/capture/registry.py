@@ -12,7 +12,9 @@ costs a dictionary lookup.
 The key: the columns pgoutput flags for REPLICA IDENTITY DEFAULT/INDEX; for FULL and NOTHING
 the primary key read from the source catalog (a connection with a deadline), else keyless (all
 columns name the row). A policy configured on a key column is never applied: it is reported
-once (``policy_on_key_column_ignored``) and capture goes on.
+once (``policy_on_key_column_ignored``) and capture goes on. cdc's own tables on the source
+(schema ``cdc``: the context-signing key) are never captured: they are described as ignored (the
+core drops their changes) and never registered.
 
 This module is the only writer of ``tables``, ``table_names`` and ``table_schemas``. It reads
 row data never, and logs no values.
@@ -33,7 +35,7 @@ from cdc.capture.model import Kind, Policy, RelationDesc, RelationInfo
 from cdc.config import format_table
 from cdc.errors import SourceUnavailableError, StoreUnavailableError, error_text
 from cdc.lsn import format_lsn
-from cdc.source import primary_key
+from cdc.source import INTERNAL_SCHEMA, primary_key
 from cdc.watchdog import Deadline
 
 log = structlog.get_logger("cdc.registry")
@@ -125,6 +127,8 @@ class Registry:
 
     def _describe(self, desc: RelationDesc) -> RelationInfo:
         names = tuple(c.name for c in desc.columns)
+        if desc.namespace == INTERNAL_SCHEMA:
+            return self._internal(desc, names)
         key_columns = self._key_columns(desc)
         keyless = not key_columns
         key = tuple(names.index(c) for c in key_columns) if key_columns else tuple(range(len(names)))
@@ -148,6 +152,24 @@ class Registry:
             policies=tuple(policies),
             key=key,
             keyless=keyless,
+        )
+
+    def _internal(self, desc: RelationDesc, names: tuple[str, ...]) -> RelationInfo:
+        """cdc's own tables on the source (the context-signing key among them) are never captured:
+        an all-tables publication sends their changes too; the core drops them, nothing is
+        registered in the store."""
+        if (desc.oid, "") not in self._warned:
+            self._warned.add((desc.oid, ""))
+            log.info("internal_table_not_captured", table=format_table(desc.namespace, desc.name))
+        return RelationInfo(
+            table_id=0,
+            schema_id=0,
+            names=names,
+            kinds=tuple(Kind.TEXT for _ in names),
+            policies=tuple(Policy.NONE for _ in names),
+            key=tuple(range(len(names))),
+            keyless=True,
+            ignored=True,
         )
 
     def _key_columns(self, desc: RelationDesc) -> tuple[str, ...]:

@@ -34,11 +34,12 @@ import structlog
 from cdc.capture.ack import Acknowledgement
 from cdc.capture.batches import Batch, BatchBuilder
 from cdc.capture.engine import Core
+from cdc.capture.failover import SwitchLog, same_source, verify_source
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
 from cdc.capture.registry import Registry
 from cdc.capture.writer_process import Ready, WriterParams, WriterProcess
-from cdc.config import Config, redact_dsn
-from cdc.context import HEARTBEAT_PREFIX
+from cdc.config import Config
+from cdc.context import HEARTBEAT_PREFIX, ContextKeys, ContextVerifier
 from cdc.errors import (
     SetupError,
     SlotLostError,
@@ -49,7 +50,8 @@ from cdc.errors import (
 )
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
-from cdc.policies import hash_text
+from cdc.policies import column_hasher
+from cdc.source_context import read_context_keys
 from cdc.store.prune import Pruner
 from cdc.store.writer import lock_taken
 from cdc.stream.replication import ReplicationStream, choose_options
@@ -61,6 +63,7 @@ class Daemon(Protocol):
 
     config: Config
     metrics: Metrics
+    verifier: ContextVerifier  # context and error messages: their MACs (cdc/context.py)
     standby: bool
     streaming: bool
     acked_lsn: int
@@ -161,7 +164,18 @@ class CaptureSession:
                     f"history was captured from ({state.source_system_id})",
                     hint="point source.dsn at the original server, or use another store schema",
                 )
-            self._check_slot(stream, source_dsn)
+            source = verify_source(
+                stream,
+                source_dsn,
+                slot=self.slot,
+                acked_lsn=state.acked_lsn,
+                switches=SwitchLog(
+                    store_dsn, cfg.store.schema_name, self.slot, timeout=cfg.store.timeout_seconds
+                ),
+                metrics=self.metrics,
+                timeout=cfg.source.timeout_seconds,
+                connect_timeout=cfg.source.connect_timeout_seconds,
+            )
             options = choose_options(
                 stream.server_version,
                 self.slot,
@@ -173,10 +187,12 @@ class CaptureSession:
             stream.connect(
                 {"debug_logical_replication_streaming": "immediate"} if options.stream_immediately else {}
             )
+            same_source(stream, source)
             try:
                 catalog = psycopg.connect(source_dsn, autocommit=True, connect_timeout=10)
             except psycopg.OperationalError as exc:
                 raise SourceUnavailableError(f"cannot reach the source: {error_text(exc)}") from exc
+            self._use_context_keys(catalog)
             registry = Registry(
                 store_dsn,
                 cfg.store.schema_name,
@@ -200,7 +216,7 @@ class CaptureSession:
                 memory_limit_bytes=cfg.capture.memory_limit_bytes,
                 spill_dir=str(cfg.capture.spill_dir) if cfg.capture.spill_dir else None,
                 max_value_bytes=cfg.capture.max_value_bytes,
-                hash_value=hash_text,
+                hash_value=column_hasher(cfg.policies.hash_key_bytes()),
             )
             stream.start(options)
             daemon.streaming = True
@@ -224,7 +240,9 @@ class CaptureSession:
             )
             self.ack = Acknowledgement(state.acked_lsn, idle_interval=self.cfg.status_interval_seconds)
             self.builder = BatchBuilder(
-                max_rows=self.cfg.batch_max_rows, actor_last_seq=registry.actor_last_seq
+                max_rows=self.cfg.batch_max_rows,
+                actor_last_seq=registry.actor_last_seq,
+                verifier=daemon.verifier,
             )
             with self._pruner(store_dsn), self._watchdog(writer, store_dsn):
                 self._loop()
@@ -240,6 +258,27 @@ class CaptureSession:
             if catalog is not None:
                 catalog.close()
 
+    def _use_context_keys(self, catalog: psycopg.Connection[Any]) -> None:
+        """Read the source's context keys now, and let the verifier read them again on the
+        catalog connection when a message fails under the keys it holds (a rotation)."""
+        timeout = self.config.source.timeout_seconds
+
+        def context_keys() -> ContextKeys | None:
+            try:
+                with Deadline(catalog, timeout, _source_silent):
+                    return read_context_keys(catalog)
+            except psycopg.Error as exc:
+                raise SourceUnavailableError(f"cannot read the context key: {error_text(exc)}") from exc
+
+        keys = self.daemon.verifier.use(context_keys)
+        if keys is None:
+            log.warning(
+                "context_key_unavailable",
+                hint="run `cdc setup` (as the role the daemon connects as): context and error messages are refused",
+            )
+        else:
+            log.info("context_keys_loaded", key_id=keys.key_id, previous_key_id=keys.previous_key_id)
+
     def _wait_ready(self, writer: WriterProcess) -> Ready | None:
         """The writer process connected and holds the slot's lock (None: the daemon is stopping)."""
         deadline = time.monotonic() + self.config.store.timeout_seconds + 30  # + the process start
@@ -254,20 +293,6 @@ class CaptureSession:
                     hint="check the history store server",
                 )
         return None
-
-    def _check_slot(self, stream: ReplicationStream, source_dsn: str) -> None:
-        slot = stream.slot_info(self.slot)
-        if slot is None:
-            raise SlotLostError(
-                f"replication slot {self.slot!r} does not exist on the source "
-                f"({redact_dsn(source_dsn)}): changes since it was dropped were not captured",
-                hint="run `cdc setup --recreate-slot`; the history records a gap and a new baseline",
-            )
-        if slot[2] == "lost":
-            raise SlotLostError(
-                f"replication slot {self.slot!r} was invalidated (wal_status=lost): the WAL it needed was removed",
-                hint="run `cdc setup --recreate-slot`; raise max_slot_wal_keep_size to avoid it",
-            )
 
     @contextmanager
     def _pruner(self, store_dsn: str) -> Iterator[None]:

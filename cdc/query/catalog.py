@@ -46,6 +46,7 @@ class _Schema:
     key_columns: tuple[str, ...]
     columns: tuple[str, ...]
     type_oids: Mapping[str, int]
+    policies: Mapping[str, str]  # column -> redaction policy (hash, mask, exclude) capture applied
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class Catalog(StoreBase):
             key_columns=tuple(r["key_columns"] or ()),
             columns=tuple(str(c["name"]) for c in columns),
             type_oids={str(c["name"]): int(c.get("type_oid") or _TEXT_OID) for c in columns},
+            policies={str(c["name"]): str(c["policy"]) for c in columns if c.get("policy")},
         )
         self._schemas[schema.schema_id] = schema
         return schema
@@ -182,6 +184,14 @@ class Catalog(StoreBase):
             if schema.first_position > position:
                 break
             found = schema
+        return found
+
+    def recorded_policies(self, table_id: int) -> dict[str, str]:
+        """Column -> redaction policy (hash, mask, exclude) as capture recorded them in any schema
+        version of the table (the latest wins): which stored values are placeholders."""
+        found: dict[str, str] = {}
+        for schema in self._schemas_of(table_id):
+            found.update(schema.policies)
         return found
 
     # ------------------------------------------------------------------ names

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -234,13 +234,36 @@ class TransactionInfo:
         }
 
 
+#: How a reported error relates to its request (docs/security.md "Request attribution").
+ATTRIBUTIONS = ("own_session", "other_session", "no_captured_session", "unverified")
+
+
+def attribution(
+    db_user: str | None, backend_pid: int | None, proven: bool, sessions: Collection[tuple[str, int]]
+) -> str:
+    """``own_session``: reported by a session that wrote this request's context (one of its
+    verified contexts has the reporter's db_user and backend_pid, or the reporter proved it with
+    the session token cdc.emit_context() gave it, as the client helper does): its root cause.
+    ``other_session``: reported by a session that did neither, while the request has verified
+    contexts; ``no_captured_session``: the same, for a request with no verified context: both
+    not attributed. ``unverified``: recorded before messages were signed (no reporter)."""
+    if db_user is None or backend_pid is None:
+        return "unverified"
+    if proven or (db_user, backend_pid) in sessions:
+        return "own_session"
+    return "other_session" if sessions else "no_captured_session"
+
+
 @dataclass(frozen=True)
 class RequestError:
     """An error a request reported; the root cause only when ``attributed``.
 
-    Attributed: a verified context of the request came from the same database user and backend
-    as the error (docs/security.md). Else it was reported by another session (or one the history
-    has no context from) and is shown as such, never as the request's cause.
+    Who reported it (``db_user``, ``backend_pid``, ``client_addr``, ``xid``) is as the source
+    stamped it in the signed message. Attributed (``attribution`` ``own_session``): a verified
+    context of the request came from the same database user and backend as the error, or the
+    reporter proved with its session token that it wrote one (``proven``: the client helper
+    reporting over a second connection). Else it was reported by another session (or one the
+    history has no context from) and is shown as such, never as the request's cause.
     """
 
     error_type: str | None
@@ -249,14 +272,21 @@ class RequestError:
     at: datetime | None
     db_user: str | None
     backend_pid: int | None
-    attributed: bool
+    attribution: str = "unverified"
+    client_addr: str | None = None
+    xid: int | None = None
+    proven: bool = False
+
+    @property
+    def attributed(self) -> bool:
+        return self.attribution == "own_session"
 
     @property
     def reporter(self) -> str:
         """``db_user app, pid 4242`` (who reported it)."""
-        return (
-            f"db_user {self.db_user or '?'}, pid {self.backend_pid if self.backend_pid is not None else '?'}"
-        )
+        if self.db_user is None:
+            return "an unverified reporter"
+        return f"db_user {self.db_user}, pid {self.backend_pid if self.backend_pid is not None else '?'}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -264,15 +294,28 @@ class RequestError:
             "message": self.message,
             "location": self.location,
             "at": _iso(self.at),
-            "db_user": self.db_user,
-            "backend_pid": self.backend_pid,
             "attributed": self.attributed,
+            "attribution": self.attribution,
+            "reported_by": {
+                "db_user": self.db_user,
+                "backend_pid": self.backend_pid,
+                "client_addr": self.client_addr,
+                "xid": self.xid,
+                "proven": self.proven,
+            },
         }
 
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """A request: its context, outcome, reported errors, transactions and data changes."""
+    """A request: its context, outcome, reported errors, transactions and data changes.
+
+    ``error_type``, ``error_message``, ``error_location``, ``error_at``: the root cause (the first
+    attributed error), else None; ``errors``: every error reported for the request, attributed or
+    not; ``error``: the error readers show (the root cause, else the last reported error, with its
+    attribution); ``sessions``: (db_user, backend_pid) of the sessions whose verified contexts
+    carried this request id.
+    """
 
     request_id: str
     actor: str | None
@@ -289,6 +332,7 @@ class RequestRecord:
     mutations: list[Mutation] = field(default_factory=list)
     mutation_count: int = 0  # every mutation of the request (``mutations`` may be cut)
     errors: list[RequestError] = field(default_factory=list)  # every reported error, attributed or not
+    sessions: tuple[tuple[str, int], ...] = ()
 
     @property
     def outcome(self) -> str:
@@ -310,7 +354,49 @@ class RequestRecord:
     def unattributed_errors(self) -> list[RequestError]:
         return [e for e in self.errors if not e.attributed]
 
+    @property
+    def error(self) -> RequestError | None:
+        """The error to show: the root cause (attributed), else the last one reported, else None."""
+        cause = next((e for e in self.errors if e.attributed), None)
+        return cause if cause is not None else (self.errors[-1] if self.errors else None)
+
+    @property
+    def has_error(self) -> bool:
+        return bool(self.errors)
+
+    @property
+    def error_attribution(self) -> str | None:
+        """The :func:`attribution` of :attr:`error` (None: no error)."""
+        error = self.error
+        return None if error is None else error.attribution
+
+    @property
+    def error_attributed(self) -> bool:
+        """Whether a reported error may be shown as the request's root cause."""
+        return self.error_attribution == "own_session"
+
+    @property
+    def error_db_user(self) -> str | None:
+        error = self.error
+        return None if error is None else error.db_user
+
+    @property
+    def error_backend_pid(self) -> int | None:
+        error = self.error
+        return None if error is None else error.backend_pid
+
+    @property
+    def error_proven(self) -> bool:
+        error = self.error
+        return error is not None and error.proven
+
+    def error_reporter(self) -> str:
+        """``db_user X, pid N`` of the session that reported :attr:`error`."""
+        error = self.error
+        return "no reporter" if error is None else error.reporter
+
     def to_json(self) -> dict[str, Any]:
+        error = self.error
         return {
             "request_id": self.request_id,
             "actor": self.actor,
@@ -320,14 +406,7 @@ class RequestRecord:
             "last_seen_at": _iso(self.last_seen_at),
             "committed_count": self.committed_count,
             "rolled_back_count": self.rolled_back_count,
-            "error": None
-            if not (self.error_type or self.error_message)
-            else {
-                "type": self.error_type,
-                "message": self.error_message,
-                "location": self.error_location,
-                "at": _iso(self.error_at),
-            },
+            "error": None if error is None else error.to_json(),
             "errors": [e.to_json() for e in self.errors],
             "possibly_incomplete": self.possibly_incomplete,
             "transactions": [t.to_json() for t in self.transactions],

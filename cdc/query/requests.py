@@ -4,8 +4,9 @@ There is no table of requests: a request's record is derived on read (docs/store
 "Transactions and context") from its transactions and context changes (by ``request_id``),
 their outcome, the changes made under its context, and the errors it reported
 (``request_errors``). An error is the request's root cause only when a verified context of the
-request came from the same database user and backend as the error; any other is shown as
-reported by another session.
+request came from the same database user and backend as the error, or the reporter proved with
+its session token that it wrote one (docs/security.md "Request attribution"); any other is shown
+as reported by another session.
 
 A request's (or an actor's) changes are found through *spans*: the ordinal ranges of a
 transaction in which its context held (the transaction's context from ordinal 0, each
@@ -23,7 +24,15 @@ from psycopg import sql
 
 from cdc.errors import NotFoundError, UsageError
 from cdc.query.changes import CHANGE_COLUMNS, CHANGE_FIELDS, MAX_ORDINAL, parse_json
-from cdc.query.model import Key, Mutation, MutationPage, RequestError, RequestRecord, TransactionInfo
+from cdc.query.model import (
+    Key,
+    Mutation,
+    MutationPage,
+    RequestError,
+    RequestRecord,
+    TransactionInfo,
+    attribution,
+)
 from cdc.query.tables import Tables
 from cdc.store.format import OP_CODES, OPS, STATUS_NAMES, STATUSES, ChangeFlag, TxnFlag
 
@@ -243,26 +252,38 @@ class Requests(Tables):
                 committed += 1
             if rb:
                 rolled_back += 1  # a rolled-back savepoint of a committed transaction
-        sessions = {
-            (s.context.get("db_user"), s.context.get("backend_pid")) for s in spans if s.context is not None
-        }
-        errors = [
-            RequestError(
-                error_type=r["error_type"],
-                message=r["message"],
-                location=r["location"],
-                at=r["reported_at"],
-                db_user=r["db_user"],
-                backend_pid=r["backend_pid"],
-                attributed=(r["db_user"], r["backend_pid"]) in sessions,
+        # The sessions whose verified contexts carried this request id: whose errors are its own.
+        sessions = tuple(
+            dict.fromkeys(
+                (str(s.context["db_user"]), int(s.context["backend_pid"]))
+                for s in spans
+                if s.context is not None
+                and isinstance(s.context.get("db_user"), str)
+                and isinstance(s.context.get("backend_pid"), int)
             )
-            for r in self._rows(
-                sql.SQL("SELECT * FROM {} WHERE request_id = %(r)s ORDER BY lsn").format(
-                    self._t("request_errors")
-                ),
-                {"r": full},
+        )
+        errors = []
+        for r in self._rows(
+            sql.SQL("SELECT * FROM {} WHERE request_id = %(r)s ORDER BY lsn").format(
+                self._t("request_errors")
+            ),
+            {"r": full},
+        ):
+            proven = r.get("reporter_pid") is not None
+            errors.append(
+                RequestError(
+                    error_type=r["error_type"],
+                    message=r["message"],
+                    location=r["location"],
+                    at=r["reported_at"],
+                    db_user=r["db_user"],
+                    backend_pid=r["backend_pid"],
+                    attribution=attribution(r["db_user"], r["backend_pid"], proven, sessions),
+                    client_addr=r["client_addr"],
+                    xid=r["xid"],
+                    proven=proven,
+                )
             )
-        ]
         cause = next((e for e in errors if e.attributed), None)
         times = [t.committed_at for t in found.transactions] or [e.at for e in errors if e.at is not None]
         context = next((s.context for s in spans if s.context), None)
@@ -282,6 +303,7 @@ class Requests(Tables):
             mutations=self._request_mutations(spans, limit=mutation_limit),
             mutation_count=sum(n for n, _ in counts.values()),
             errors=errors,
+            sessions=sessions,
         )
 
     # ------------------------------------------------------------------ the log

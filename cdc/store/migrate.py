@@ -1071,19 +1071,17 @@ def _transactions(run: _Run) -> None:
 
 def _request_errors(run: _Run) -> None:
     """request_errors from the requests with an error. Format 1 kept no LSN of the error message:
-    each gets a synthetic negative one (-1, -2, ... in time order), so none can meet a real one."""
+    each gets a synthetic negative one (-1, -2, ... in time order), so none can meet a real one.
+    Format 1's messages were unsigned (any role could write one): no reporter is recorded, so
+    readers show them as unverified, never as a request's root cause (docs/security.md)."""
     run.begin_step()
     rows = 0
     if run.has_v1("requests"):
         rows = run.exec(
             sql.SQL(
-                "INSERT INTO {} (lsn, request_id, reported_at, error_type, message, location, db_user, backend_pid, "
-                "client_addr) "
+                "INSERT INTO {} (lsn, request_id, reported_at, error_type, message, location) "
                 "SELECT -row_number() OVER (ORDER BY coalesce(r.error_at, r.last_seen_at), r.request_id), "
-                "r.request_id, coalesce(r.error_at, r.last_seen_at), r.error_type, r.error_message, r.error_location, "
-                "r.context ->> 'db_user', "
-                "CASE WHEN r.context ->> 'backend_pid' ~ '^[0-9]{{1,9}}$' THEN (r.context ->> 'backend_pid')::integer END, "
-                "r.context ->> 'client_addr' "
+                "r.request_id, coalesce(r.error_at, r.last_seen_at), r.error_type, r.error_message, r.error_location "
                 "FROM {} r WHERE r.error_type IS NOT NULL OR r.error_message IS NOT NULL"
             ).format(run.t("request_errors"), run.v1("requests"))
         )

@@ -311,12 +311,13 @@ class StoreWriter:
                     if batch.request_errors:
                         cur.execute(
                             "INSERT INTO request_errors (lsn, request_id, reported_at, error_type, message, "
-                            "location, db_user, backend_pid, client_addr, xid) "
+                            "location, db_user, backend_pid, client_addr, xid, reporter_pid) "
                             "SELECT e.lsn, e.request_id, e.reported_at, e.error_type, e.message, e.location, "
-                            "e.db_user, e.backend_pid, e.client_addr, e.xid FROM json_to_recordset(%s::json) "
+                            "e.db_user, e.backend_pid, e.client_addr, e.xid, e.reporter_pid "
+                            "FROM json_to_recordset(%s::json) "
                             "AS e(lsn bigint, request_id text, reported_at timestamptz, error_type text, "
                             "message text, location text, db_user text, backend_pid integer, "
-                            "client_addr text, xid bigint) ON CONFLICT (lsn) DO NOTHING",
+                            "client_addr text, xid bigint, reporter_pid integer) ON CONFLICT (lsn) DO NOTHING",
                             (orjson.dumps(batch.request_errors).decode(),),
                         )
                     if batch.ack_lsn is not None:

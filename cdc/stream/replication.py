@@ -36,6 +36,7 @@ from cdc.protocol.frames import (
     now_pg_time,
     parse_copy_data,
 )
+from cdc.source_hosts import connected_host
 from cdc.watchdog import Deadline
 
 log = structlog.get_logger("cdc.stream")
@@ -112,6 +113,11 @@ class ReplicationStream:
         self.options: StreamOptions | None = None
         self.server_version = 0
         self.system_id: str | None = None
+        # The server this connection reached (libpq picks one among a multi-host DSN's), its
+        # timeline and whether it is a standby: what cdc/capture/failover.py checks.
+        self.host = ""
+        self.timeline = 0
+        self.in_hot_standby = False
         self.last_received_lsn = 0
         # Silence watch: when the last message came, when the first unanswered ping went out,
         # and the last positions reported (a ping repeats them: it never acknowledges more).
@@ -165,6 +171,19 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise SourceUnavailableError(f"cannot identify the source: {exc}") from exc
         self.system_id = str(row[0]) if row else None
+        self.timeline = int(row[1]) if row else 0
+        self.host = connected_host(self._conn)
+        self.in_hot_standby = self._conn.info.parameter_status("in_hot_standby") == "on"
+
+    def timeline_history(self, timeline: int) -> str:
+        """The server's history file of ``timeline`` (> 1): the timelines it descends from."""
+        try:
+            with self._deadline():
+                row = self._conn_or_raise().execute(f"TIMELINE_HISTORY {int(timeline)}").fetchone()
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailableError(f"cannot read the source's timeline history: {exc}") from exc
+        content = row[1] if row else b""
+        return content.decode() if isinstance(content, bytes) else str(content or "")
 
     def slot_info(self, slot: str) -> tuple[str, int | None, str | None] | None:
         """(plugin, confirmed_flush_lsn, wal_status) of the slot, or None if it does not exist.

@@ -239,6 +239,38 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "RequestError": {
+        "type": "object",
+        "required": ["type", "message", "location", "at", "attributed", "attribution", "reported_by"],
+        "properties": {
+            "type": _nullable(_STRING),
+            "message": _nullable(_STRING),
+            "location": _nullable(_STRING),
+            "at": _nullable(_TIME),
+            "attributed": {
+                "type": "boolean",
+                "description": "true: reported by a session that wrote this request's context (same db_user "
+                "and backend_pid as a verified context, or proven by its session token): the root cause; "
+                "false: reported by another session (or before messages were signed)",
+            },
+            "attribution": {
+                "type": "string",
+                "enum": ["own_session", "no_captured_session", "other_session", "unverified"],
+            },
+            "reported_by": {
+                "type": "object",
+                "description": "the reporting session, as the source stamped it",
+                "required": ["db_user", "backend_pid", "client_addr", "xid", "proven"],
+                "properties": {
+                    "db_user": _nullable(_STRING),
+                    "backend_pid": _nullable(_INT),
+                    "client_addr": _nullable(_STRING),
+                    "xid": _nullable(_INT),
+                    "proven": {"type": "boolean"},
+                },
+            },
+        },
+    },
     "Request": {
         "type": "object",
         "required": [
@@ -270,38 +302,15 @@ _SCHEMAS: dict[str, Any] = {
             "last_seen_at": _nullable(_TIME),
             "committed_count": _INT,
             "rolled_back_count": _INT,
-            "error": _nullable(
-                {
-                    "type": "object",
-                    "required": ["type", "message", "location", "at"],
-                    "properties": {
-                        "type": _nullable(_STRING),
-                        "message": _nullable(_STRING),
-                        "location": _nullable(_STRING),
-                        "at": _nullable(_TIME),
-                    },
-                }
-            ),
+            "error": {
+                **_nullable(_ref("RequestError")),
+                "description": "the error to show: the root cause (an attributed error), else the last "
+                "error reported for the request (not attributed: never its root cause)",
+            },
             "errors": {
                 "type": "array",
                 "description": "every error the request reported; only an attributed one is its root cause",
-                "items": {
-                    "type": "object",
-                    "required": ["type", "message", "location", "at", "db_user", "backend_pid", "attributed"],
-                    "properties": {
-                        "type": _nullable(_STRING),
-                        "message": _nullable(_STRING),
-                        "location": _nullable(_STRING),
-                        "at": _nullable(_TIME),
-                        "db_user": _nullable(_STRING),
-                        "backend_pid": _nullable(_INT),
-                        "attributed": {
-                            "type": "boolean",
-                            "description": "a verified context of the request came from the same "
-                            "db_user and backend_pid; false: reported by another session",
-                        },
-                    },
-                },
+                "items": _ref("RequestError"),
             },
             "possibly_incomplete": {"type": "boolean"},
             "transactions": {"type": "array", "items": _ref("Transaction")},

@@ -579,6 +579,7 @@ async def request_page(request: Request) -> Response:
         record=record,
         outcome=_OUTCOMES.get(record.outcome, record.outcome),
         cause=cause,
+        reporter=record.error_reporter() if cause else None,
         error_at=iso(record.error_at) if record.error_at else None,
         other_errors=[
             {

@@ -389,6 +389,15 @@ def test_request(client: TestClient, seed: StoreBuilder) -> None:
         "message": "Stripe API timeout after 10s",
         "location": "payments/create.ts:42",
         "at": "2026-03-10T14:22:30+00:00",
+        "attributed": True,
+        "attribution": "own_session",
+        "reported_by": {
+            "db_user": "app",
+            "backend_pid": 4242,
+            "client_addr": None,
+            "xid": None,
+            "proven": True,
+        },
     }
     assert body["context"]["client_addr"] == "10.0.0.5" and body["context"]["backend_pid"] == 4242
     assert [(t["status"], t["mutation_count"]) for t in body["transactions"]] == [("rolled_back", 2)]

@@ -46,6 +46,7 @@ SEED_WHY = """\
   ACTOR        alice@example.com
   OUTCOME      rolled back
   ROOT CAUSE   TimeoutError: Stripe API timeout after 10s
+  REPORTED BY  db_user app, pid 4242
   LOCATION     payments/create.ts:42
   CONTEXT      app=app, db user=app, client=10.0.0.5, pid=4242, route=/pay
   WHEN         2026-03-10 14:22

@@ -21,11 +21,12 @@ from cdc.context import (
     CONTEXT_PREFIX,
     DEFAULT_APPLICATION_NAME_PATTERN,
     ERROR_PREFIX,
+    ContextKeys,
     parse_context,
     parse_error,
 )
 from cdc.devdb import LocalPostgres
-from cdc.source_context import install_context
+from cdc.source_context import install_context, read_context_keys
 
 HAS_SQLALCHEMY = importlib.util.find_spec("sqlalchemy") is not None
 
@@ -44,6 +45,7 @@ class Item:
     transactional: bool = False
     prefix: str = ""
     content: str = ""
+    keys: ContextKeys | None = None  # the source's signing keys, to verify the messages
 
 
 _MESSAGE = re.compile(r"message: transactional: (\d) prefix: ([^,]*), sz: \d+ content:(.*)", re.S)
@@ -61,13 +63,14 @@ class Slot:
             conn.execute("SET synchronous_commit = on")  # decoding stops at the flushed WAL
             conn.execute("SELECT pg_logical_emit_message(true, 'test.flush', '')")
             rows = conn.execute("SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL)", [self.name])
+            keys = read_context_keys(conn)
             out: list[Item] = []
             for (line,) in rows:
                 if line.startswith(("BEGIN", "COMMIT")):
                     out.append(Item(line.split()[0], line))
                 elif m := _MESSAGE.match(line):
                     if m.group(2) != "test.flush":
-                        out.append(Item("message", line, m.group(1) == "1", m.group(2), m.group(3)))
+                        out.append(Item("message", line, m.group(1) == "1", m.group(2), m.group(3), keys))
                 else:
                     out.append(Item("change", line))
             return out
@@ -88,21 +91,21 @@ def shape(items: list[Item]) -> list[str]:
         elif i.kind == "change":
             out.append("change")
         elif i.prefix == CONTEXT_PREFIX:
-            ctx = parse_context(i.content.encode())
+            ctx = parse_context(i.content.encode(), i.keys)
             out.append(f"ctx:{ctx.source}:{ctx.request_id}")
         elif i.prefix == ERROR_PREFIX:
-            out.append(f"error:{parse_error(i.content.encode()).request_id}")
+            out.append(f"error:{parse_error(i.content.encode(), i.keys).request_id}")
     return out
 
 
 def contexts(items: list[Item]) -> list[Any]:
-    return [parse_context(i.content.encode()) for i in items if i.prefix == CONTEXT_PREFIX]
+    return [parse_context(i.content.encode(), i.keys) for i in items if i.prefix == CONTEXT_PREFIX]
 
 
 def errors(items: list[Item]) -> list[Any]:
     found = [i for i in items if i.prefix == ERROR_PREFIX]
     assert all(not i.transactional for i in found)
-    return [parse_error(i.content.encode()) for i in found]
+    return [parse_error(i.content.encode(), i.keys) for i in found]
 
 
 # ============================================================================ fixtures
@@ -290,7 +293,7 @@ def test_error_reporting_never_masks_the_error(source: str, monkeypatch: pytest.
     def broken(*args: Any) -> str:
         raise OSError("the report cannot be written")
 
-    monkeypatch.setattr(client, "_error_content", broken)
+    monkeypatch.setattr(client, "_error_params", broken)
     with psycopg.connect(source, autocommit=True) as conn:
         with pytest.raises(RuntimeError, match="original"), client.request(conn, "r-x"):
             raise RuntimeError("original")

@@ -25,10 +25,12 @@ from cdc.cli_retention import erase
 from cdc.config import RetentionConfig
 from cdc.devdb import LocalPostgres
 from cdc.errors import NotFoundError
+from cdc.history import History
 from cdc.store.erase import erase_row
 from cdc.store.keys import key_text
 from cdc.store.prune import Pruner
 from cdc.store.table_refs import resolve_table
+from tests.capture_env import CaptureEnv, table_id
 from tests.retention_store import DAY, create_partitions, model, replay
 from tests.store_builder import INT4, INT8, TEXT, StoreBuilder
 
@@ -396,3 +398,69 @@ def test_erase_after_real_capture() -> None:
     (SNAPSHOT at setup, updates, deletes; a keyless table under REPLICA IDENTITY FULL), pruned into
     keyframes, then erased: no value left in any table of the store, history consistent, capture
     goes on; --force with a window on a live row."""
+
+
+def test_erase_follows_a_captured_row_through_its_key_changes(capture: CaptureEnv) -> None:
+    """The issue's leftover, on the daemon's own history: images of the row under its earlier keys
+    (its SNAPSHOT, the UPDATEs before the key changed) stayed after erasing it by its final key.
+    A row that reused an earlier key afterwards is another row: its history stays."""
+    name, other = "Zephyrine Quuxworth", "zq-other-row-that-reused-key-1@example.org"
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+        conn.execute("INSERT INTO users VALUES (1, %s, NULL)", (EMAIL,))
+    capture.setup()  # SNAPSHOT under key 1
+    capture.start()
+    with capture.source() as conn:
+        conn.execute("UPDATE users SET name = %s WHERE id = 1", (name,))
+        conn.execute("UPDATE users SET id = 2, name = %s WHERE id = 1", (name + " 2",))
+        conn.execute("INSERT INTO users VALUES (1, %s, 'another row')", (other,))  # key 1 reused
+        conn.execute("UPDATE users SET id = 3 WHERE id = 2")
+        conn.execute("UPDATE users SET email = %s WHERE id = 3", (NOTE,))
+        conn.execute("DELETE FROM users WHERE id = 3")
+        conn.execute("DELETE FROM users WHERE id = 1")  # (the source check: no key of the chain is live)
+    capture.wait_caught_up()
+    users = table_id(capture, "users")
+    with capture.store() as conn:
+        keys = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT key_text FROM changes_all WHERE table_id = %s AND image LIKE %s",
+                (users, f"%{EMAIL}%"),
+            ).fetchall()
+        }
+    assert keys == {"[1]", "[2]", "[3]"}  # the row's images under its three keys
+    done = CliRunner().invoke(
+        erase,
+        ["users", "--id", "3", "--yes", "--format", "json", "--store", capture.store_dsn,
+         "--schema", capture.schema, "--source", capture.source_dsn],
+        env={"CDC_CONFIG": "", "CDC_SOURCE_DSN": "", "CDC_STORE_DSN": ""},
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    digests = {i: hashlib.sha256(key_text([i]).encode()).hexdigest() for i in (1, 2, 3)}
+    assert report["key_sha256"] == digests[3] and report["source_check"] == "absent"
+    assert sorted(report["earlier_key_sha256"]) == sorted((digests[1], digests[2]))
+    assert report["earlier_keys"] == 2
+    with capture.store() as conn:
+        names = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind IN ('r', 'p')",
+            (capture.schema,),
+        ).fetchall()
+        for (relname,) in names:
+            text = "\n".join(
+                r[0]
+                for r in conn.execute(
+                    sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(capture.schema, relname))
+                ).fetchall()
+            )
+            for secret in (EMAIL, NOTE, name):
+                assert secret not in text, f"{secret!r} still in {relname}"
+        recorded = conn.execute("SELECT key_sha256, earlier_keys FROM erasures").fetchall()
+    assert recorded == [(digests[3], 2)]  # digests and counts, never a key
+    with History(capture.store_dsn, schema=capture.schema) as h:
+        history = h.row_history("users", 1)
+        assert [m.op for m in history] == ["INSERT", "DELETE"]
+        assert history[0].after == {"id": 1, "email": other, "name": "another row"}
+    assert capture.stop() == 0

@@ -153,9 +153,7 @@ def test_non_superuser_capture_role_sets_up_and_captures(
     for table in TABLES:
         assert rebuild(env, table) == source_rows(env, table), table
     with env.store() as conn:
-        ops = conn.execute(
-            "SELECT count(*) FROM mutations WHERE op IN ('INSERT', 'UPDATE', 'DELETE')"
-        ).fetchone()
+        ops = conn.execute("SELECT count(*) FROM changes WHERE op IN ('I', 'U', 'D')").fetchone()
     assert ops is not None and ops[0] == 9
     # The context trigger is there, installed by the capture role.
     with psycopg.connect(admin_source) as conn:
@@ -259,7 +257,7 @@ def test_reader_reads_history_but_cannot_write(server: LocalPostgres) -> None:
                 (SCHEMA,),
             ).fetchall()
         ]
-    assert {"mutations", "capture_state"} <= {t for t, _ in tables}
+    assert {"changes", "capture_state", "request_errors"} <= {t for t, _ in tables}
     attempts = 0
     with psycopg.connect(reader, autocommit=True) as conn:
         for table, column in tables:

@@ -6,13 +6,18 @@ import json
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
+from cdc import client
+from cdc.cli import main as cli
 from cdc.errors import SlotLostError
-from cdc.policies import MASK, hash_value
+from cdc.policies import MASK, hash_key_id, hash_value
+from cdc.query import Store
 from cdc.setup import setup
 from tests.capture_env import CaptureEnv, rebuild, source_rows, table_id
 
 SECRET = "s3cr3t-digest-0xDEADBEEF"
+HASH_KEY = "test-hash-key-0123456789abcdef"
 
 
 def store_dump(env: CaptureEnv) -> str:
@@ -33,6 +38,7 @@ def test_excluded_hashed_and_masked_columns(capture: CaptureEnv) -> None:
     capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__PASSWORD_DIGEST"] = "exclude"
     capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__EMAIL"] = "hash"
     capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__SSN"] = "mask"
+    capture.extra_env["CDC_POLICIES__HASH_KEY"] = HASH_KEY
     with capture.source() as conn:
         conn.execute(
             "CREATE TABLE users (id int PRIMARY KEY, email text, ssn text, password_digest text, n int)"
@@ -58,13 +64,114 @@ def test_excluded_hashed_and_masked_columns(capture: CaptureEnv) -> None:
         ]
     insert = next(image for op, image in images if op == "I")
     assert insert["password_digest"] is None  # excluded: never stored
-    assert insert["email"] == hash_value("c@d.com") and insert["ssn"] == MASK
+    assert insert["email"] == hash_value("c@d.com", HASH_KEY.encode()) and insert["ssn"] == MASK
+    with Store(capture.store_dsn) as reader:
+        updates = [m for m in reader.mutation_log(table="users").mutations if m.op == "UPDATE"]
+    assert updates and all(m.changed == ("n",) for m in updates)  # an excluded column never changes
+    # The stored schema records each column's policy (undo reads it to refuse placeholders).
+    with capture.store() as store:
+        recorded = store.execute(
+            "SELECT DISTINCT c->>'name', c->>'policy' FROM table_schemas, jsonb_array_elements(columns) c "
+            "WHERE table_id = %s AND c ? 'policy' ORDER BY 1",
+            (table_id(capture, "users"),),
+        ).fetchall()
+    assert recorded == [("email", "hash"), ("password_digest", "exclude"), ("ssn", "mask")]
+    assert capture.stop() == 0
+
+
+def test_a_dictionary_does_not_reverse_a_hashed_value(capture: CaptureEnv) -> None:
+    """The issue's attack: a bare SHA-256 of an e-mail address is reversed by hashing a list of
+    likely addresses. The keyed digest matches none of them without the key."""
+    import hashlib
+
+    import orjson
+
+    capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__EMAIL"] = "hash"
+    capture.extra_env["CDC_POLICIES__HASH_KEY"] = HASH_KEY
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    capture.setup()
+    capture.start()
+    with capture.source() as conn:
+        conn.execute("INSERT INTO users VALUES (1, 'alice@example.com'), (2, 'bob@example.com')")
+        conn.execute("INSERT INTO users VALUES (3, 'alice@example.com')")
+    capture.wait_caught_up()
+    with capture.store() as store:
+        stored = {
+            json.loads(key)[0]: json.loads(image)["email"]
+            for key, image in store.execute(
+                "SELECT key_text, image FROM changes WHERE table_id = %s", (table_id(capture, "users"),)
+            ).fetchall()
+        }
+    dictionary = [f"{name}@example.com" for name in ("alice", "bob", "carol", "dave")]
+    guesses = set()
+    for word in dictionary:
+        for encoded in (word.encode(), orjson.dumps(word)):
+            digest = hashlib.sha256(encoded).hexdigest()
+            guesses |= {digest, "sha256:" + digest}
+        guesses.add(hash_value(word, b"another key of 16+ bytes"))
+    for value in stored.values():
+        assert value.startswith(f"hmac-sha256:{hash_key_id(HASH_KEY.encode())}:")
+        assert value not in guesses and value.rsplit(":", 1)[1] not in guesses
+    assert stored[1] == stored[3] != stored[2]  # equal values still match under one key
+    assert capture.stop() == 0
+
+
+def test_a_hash_policy_without_a_key_is_refused(capture: CaptureEnv) -> None:
+    from cdc.errors import ConfigError
+
+    capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__EMAIL"] = "hash"
+    with pytest.raises(ConfigError, match=r"policies\.hash_key"):
+        capture.setup()
+
+
+def test_clear_value_never_in_a_reported_error(capture: CaptureEnv) -> None:
+    """The issue's leak: DETAIL ("Key (email)=(...)", "Failing row contains (...)") quoted the
+    clear value of hashed, masked and excluded columns into the request's stored error."""
+    capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__EMAIL"] = "hash"
+    capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__SSN"] = "mask"
+    capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__SECRET"] = "exclude"
+    capture.extra_env["CDC_POLICIES__HASH_KEY"] = HASH_KEY
+    with capture.source() as conn:
+        conn.execute(
+            "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, ssn text CHECK (ssn <> '000-00-0000'), "
+            "secret text NOT NULL)"
+        )
+        conn.execute("INSERT INTO users VALUES (1, 'alice@example.com', '123-45-6789', 'x')")
+    capture.setup()
+    capture.start()
+    clear = ("alice@example.com", "000-00-0000", "hunter2-excluded")
+    with psycopg.connect(capture.source_dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation), client.request(conn, "dup-email"):
+            conn.execute("INSERT INTO users VALUES (2, 'alice@example.com', '1', 'x')")
+        with pytest.raises(psycopg.errors.CheckViolation), client.request(conn, "bad-ssn"):
+            conn.execute("INSERT INTO users VALUES (3, 'c@example.com', '000-00-0000', 'hunter2-excluded')")
+        with pytest.raises(psycopg.errors.NotNullViolation), client.request(conn, "no-secret"):
+            conn.execute("INSERT INTO users VALUES (4, 'hunter2-excluded', '000-00-0001', NULL)")
+    capture.wait_caught_up()
+    with Store(capture.store_dsn) as store:
+        records = {rid: store.request(rid) for rid in ("dup-email", "bad-ssn", "no-secret")}
+    assert records["dup-email"].error_type == "UniqueViolation"
+    assert records["dup-email"].error_message is not None
+    assert "SQLSTATE 23505" in records["dup-email"].error_message
+    for record in records.values():
+        assert record.error_message and not any(c in record.error_message for c in clear), (
+            record.error_message
+        )
+    dump = store_dump(capture)
+    for value in clear:
+        assert value not in dump
+    for rid in records:
+        why = CliRunner().invoke(cli, ["why", rid, "--store", capture.store_dsn, "--format", "json"])
+        assert why.exit_code == 0, why.output
+        assert not any(c in why.output for c in clear), why.output
     assert capture.stop() == 0
 
 
 def test_policy_on_a_key_column_is_ignored_and_reported(capture: CaptureEnv) -> None:
     capture.extra_env["CDC_COLUMNS__PUBLIC.T__ID"] = "hash"
     capture.extra_env["CDC_COLUMNS__PUBLIC.T__V"] = "mask"
+    capture.extra_env["CDC_POLICIES__HASH_KEY"] = HASH_KEY
     with capture.source() as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         conn.execute("INSERT INTO t VALUES (1, 'one')")

@@ -74,7 +74,11 @@ def test_an_error_is_the_root_cause_only_from_the_request_session(store: Store) 
     assert record.possibly_incomplete and record.transactions[0].possibly_incomplete
     text = "\n".join(why_lines(record))
     assert "ROOT CAUSE   ValueError: bad title" in text
-    assert "ERROR        Forged: not me  (reported by another session (db_user mallory, pid 666))" in text
+    assert (
+        "ERROR        Forged: not me  (reported by another session (db_user mallory, pid 666): not attributed)"
+        in text
+    )
+    assert "REPORTED BY  db_user app, pid 77" in text
     assert "NOTE" in text and "may be missing" in text and "(possibly incomplete)" in text
     data = record.to_json()
     assert data["possibly_incomplete"] is True and data["transactions"][0]["possibly_incomplete"] is True
@@ -85,6 +89,10 @@ def test_an_error_without_a_context_of_the_request_is_not_its_cause(store: Store
     ghost = store.request("req-gh")  # a prefix: found through request_errors alone
     assert ghost.request_id == "req-ghost" and ghost.outcome == "unknown" and ghost.transactions == []
     assert ghost.error_type is None and [e.attributed for e in ghost.errors] == [False]
+    # Its reporter wrote no verified context of this request (and proved none): not attributed.
+    assert (
+        ghost.error_attribution == "no_captured_session" and ghost.to_json()["error"]["attributed"] is False
+    )
     assert ghost.first_seen_at is not None
 
 

@@ -16,8 +16,15 @@ from cdc.cli_revert import restore, revert
 from cdc.history import History
 from cdc.lsn import format_lsn
 from cdc.query import Store
-from cdc.revert import RevertApplyError, RevertConflictError, apply_plan, plan_restore, plan_revert
-from tests.capture_env import CaptureEnv, source_rows
+from cdc.revert import (
+    RedactedValuesError,
+    RevertApplyError,
+    RevertConflictError,
+    apply_plan,
+    plan_restore,
+    plan_revert,
+)
+from tests.capture_env import CaptureEnv, source_rows, stored_mutations
 from tests.integration.test_capture import ALL_TYPES, TYPED_ROWS
 
 SCHEMA = """
@@ -327,3 +334,124 @@ def test_revert_of_cascading_deletes_puts_parents_back_first(capture: CaptureEnv
     capture.wait_caught_up()
     for table in ("public.customers", "public.orders", "public.notes", "public.tree"):
         assert source_now(capture, table) == rows_at(capture, table, before), table
+
+
+# ============================================================================ redacted columns
+
+REDACTED_SCHEMA = """
+CREATE TABLE users (id int PRIMARY KEY, secret text, n int);
+CREATE TABLE strict (id int PRIMARY KEY, secret text NOT NULL, n int);
+INSERT INTO users VALUES (1, 's1', 0), (2, 's2', 0), (3, 's3', 0);
+INSERT INTO strict VALUES (1, 'x1', 0);
+"""
+
+
+def _refused(plan: Any, *columns: str) -> str:
+    with pytest.raises(RedactedValuesError) as caught:
+        plan()
+    text = str(caught.value)
+    for column in columns:
+        assert column in text, text
+    return text
+
+
+@pytest.mark.parametrize("policy", ["hash", "mask", "exclude"])
+def test_undo_never_writes_a_redacted_placeholder(capture: CaptureEnv, policy: str) -> None:
+    """The issue's damage: revert/restore --apply wrote `hmac-sha256:...`, `****` or NULL (for an
+    excluded column) over the live values. Each inverse (of an INSERT, UPDATE, DELETE), for revert
+    and restore, with and without --keep-redacted."""
+    capture.extra_env["CDC_COLUMNS__PUBLIC.USERS__SECRET"] = policy
+    capture.extra_env["CDC_COLUMNS__PUBLIC.STRICT__SECRET"] = policy
+    capture.extra_env["CDC_POLICIES__HASH_KEY"] = "revert-test-hash-key-0123456789"
+    v0 = start(capture, REDACTED_SCHEMA)
+    with capture.source() as conn:
+        with client.request(conn, "r-ins"):
+            conn.execute("INSERT INTO users VALUES (10, 's10', 0)")
+        with client.request(conn, "r-upd"):
+            conn.execute("UPDATE users SET secret = 'changed', n = 1 WHERE id = 1")
+        with client.request(conn, "r-del"):
+            conn.execute("DELETE FROM users WHERE id = 2")
+        with client.request(conn, "r-del-strict"):
+            conn.execute("DELETE FROM strict WHERE id = 1")
+    capture.wait_caught_up()
+    # what the store holds for the column: a placeholder, or nothing
+    stored = [m.before for m in stored_mutations(capture) if m.request_id == "r-del" and m.op == "DELETE"]
+    assert len(stored) == 1 and stored[0] is not None and stored[0].get("secret") != "s2"
+    why = {"hash": "hash", "mask": "mask", "exclude": "exclude: never captured"}[policy]
+
+    with store(capture) as st, capture.source() as source:
+        # INSERT inverse: a DELETE, nothing written: never refused.
+        assert "DELETE" in plan_revert(st, source, "r-ins").sql_text
+        # UPDATE inverse: the hash placeholder would be written back. An excluded column is never
+        # in a stored UPDATE (not captured), nor a masked one whose value stays non-NULL (both
+        # images hold ****): nothing of it is written, and the plan says so.
+        if policy in ("exclude", "mask"):
+            plan = plan_revert(st, source, "r-upd")
+            assert '"secret"' not in plan.sql_text and '"n" = 0' in plan.sql_text
+            assert any("secret" in note and "not undone" in note for note in plan.notes), plan.notes
+        else:
+            text = _refused(lambda: plan_revert(st, source, "r-upd"), "public.users", f"secret ({why})")
+            assert "--keep-redacted" in text
+        kept = plan_revert(st, source, "r-upd", keep_redacted=True)
+        assert '"secret"' not in kept.sql_text and '"n" = 0' in kept.sql_text
+        # DELETE inverse: an INSERT of the stored row, placeholder (or nothing) in the column.
+        _refused(lambda: plan_revert(st, source, "r-del"), "public.users", f"secret ({why})")
+        reinsert = plan_revert(st, source, "r-del", keep_redacted=True)
+        assert '"secret"' not in reinsert.sql_text and "INSERT" in reinsert.sql_text
+        # ... and a NOT NULL column without a default cannot be left out even when asked.
+        _refused(lambda: plan_revert(st, source, "r-del-strict"), "public.strict", "secret")
+        required = _refused(
+            lambda: plan_revert(st, source, "r-del-strict", keep_redacted=True), "public.strict", "secret"
+        )
+        assert "NOT NULL without a default" in required
+
+        # Restore: an UPDATE back to v0 (row 1), an INSERT (row 2, deleted), a DELETE (row 10).
+        if policy == "exclude":
+            plan = plan_restore(st, source, "users", 1, version=v0)
+            assert '"secret"' not in plan.sql_text and '"n" = 0' in plan.sql_text
+        else:
+            _refused(lambda: plan_restore(st, source, "users", 1, version=v0), "public.users", "secret")
+        restored = plan_restore(st, source, "users", 1, version=v0, keep_redacted=True)
+        assert '"secret"' not in restored.sql_text and all(d.column != "secret" for d in restored.diff)
+        _refused(lambda: plan_restore(st, source, "users", 2, version=v0), "public.users", "secret")
+        back = plan_restore(st, source, "users", 2, version=v0, keep_redacted=True)
+        assert "INSERT" in back.sql_text and '"secret"' not in back.sql_text
+        assert "DELETE" in plan_restore(st, source, "users", 10, version=v0).sql_text
+        _refused(
+            lambda: plan_restore(st, source, "strict", 1, version=v0, keep_redacted=True), "public.strict"
+        )
+
+        # Applied with --keep-redacted: every other column goes back, the redacted ones stay.
+        for request_id in ("r-upd", "r-del", "r-ins"):
+            apply_plan(source, plan_revert(st, source, request_id, keep_redacted=True))
+    with capture.source() as conn:
+        rows = conn.execute("SELECT id, secret, n FROM users ORDER BY id").fetchall()
+    assert rows == [(1, "changed", 0), (2, None, 0), (3, "s3", 0)]
+    assert not any(str(r[1]).startswith(("hmac-sha256:", "sha256:", "****")) for r in rows)
+
+    # The CLI: exit code 2, naming the table and column; --keep-redacted goes through.
+    env = {"CDC_SOURCE_DSN": capture.source_dsn, "CDC_STORE_DSN": capture.store_dsn, "CDC_CONFIG": ""}
+    with capture.source() as conn, client.request(conn, "r-upd-2"):
+        conn.execute("UPDATE users SET secret = 'again', n = 5 WHERE id = 3")
+    capture.wait_caught_up()
+    refused = CliRunner().invoke(revert, ["r-upd-2", "--schema", capture.schema, "--apply"], env=env)
+    if policy in ("exclude", "mask"):
+        assert refused.exit_code == 0, refused.output
+    else:
+        assert refused.exit_code == 2 and "public.users: secret" in refused.output, refused.output
+        done = CliRunner().invoke(
+            revert, ["r-upd-2", "--schema", capture.schema, "--apply", "--keep-redacted"], env=env
+        )
+        assert done.exit_code == 0, done.output
+    with capture.source() as conn:
+        assert conn.execute("SELECT secret, n FROM users WHERE id = 3").fetchone() == ("again", 0)
+    # Row 2 is back as it was but for the column (NULL now): a restore would write the placeholder.
+    args = ["users", "--id", "2", "--version", str(v0), "--schema", capture.schema]
+    cli_restore = CliRunner().invoke(restore, args, env=env)
+    if policy == "exclude":
+        assert cli_restore.exit_code == 0 and "already equals" in cli_restore.output, cli_restore.output
+    else:
+        assert cli_restore.exit_code == 2 and "public.users: secret" in cli_restore.output, cli_restore.output
+    kept_restore = CliRunner().invoke(restore, [*args, "--keep-redacted"], env=env)
+    assert kept_restore.exit_code == 0 and "already equals" in kept_restore.output, kept_restore.output
+    assert capture.stop() == 0

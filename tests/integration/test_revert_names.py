@@ -17,6 +17,7 @@ import pytest
 from cdc.errors import NotFoundError, UsageError
 from cdc.query import Store
 from cdc.revert import apply_plan, plan_restore, plan_revert
+from cdc.source_context import install_context
 from tests.store_builder import INT4, TEXT, StoreBuilder, oversize
 
 SOURCE = """
@@ -41,6 +42,7 @@ def world(pg: Any) -> Iterator[tuple[StoreBuilder, psycopg.Connection[Any]]]:
     dsn = pg.create_database(name)
     source = psycopg.connect(dsn, autocommit=True)
     source.execute(SOURCE)
+    install_context(source, [], attach_new_tables=False)  # apply_plan tags its request (cdc.emit_context)
     b = StoreBuilder(dsn)
     for table in TABLES:
         oid = source.execute("SELECT %s::regclass::oid::int8", [table]).fetchone()

@@ -23,7 +23,7 @@ from cdc.dryrun import (
     uninstall_simulate,
 )
 from cdc.errors import SetupError, UsageError
-from tests.capture_env import CaptureEnv
+from tests.capture_env import CaptureEnv, stored_mutations
 from tests.integration.test_capture import ALL_TYPES, TYPED_ROWS
 
 TABLES = [("public", "items"), ("public", "pairs"), ("public", "loose")]
@@ -251,6 +251,9 @@ def test_a_raw_commit_cannot_escape_the_simulation(source: psycopg.Connection[An
 
 
 def test_non_autocommit_connection_and_client_request_inside(source: psycopg.Connection[Any]) -> None:
+    from cdc.source_context import install_context
+
+    install_context(source, [("public", "items")])  # the client helper needs cdc.emit_context()
     with psycopg.connect(source.info.dsn, password=source.info.password) as conn:  # autocommit off
         assert not conn.autocommit
 
@@ -360,11 +363,11 @@ def test_deltas_match_what_capture_records(capture: CaptureEnv) -> None:
         with conn.transaction():
             change(conn)
     capture.wait_caught_up()
-    with capture.store() as store:
-        rows = store.execute(
-            "SELECT op, key, before, after FROM mutations WHERE table_name = 'public.typed' "
-            "AND op <> 'SNAPSHOT' AND status = 'committed' ORDER BY position, ordinal"
-        ).fetchall()
+    rows = [
+        (m.op, m.key, m.before, m.after)
+        for m in stored_mutations(capture, "typed")
+        if m.op != "SNAPSHOT" and m.status == "committed"
+    ]
     assert [(d.operation.upper(), {"id": d.key}, d.before, d.after) for d in preview.deltas] == [
         tuple(r) for r in rows
     ]

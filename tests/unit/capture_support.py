@@ -74,9 +74,11 @@ class Registry:
         self,
         primary_keys: dict[str, tuple[str, ...]] | None = None,
         policies: dict[str, Policy] | None = None,
+        ignored: frozenset[str] = frozenset(),
     ) -> None:
         self.primary_keys = primary_keys or {}
         self.policies = policies or {}
+        self.ignored = ignored  # table names whose changes the core drops
         self.calls: list[RelationDesc] = []
         self.ids: dict[int, int] = {}
 
@@ -104,6 +106,7 @@ class Registry:
             ),
             key=key,
             keyless=keyless,
+            ignored=desc.name in self.ignored,
         )
 
 

@@ -7,18 +7,24 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cdc.capture.ack import Acknowledgement
-from cdc.capture.batches import CONTEXT_REJECTED, Batch, BatchBuilder, _context, split_lines, verified_context
+from cdc.capture.batches import CONTEXT_REJECTED, Batch, BatchBuilder, split_lines
 from cdc.capture.model import PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
 from cdc.capture.writer_process import _receive_batch, encode_batch
-from cdc.context import CONTEXT_PREFIX, ERROR_PREFIX
+from cdc.context import (
+    CONTEXT_PREFIX,
+    ERROR_PREFIX,
+    ContextKeys,
+    ContextVerifier,
+    context_key_id,
+    sign_content,
+)
 
 T0 = int(datetime(2026, 3, 10, 12, tzinfo=UTC).timestamp() * 1_000_000)
 T0_TEXT = "2026-03-10 12:00:00.000000+00"
+KEY = b"k" * 32
+KEYS = ContextKeys(KEY, context_key_id(KEY))
+XID = 700
 
 
 class FakeTransaction:
@@ -34,7 +40,7 @@ class FakeTransaction:
         pending: int = 0,
         chunk_lines: int = 4,
     ) -> None:
-        self.xid = 700
+        self.xid = XID
         self.position = position
         self.commit_lsn = position - 8
         self.committed_at_us = T0 - PG_EPOCH_OFFSET_US  # the core's times are PostgreSQL epoch
@@ -59,15 +65,54 @@ class FakeTransaction:
             yield b"".join(lines[start : start + self.chunk_lines])
 
 
-def ctx(request_id: str, actor: str | None = None, **extra: Any) -> bytes:
+def ctx(
+    request_id: str, actor: str | None = None, *, xid: int = XID, key: bytes = KEY, **extra: Any
+) -> bytes:
+    """A ``cdc.context`` message as cdc.emit_context() writes it: signed, bound to its transaction."""
     doc: dict[str, Any] = {"request_id": request_id, "actor": actor, "db_user": "app", "backend_pid": 42}
-    doc.update({"source": "setting", "application_name": None, "client_addr": None, "extra": extra})
-    return json.dumps(doc).encode()
+    doc.update(
+        {"source": "setting", "application_name": None, "client_addr": None, "extra": extra, "xid": xid}
+    )
+    return sign_content(CONTEXT_PREFIX, json.dumps(doc).encode(), key)
 
 
-def builder(max_rows: int = 100, seqs: dict[str, int] | None = None) -> BatchBuilder:
+def error_message(request_id: str, **fields: Any) -> bytes:
+    """A ``cdc.error`` message as cdc.report_error() writes it."""
+    doc: dict[str, Any] = {
+        "request_id": request_id,
+        "xid": 12,
+        "error_type": "ValueError",
+        "message": "boom",
+        "location": None,
+        "actor": None,
+        "at": "2026-03-10T12:00:00Z",
+        "db_user": "app",
+        "client_addr": "10.0.0.7",
+        "backend_pid": 42,
+        "reporter_pid": None,
+    }
+    doc.update(fields)
+    return sign_content(ERROR_PREFIX, json.dumps(doc).encode(), KEY)
+
+
+class Rejections:
+    """The verifier's on_reject: (prefix, lsn, reason), as the daemon logs and counts them."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, str]] = []
+
+    def __call__(self, prefix: str, lsn: int, reason: str) -> None:
+        self.seen.append((prefix, lsn, reason))
+
+
+def builder(
+    max_rows: int = 100, seqs: dict[str, int] | None = None, rejected: Rejections | None = None
+) -> BatchBuilder:
     stored = seqs or {}
-    return BatchBuilder(max_rows=max_rows, actor_last_seq=lambda actor: stored.get(actor, 0))
+    verifier = ContextVerifier(lambda: KEYS, on_reject=rejected)
+    return BatchBuilder(
+        max_rows=max_rows, actor_last_seq=lambda actor: stored.get(actor, 0), verifier=verifier
+    )
 
 
 def add(b: BatchBuilder, event: Any) -> list[Batch]:
@@ -95,11 +140,13 @@ def test_small_transactions_share_a_batch_with_their_rows_and_ack() -> None:
 
 
 def test_context_spans_actor_sequences_and_rejected_messages() -> None:
-    b = builder(seqs={"alice": 10})
+    rejected = Rejections()
+    b = builder(seqs={"alice": 10}, rejected=rejected)
     messages = [
         (0, 1, CONTEXT_PREFIX, ctx("r1", "alice")),
         (0, 2, CONTEXT_PREFIX, ctx("r1", "alice")),  # the same again: no new span
         (2, 3, CONTEXT_PREFIX, b"not json"),  # rejected: r1 stays in force
+        (2, 6, CONTEXT_PREFIX, ctx("forged", "mallory", key=b"m" * 32)),  # another key: rejected
         (3, 4, CONTEXT_PREFIX, ctx("r2", "alice", tenant="t1")),
         (5, 5, CONTEXT_PREFIX, ctx("r3")),  # after the last change: describes nothing
     ]
@@ -108,6 +155,7 @@ def test_context_spans_actor_sequences_and_rejected_messages() -> None:
     assert batch is not None
     txn = fields(batch.store.transactions[0])
     assert txn[5] == str(CONTEXT_REJECTED)
+    assert rejected.seen == [(CONTEXT_PREFIX, 3, "unsigned"), (CONTEXT_PREFIX, 6, "bad_mac")]
     assert txn[8:11] == ["r1", "alice", "11"]  # changes 0..2: sequences 11, 12, 13
     assert json.loads(txn[11]) == {
         "request_id": "r1",
@@ -170,22 +218,66 @@ def test_a_large_transaction_is_split_and_acknowledged_with_its_last_chunk() -> 
 
 
 def test_error_messages_become_request_errors() -> None:
-    b = builder()
-    content = json.dumps(
-        {
-            "request_id": "r9",
-            "xid": 12,
-            "error_type": "ValueError",
-            "message": "boom",
-            "at": "2026-03-10T12:00:00Z",
-        }
-    ).encode()
-    assert add(b, LogicalMessage(4242, ERROR_PREFIX, content)) == []
+    rejected = Rejections()
+    b = builder(rejected=rejected)
+    assert add(b, LogicalMessage(4242, ERROR_PREFIX, error_message("r9"))) == []
     add(b, LogicalMessage(4243, ERROR_PREFIX, b"{"))  # does not verify: dropped
+    unsigned = json.dumps(
+        {"request_id": "r9", "error_type": "Forged", "message": "x", "at": "2026-03-10T12:00:00Z"}
+    )
+    add(b, LogicalMessage(4244, ERROR_PREFIX, unsigned.encode()))  # a raw pg_logical_emit_message: dropped
+    add(b, LogicalMessage(4244, ERROR_PREFIX, unsigned.encode()))  # read again: reported once per LSN
+    proven = error_message("r9", backend_pid=41, reporter_pid=43, message="over a second connection")
+    add(b, LogicalMessage(4245, ERROR_PREFIX, proven))
     batch = b.take()
     assert batch is not None
-    [row] = batch.store.request_errors
-    assert row["lsn"] == 4242 and row["request_id"] == "r9" and row["error_type"] == "ValueError"
+    first, second = batch.store.request_errors
+    assert first["lsn"] == 4242 and first["request_id"] == "r9" and first["error_type"] == "ValueError"
+    assert (
+        first["db_user"],
+        first["backend_pid"],
+        first["client_addr"],
+        first["xid"],
+        first["reporter_pid"],
+    ) == (
+        "app",
+        42,
+        "10.0.0.7",
+        12,
+        None,
+    )
+    assert (second["backend_pid"], second["reporter_pid"]) == (41, 43)
+    assert rejected.seen == [(ERROR_PREFIX, 4243, "unsigned"), (ERROR_PREFIX, 4244, "unsigned")]
+
+
+def test_a_signed_context_is_refused_in_another_transaction() -> None:
+    """A signed body copied out of the WAL and emitted again in another transaction attributes
+    nothing, even when the same bytes were verified (and cached) in their own transaction."""
+    rejected = Rejections()
+    b = builder(rejected=rejected)
+    body = ctx("victim-1", "alice", xid=XID)
+    add(b, FakeTransaction(1000, 1, messages=[(0, 1, CONTEXT_PREFIX, body)]))
+    replayed = FakeTransaction(2000, 1, messages=[(0, 1999, CONTEXT_PREFIX, body)])
+    replayed.xid = XID + 1
+    add(b, replayed)
+    batch = b.take()
+    assert batch is not None
+    own, replay = (fields(t) for t in batch.store.transactions)
+    assert own[8] == "victim-1" and own[5] == "0"
+    assert replay[8] == "\\N" and replay[5] == str(CONTEXT_REJECTED)
+    assert rejected.seen == [(CONTEXT_PREFIX, 1999, "other_transaction")]
+
+
+def test_no_key_refuses_every_message() -> None:
+    rejected = Rejections()
+    verifier = ContextVerifier(lambda: None, on_reject=rejected)
+    b = BatchBuilder(max_rows=10, actor_last_seq=lambda actor: 0, verifier=verifier)
+    add(b, FakeTransaction(1000, 1, messages=[(0, 1, CONTEXT_PREFIX, ctx("r1"))]))
+    add(b, LogicalMessage(1001, ERROR_PREFIX, error_message("r1")))
+    batch = b.take()
+    assert batch is not None and batch.store.request_errors == []
+    assert fields(batch.store.transactions[0])[8] == "\\N"
+    assert [r[2] for r in rejected.seen] == ["no_key", "no_key"]
 
 
 def test_split_lines() -> None:
@@ -231,86 +323,3 @@ def test_fake_matches_the_core_interface() -> None:
     fake = vars(FakeTransaction(1, 1))
     for name in FinishedTransaction.__dataclass_fields__:
         assert name.startswith("_") or name in fake, name
-
-
-def trigger_message(request_id: str, tail: str | None = None) -> bytes:
-    """A context message as the trigger writes it (row_to_json: compact, the request id first)."""
-    rest = (
-        tail
-        if tail is not None
-        else (
-            ',"actor":"alice","application_name":"app","db_user":"app","client_addr":null,'
-            '"backend_pid":42,"source":"setting","extra":{"tenant":"t1"}}'
-        )
-    )
-    return b'{"request_id":' + json.dumps(request_id, ensure_ascii=False).encode() + rest.encode()
-
-
-def slow_context(content: bytes) -> Any:
-    verified = verified_context(content)
-    return None if verified is None else _context(verified)
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        trigger_message("r-2"),
-        trigger_message(""),
-        trigger_message("é ☕ 𝄞"),
-        trigger_message("x" * 256),
-        trigger_message("x" * 257),  # over the length limit: cut by the parser
-        trigger_message('q"uote'),  # escaped in JSON
-        trigger_message("tab\there"),
-        trigger_message("back\\slash"),
-        b'{"request_id":"raw\ttab","actor":null,"db_user":"app","backend_pid":42,"source":"setting"}',
-        b'{"request_id":"\xff\xfe","actor":null,"db_user":"app","backend_pid":42,"source":"setting"}',
-        b'{"request_id":"\\ud800","actor":null,"db_user":"app","backend_pid":42,"source":"setting"}',
-        trigger_message("r-3", ',"db_user":"app","backend_pid":42,"source":"setting","request_id":"other"}'),
-        trigger_message("r-4", ',"db_user":"app","backend_pid":42,"source":"nowhere"}'),
-        trigger_message("r-5", ',"db_user":"app","backend_pid":42,"source":"setting"'),  # not JSON
-        trigger_message(
-            "r-6", ',"actor":null,"db_user":"app","backend_pid":42,"source":"setting","extra":{}}'
-        ),
-    ],
-)
-def test_a_context_of_a_known_shape_is_the_one_parsing_gives(content: bytes) -> None:
-    """Messages differing from a verified one only in their request id skip the parser: what
-    they give (or that they are rejected) is what parsing gives."""
-    b = builder()
-    tail = (
-        content[content.index(b'"', len(b'{"request_id":"')) :]
-        if content.startswith(b'{"request_id":"')
-        else b""
-    )
-    primer = trigger_message("primer", tail.decode(errors="replace") if tail else None)
-    add(b, FakeTransaction(1000, 1, messages=[(0, 1, CONTEXT_PREFIX, primer)]))
-    fast = b._same_shape(content)
-    assert fast is None or fast == slow_context(content)
-    txn = FakeTransaction(2000, 1, messages=[(0, 1, CONTEXT_PREFIX, content)])
-    add(b, txn)
-    batch = b.take()
-    assert batch is not None
-    line = fields(batch.store.transactions[-1])
-    expected = slow_context(content)
-    if expected is None:
-        assert line[5] == str(CONTEXT_REJECTED) and line[8] == r"\N"
-    else:
-        assert line[8] == expected.request_id.decode() and line[11] == expected.document.decode()
-
-
-def test_the_trigger_messages_of_a_session_take_the_fast_path() -> None:
-    b = builder()
-    add(b, FakeTransaction(1000, 1, messages=[(0, 1, CONTEXT_PREFIX, trigger_message("r-1"))]))
-    for request_id in ("r-2", "", "é ☕", "x" * 256):
-        content = trigger_message(request_id)
-        assert b._same_shape(content) == slow_context(content) is not None
-
-
-@given(st.text(max_size=300))
-@settings(max_examples=300, deadline=None)
-def test_fast_path_equals_parsing(request_id: str) -> None:
-    b = builder()
-    b._same_shape(trigger_message("primer"))
-    content = trigger_message(request_id)
-    fast = b._same_shape(content)
-    assert fast is None or fast == slow_context(content)

@@ -339,6 +339,29 @@ def test_keyless_table(impl: str) -> None:
     ]
 
 
+def test_changes_of_an_ignored_relation_are_dropped(impl: str) -> None:
+    """cdc's own tables on the source (the context-signing key) come in an all-tables publication:
+    the registry describes them as ignored and no line of theirs is written, in both cores."""
+    key_columns = [(1, "singleton", BOOL, -1), (0, "ipad", TEXT, -1)]
+    s = Stream().txn(
+        705,
+        relation(),
+        relation(OID2, columns=key_columns, name="context_key"),
+        wire.insert(OID2, ["t", "\\x3636"]),
+        wire.insert(OID, ["1", "a", "x", "t"]),
+        wire.update(OID2, ["t", "\\x3737"], old=["t", None], old_kind="K"),
+        wire.delete(OID2, ["t", None], old_kind="K"),
+        wire.truncate([OID2, OID]),
+    )
+    out = both(s.frames, registry=lambda: Registry(ignored=frozenset({"context_key"})))
+    got = [(f[ORD], f[TABLE], f[OP]) for f in lines(out)]
+    # Described at their first change: context_key first (table 1), then t (table 2).
+    assert got == [("0", "2", "I"), ("1", "2", "T")]
+    (txn,) = transactions(out)
+    assert txn.change_count == 2 and txn.counts == {(2, "I", False): 1, (2, "T", False): 1}
+    assert b"3636" not in b"".join(item[1] for item in out if isinstance(item, tuple) and len(item) == 2)
+
+
 def test_policies_and_oversize(impl: str) -> None:
     policies = {"name": Policy.EXCLUDE, "big": Policy.HASH, "ok": Policy.MASK}
     s = Stream().txn(

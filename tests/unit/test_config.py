@@ -28,6 +28,7 @@ from cdc.errors import ConfigError, UsageError
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "cdc.example.yaml"
 DSNS = {"CDC_SOURCE_DSN": "postgresql://cdc@src/app", "CDC_STORE_DSN": "host=store dbname=hist"}
 SECRET = "hunter2-s3cret"
+HASH_KEY = "0123456789abcdef-hash-key"
 
 
 def write(tmp_path: Path, text: str, name: str = "cdc.yaml") -> Path:
@@ -159,6 +160,7 @@ def test_env_values_are_parsed_leniently() -> None:
         "CDC_SOURCE__STREAM_IN_PROGRESS": "OFF",
         "CDC_STORE__SCHEMA": "hist",
         "CDC_COLUMNS__USERS__EMAIL": "hash",
+        "CDC_POLICIES__HASH_KEY": HASH_KEY,
         "CDC_UNRELATED": "ignored",  # not CDC_<SECTION>__<KEY>, not a typo of one
     }
     config = load_config(env=env)
@@ -503,6 +505,65 @@ def test_redact_dsn_hides_any_password(password: str) -> None:
         assert password not in redact_dsn(dsn), dsn
 
 
+# Any character libpq takes in a password: spaces, quotes, backslashes, unicode, and the URI
+# delimiters. Written as a user must write them for libpq to read this password.
+ANY_PASSWORD = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(" '\\\"@/?=&#:%"),
+        st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_categories=("Cs", "Cc")),
+    ),
+    min_size=3,
+    max_size=30,
+)
+
+
+def _keyword_value(password: str) -> str:
+    return "'" + password.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _bare_value(password: str) -> str:
+    return "".join("\\" + c if c in " \\'" else c for c in password)
+
+
+def _fragments(text: str) -> set[str]:
+    return {text[i:j] for i in range(len(text)) for j in range(i + 3, len(text) + 1)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(ANY_PASSWORD)
+def test_redact_dsn_no_fragment_of_any_password_survives(password: str) -> None:
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    encoded = quote(password, safe="")
+    forms = [
+        f"host=db.internal password={_keyword_value(password)} dbname=app",
+        f"host=db.internal password={_bare_value(password)} dbname=app",
+        f"host=db.internal sslpassword = {_keyword_value(password)} user=cdc",
+        f"postgresql://cdc:{encoded}@db.internal:5432/app?sslmode=require",
+        f"postgresql://cdc@db.internal/app?password={encoded}&sslmode=require",
+        f"postgres://db.internal/app?sslpassword={encoded}",
+    ]
+    for dsn in forms:
+        params = conninfo_to_dict(dsn)
+        assert password in (params.get("password"), params.get("sslpassword")), dsn  # libpq reads it so
+        redacted = redact_dsn(dsn)
+        # What the DSN says besides the password may share fragments with it: only those may show.
+        written = next(w for w in (encoded, _keyword_value(password), _bare_value(password)) if w in dsn)
+        expected = dsn.replace(written, "***")
+        leaked = {f for f in _fragments(password) if f in redacted and f not in expected}
+        assert not leaked, (dsn, redacted)
+
+
+def test_redact_dsn_backslash_escaped_space() -> None:
+    # the issue's case: a bare value with an escaped space is one value for libpq
+    assert redact_dsn(f"host=db password=abc\\ {SECRET} dbname=app") == "host=db password=*** dbname=app"
+    text = f"cannot connect (host=db password=abc\\ {SECRET})"
+    assert SECRET not in redact_dsn(text)
+    assert redact_dsn(f"postgresql://cdc:a%40{SECRET}@db/app") == "postgresql://cdc:***@db/app"
+
+
 def test_redact_dsn_keeps_the_rest() -> None:
     assert redact_dsn(f"postgresql://cdc:{SECRET}@db:5432/app") == "postgresql://cdc:***@db:5432/app"
     assert redact_dsn(f"host=db password={SECRET} dbname=app") == "host=db password=*** dbname=app"
@@ -587,14 +648,18 @@ columns: {users: {'"Email"': hash}}
 server: {listen: '0.0.0.0:8080', open: true}
 """,
     )
-    config = load_config(path, env=DSNS)
+    config = load_config(path, env={**DSNS, "CDC_POLICIES__HASH_KEY": HASH_KEY})
     assert config.column_policies('public."Odd Name"') == {}
     assert config.column_policies("USERS") == {"Email": "hash"}
     assert config.server.is_loopback is False
     dumped = config.redacted()
     assert dumped["retention"]["default"] == "36h"
     assert dumped["capture"]["memory_limit_bytes"] == "3000000"
-    again = load_config(write(tmp_path, yaml.safe_dump(dumped), "again.yaml"), env=DSNS)
+    assert dumped["policies"]["hash_key"] == "***"
+    again = load_config(
+        write(tmp_path, yaml.safe_dump(dumped), "again.yaml"),
+        env={**DSNS, "CDC_POLICIES__HASH_KEY": HASH_KEY},
+    )
     assert again == config
 
 
@@ -674,3 +739,20 @@ def test_arbitrary_yaml_values_give_config_or_config_error(
     except ConfigError as exc:
         assert exc.problems
         assert all(f"(from {path})" in p for p in exc.problems), exc.problems
+
+
+def test_hash_policy_needs_a_key_reported_with_every_other_problem(tmp_path: Path) -> None:
+    path = write(tmp_path, "columns: {users: {email: hash, ssn: mask}}\nsource: {tables: [users]}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={**DSNS, "CDC_RETENTION__TABLES__ORDERS": "1d"})
+    problems = caught.value.problems
+    assert any(p.startswith("policies.hash_key") and "public.users.email" in p for p in problems), problems
+    assert any("retention.tables" in p for p in problems), problems  # all at once
+    with pytest.raises(ConfigError, match="at least 16 bytes"):
+        load_config(path, env={**DSNS, "CDC_POLICIES__HASH_KEY": "short"})
+    config = load_config(path, env={**DSNS, "CDC_POLICIES__HASH_KEY": SECRET + "-long-enough"})
+    assert config.policies.hash_key_bytes() == (SECRET + "-long-enough").encode()
+    for text in (str(config), repr(config), str(config.redacted())):
+        assert SECRET not in text
+    # a mask or exclude policy needs no key
+    load_config(write(tmp_path, "columns: {users: {ssn: mask}}\n", "mask.yaml"), env=DSNS)

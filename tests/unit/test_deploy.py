@@ -489,6 +489,20 @@ ALERT_TESTS: list[dict[str, Any]] = [
             {"eval_time": "10m", **_alert("CdcSlotWalUnreserved", job="cdc", severity="critical")},
         ],
     },
+    {  # a promotion of the source: capture resumed on the new primary (information, not a fault)
+        "interval": "1m",
+        "input_series": _series(
+            {
+                **HEALTHY_PAIR,
+                'cdc_source_switches_total{job="cdc", instance="a", outcome="resumed"}': "0x10 1x30",
+            }
+        ),
+        "alert_rule_test": [
+            {"eval_time": "5m", **_alert("CdcSourceSwitched")},
+            {"eval_time": "15m", **_alert("CdcSourceSwitched", job="cdc", severity="info")},
+            {"eval_time": "15m", **_alert("CdcSlotLost")},
+        ],
+    },
     {  # no cdc series at all
         "interval": "1m",
         "input_series": _series({'up{job="other", instance="x"}': "1x20"}),

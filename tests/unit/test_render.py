@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from cdc.query import BlameEntry, Mutation, RequestRecord, TransactionInfo
+from cdc.query import BlameEntry, Mutation, RequestError, RequestRecord, TransactionInfo
+from cdc.query.model import attribution
 from cdc.render import (
     MUTATION_CSV_FIELDS,
     align,
@@ -28,6 +30,7 @@ from cdc.render import (
     short_request,
     short_table,
     shorten,
+    unattributed_text,
     why_lines,
 )
 
@@ -208,18 +211,62 @@ def test_why_lines() -> None:
         transactions=[TransactionInfo(0x1_0000_0500, 901, None, None, "rolled_back", T0, None, 1)],
         mutations=[SEED[3]],
         mutation_count=1,
+        errors=[
+            RequestError(
+                "TimeoutError",
+                "Stripe API timeout after 10s",
+                "payments/create.ts:42",
+                T0,
+                "app",
+                4242,
+                attribution("app", 4242, False, (("app", 4242),)),
+            )
+        ],
+        sessions=(("app", 4242),),
     )
     assert why_lines(record, utc=True) == [
         "  REQUEST      550e8400-e29b-41d4-a716-446655440000",
         "  ACTOR        alice@example.com",
         "  OUTCOME      rolled back",
         "  ROOT CAUSE   TimeoutError: Stripe API timeout after 10s",
+        "  REPORTED BY  db_user app, pid 4242",
         "  LOCATION     payments/create.ts:42",
         "  CONTEXT      app=checkout, db user=app, client=10.0.0.5, pid=4242",
         "  WHEN         2026-03-10 12:00",
         "  TRANSACTION  xid 901  rolled back at 1/500  2026-03-10 12:00  1 change",
         "  DATA CHANGES users.id=42  plan: pro → null  (rolled back)",
     ]
+    assert record.error_attributed and record.to_json()["error"]["attribution"] == "own_session"
+    # Reported by a session that never wrote this request's context: never shown as its cause.
+    [error] = record.errors
+    mallory = replace(error, db_user="mallory", backend_pid=666, attribution="other_session")
+    forged = replace(
+        record, error_type=None, error_message=None, error_location=None, error_at=None, errors=[mallory]
+    )
+    lines = why_lines(forged, utc=True)
+    assert (
+        "  ROOT CAUSE   unknown (no error of this request's sessions was reported for this request)" in lines
+    )
+    assert (
+        "  ERROR        TimeoutError: Stripe API timeout after 10s  "
+        "(reported by another session (db_user mallory, pid 666): not attributed)"
+    ) in lines
+    assert not any("REPORTED BY" in line for line in lines)
+    assert forged.to_json()["error"]["attributed"] is False and not forged.error_attributed
+    assert forged.to_json()["error"]["reported_by"]["db_user"] == "mallory"
+    # The attribution rules (docs/security.md "Request attribution").
+    sessions = (("app", 4242),)
+    assert attribution("app", 4242, False, sessions) == "own_session"
+    assert attribution("mallory", 666, False, sessions) == "other_session"
+    assert attribution("app", 4243, False, sessions) == "other_session"  # same user, another session
+    assert attribution(None, None, False, sessions) == "unverified"
+    assert attribution("app", 1, False, ()) == "no_captured_session"
+    # The client helper's report carries its session's proof: its own even with no captured context.
+    assert attribution("app", 1, True, ()) == "own_session"
+    proven = replace(error, backend_pid=1, attribution="own_session", proven=True)
+    assert proven.attributed and proven.to_json()["reported_by"]["proven"] is True
+    legacy = replace(error, db_user=None, backend_pid=None, attribution="unverified")
+    assert unattributed_text(legacy) == "unverified (recorded before messages were signed): not attributed"
     many = RequestRecord(
         request_id="r1",
         actor=None,
