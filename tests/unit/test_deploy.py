@@ -8,7 +8,6 @@ config`, `test rules`), hadolint, systemd-analyze, kubernetes-validate and check
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import json
@@ -110,20 +109,18 @@ def _exported() -> dict[str, set[str]]:
     for family in metrics.registry.collect():
         labels = set(labels_of.get(family.name, labels_of.get(family.name + "_total", ())))
         if family.type == "counter":
-            names = {f"{family.name}_total": labels, f"{family.name}_created": labels}
+            names = {f"{family.name}_total": labels}
         elif family.type == "histogram":
             names = {
                 f"{family.name}_bucket": labels | {"le"},
                 f"{family.name}_sum": labels,
                 f"{family.name}_count": labels,
-                f"{family.name}_created": labels,
             }
         elif family.type == "summary":
             names = {
                 family.name: labels | {"quantile"},
                 f"{family.name}_sum": labels,
                 f"{family.name}_count": labels,
-                f"{family.name}_created": labels,
             }
         elif family.type == "info":
             names = {f"{family.name}_info": labels}
@@ -396,120 +393,6 @@ def test_promtool_parses_dashboard_queries(tmp_path: Path) -> None:
     path = tmp_path / "dashboard-rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     _promtool("check", "rules", str(path))
-
-
-def _series(values: dict[str, str]) -> list[dict[str, str]]:
-    return [{"series": name, "values": vals} for name, vals in values.items()]
-
-
-def _alert(name: str, **labels: str) -> dict[str, Any]:
-    return {"alertname": name, "exp_alerts": [{"exp_labels": labels}] if labels else []}
-
-
-HEALTHY_PAIR = {  # instance a streams, b is the standby (its loop heartbeat never set: 0)
-    'up{job="cdc", instance="a"}': "1x40",
-    'up{job="cdc", instance="b"}': "1x40",
-    'cdc_loop_heartbeat_seconds{job="cdc", instance="a"}': "0+60x40",  # = time(): fresh
-    'cdc_loop_heartbeat_seconds{job="cdc", instance="b"}': "0x40",
-    'cdc_streaming{job="cdc", instance="a"}': "1x40",
-    'cdc_streaming{job="cdc", instance="b"}': "0x40",
-    'cdc_standby{job="cdc", instance="a"}': "0x40",
-    'cdc_standby{job="cdc", instance="b"}': "1x40",
-    'cdc_lag_bytes{job="cdc", instance="a"}': "1000x40",
-    'cdc_lag_bytes{job="cdc", instance="b"}': "2147483648x40",  # stale: from before it became standby
-    'cdc_slot_retained_wal_bytes{job="cdc", instance="b"}': "1e11x40",
-    'cdc_slot_wal_status{job="cdc", instance="a", status="reserved"}': "1x40",
-    'cdc_slot_wal_status{job="cdc", instance="a", status="lost"}': "0x40",
-    'cdc_slot_safe_wal_size_bytes{job="cdc", instance="a"}': "-1x40",
-}
-
-ALERT_TESTS: list[dict[str, Any]] = [
-    {  # a healthy active/standby pair raises nothing
-        "interval": "1m",
-        "input_series": _series(HEALTHY_PAIR),
-        "alert_rule_test": [
-            {"eval_time": "30m", **_alert(name)}
-            for name in (
-                "CdcDaemonDown",
-                "CdcDaemonAbsent",
-                "CdcLoopStalled",
-                "CdcNotStreaming",
-                "CdcLagBytesHigh",
-                "CdcSlotRetainedWalHigh",
-                "CdcSlotLost",
-                "CdcSlotSafeWalSizeLow",
-            )
-        ],
-    },
-    {  # the active instance's loop stops iterating at minute 5
-        "interval": "1m",
-        "input_series": _series(
-            {**HEALTHY_PAIR, 'cdc_loop_heartbeat_seconds{job="cdc", instance="a"}': "0+60x5 300x35"}
-        ),
-        "alert_rule_test": [
-            {"eval_time": "3m", **_alert("CdcLoopStalled")},
-            {"eval_time": "20m", **_alert("CdcLoopStalled", job="cdc", instance="a", severity="critical")},
-        ],
-    },
-    {  # nobody streams: both instances reconnecting
-        "interval": "1m",
-        "input_series": _series(
-            {
-                **HEALTHY_PAIR,
-                'cdc_streaming{job="cdc", instance="a"}': "1x5 0x35",
-                'up{job="cdc", instance="b"}': "0x40",
-            }
-        ),
-        "alert_rule_test": [
-            {"eval_time": "10m", **_alert("CdcNotStreaming")},
-            {"eval_time": "20m", **_alert("CdcNotStreaming", job="cdc", severity="critical")},
-            {"eval_time": "20m", **_alert("CdcDaemonDown", job="cdc", instance="b", severity="critical")},
-        ],
-    },
-    {  # the slot runs out of WAL, then is invalidated; lag grows meanwhile
-        "interval": "1m",
-        "input_series": _series(
-            {
-                **HEALTHY_PAIR,
-                'cdc_slot_safe_wal_size_bytes{job="cdc", instance="a"}': "1073741824x40",
-                'cdc_slot_wal_status{job="cdc", instance="a", status="lost"}': "0x20 1x20",
-                'cdc_lag_bytes{job="cdc", instance="a"}': "2147483648x40",
-                'cdc_lag_seconds{job="cdc", instance="a"}': "600x40",
-                'cdc_slot_retained_wal_bytes{job="cdc", instance="a"}': "2e10x40",
-                'cdc_slot_wal_status{job="cdc", instance="a", status="unreserved"}': "0x5 1x35",
-            }
-        ),
-        "alert_rule_test": [
-            {"eval_time": "10m", **_alert("CdcSlotSafeWalSizeLow", job="cdc", severity="critical")},
-            {"eval_time": "10m", **_alert("CdcSlotLost")},
-            {"eval_time": "25m", **_alert("CdcSlotLost", job="cdc", severity="critical")},
-            {"eval_time": "25m", **_alert("CdcLagBytesHigh", job="cdc", instance="a", severity="warning")},
-            {"eval_time": "25m", **_alert("CdcLagSecondsHigh", job="cdc", instance="a", severity="warning")},
-            {"eval_time": "25m", **_alert("CdcSlotRetainedWalHigh", job="cdc", severity="warning")},
-            {"eval_time": "10m", **_alert("CdcSlotWalUnreserved", job="cdc", severity="critical")},
-        ],
-    },
-    {  # no cdc series at all
-        "interval": "1m",
-        "input_series": _series({'up{job="other", instance="x"}': "1x20"}),
-        "alert_rule_test": [
-            {"eval_time": "15m", **_alert("CdcDaemonAbsent", job="cdc", severity="critical")},
-        ],
-    },
-]
-
-
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
-def test_promtool_alert_unit_tests(tmp_path: Path) -> None:
-    # Annotations are prose; the unit tests check when each alert fires and with which labels.
-    rules = yaml.safe_load(ALERTS.read_text())
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            rule.pop("annotations", None)
-    (tmp_path / "alerts.yaml").write_text(yaml.safe_dump(rules))
-    tests = {"rule_files": ["alerts.yaml"], "evaluation_interval": "1m", "tests": copy.deepcopy(ALERT_TESTS)}
-    (tmp_path / "alerts.test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    _promtool("test", "rules", str(tmp_path / "alerts.test.yaml"))
 
 
 # ============================================================================ Kubernetes
