@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from cdc import names
-from cdc.errors import ConfigError, UsageError
+from cdc.errors import ConfigError, MissingSettingError, UsageError
 
 __all__ = [
     "CaptureConfig",
@@ -604,13 +604,19 @@ class Config(_Section):
     def require_source(self) -> str:
         """The source DSN; raises :class:`ConfigError` when none is configured."""
         if self.source.dsn is None:
-            raise ConfigError(["source.dsn: not set; set CDC_SOURCE_DSN or source.dsn in the config file"])
+            raise MissingSettingError(
+                "no source database given: pass --source DSN, set CDC_SOURCE_DSN, or set source.dsn in "
+                "the config file"
+            )
         return self.source.dsn.get_secret_value()
 
     def require_store(self) -> str:
         """The store DSN; raises :class:`ConfigError` when none is configured."""
         if self.store.dsn is None:
-            raise ConfigError(["store.dsn: not set; set CDC_STORE_DSN or store.dsn in the config file"])
+            raise MissingSettingError(
+                "no history store given: pass --store DSN, set CDC_STORE_DSN, or set store.dsn in the "
+                "config file"
+            )
         return self.store.dsn.get_secret_value()
 
     def column_policies(self, table: str) -> dict[str, ColumnPolicy]:

@@ -60,7 +60,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from cdc.dryrun import parse_record
-from cdc.errors import CdcError, NotFoundError, UsageError
+from cdc.errors import NotFoundError, RefusedError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.names import format_table, parse_table
 from cdc.query import Mutation, Row, Store, TableInfo, format_key
@@ -198,10 +198,8 @@ class RevertPlan:
         }
 
 
-class RevertConflictError(CdcError):
-    """Later changes stand in the way of a revert (exit code 3); ``conflicts`` lists them."""
-
-    exit_code = 3
+class RevertConflictError(RefusedError):
+    """Later changes stand in the way of a revert; ``conflicts`` lists them."""
 
     def __init__(self, conflicts: Sequence[Conflict], *, what: str = "revert") -> None:
         self.conflicts = list(conflicts)
@@ -213,10 +211,8 @@ class RevertConflictError(CdcError):
         super().__init__(text, hint="review them; --force (force=True) applies anyway")
 
 
-class RevertApplyError(CdcError):
+class RevertApplyError(RefusedError):
     """A statement of the plan did not change the rows it should have: nothing was applied."""
-
-    exit_code = 3
 
 
 # ============================================================================ the source tables

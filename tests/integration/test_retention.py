@@ -640,7 +640,7 @@ def test_cdc_prune_command(ten_days: History10) -> None:
     again = runner.invoke(prune, ["--as-of", "2026-03-11T12:00:00+00:00"], env=env)
     assert again.exit_code == 0 and "(unchanged)" in again.output and "dropped" not in again.output
     unreachable = runner.invoke(prune, [], env={**env, "CDC_STORE_DSN": "host=127.0.0.1 port=1 dbname=x"})
-    assert unreachable.exit_code == 1 and unreachable.output.startswith("error: ")
+    assert unreachable.exit_code == 9 and unreachable.output.startswith("error: ")
 
 
 def test_a_format_1_store_is_refused(database: Any) -> None:
