@@ -457,6 +457,8 @@ class CaptureConfig(_Section):
     spill_dir: Annotated[Path | None, BeforeValidator(_empty_to_none)] = None
     heartbeat_interval_seconds: Annotated[Seconds, Field(ge=0)] = 60.0
     max_lag_bytes: Size = 1024**3
+    #: `cdc status` is unhealthy (exit 10) when the oldest change not yet stored is older
+    max_lag_seconds: PositiveSeconds = 300.0
 
 
 class ContextConfig(_Section):

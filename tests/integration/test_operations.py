@@ -314,7 +314,7 @@ def test_status_reports_slot_store_and_versions(capture: CaptureEnv) -> None:
     assert "password" not in result.output
     capture.stop()
     missing = CliRunner().invoke(cli, args, env={"CDC_SOURCE__SLOT": "no_such_slot"})
-    assert missing.exit_code == 1 and "MISSING" in missing.output
+    assert missing.exit_code == 10 and "MISSING" in missing.output
 
 
 def test_setup_explains_missing_wal_level_and_role(pg: object, tmp_path: Path) -> None:
