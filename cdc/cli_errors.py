@@ -22,7 +22,7 @@ import psycopg
 
 from cdc import logs
 from cdc.config import Config, load_config, redact_dsn
-from cdc.errors import CdcError
+from cdc.errors import CdcError, UsageError
 from cdc.exit_codes import ExitCode
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -187,9 +187,14 @@ def _check_arguments(args: list[str]) -> None:
         if problem is None and len(arg) > MAX_ARGUMENT_CHARS:
             problem = f"is longer than {MAX_ARGUMENT_CHARS} characters"
         if problem is not None:
-            shown = arg.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            click.echo(f"error: the argument {shown!r} {problem}", err=True)
+            # the bytes as given (surrogateescape undoes Python's decoding), escaped, shortened
+            try:
+                raw = arg[:60].encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:  # a surrogate that is no escaped byte
+                raw = arg[:60].encode("utf-8", "backslashreplace")
+            shown = "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in raw)
+            shown += "..." if len(arg) > 60 else ""
+            click.echo(f"error: the argument '{shown}' {problem}", err=True)
             sys.exit(ExitCode.USAGE)
 
 
@@ -238,6 +243,11 @@ def load(
 ) -> Config:
     """The config: ``--source``/``--store``/``--schema`` over the environment over the config
     file (``--config``, else ``CDC_CONFIG``) over the defaults."""
+    if config_path is not None and not config_path.strip():
+        raise UsageError("--config: an empty path (leave the option out for no config file)")
+    for option, value in (("--source", source), ("--store", store), ("--schema", schema)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{option}: empty (leave the option out to use the environment or the config)")
     env = dict(os.environ)
     if source:
         env["CDC_SOURCE_DSN"] = source

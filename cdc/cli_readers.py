@@ -48,6 +48,8 @@ __all__ = ["parse_time", "state", "why"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json", "csv")
+#: Most rows a reader command lists (--limit, --max-changes).
+MAX_ROWS = 1_000_000
 
 
 # ============================================================================ shared plumbing
@@ -87,15 +89,24 @@ def parse_time(text: str, *, utc: bool = False, end: bool = False, now: datetime
         parsed = datetime.fromisoformat(value)
     except ValueError:
         parsed = None
+    out_of_range = UsageError(
+        f"invalid time {value!r}: out of range (years 1 to 9999, in UTC and in the local time zone)"
+    )
     if parsed is not None:
         date_only = len(value) <= 10 and ":" not in value and "T" not in value.upper()
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC) if utc else parsed.astimezone()
-        if end and date_only:
-            parsed += timedelta(days=1)
+        try:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC) if utc else parsed.astimezone()
+            if end and date_only:
+                parsed += timedelta(days=1)
+            parsed.astimezone(UTC)  # representable in UTC too (what the store compares)
+        except (ValueError, OverflowError):
+            raise out_of_range from None
         return parsed
     try:
         return current - parse_duration(value)
+    except OverflowError:
+        raise out_of_range from None
     except UsageError:
         raise UsageError(
             f"invalid time {value!r}: expected ISO 8601 (2026-03-10, 2026-03-10T14:00, with an optional "
@@ -163,7 +174,7 @@ def state() -> None:
 @click.option("--since", metavar="TIME", help="Only changes since TIME: 24h (ago) or ISO 8601.")
 @click.option("--between", nargs=2, metavar="T1 T2", help="Only changes from T1 to T2 (ISO 8601).")
 @click.option("--committed-only", is_flag=True, help="Leave out rolled-back attempts.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, MAX_ROWS),
               help="Without --id: the number of newest changes of the table to show.")  # fmt: skip
 @reader_options
 def history(
@@ -356,7 +367,7 @@ def at(
 
 @click.command(cls=CdcCommand)
 @click.argument("request_id", metavar="REQ")
-@click.option("--max-changes", default=50, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-changes", default=50, show_default=True, type=click.IntRange(1, MAX_ROWS),
               help="Data changes to list (table form).")  # fmt: skip
 @reader_options
 def why(

@@ -92,6 +92,11 @@ def prune(
         dsn = config.require_store()
         schema = config.store.schema_name
         now = parse_time(as_of, utc=True) if as_of else datetime.now(UTC)
+        try:  # the horizons this prune computes: --as-of minus each retention
+            for period in (config.retention.default, *config.retention.tables.values()):
+                now - period
+        except OverflowError:
+            raise UsageError(f"--as-of {as_of!r}: earlier than any retention horizon can be") from None
         with Pruner(dsn, schema, config.retention) as pruner:
             report = pruner.prune(now, dry_run=dry_run)
     if fmt == "json":
