@@ -21,10 +21,10 @@ from psycopg import sql
 import cdc
 from cdc.capture.engine import Core
 from cdc.capture.model import PG_EPOCH_OFFSET_US, ColumnDesc, RelationDesc, format_time, now_us
-from cdc.capture.registry import Registry
+from cdc.capture.registry import Registry, key_policy_problems
 from cdc.config import Config, redact_dsn
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
-from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
+from cdc.errors import ConfigError, SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import hash_text
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
@@ -169,6 +169,8 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         connect(store_dsn, "store", autocommit=True) as st,
     ):
         check_source(src)
+        if problems := key_policy_problems(src, config.columns):  # before anything is created
+            raise ConfigError(problems)
         report.did("source: wal_level=logical, replication allowed")
         prepare_store(st, schema, src, drop=drop_v1, did=report.did, warn=report.warnings.append)
         apply_store_schema(st, schema)
