@@ -38,8 +38,9 @@ system-deps:
 	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
 	fi
 
+# KEEP=1 leaves the demo's server running and prints what to try next.
 demo: $(STAMP)
-	$(BIN)/cdc demo
+	$(BIN)/cdc demo $(if $(KEEP),--keep)
 
 test: $(STAMP) system-deps
 	$(BIN)/pytest -q -m "not faults"

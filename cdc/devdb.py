@@ -384,6 +384,11 @@ class LocalPostgres:
                 return None  # a stale postmaster.pid whose PID was reused
         return pid
 
+    @property
+    def base_dir(self) -> Path:
+        """The temporary directory of this server: its socket, and its data unless ``data_dir`` was given."""
+        return self._tmp
+
     def is_running(self) -> bool:
         return self.pid is not None
 

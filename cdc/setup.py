@@ -48,7 +48,7 @@ class SetupReport:
 
     def did(self, step: str) -> None:
         self.steps.append(step)
-        log.info("setup_step", step=step)
+        log.debug("setup_step", step=step)  # printed by the caller: a log line only with -vv
 
 
 def connect(dsn: str, what: str, **kwargs: Any) -> psycopg.Connection[Any]:
