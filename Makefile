@@ -78,7 +78,8 @@ clean:
 YAMLLINT_CONFIG := {extends: default, rules: {line-length: {max: 120}, document-start: disable}}
 K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/kubernetes/*.yaml))
 
-# The deploy/ files checked with their ecosystems' tools (also run by tests/unit/test_deploy.py).
+# The deploy/ files checked with their ecosystems' tools (also run by tests/unit/test_deploy.py
+# and, for the alert rules, tests/unit/test_alerts.py).
 check-deploy: $(STAMP) system-deps
 	$(BIN)/yamllint --strict -d '$(YAMLLINT_CONFIG)' deploy/
 	$(BIN)/hadolint deploy/docker/Dockerfile
@@ -86,4 +87,4 @@ check-deploy: $(STAMP) system-deps
 	$(BIN)/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
 	promtool check rules deploy/prometheus/alerts.yaml
 	promtool check config --syntax-only deploy/prometheus/prometheus.yml
-	$(BIN)/pytest -q tests/unit/test_deploy.py
+	$(BIN)/pytest -q tests/unit/test_deploy.py tests/unit/test_alerts.py

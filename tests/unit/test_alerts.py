@@ -19,7 +19,34 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from tests.unit.test_deploy import ALERTS, PROMTOOL
+from tests.unit.test_deploy import (
+    ALERTS,
+    PROMETHEUS_YML,
+    _all_panels,
+    _load_dashboard,
+    _tool,
+    promql_for_prometheus,
+)
+
+PROMTOOL = _tool("promtool")
+
+
+def _promtool(*args: str) -> None:
+    assert PROMTOOL is not None
+    result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+def test_promtool_parses_dashboard_queries(tmp_path: Path) -> None:
+    rules = []
+    for panel in _all_panels(_load_dashboard()["panels"]):
+        for target in panel.get("targets", []):
+            expr = promql_for_prometheus(target["expr"]).replace("$job", "cdc").replace("$instance", ".*")
+            rules.append({"record": f"dashboard:panel_{panel['id']}:{target['refId'].lower()}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    _promtool("check", "rules", str(path))
 
 
 def _series(values: dict[str, str]) -> list[dict[str, str]]:
@@ -187,6 +214,12 @@ DEFAULT_SERVER = {
 def test_the_default_server_case_has_no_safe_wal_size_series() -> None:
     assert not any(name.startswith("cdc_slot_safe_wal_size_bytes") for name in DEFAULT_SERVER)
     assert not any(name.startswith("cdc_slot_safe_wal_size_bytes") for name in HEALTHY_PAIR)
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+def test_promtool_check_rules_and_config() -> None:
+    _promtool("check", "rules", str(ALERTS))
+    _promtool("check", "config", "--syntax-only", str(PROMETHEUS_YML))
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")

@@ -368,33 +368,6 @@ def test_prometheus_config_matches_compose_and_rules() -> None:
             assert int(target_port) == port
 
 
-PROMTOOL = _tool("promtool")
-
-
-def _promtool(*args: str) -> None:
-    assert PROMTOOL is not None
-    result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
-
-
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
-def test_promtool_check_rules_and_config() -> None:
-    _promtool("check", "rules", str(ALERTS))
-    _promtool("check", "config", "--syntax-only", str(PROMETHEUS_YML))
-
-
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
-def test_promtool_parses_dashboard_queries(tmp_path: Path) -> None:
-    rules = []
-    for panel in _all_panels(_load_dashboard()["panels"]):
-        for target in panel.get("targets", []):
-            expr = promql_for_prometheus(target["expr"]).replace("$job", "cdc").replace("$instance", ".*")
-            rules.append({"record": f"dashboard:panel_{panel['id']}:{target['refId'].lower()}", "expr": expr})
-    path = tmp_path / "dashboard-rules.yaml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    _promtool("check", "rules", str(path))
-
-
 # ============================================================================ Kubernetes
 
 DSN_ENV = {"CDC_SOURCE_DSN": "host=src dbname=app", "CDC_STORE_DSN": "host=store dbname=history"}
