@@ -79,6 +79,17 @@ def test_usage_errors_exit_with_usage_not_config() -> None:
         assert "Error:" in result.stderr and "Traceback" not in result.output
 
 
+def test_run_takes_the_dsn_options_of_every_command() -> None:
+    env = {"CDC_SOURCE_DSN": None, "CDC_STORE_DSN": None, "CDC_CONFIG": None}
+    result = CliRunner().invoke(main, ["run", "--source", "host=127.0.0.1 port=1"], env=env)
+    assert result.exit_code == ExitCode.CONFIG
+    assert "no history store given: pass --store DSN" in result.stderr  # the source was taken
+    result = CliRunner().invoke(main, ["run", "--store", "host=127.0.0.1 port=1"], env=env)
+    assert (
+        result.exit_code == ExitCode.CONFIG and "no source database given: pass --source DSN" in result.stderr
+    )
+
+
 def test_log_level_options_move_the_level() -> None:
     runner = CliRunner()
     seen: list[str] = []
