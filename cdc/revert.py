@@ -286,7 +286,7 @@ class _Source:
                 hint="it was dropped, or capture has not seen it again yet",
             )
         if (row[1], row[2]) != (schema, table):
-            raise UsageError(
+            raise RefusedError(
                 f"the source relation of {name} (oid {relation_oid}) is now named "
                 f"{format_table(str(row[1]), str(row[2]))}: nothing is written to a table the history does "
                 "not know under that name",
@@ -362,7 +362,7 @@ def _refuse_oversize(table: str, key: Mapping[str, Any], values: Mapping[str, An
     """Undo never writes a value the store kept only by reference (``capture.max_value_bytes``)."""
     big = [c for c, v in values.items() if is_oversize(v)]
     if big:
-        raise UsageError(
+        raise RefusedError(
             f"{table} {format_key(key)}: the value of {', '.join(big)} was over capture.max_value_bytes "
             f"and is stored only by reference ({oversize_text(values[big[0]])}): it cannot be written back",
             hint="restore that value by hand; the other changes can be reverted after it",
@@ -701,7 +701,7 @@ def _merge(conflicts: Sequence[Conflict]) -> list[Conflict]:
 def _writable(info: TableInfo) -> TableInfo:
     """A table undo may write to: not dropped (its current name is where rows go)."""
     if info.dropped:
-        raise UsageError(
+        raise RefusedError(
             f"{info.current_name} was dropped on the source: its rows cannot be written back",
             hint="its history stays readable: cdc state history / cdc state at",
         )
@@ -740,7 +740,7 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
     notes: list[str] = []
     truncates = [m for m in mutations if m.op == "TRUNCATE"]
     if truncates:
-        raise UsageError(
+        raise RefusedError(
             f"request {full} truncated {', '.join(sorted({m.table for m in truncates}))}: "
             "a TRUNCATE cannot be reverted row by row",
             hint="restore the rows one by one with `cdc restore TABLE --id ID --version V`",

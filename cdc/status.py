@@ -7,11 +7,12 @@ never prints a DSN password. Either side may be unreachable: that is reported, n
 - The daemon: a daemon is active while its store writer holds the slot's lock in the store
   (the lock dies with its connection: no stale pid is shown), and streams while the slot is
   also active on the source.
-- Lag (``lag_seconds``): the age of the oldest change not yet stored; 0 when the store has
-  acknowledged the source's WAL end. While a daemon streams, the server's own measure
-  (pg_stat_replication.flush_lag of its walsender: from decoding a commit to its storing; NULL
-  once caught up); with no daemon, the commit time of the first transaction waiting in the slot
-  (peeked, bounded by PEEK_TIMEOUT; none waiting: 0).
+- Lag (``lag_seconds``, how in ``lag_measure``): the age of the oldest change not yet stored;
+  0 when the store has acknowledged the source's WAL end. While a daemon streams: 0 when all
+  its walsender sent is stored; the time since the daemon last stored an acknowledgement when
+  that is overdue (a stuck daemon); else the server's own measure (pg_stat_replication.flush_lag
+  of its walsender: from decoding a commit to its storing). With no daemon: the commit time of
+  the first transaction waiting in the slot (peeked, bounded by PEEK_TIMEOUT; none waiting: 0).
 - Counts: exact up to COUNT_LIMIT rows (a count), the planner's estimate beyond
   (``counts_exact``), see cdc/store/stats.py.
 - Versions and LSNs are printed ``X/Y`` for people; JSON has versions as integers
@@ -66,8 +67,8 @@ class Status:
     last_commit_at: datetime | None = None
     lag_seconds: float | None = None
     store_format: int | None = None
-    mutations: int | None = None  # changes stored (estimate)
-    transactions: int | None = None  # transactions stored (estimate)
+    mutations: int | None = None  # changes stored (counted, or estimated: counts_exact)
+    transactions: int | None = None  # transactions stored (likewise)
     tables: int | None = None  # captured tables (one per source relation)
     dropped_tables: int | None = None
     daemon: str | None = None
