@@ -10,6 +10,8 @@ PURE := $(filter 1,$(strip $(CDC_NO_EXTENSION)))
 $(STAMP): pyproject.toml setup.py cdc/capture/_core.pyx $(wildcard cdc/capture/_core_*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@# The distribution was named "cdc" before (a name another project has on PyPI).
+	@$(BIN)/pip uninstall --quiet --yes cdc 2>/dev/null || true
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(if $(PURE),touch,rm -f) $(VENV)/.installed-pure
 	touch $(STAMP)
@@ -38,8 +40,9 @@ system-deps:
 	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
 	fi
 
+# KEEP=1 leaves the demo's server running and prints what to try next.
 demo: $(STAMP)
-	$(BIN)/cdc demo
+	$(BIN)/cdc demo $(if $(KEEP),--keep)
 
 test: $(STAMP) system-deps
 	$(BIN)/pytest -q -m "not faults"
@@ -75,7 +78,8 @@ clean:
 YAMLLINT_CONFIG := {extends: default, rules: {line-length: {max: 120}, document-start: disable}}
 K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/kubernetes/*.yaml))
 
-# The deploy/ files checked with their ecosystems' tools (also run by tests/unit/test_deploy.py).
+# The deploy/ files checked with their ecosystems' tools (also run by tests/unit/test_deploy.py
+# and, for the alert rules, tests/unit/test_alerts.py).
 check-deploy: $(STAMP) system-deps
 	$(BIN)/yamllint --strict -d '$(YAMLLINT_CONFIG)' deploy/
 	$(BIN)/hadolint deploy/docker/Dockerfile
@@ -83,4 +87,4 @@ check-deploy: $(STAMP) system-deps
 	$(BIN)/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
 	promtool check rules deploy/prometheus/alerts.yaml
 	promtool check config --syntax-only deploy/prometheus/prometheus.yml
-	$(BIN)/pytest -q tests/unit/test_deploy.py
+	$(BIN)/pytest -q tests/unit/test_deploy.py tests/unit/test_alerts.py

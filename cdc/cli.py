@@ -8,56 +8,56 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 
 from cdc import __version__
-from cdc.cli_errors import fail, load
-from cdc.errors import CdcError, UsageError
+from cdc.cli_errors import CdcGroup, connection_options, fail, load
+from cdc.errors import CdcError, UnavailableError
+from cdc.exit_codes import ExitCode, help_text
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def config_option(func: F) -> F:
-    return click.option(
-        "--config",
-        "config_path",
-        envvar="CDC_CONFIG",
-        type=click.Path(dir_okay=False),
-        help="YAML config file (env CDC_CONFIG).",
-    )(func)
+EPILOG = f"""\b
+Exit codes (the same for every command):
+{help_text()}
+"""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CdcGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="cdc")
 def main() -> None:
     """Change-data capture for PostgreSQL: every row change, its before/after and its request."""
 
 
 @main.command()
-@config_option
+@connection_options(source=True, store=True)
 @click.option("--no-http", is_flag=True, help="Do not serve /metrics, /healthz and /readyz.")
-def run(config_path: str | None, no_http: bool) -> None:
+def run(config_path: str | None, source_dsn: str | None, store_dsn: str | None, no_http: bool) -> None:
     """Run the capture daemon (SIGTERM stops it cleanly, SIGHUP reloads the config).
 
     Serves /metrics, /healthz and /readyz on server.listen (default 127.0.0.1:8400).
-    Exit codes: 0 stopped, 1 unexpected, 2 config, 3 protocol, 4 setup, 5 slot lost.
+    Exit codes: 0 stopped, 1 unexpected, 2 config, 3 protocol, 4 setup, 5 slot lost,
+    9 the listen address is taken.
     """
     import structlog
 
+    from cdc.config import Config
     from cdc.daemon import Daemon
-    from cdc.logs import configure_logging
+    from cdc.logs import cli_level, configure_logging
+
+    def configured() -> Config:
+        """The config, its log level moved by --log-level/-v/-q (also on SIGHUP)."""
+        config = load(config_path, source_dsn, store_dsn)
+        logging = config.logging.model_copy(update={"level": cli_level(config.logging.level)})
+        return config.model_copy(update={"logging": logging})
 
     try:
-        config = load(config_path)
+        config = configured()
         config.require_source()
         config.require_store()
     except CdcError as exc:
         fail(exc)
     configure_logging(config.logging.level, config.logging.format)
-    daemon = Daemon(config, config_path=config_path)
+    daemon = Daemon(config, config_path=config_path, reload=configured)
     daemon.install_signal_handlers()
     endpoints = None
     if not no_http:
@@ -69,7 +69,7 @@ def run(config_path: str | None, no_http: bool) -> None:
             ).start()
         except OSError as exc:
             fail(
-                UsageError(
+                UnavailableError(
                     f"cannot listen on {config.server.listen} for /metrics and /healthz: {exc}",
                     hint="set server.listen (CDC_SERVER__LISTEN) or pass --no-http",
                 )
@@ -84,10 +84,15 @@ def run(config_path: str | None, no_http: bool) -> None:
     sys.exit(code)
 
 
+def _print_report(steps: list[str], warnings: list[str]) -> None:
+    for step in steps:
+        click.echo(f"ok    {step}")
+    for warning in warnings:
+        click.echo(f"warn  {warning}", err=True)
+
+
 @main.command()
-@config_option
-@click.option("--source", help="Source DSN (else CDC_SOURCE_DSN or the config file).")
-@click.option("--store", help="Store DSN (else CDC_STORE_DSN or the config file).")
+@connection_options(source=True, store=True)
 @click.option("--recreate-slot", is_flag=True, help="Create a lost slot again; the history records a gap.")
 @click.option("--drop-v1", is_flag=True, help="Drop the format-1 tables (*_v1) a store migration kept.")
 @click.option(
@@ -98,8 +103,8 @@ def run(config_path: str | None, no_http: bool) -> None:
 )
 def setup(
     config_path: str | None,
-    source: str | None,
-    store: str | None,
+    source_dsn: str | None,
+    store_dsn: str | None,
     recreate_slot: bool,
     drop_v1: bool,
     rotate_context_key: bool,
@@ -107,68 +112,58 @@ def setup(
     """Check the source and create publication, slot, context trigger and store schema.
 
     A store of format 1 is migrated to format 2 first (docs/store.md)."""
-    from cdc.logs import configure_logging
     from cdc.setup import setup as do_setup
 
-    configure_logging("warning", "console")
     try:
         report = do_setup(
-            load(config_path, source, store),
+            load(config_path, source_dsn, store_dsn),
             recreate_slot=recreate_slot,
             drop_v1=drop_v1,
             rotate_context_key=rotate_context_key,
         )
     except CdcError as exc:
         fail(exc)
-    for step in report.steps:
-        click.echo(f"ok    {step}")
-    for warning in report.warnings:
-        click.echo(f"warn  {warning}", err=True)
+    _print_report(report.steps, report.warnings)
 
 
 @main.command()
-@config_option
-@click.option("--source", help="Source DSN.")
-@click.option("--store", help="Store DSN.")
+@connection_options(source=True, store=True)
 @click.option("--drop-history", is_flag=True, help="Also drop the history store schema.")
-def teardown(config_path: str | None, source: str | None, store: str | None, drop_history: bool) -> None:
+def teardown(
+    config_path: str | None, source_dsn: str | None, store_dsn: str | None, drop_history: bool
+) -> None:
     """Drop slot, publication and context trigger (and the history with --drop-history)."""
-    from cdc.logs import configure_logging
     from cdc.setup import teardown as do_teardown
 
-    configure_logging("warning", "console")
     try:
-        report = do_teardown(load(config_path, source, store), drop_history=drop_history)
+        report = do_teardown(load(config_path, source_dsn, store_dsn), drop_history=drop_history)
     except CdcError as exc:
         fail(exc)
-    for step in report.steps:
-        click.echo(f"ok    {step}")
+    _print_report(report.steps, report.warnings)
 
 
 @main.command()
-@config_option
-@click.option("--source", help="Source DSN.")
-@click.option("--store", help="Store DSN.")
+@connection_options(source=True, store=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def status(config_path: str | None, source: str | None, store: str | None, fmt: str) -> None:
-    """Slot, lag, LSNs, stored version range, retention and the daemon's last error.
+def status(config_path: str | None, source_dsn: str | None, store_dsn: str | None, fmt: str) -> None:
+    """Slot, daemon, lag, LSNs, stored version range, retention and the daemon's last error.
 
-    Exits 0 when the slot is healthy, 1 otherwise.
+    Exits 0 when capture is healthy: a daemon streams from the slot, the baseline is complete
+    and the lag is below capture.max_lag_bytes and capture.max_lag_seconds; else 10 (and 2
+    for a configuration error).
     """
-    from cdc.status import collect_status, render_status
+    from cdc.status import collect_status, print_status
 
     try:
-        config = load(config_path, source, store)
+        config = load(config_path, source_dsn, store_dsn)
     except CdcError as exc:
         fail(exc)
     result = collect_status(config)
     if fmt == "json":
         click.echo(json.dumps(result.as_json(), indent=2, default=str))
     else:
-        width = max(len(label) for label, _ in render_status(result))
-        for label, value in render_status(result):
-            click.echo(f"  {label:<{width}}  {value}")
-    sys.exit(0 if result.healthy else 1)
+        print_status(result)
+    sys.exit(ExitCode.OK if result.healthy else ExitCode.UNHEALTHY)
 
 
 @main.command()

@@ -6,9 +6,9 @@ by ``--config`` / ``CDC_CONFIG``), ``--schema`` (else the config's ``store.schem
 ``cdc_history``), ``--format table|json|csv`` and ``--utc``. Times are shown, and naive
 times on the command line are read, in the local zone (``TZ``) unless ``--utc``.
 
-Errors are one line on stderr (``error: ...``) and exit code 2 for bad input (unknown
-table, row or request, bad time or key) or 1 when the store cannot be read; never a
-traceback.
+Errors are one line on stderr (``error: ...``) and an exit code of cdc/exit_codes.py: 6 for
+bad input (a bad time or key), 7 for an unknown table, row, request or version, 9 when the store
+cannot be read; never a traceback.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 import click
 
-from cdc.cli_errors import boundary
-from cdc.config import load_config, parse_duration
+from cdc.cli_errors import CdcCommand, CdcGroup, boundary, connection_options, load
+from cdc.config import parse_duration
 from cdc.errors import NotFoundError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.query import DEFAULT_SCHEMA, Mutation, Store, format_key, key_from_text
+from cdc.query import Mutation, Store, format_key, key_from_text
 from cdc.render import (
     MUTATION_CSV_FIELDS,
     align,
@@ -48,6 +48,8 @@ __all__ = ["parse_time", "state", "why"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "json", "csv")
+#: Most rows a reader command lists (--limit, --max-changes).
+MAX_ROWS = 1_000_000
 
 
 # ============================================================================ shared plumbing
@@ -56,12 +58,7 @@ FORMATS = ("table", "json", "csv")
 def reader_options(func: F) -> F:
     """``--store``, ``--config``, ``--schema``, ``--format``, ``--utc``."""
     options = [
-        click.option("--store", "store_dsn", envvar="CDC_STORE_DSN", metavar="DSN",
-                     help="History store DSN (else CDC_STORE_DSN, else store.dsn of the config file)."),
-        click.option("--config", "config_path", envvar="CDC_CONFIG", metavar="FILE",
-                     type=click.Path(dir_okay=False), help="YAML config file (env CDC_CONFIG)."),
-        click.option("--schema", "store_schema", metavar="NAME",
-                     help=f"Schema of the history store (else store.schema, else {DEFAULT_SCHEMA})."),
+        connection_options(store=True, schema=True),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                      help="Output format."),
         click.option("--utc", is_flag=True, help="Show (and read naive) times in UTC, not the local zone."),
@@ -72,19 +69,9 @@ def reader_options(func: F) -> F:
 
 
 def open_store(store_dsn: str | None, config_path: str | None, store_schema: str | None) -> Store:
-    """The store from the options, else the environment, else the config file."""
-    dsn, schema = store_dsn, store_schema
-    if dsn is None or schema is None:
-        config = load_config(config_path)
-        if dsn is None and config.store.dsn is not None:
-            dsn = config.store.dsn.get_secret_value()
-        if schema is None:
-            schema = config.store.schema_name
-    if not dsn:
-        raise UsageError(
-            "no history store given: pass --store DSN, set CDC_STORE_DSN, or set store.dsn in the config file"
-        )
-    return Store(dsn, schema=schema or DEFAULT_SCHEMA)
+    """The store from the options, else the environment, else the config file (:func:`load`)."""
+    config = load(config_path, store=store_dsn, schema=store_schema)
+    return Store(config.require_store(), schema=config.store.schema_name)
 
 
 def parse_time(text: str, *, utc: bool = False, end: bool = False, now: datetime | None = None) -> datetime:
@@ -102,15 +89,24 @@ def parse_time(text: str, *, utc: bool = False, end: bool = False, now: datetime
         parsed = datetime.fromisoformat(value)
     except ValueError:
         parsed = None
+    out_of_range = UsageError(
+        f"invalid time {value!r}: out of range (years 1 to 9999, in UTC and in the local time zone)"
+    )
     if parsed is not None:
         date_only = len(value) <= 10 and ":" not in value and "T" not in value.upper()
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC) if utc else parsed.astimezone()
-        if end and date_only:
-            parsed += timedelta(days=1)
+        try:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC) if utc else parsed.astimezone()
+            if end and date_only:
+                parsed += timedelta(days=1)
+            parsed.astimezone(UTC)  # representable in UTC too (what the store compares)
+        except (ValueError, OverflowError):
+            raise out_of_range from None
         return parsed
     try:
         return current - parse_duration(value)
+    except OverflowError:
+        raise out_of_range from None
     except UsageError:
         raise UsageError(
             f"invalid time {value!r}: expected ISO 8601 (2026-03-10, 2026-03-10T14:00, with an optional "
@@ -164,7 +160,7 @@ def _in_window(m: Mutation, since: datetime | None, until: datetime | None) -> b
 # ============================================================================ cdc state
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CdcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def state() -> None:
     """Read the captured history: a row's mutations, per-column blame, a row at a past version."""
 
@@ -178,7 +174,7 @@ def state() -> None:
 @click.option("--since", metavar="TIME", help="Only changes since TIME: 24h (ago) or ISO 8601.")
 @click.option("--between", nargs=2, metavar="T1 T2", help="Only changes from T1 to T2 (ISO 8601).")
 @click.option("--committed-only", is_flag=True, help="Leave out rolled-back attempts.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, MAX_ROWS),
               help="Without --id: the number of newest changes of the table to show.")  # fmt: skip
 @reader_options
 def history(
@@ -269,7 +265,7 @@ def blame(
 ) -> None:
     """For each column of the row: its value now, the request and time of its last committed write.
 
-    ``✗ rolled back req:...`` marks a later attempt on the column that was rolled back.
+    "✗ rolled back req:..." marks a later attempt on the column that was rolled back.
     """
     with boundary(), open_store(store_dsn, config_path, store_schema) as store:
         entries = store.blame(table, key_from_text(key_text))
@@ -369,9 +365,9 @@ def at(
 # ============================================================================ cdc why
 
 
-@click.command()
+@click.command(cls=CdcCommand)
 @click.argument("request_id", metavar="REQ")
-@click.option("--max-changes", default=50, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-changes", default=50, show_default=True, type=click.IntRange(1, MAX_ROWS),
               help="Data changes to list (table form).")  # fmt: skip
 @reader_options
 def why(

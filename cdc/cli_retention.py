@@ -5,30 +5,27 @@ else ``store.dsn`` of the config file given by ``--config`` / ``CDC_CONFIG``) an
 (else ``store.schema``); ``cdc prune`` reads ``retention.*`` from the config, ``cdc erase``
 checks the source (``--source``, else ``CDC_SOURCE_DSN``, else ``source.dsn``).
 
-Exit codes: 0 done; 2 bad input or a refusal (unknown table or row, the row still exists on
-the source, the source could not be checked: pass ``--force``); 1 the store could not be
-reached or the prune could not take its locks. Errors are one ``error: ...`` line on stderr.
-
-Wire into ``cdc/cli.py``::
-
-    from cdc.cli_retention import erase, prune
-    main.add_command(prune)
-    main.add_command(erase)
+Exit codes (cdc/exit_codes.py): 0 done; 6 bad input; 7 an unknown table or row; 8 refused (the
+row still exists on the source, or the source could not be checked: pass ``--force``); 9 the
+store could not be reached or the prune could not take its locks; 130 the confirmation was
+declined. Errors are one ``error: ...`` line on stderr.
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 import psycopg
 
-from cdc.cli_errors import boundary, load
+from cdc.cli_errors import CdcCommand, boundary, connection_options, load
+from cdc.cli_table import echo_table
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.errors import CdcError, SourceUnavailableError, StoreUnavailableError, UsageError
 from cdc.lsn import format_lsn
-from cdc.query import DEFAULT_SCHEMA, key_from_text
+from cdc.query import key_from_text
 from cdc.store.table_refs import TableRef
 
 __all__ = ["erase", "prune"]
@@ -36,14 +33,6 @@ __all__ = ["erase", "prune"]
 
 def _refused(text: str) -> CdcError:
     return StoreUnavailableError(f"the history store refused the SQL: {text}")
-
-
-def _store_dsn(config: Config) -> str:
-    if config.store.dsn is None:
-        raise UsageError(
-            "no history store given: pass --store DSN, set CDC_STORE_DSN, or set store.dsn in the config file"
-        )
-    return config.store.dsn.get_secret_value()
 
 
 def _size(value: int) -> str:
@@ -55,14 +44,9 @@ def _size(value: int) -> str:
     return f"{size:.1f} TiB"
 
 
-def _store_options(func: Any) -> Any:
+def _store_options(func: Any, *, source: bool = False) -> Any:
     options = [
-        click.option("--store", "store_dsn", envvar="CDC_STORE_DSN", metavar="DSN",
-                     help="History store DSN (else CDC_STORE_DSN, else store.dsn of the config file)."),
-        click.option("--config", "config_path", envvar="CDC_CONFIG", metavar="FILE",
-                     type=click.Path(dir_okay=False), help="YAML config file (env CDC_CONFIG)."),
-        click.option("--schema", "store_schema", metavar="NAME",
-                     help=f"Schema of the history store (else store.schema, else {DEFAULT_SCHEMA})."),
+        connection_options(source=source, store=True, schema=True),
         click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                      show_default=True, help="Output format."),
     ]  # fmt: skip
@@ -74,7 +58,7 @@ def _store_options(func: Any) -> Any:
 # ============================================================================ cdc prune
 
 
-@click.command()
+@click.command(cls=CdcCommand)
 @_store_options
 @click.option(
     "--dry-run", is_flag=True, help="Print what would be dropped and the new floor; change nothing."
@@ -101,15 +85,18 @@ def prune(
     their rows. The daemon does the same every retention.prune_interval.
     """
     from cdc.cli_readers import parse_time
-    from cdc.logs import configure_logging
     from cdc.store.prune import Pruner
 
-    configure_logging("warning", "console")
     with boundary(_refused):
-        config = load(config_path, store=store_dsn)
-        dsn = _store_dsn(config)
-        schema = store_schema or config.store.schema_name
+        config = load(config_path, store=store_dsn, schema=store_schema)
+        dsn = config.require_store()
+        schema = config.store.schema_name
         now = parse_time(as_of, utc=True) if as_of else datetime.now(UTC)
+        try:  # the horizons this prune computes: --as-of minus each retention
+            for period in (config.retention.default, *config.retention.tables.values()):
+                now - period
+        except OverflowError:
+            raise UsageError(f"--as-of {as_of!r}: earlier than any retention horizon can be") from None
         with Pruner(dsn, schema, config.retention) as pruner:
             report = pruner.prune(now, dry_run=dry_run)
     if fmt == "json":
@@ -161,15 +148,13 @@ def prune(
                 f"{'' if report.staged else ' computed inline'}, drop {report.drop_seconds:.3f} s)",
             )
         )
-    width = max(len(label) for label, _ in lines)
-    for label, value in lines:
-        click.echo(f"  {label:<{width}}  {value}")
+    echo_table(lines)
 
 
 # ============================================================================ cdc erase
 
 
-@click.command()
+@click.command(cls=CdcCommand)
 @click.argument("table")
 @click.option(
     "--id",
@@ -191,15 +176,8 @@ def prune(
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--actor", metavar="NAME", help="Who asks for the erasure (recorded; default: the OS user).")
-@click.option(
-    "--source",
-    "source_dsn",
-    envvar="CDC_SOURCE_DSN",
-    metavar="DSN",
-    help="Source DSN, to check the row is gone there (else CDC_SOURCE_DSN, else source.dsn).",
-)
 @click.option("--utc", is_flag=True, help="Read naive --between times as UTC, not local time.")
-@_store_options
+@functools.partial(_store_options, source=True)
 def erase(
     table: str,
     key_text: str,
@@ -209,8 +187,8 @@ def erase(
     actor: str | None,
     source_dsn: str | None,
     utc: bool,
-    store_dsn: str | None,
     config_path: str | None,
+    store_dsn: str | None,
     store_schema: str | None,
     fmt: str,
 ) -> None:  # fmt: skip
@@ -222,21 +200,19 @@ def erase(
     in the store's `erasures` table: who, when, the table, a SHA-256 of the key and counts, never
     the data.
 
-    Refuses (exit 2) while the row still exists on the source under any of its keys (it would be
-    captured again), when the source cannot be reached, and when the history has no such row;
-    --force overrides the first two. The store's WAL, backups and replicas keep the bytes until
+    Refuses (exit 8) while the row still exists on the source under any of its keys (it would be
+    captured again) and when the source cannot be reached (--force overrides both); exits 7 when
+    the history has no such row. The store's WAL, backups and replicas keep the bytes until
     they age out.
     """
     from cdc.cli_readers import parse_time
-    from cdc.logs import configure_logging
     from cdc.store.erase import RowStillLiveError, default_actor, erase_row, has_history, row_chain
     from cdc.store.table_refs import resolve_table
 
-    configure_logging("warning", "console")
     with boundary(_refused):
-        config = load(config_path, source=source_dsn, store=store_dsn)
-        dsn = _store_dsn(config)
-        schema = store_schema or config.store.schema_name
+        config = load(config_path, source=source_dsn, store=store_dsn, schema=store_schema)
+        dsn = config.require_store()
+        schema = config.store.schema_name
         since = until = None
         if between:
             since, until = parse_time(between[0], utc=utc), parse_time(between[1], utc=utc, end=True)

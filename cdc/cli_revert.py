@@ -6,12 +6,11 @@ else ``CDC_SOURCE_DSN``, else ``source.dsn``). Without ``--apply`` they only pri
 a SQL script for psql. With ``--apply`` they run it in one transaction on the source, tagged
 with a new request id (context ``reverts`` / ``restores``), and print that id.
 
-Exit codes: 0 done; 3 conflicts (later changes to the same columns) stop a revert unless
-``--force``, or a statement did not change the rows it should have; 2 bad input (unknown
-request, table, row, version) or a value to write that the history holds only as a redaction
-placeholder (``--keep-redacted`` leaves such columns as they are); 1 a server could not be
-reached or refused the SQL. Errors are
-one ``error: ...`` message on stderr, never a traceback.
+Exit codes (cdc/exit_codes.py): 0 done; 8 (refused) conflicts (later changes to the same
+columns) stop a revert unless ``--force``, or a statement did not change the rows it should
+have, or a value to write is held only as a redaction placeholder (``--keep-redacted`` leaves
+such columns as they are); 6 bad input; 7 an unknown request, table, row or version; 9 a server
+could not be reached or refused the SQL. Errors are one ``error: ...`` message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ from typing import Any
 import click
 import psycopg
 
-from cdc.cli_errors import boundary
+from cdc.cli_errors import CdcCommand, boundary, connection_options, load
 from cdc.cli_readers import open_store, parse_time
-from cdc.config import load_config, redact_dsn
-from cdc.errors import CdcError, SourceUnavailableError, UsageError
+from cdc.config import redact_dsn
+from cdc.errors import CdcError, SourceUnavailableError, UnavailableError, UsageError
 from cdc.query import key_from_text
 from cdc.render import align, format_value, json_text
 from cdc.undo import (
@@ -44,21 +43,13 @@ FORMATS = ("sql", "json")
 
 
 def _refused(text: str) -> CdcError:
-    return CdcError(f"the source refused the SQL: {text}")
+    return UnavailableError(f"the source refused the SQL: {text}")
 
 
 def open_source(source_dsn: str | None, config_path: str | None) -> psycopg.Connection[Any]:
-    """An autocommit connection to the source from the option, else the environment, else the config."""
-    dsn = source_dsn
-    if dsn is None:
-        config = load_config(config_path)
-        if config.source.dsn is not None:
-            dsn = config.source.dsn.get_secret_value()
-    if not dsn:
-        raise UsageError(
-            "no source database given: pass --source DSN, set CDC_SOURCE_DSN, "
-            "or set source.dsn in the config file"
-        )
+    """An autocommit connection to the source from the option, else the environment, else the
+    config file (:func:`~cdc.cli_errors.load`)."""
+    dsn = load(config_path, source=source_dsn).require_source()
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=10, application_name="cdc-undo")
     except psycopg.Error as exc:
@@ -71,14 +62,7 @@ def open_source(source_dsn: str | None, config_path: str | None) -> psycopg.Conn
 
 def undo_options(func: Any) -> Any:
     options = [
-        click.option("--source", "source_dsn", envvar="CDC_SOURCE_DSN", metavar="DSN",
-                     help="Source DSN (else CDC_SOURCE_DSN, else source.dsn of the config file)."),
-        click.option("--store", "store_dsn", envvar="CDC_STORE_DSN", metavar="DSN",
-                     help="History store DSN (else CDC_STORE_DSN, else store.dsn of the config file)."),
-        click.option("--config", "config_path", envvar="CDC_CONFIG", metavar="FILE",
-                     type=click.Path(dir_okay=False), help="YAML config file (env CDC_CONFIG)."),
-        click.option("--schema", "store_schema", metavar="NAME",
-                     help="Schema of the history store (else store.schema, else cdc_history)."),
+        connection_options(source=True, store=True, schema=True),
         click.option("--apply", "apply", is_flag=True,
                      help="Run the SQL on the source in one transaction, as a new request; print its id."),
         click.option("--actor", metavar="NAME",
@@ -98,7 +82,7 @@ def undo_options(func: Any) -> Any:
 
 def _configured_policies(config_path: str | None) -> dict[str, dict[str, str]]:
     """The ``columns`` policies of the configuration (the stored schema records them too)."""
-    config = load_config(config_path)
+    config = load(config_path)
     return {table: dict(columns) for table, columns in config.columns.items()}
 
 
@@ -132,7 +116,7 @@ def _warn_conflicts(plan: RevertPlan) -> None:
 # ============================================================================ cdc revert
 
 
-@click.command()
+@click.command(cls=CdcCommand)
 @click.argument("request_id", metavar="REQ")
 @click.option("--force", is_flag=True, help="Plan (and apply) even when later changes conflict.")
 @undo_options
@@ -153,12 +137,12 @@ def revert(
     """Print (or --apply) the SQL that undoes the committed changes of request REQ.
 
     \b
-    Inverse statements, newest change first, rows named by their key. Stops with exit code 3
+    Inverse statements, newest change first, rows named by their key. Stops with exit code 8
     and the list of conflicts when a later request changed the same columns of the same rows
     (or the rows differ on the source now), unless --force.
 
     \b
-    Refuses (exit code 2) to write the stored placeholder of a redacted column (hash, mask,
+    Refuses (exit code 8) to write the stored placeholder of a redacted column (hash, mask,
     exclude) into the source, unless --keep-redacted leaves those columns as they are.
     \b
       cdc revert 550e8400                 # the plan, as a psql script
@@ -196,7 +180,7 @@ def revert(
 # ============================================================================ cdc restore
 
 
-@click.command()
+@click.command(cls=CdcCommand)
 @click.argument("table")
 @click.option(
     "--id", "key_text", metavar="ID", required=True, help="""The row's key: 42, abc, or '{"a":1}'."""

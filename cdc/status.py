@@ -1,27 +1,49 @@
-"""`cdc status`: the slot, lag, LSNs, the store's version range and size, retention, last error.
+"""`cdc status`: the slot, the daemon, lag, LSNs, the store's version range and size, retention,
+last error; and whether capture is healthy (``problems``).
 
-Reads the source's pg_replication_slots and the store's capture_state (and, for counts, the
-estimates of the store's tables: never a count over the history); never prints a
-DSN password. Either side may be unreachable: that is reported, not raised.
+Reads the source's pg_replication_slots (and pg_stat_replication) and the store's capture_state;
+never prints a DSN password. Either side may be unreachable: that is reported, not raised.
+
+- The daemon: a daemon is active while its store writer holds the slot's lock in the store
+  (the lock dies with its connection: no stale pid is shown), and streams while the slot is
+  also active on the source.
+- Lag (``lag_seconds``, how in ``lag_measure``): the age of the oldest change not yet stored;
+  0 when the store has acknowledged the source's WAL end. While a daemon streams: 0 when all
+  its walsender sent is stored; the time since the daemon last stored an acknowledgement when
+  that is overdue (a stuck daemon); else the server's own measure (pg_stat_replication.flush_lag
+  of its walsender: from decoding a commit to its storing). With no daemon: the commit time of
+  the first transaction waiting in the slot (peeked, bounded by PEEK_TIMEOUT; none waiting: 0).
+- Counts: exact up to COUNT_LIMIT rows (a count), the planner's estimate beyond
+  (``counts_exact``), see cdc/store/stats.py.
+- Versions and LSNs are printed ``X/Y`` for people; JSON has versions as integers
+  (``*_version``) and LSNs as ``X/Y`` (``*_lsn``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from cdc.capture.failover import pending_gap, recent_switches
-from cdc.config import Config, format_duration, redact_dsn
+from cdc.config import Config, format_duration, format_size, redact_dsn
 from cdc.failover_readiness import failover_json, failover_lines
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.source_context import signing_status
 from cdc.source_hosts import connected_host
 from cdc.store.format import STATUS_CODES
 from cdc.store.migrate import is_v1_store, v1_leftovers
+from cdc.store.stats import count_stored
+from cdc.store.writer import lock_holder
+
+#: How long peeking at the slot for the first waiting transaction may take (its lag).
+PEEK_TIMEOUT = "5s"
+#: Rows peeked at most when looking for the first transaction with a change.
+PEEK_ROWS = 1000
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -49,8 +71,8 @@ class Status:
     last_commit_at: datetime | None = None
     lag_seconds: float | None = None
     store_format: int | None = None
-    mutations: int | None = None  # changes stored (estimate)
-    transactions: int | None = None  # transactions stored (estimate)
+    mutations: int | None = None  # changes stored (counted, or estimated: counts_exact)
+    transactions: int | None = None  # transactions stored (likewise)
     tables: int | None = None  # captured tables (one per source relation)
     dropped_tables: int | None = None
     daemon: str | None = None
@@ -67,56 +89,89 @@ class Status:
     switches: list[dict[str, Any]] = field(default_factory=list)  # newest first
     pending_gap: str | None = None  # capture stopped at a gap or fork: `cdc setup --recreate-slot`
     v1_tables: list[str] = field(default_factory=list)  # left by a store migration
+    daemon_active: bool | None = None  # a daemon's store writer holds the slot's lock
+    daemon_streaming: bool | None = None  # ... and the slot is active on the source
+    lag_measure: str | None = None  # how lag_seconds was measured, or why it was not
+    counts_exact: bool | None = None  # mutations and transactions counted (else estimated)
+    max_lag_bytes: int | None = None
+    max_lag_seconds: float | None = None
+    walsender_flush_lag: float | None = None  # pg_stat_replication of the slot's walsender
+    walsender_caught_up: bool | None = None  # its sent_lsn is flushed (stored)
+    acked_age_seconds: float | None = None  # since the store last recorded an acknowledgement
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         for name, value in data.items():
             if isinstance(value, datetime):
                 data[name] = value.isoformat()
+        data["healthy"] = self.healthy
+        data["problems"] = self.problems
         return data
 
     @property
+    def problems(self) -> list[str]:
+        """Why capture is not healthy (empty: healthy)."""
+        found = []
+        if self.source_error is not None:
+            found.append(f"source: {self.source_error}")
+        if self.store_error is not None:
+            found.append(f"store: {self.store_error}")
+        if self.slot_exists is False:
+            found.append(f"slot {self.slot} is missing")
+        if self.wal_status in ("lost", "unreserved"):
+            found.append(f"the slot's wal_status is {self.wal_status}")
+        if self.pending_gap is not None:
+            found.append(f"capture stopped at a {self.pending_gap}: `cdc setup --recreate-slot`")
+        if self.store_error is None and self.baseline_done is False:
+            found.append("the baseline is incomplete: run `cdc setup`")
+        if self.source_error is None and self.store_error is None and not self.daemon_streaming:
+            found.append(
+                "no daemon is streaming from the slot"
+                + (" (one is connecting)" if self.daemon_active else "")
+            )
+        if (
+            self.lag_bytes is not None
+            and self.max_lag_bytes is not None
+            and self.lag_bytes > self.max_lag_bytes
+        ):
+            found.append(f"lag {format_size(self.lag_bytes)} is over capture.max_lag_bytes")
+        if (
+            self.lag_seconds is not None
+            and self.max_lag_seconds is not None
+            and self.lag_seconds > self.max_lag_seconds
+        ):
+            found.append(f"lag {self.lag_seconds:.0f}s is over capture.max_lag_seconds")
+        return found
+
+    @property
     def healthy(self) -> bool:
-        return (
-            self.source_error is None
-            and self.store_error is None
-            and bool(self.slot_exists)
-            and self.wal_status not in ("lost", "unreserved")
-            and self.pending_gap is None
-        )
+        return not self.problems
 
 
 def collect_status(config: Config) -> Status:
-    status = Status(slot=config.source.slot, retention=format_duration(config.retention.default))
-    if config.source.dsn is not None:
+    status = Status(
+        slot=config.source.slot,
+        retention=format_duration(config.retention.default),
+        max_lag_bytes=config.capture.max_lag_bytes,
+        max_lag_seconds=config.capture.max_lag_seconds,
+    )
+    if config.source.dsn is None:
+        status.source_error = "no source DSN given (--source, CDC_SOURCE_DSN or source.dsn)"
+    else:
         dsn = config.require_source()
         status.source = redact_dsn(dsn)
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-                row = conn.execute(
-                    "SELECT active, active_pid, wal_status, safe_wal_size, confirmed_flush_lsn::text, "
-                    "(pg_current_wal_lsn() - restart_lsn)::bigint, pg_current_wal_lsn()::text "
-                    "FROM pg_replication_slots WHERE slot_name = %s",
-                    (config.source.slot,),
-                ).fetchone()
-                if row is None:
-                    status.slot_exists = False
-                    current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-                    status.server_lsn = current[0] if current else None
-                else:
-                    status.slot_exists = True
-                    status.slot_active, status.active_pid, status.wal_status = row[0], row[1], row[2]
-                    status.safe_wal_size_bytes, status.confirmed_flush_lsn = row[3], row[4]
-                    status.retained_wal_bytes, status.server_lsn = row[5], row[6]
-                    if row[4] and row[6]:
-                        status.lag_bytes = max(0, parse_lsn(row[6]) - parse_lsn(row[4]))
+                _source_status(conn, config, status)
                 status.signing = signing_status(conn).describe()
                 status.source_server = connected_host(conn)
         except psycopg.Error as exc:
             status.source_error = str(exc).strip().splitlines()[0]
         if status.source_error is None:
             status.failover = failover_json(dsn, config.source.slot, config.source.failover)
-    if config.store.dsn is not None:
+    if config.store.dsn is None:
+        status.store_error = "no store DSN given (--store, CDC_STORE_DSN or store.dsn)"
+    else:
         dsn = config.require_store()
         status.store = redact_dsn(dsn)
         try:
@@ -124,7 +179,100 @@ def collect_status(config: Config) -> Status:
                 _store_status(conn, config, status)
         except psycopg.Error as exc:
             status.store_error = str(exc).strip().splitlines()[0]
+    _lag(config, status)
     return status
+
+
+def _source_status(conn: psycopg.Connection[Any], config: Config, status: Status) -> None:
+    """The slot, the server's WAL end (read before the store's acked LSN: see _lag) and the
+    slot's walsender, if any."""
+    row = conn.execute(
+        "SELECT s.active, s.active_pid, s.wal_status, s.safe_wal_size, s.confirmed_flush_lsn::text, "
+        "(pg_current_wal_lsn() - s.restart_lsn)::bigint, pg_current_wal_lsn()::text, "
+        "extract(epoch FROM r.flush_lag)::float8, r.flush_lsn >= r.sent_lsn "
+        "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
+        "WHERE s.slot_name = %s",
+        (config.source.slot,),
+    ).fetchone()
+    if row is None:
+        status.slot_exists = False
+        current = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        status.server_lsn = current[0] if current else None
+        return
+    status.slot_exists = True
+    status.slot_active, status.active_pid, status.wal_status = row[0], row[1], row[2]
+    status.safe_wal_size_bytes, status.confirmed_flush_lsn = row[3], row[4]
+    status.retained_wal_bytes, status.server_lsn = row[5], row[6]
+    status.walsender_flush_lag, status.walsender_caught_up = row[7], row[8]
+    if row[4] and row[6]:
+        status.lag_bytes = max(0, parse_lsn(row[6]) - parse_lsn(row[4]))
+
+
+def _lag(config: Config, status: Status) -> None:
+    """``lag_seconds``: the age of the oldest change not yet stored (module docstring)."""
+    if status.server_lsn is None or not status.slot_exists or status.source_error is not None:
+        status.lag_measure = "unknown: the source's slot cannot be read"
+        return
+    stored = max(
+        parse_lsn(status.acked_lsn) if status.acked_lsn else 0,
+        parse_lsn(status.confirmed_flush_lsn) if status.confirmed_flush_lsn else 0,
+    )
+    if stored >= parse_lsn(status.server_lsn):
+        status.lag_seconds, status.lag_measure = 0.0, "caught up: the source's WAL end is stored"
+    elif status.slot_active:
+        _streaming_lag(config, status)
+    else:
+        _peek_lag(config, status)
+
+
+def _streaming_lag(config: Config, status: Status) -> None:
+    """A daemon reads the slot. A healthy one stores an acknowledgement at least every status
+    interval or so while WAL waits (a batch, or an idle advance): one that stored nothing for
+    longer is stuck, and the lag is at least that long. Else the server's own measure."""
+    stale_after = 3 * config.capture.status_interval_seconds + 5
+    age = status.acked_age_seconds
+    if status.walsender_caught_up:
+        status.lag_seconds, status.lag_measure = 0.0, "caught up: all the walsender sent is stored"
+    elif age is not None and age > stale_after:
+        status.lag_seconds = round(age, 3)
+        status.lag_measure = "the daemon has stored nothing for that long while WAL waits"
+    elif status.walsender_flush_lag is not None:
+        status.lag_seconds = round(status.walsender_flush_lag, 3)
+        status.lag_measure = "the walsender's flush_lag: from decoding a commit to its storing"
+    else:
+        status.lag_seconds = 0.0
+        status.lag_measure = f"caught up: an acknowledgement stored {age or 0:.0f} s ago, no commit waits"
+
+
+def _peek_lag(config: Config, status: Status) -> None:
+    """No daemon reads the slot: the commit time of the first transaction with a change
+    waiting in it (a peek: nothing is consumed)."""
+    publication = '"' + config.source.publication.replace('"', '""') + '"'
+    try:
+        with psycopg.connect(config.require_source(), autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(PEEK_TIMEOUT)))
+            rows = conn.execute(
+                "SELECT data FROM pg_catalog.pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+                "'proto_version', '1', 'publication_names', %s)",
+                (config.source.slot, PEEK_ROWS, publication),
+            ).fetchall()
+    except psycopg.Error as exc:
+        text = str(exc).strip().splitlines()
+        status.lag_measure = f"unknown: cannot peek at the slot ({text[0] if text else type(exc).__name__})"
+        return
+    commit: datetime | None = None
+    for (data,) in rows:
+        message = bytes(data)
+        if message[:1] == b"B" and len(message) >= 17:  # Begin: final LSN, commit time, xid
+            commit = _PG_EPOCH + timedelta(microseconds=int.from_bytes(message[9:17], "big", signed=True))
+        elif message[:1] in (b"I", b"U", b"D", b"T") and commit is not None:
+            status.lag_seconds = round(max(0.0, (datetime.now(UTC) - commit).total_seconds()), 3)
+            status.lag_measure = "the first transaction waiting in the slot"
+            return
+    if len(rows) >= PEEK_ROWS:
+        status.lag_measure = f"unknown: no change in the first {PEEK_ROWS} messages waiting in the slot"
+        return
+    status.lag_seconds, status.lag_measure = 0.0, "caught up: no change waits in the slot"
 
 
 def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status) -> None:
@@ -140,7 +288,8 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     row = conn.execute(
         sql.SQL(
             "SELECT acked_lsn, baseline_lsn, baseline_done, coalesce(history_floor, baseline_lsn), "
-            "daemon_host, daemon_pid, last_error, last_error_at FROM {}.capture_state WHERE slot_name = %s"
+            "daemon_host, daemon_pid, last_error, last_error_at, extract(epoch FROM now() - updated_at)::float8 "
+            "FROM {}.capture_state WHERE slot_name = %s"
         ).format(schema),
         (config.source.slot,),
     ).fetchone()
@@ -152,18 +301,21 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     status.baseline_lsn = format_lsn(row[1]) if row[1] is not None else None
     status.baseline_done = bool(row[2])
     status.earliest_version = int(row[3]) if row[3] is not None else None
-    status.daemon = f"{row[4]} pid {row[5]}" if row[4] else None
+    status.daemon_active = lock_holder(conn, config.store.schema_name, config.source.slot) is not None
+    status.daemon_streaming = status.daemon_active and bool(status.slot_active)
+    if status.daemon_active:  # the recorded pid is shown only while its daemon is alive
+        status.daemon = f"{row[4]} pid {row[5]}" if row[4] else "pid unknown"
     status.last_error, status.last_error_at = row[6], row[7]
+    status.acked_age_seconds = row[8]
     committed = STATUS_CODES["committed"]
     last = conn.execute(
         sql.SQL(
-            "SELECT committed_at, extract(epoch FROM now() - committed_at) FROM {}.transactions_all "
-            "WHERE status = %s ORDER BY position DESC LIMIT 1"
+            "SELECT committed_at FROM {}.transactions_all WHERE status = %s ORDER BY position DESC LIMIT 1"
         ).format(schema),
         (committed,),
     ).fetchone()
     if last is not None:
-        status.last_commit_at, status.lag_seconds = last[0], float(last[1])
+        status.last_commit_at = last[0]
     if status.earliest_version:
         first = conn.execute(
             sql.SQL(
@@ -175,8 +327,11 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
         status.earliest_at = first[0] if first else None
     meta = conn.execute(sql.SQL("SELECT max(format_version) FROM {}.store_meta").format(schema)).fetchone()
     status.store_format = int(meta[0]) if meta and meta[0] is not None else None
-    status.mutations = _estimate(conn, config.store.schema_name, "changes", "changes_keep")
-    status.transactions = _estimate(conn, config.store.schema_name, "transactions", "transactions_keep")
+    status.mutations, changes_exact = count_stored(conn, config.store.schema_name, "changes", "changes_keep")
+    status.transactions, transactions_exact = count_stored(
+        conn, config.store.schema_name, "transactions", "transactions_keep"
+    )
+    status.counts_exact = changes_exact and transactions_exact
     counts = conn.execute(
         sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE dropped_position IS NOT NULL) FROM {}.tables"
@@ -200,21 +355,6 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     ]
 
 
-def _estimate(conn: psycopg.Connection[Any], schema: str, *tables: str) -> int | None:
-    """The row estimate of ``tables`` (a partitioned one: the sum of its partitions): the planner's
-    or the statistics collector's, whichever is larger; never a count."""
-    row = conn.execute(
-        "SELECT sum(greatest(c.reltuples, s.n_live_tup, 0))::bigint "
-        "FROM pg_catalog.unnest(%(t)s::text[]) AS t(name) "
-        "CROSS JOIN LATERAL pg_catalog.pg_partition_tree("
-        "  pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %(s)s::text, t.name))) AS p "
-        "JOIN pg_catalog.pg_class AS c ON c.oid = p.relid "
-        "LEFT JOIN pg_catalog.pg_stat_all_tables AS s ON s.relid = p.relid WHERE p.isleaf",
-        {"s": schema, "t": list(tables)},
-    ).fetchone()
-    return int(row[0]) if row and row[0] is not None else None
-
-
 def render_status(status: Status) -> list[tuple[str, str]]:
     """(label, value) lines for the table form."""
 
@@ -236,8 +376,10 @@ def render_status(status: Status) -> list[tuple[str, str]]:
             value = value / 1024  # type: ignore[assignment]
         return str(value)
 
+    problems = status.problems
     lines = [
-        ("source", (status.source_error and f"UNREACHABLE: {status.source_error}") or show(status.source)),
+        ("health", "ok" if not problems else "UNHEALTHY: " + "; ".join(problems)),
+        ("source", (status.source_error and f"ERROR: {status.source_error}") or show(status.source)),
         ("store", (status.store_error and f"ERROR: {status.store_error}") or show(status.store)),
         (
             "slot",
@@ -251,10 +393,11 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         ),
         ("wal_status", show(status.wal_status)),
         ("retained WAL", size(status.retained_wal_bytes)),
-        ("safe_wal_size", size(status.safe_wal_size_bytes)),
+        ("safe_wal_size", _safe_wal_size(status, size)),
         ("server LSN", show(status.server_lsn)),
         ("confirmed LSN", show(status.confirmed_flush_lsn)),
-        ("lag", size(status.lag_bytes)),
+        ("lag", _lag_text(status)),
+        ("lag (WAL)", size(status.lag_bytes)),
         ("stored up to", show(status.acked_lsn)),
         ("versions", _version_range(status)),
         ("last commit", show(status.last_commit_at)),
@@ -263,10 +406,10 @@ def render_status(status: Status) -> list[tuple[str, str]]:
             "tables",
             show(status.tables) + (f" ({status.dropped_tables} dropped)" if status.dropped_tables else ""),
         ),
-        ("transactions (est.)", show(status.transactions)),
-        ("mutations (est.)", show(status.mutations)),
+        ("transactions", _count(status.transactions, status.counts_exact)),
+        ("mutations", _count(status.mutations, status.counts_exact)),
         ("retention", show(status.retention)),
-        ("daemon", show(status.daemon)),
+        ("daemon", _daemon_text(status)),
         ("signing", show(status.signing)),
         ("last error", f"{status.last_error} ({show(status.last_error_at)})" if status.last_error else "-"),
     ]
@@ -292,3 +435,38 @@ def _version_range(status: Status) -> str:
         return format_lsn(version) + (f" ({when.isoformat(timespec='seconds')})" if when else "")
 
     return f"{one(status.earliest_version, status.earliest_at)} .. {one(status.current_version, status.last_commit_at)}"
+
+
+def print_status(status: Status) -> None:
+    """The table form, on stdout."""
+    from cdc.cli_table import echo_table
+
+    echo_table(render_status(status))
+
+
+def _count(value: int | None, exact: bool | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,}" if exact else f"≈ {value:,} (the planner's estimate)"
+
+
+def _daemon_text(status: Status) -> str:
+    if status.daemon_active is None:
+        return "-"
+    if not status.daemon_active:
+        return "not running"
+    return f"{status.daemon}, " + ("streaming" if status.daemon_streaming else "connected, not streaming")
+
+
+def _lag_text(status: Status) -> str:
+    if status.lag_seconds is None:
+        return f"- ({status.lag_measure})" if status.lag_measure else "-"
+    return f"{status.lag_seconds:g} s ({status.lag_measure})"
+
+
+def _safe_wal_size(status: Status, size: Any) -> str:
+    if status.safe_wal_size_bytes is not None:
+        return str(size(status.safe_wal_size_bytes))
+    if status.slot_exists and status.wal_status not in (None, "lost"):
+        return "no limit (max_slot_wal_keep_size = -1)"
+    return "-"

@@ -36,6 +36,10 @@ class CaptureEnv:
 
     @property
     def config(self) -> Config:
+        return load_config(None, env=self.config_env())
+
+    def config_env(self) -> dict[str, str]:
+        """The environment of this capture's config (``CDC_*``), for a command line too."""
         env = {
             "CDC_SOURCE_DSN": self.source_dsn,
             "CDC_STORE_DSN": self.store_dsn,
@@ -47,7 +51,7 @@ class CaptureEnv:
             "CDC_RECONNECT__MAX_BACKOFF_SECONDS": "1",
         }
         env.update(self.extra_env)
-        return load_config(None, env=env)
+        return env
 
     def source(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.source_dsn, autocommit=True)

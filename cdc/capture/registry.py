@@ -11,10 +11,11 @@ costs a dictionary lookup.
 
 The key: the columns pgoutput flags for REPLICA IDENTITY DEFAULT/INDEX; for FULL and NOTHING
 the primary key read from the source catalog (a connection with a deadline), else keyless (all
-columns name the row). A policy configured on a key column is never applied: it is reported
-once (``policy_on_key_column_ignored``) and capture goes on. cdc's own tables on the source
-(schema ``cdc``: the context-signing key) are never captured: they are described as ignored (the
-core drops their changes) and never registered.
+columns name the row). A policy configured on a key column is refused by `cdc setup`
+(:func:`key_policy_problems`); should one reach capture all the same (a key changed since), it
+is never applied: it is reported once (``policy_on_key_column_ignored``) and capture goes on.
+cdc's own tables on the source (schema ``cdc``: the context-signing key) are never captured:
+they are described as ignored (the core drops their changes) and never registered.
 
 This module is the only writer of ``tables``, ``table_names`` and ``table_schemas``. It reads
 row data never, and logs no values.
@@ -35,7 +36,8 @@ from cdc.capture.model import Kind, Policy, RelationDesc, RelationInfo
 from cdc.config import format_table
 from cdc.errors import SourceUnavailableError, StoreUnavailableError, error_text
 from cdc.lsn import format_lsn
-from cdc.source import INTERNAL_SCHEMA, primary_key
+from cdc.names import parse_table
+from cdc.source import INTERNAL_SCHEMA, describe_table, primary_key
 from cdc.watchdog import Deadline
 
 log = structlog.get_logger("cdc.registry")
@@ -44,6 +46,50 @@ _POLICIES = {"exclude": Policy.EXCLUDE, "mask": Policy.MASK, "hash": Policy.HASH
 
 #: Table policies: column name -> "exclude" | "mask" | "hash", by canonical ``schema.name``.
 ColumnPolicyConfig = Mapping[str, Mapping[str, str]]
+
+
+def key_columns(
+    replica_identity: str, flagged: tuple[str, ...], found_key: tuple[str, ...] | None, names: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The columns naming a row, in key order; empty when the whole row names it (keyless).
+
+    ``flagged``: the columns pgoutput flags (the replica identity); ``found_key``: the table's
+    primary key. DEFAULT and INDEX identities name rows by the flagged columns; FULL (which
+    flags every column) and NOTHING (none) by the primary key, if there is one."""
+    if replica_identity in ("d", "i") and flagged:
+        return flagged
+    return found_key if found_key and set(found_key) <= set(names) else ()
+
+
+def key_policy_problems(conn: psycopg.Connection[Any], policies: ColumnPolicyConfig) -> list[str]:
+    """A column policy (``columns:`` of the config) on a column that names the row, for each
+    configured table that exists on the source (``conn``): the key must stay readable, so such a
+    policy is refused before capture starts. A keyless table is named by all its columns."""
+    problems = []
+    for table, configured in sorted(policies.items()):
+        schema, name = parse_table(table)
+        row = conn.execute(
+            "SELECT c.oid, c.relreplident FROM pg_catalog.pg_class c "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (schema, name),
+        ).fetchone()
+        if row is None:
+            continue  # not there yet: capture checks it when it appears
+        source = describe_table(conn, int(row[0]), schema, name, str(row[1]))
+        names = tuple(c.name for c in source.columns)
+        flagged = tuple(c.name for c in source.columns if c.is_key)
+        key = key_columns(source.replica_identity, flagged, source.primary_key or None, names)
+        note = "" if key else " (the table has no key: all its columns name a row)"
+        for column, policy in sorted(configured.items()):
+            if column in (key or names):
+                problems.append(
+                    f"columns.{table}.{column}: {column} is a key column of {table}{note}: it names the row, "
+                    f"so it cannot be {_PAST.get(policy, policy)}; remove the policy"
+                )
+    return problems
+
+
+_PAST = {"exclude": "excluded", "hash": "hashed", "mask": "masked"}
 
 
 def _cache_key(desc: RelationDesc) -> tuple[Any, ...]:
@@ -177,10 +223,8 @@ class Registry:
         flagged = tuple(c.name for c in desc.columns if c.flagged_key)
         if desc.replica_identity in ("d", "i") and flagged:
             return flagged
-        # FULL flags every column, NOTHING none: the primary key names the row, if there is one.
-        found = self._primary_key(desc.oid)
-        names = {c.name for c in desc.columns}
-        return found if found and set(found) <= names else ()
+        names = tuple(c.name for c in desc.columns)
+        return key_columns(desc.replica_identity, flagged, self._primary_key(desc.oid), names)
 
     def _primary_key(self, oid: int) -> tuple[str, ...] | None:
         if oid in self._primary_keys:
@@ -204,8 +248,8 @@ class Registry:
         log.error("policy_on_key_column_ignored", table=table, column=column, policy=policy)
         if self.report is not None:
             self.report(
-                f"columns.{table}.{column}: a key column cannot be {policy}ed (it names the row); "
-                "the policy is not applied"
+                f"columns.{table}.{column}: a key column cannot be {_PAST.get(policy, policy)} (it names "
+                "the row); the policy is not applied"
             )
 
     def _table_id(self, desc: RelationDesc) -> int:

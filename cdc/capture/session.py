@@ -478,6 +478,8 @@ class CaptureSession:
             metrics.written_lsn.set(self.ack.acked_lsn)
             if batch.last_committed_us is not None:
                 metrics.lag_seconds.set(max(0.0, time.time() - batch.last_committed_us / 1e6))
+            elif not batch.statuses and not self.in_flight:
+                metrics.lag_seconds.set(0)  # an idle acknowledgement: everything received is stored
             log.debug("batch_written", lsn=format_lsn(self.ack.acked_lsn), rows=batch.rows)
 
     def _finish(self) -> None:
@@ -506,10 +508,10 @@ class CaptureSession:
         self.last_status = now
         self.sent_lsn = flushed
         core, metrics = self.core, self.metrics
-        metrics.received_lsn.set(core.last_received_lsn)
+        metrics.received_lsn.set(core.last_received_lsn or None)  # 0: nothing received yet
         metrics.open_transactions.set(core.open_transactions)
         metrics.buffered_bytes.set(core.memory_bytes)
-        metrics.server_wal_lsn.set(core.server_wal_end)
+        metrics.server_wal_lsn.set(core.server_wal_end or None)  # 0: no keepalive yet
         spilled = core.spilled_transactions
         if spilled > self.spilled:
             metrics.spilled_transactions.inc(spilled - self.spilled)
@@ -539,10 +541,9 @@ class CaptureSession:
         wal_status, safe_size, retained = row
         for status in ("reserved", "extended", "unreserved", "lost"):
             self.metrics.slot_wal_status.labels(status=status).set(1 if status == wal_status else 0)
-        if retained is not None:
-            self.metrics.slot_retained_wal_bytes.set(retained)
-        if safe_size is not None:
-            self.metrics.slot_safe_wal_size_bytes.set(safe_size)
+        # NULL is no sample: safe_wal_size is NULL under max_slot_wal_keep_size = -1 (no limit).
+        self.metrics.slot_retained_wal_bytes.set(retained)
+        self.metrics.slot_safe_wal_size_bytes.set(safe_size)
         if wal_status == "lost":
             raise SlotLostError(
                 f"replication slot {self.slot!r} was invalidated (wal_status=lost)",

@@ -26,7 +26,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from cdc.errors import NotFoundError, StoreUnavailableError, UsageError, error_text
+from cdc.errors import NotFoundError, RefusedError, StoreUnavailableError, UsageError, error_text
 from cdc.store.keyframes import KEYFRAME, ROLLED_BACK
 from cdc.store.retention import _ADVISORY
 from cdc.store.table_refs import TableRef
@@ -53,7 +53,7 @@ _AT_KEY = sql.SQL('key_hash = hashtextextended(%(k)s::text COLLATE "C", 0) AND k
 _AT_OLD_KEY = sql.SQL('old_key_hash = hashtextextended(%(k)s::text COLLATE "C", 0) AND old_key_text = %(k)s')
 
 
-class RowStillLiveError(UsageError):
+class RowStillLiveError(RefusedError):
     """``cdc erase`` refused: the row still exists on the source (or the source was not checked)."""
 
 

@@ -34,7 +34,7 @@ from psycopg import sql
 
 import cdc
 from cdc.config import format_table
-from cdc.errors import CdcError
+from cdc.errors import SetupError
 from cdc.store.format import FORMAT_VERSION, OP_CODES, ChangeFlag
 from cdc.store.retention import partition_name
 
@@ -83,7 +83,7 @@ LOCK_TIMEOUT = "10s"
 _INTERNAL_STEPS = frozenset({"rename", "store.sql", "check", "context spans"})
 
 
-class MigrationError(CdcError):
+class MigrationError(SetupError):
     """The format-1 store cannot be migrated as it is (nothing was changed)."""
 
 

@@ -197,7 +197,7 @@ class Pruner:
             m.retention_rows.set(stats.rows)
             m.retention_bytes.set(stats.bytes)
             m.retention_partitions.set(stats.partitions)
-            m.retention_oldest_seconds.set(stats.oldest.timestamp() if stats.oldest else 0)
+            m.retention_oldest_seconds.set(stats.oldest.timestamp() if stats.oldest else None)
         return stats
 
     # ------------------------------------------------------------------ housekeeping

@@ -143,6 +143,21 @@ def lock_taken(dsn: str, schema: str, slot_name: str) -> bool:
         raise StoreUnavailableError(f"cannot reach the history store: {error_text(exc)}") from exc
 
 
+def lock_holder(conn: psycopg.Connection[Any], schema: str, slot_name: str) -> int | None:
+    """The store backend pid holding the slot's lock (an active daemon's writer), or None:
+    read from pg_locks, without taking the lock (a standby is never disturbed). A bigint
+    advisory key shows as its high half in classid and its low half in objid."""
+    row = conn.execute(
+        "WITH k AS (SELECT hashtext(%s)::bigint AS v) "
+        "SELECT l.pid FROM pg_catalog.pg_locks l, k WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+        "WHERE datname = pg_catalog.current_database()) "
+        "AND l.classid::bigint = (k.v >> 32) & 4294967295 AND l.objid::bigint = k.v & 4294967295 LIMIT 1",
+        (lock_key(schema, slot_name),),
+    ).fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else None
+
+
 class StoreWriter:
     """The capture side's connection to the store. Not thread-safe; one per daemon."""
 
@@ -213,6 +228,21 @@ class StoreWriter:
                 (socket.gethostname(), pid or os.getpid(), self.slot_name),
             )
             self.conn.commit()
+
+    def clear_daemon(self, pid: int) -> None:
+        """The daemon ``pid`` stopped: forget it in capture_state (``cdc status`` shows no stale
+        pid), unless another daemon recorded itself meanwhile. Without the active lock."""
+        with (
+            psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {}.capture_state SET daemon_host = NULL, daemon_pid = NULL, updated_at = now() "
+                    "WHERE slot_name = %s AND daemon_pid = %s AND daemon_host = %s"
+                ).format(sql.Identifier(self.schema)),
+                (self.slot_name, pid, socket.gethostname()),
+            )
 
     def record_error(self, message: str) -> None:
         """Note the daemon's last error without taking the active lock (any instance may)."""

@@ -8,7 +8,7 @@ from typing import Any, Final, Literal
 
 from psycopg import sql
 
-from cdc.errors import CdcError, UsageError
+from cdc.errors import RefusedError
 from cdc.lsn import format_lsn
 from cdc.query import Row, format_key
 
@@ -128,10 +128,8 @@ class RevertPlan:
         }
 
 
-class RevertConflictError(CdcError):
-    """Later changes stand in the way of a revert (exit code 3); ``conflicts`` lists them."""
-
-    exit_code = 3
+class RevertConflictError(RefusedError):
+    """Later changes stand in the way of a revert; ``conflicts`` lists them."""
 
     def __init__(self, conflicts: Sequence[Conflict], *, what: str = "revert") -> None:
         self.conflicts = list(conflicts)
@@ -143,7 +141,7 @@ class RevertConflictError(CdcError):
         super().__init__(text, hint="review them; --force (force=True) applies anyway")
 
 
-class RedactedValuesError(UsageError):
+class RedactedValuesError(RefusedError):
     """A plan would write redaction placeholders (or nothing, for an excluded column) where the
     source has real values. ``columns``: table -> column -> why."""
 
@@ -170,7 +168,5 @@ class RedactedValuesError(UsageError):
             )
 
 
-class RevertApplyError(CdcError):
+class RevertApplyError(RefusedError):
     """A statement of the plan did not change the rows it should have: nothing was applied."""
-
-    exit_code = 3

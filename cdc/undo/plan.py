@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.errors import NotFoundError, UsageError
+from cdc.errors import NotFoundError, RefusedError, UsageError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.query import Mutation, Row, Store, TableInfo, format_key
 from cdc.undo.model import (
@@ -276,7 +276,7 @@ def _merge(conflicts: Sequence[Conflict]) -> list[Conflict]:
 def _writable(info: TableInfo) -> TableInfo:
     """A table undo may write to: not dropped (its current name is where rows go)."""
     if info.dropped:
-        raise UsageError(
+        raise RefusedError(
             f"{info.current_name} was dropped on the source: its rows cannot be written back",
             hint="its history stays readable: cdc state history / cdc state at",
         )
@@ -325,7 +325,7 @@ def plan_revert(
     notes: list[str] = []
     truncates = [m for m in mutations if m.op == "TRUNCATE"]
     if truncates:
-        raise UsageError(
+        raise RefusedError(
             f"request {full} truncated {', '.join(sorted({m.table for m in truncates}))}: "
             "a TRUNCATE cannot be reverted row by row",
             hint="restore the rows one by one with `cdc restore TABLE --id ID --version V`",

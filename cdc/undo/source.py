@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.dryrun import parse_record
-from cdc.errors import NotFoundError, UsageError
+from cdc.errors import NotFoundError, RefusedError, UsageError
 from cdc.names import format_table, parse_table
 from cdc.query import Row, format_key
 from cdc.render import oversize_text
@@ -97,7 +97,7 @@ class _Source:
                 hint="it was dropped, or capture has not seen it again yet",
             )
         if (row[1], row[2]) != (schema, table):
-            raise UsageError(
+            raise RefusedError(
                 f"the source relation of {name} (oid {relation_oid}) is now named "
                 f"{format_table(str(row[1]), str(row[2]))}: nothing is written to a table the history does "
                 "not know under that name",
@@ -173,7 +173,7 @@ def _refuse_oversize(table: str, key: Mapping[str, Any], values: Mapping[str, An
     """Undo never writes a value the store kept only by reference (``capture.max_value_bytes``)."""
     big = [c for c, v in values.items() if is_oversize(v)]
     if big:
-        raise UsageError(
+        raise RefusedError(
             f"{table} {format_key(key)}: the value of {', '.join(big)} was over capture.max_value_bytes "
             f"and is stored only by reference ({oversize_text(values[big[0]])}): it cannot be written back",
             hint="restore that value by hand; the other changes can be reverted after it",

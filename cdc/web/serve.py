@@ -23,16 +23,18 @@ import click
 import structlog
 from pydantic import ValidationError
 
-from cdc.config import ServerConfig, load_config
+from cdc.cli_errors import CdcCommand, connection_options, load
+from cdc.config import ServerConfig
 from cdc.errors import CdcError, ConfigError
-from cdc.query import DEFAULT_SCHEMA, Store
+from cdc.exit_codes import ExitCode
+from cdc.query import Store
 
 __all__ = ["bind_socket", "serve"]
 
 log = structlog.get_logger("cdc.web")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -49,28 +51,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-@click.command()
-@click.option(
-    "--store",
-    "store_dsn",
-    envvar="CDC_STORE_DSN",
-    metavar="DSN",
-    help="History store DSN (else CDC_STORE_DSN, else store.dsn of the config file).",
-)
-@click.option(
-    "--config",
-    "config_path",
-    envvar="CDC_CONFIG",
-    metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="YAML config file (env CDC_CONFIG).",
-)
-@click.option(
-    "--schema",
-    "store_schema",
-    metavar="NAME",
-    help=f"Schema of the history store (else store.schema, else {DEFAULT_SCHEMA}).",
-)
+@click.command(cls=CdcCommand)
+@connection_options(store=True, schema=True)
 @click.option(
     "--listen", metavar="HOST:PORT", help="Address to listen on (else server.listen, 127.0.0.1:8400)."
 )
@@ -101,11 +83,11 @@ def serve(
       cdc serve --open                      # loopback only, no token
     /healthz, /readyz and /metrics need no token.
     """
-    from cdc.logs import configure_logging
+    from cdc.logs import cli_level, configure_logging
     from cdc.web.api import create_app
 
     try:
-        config = load_config(config_path)
+        config = load(config_path, store=store_dsn, schema=store_schema)
         server = ServerConfig.model_validate(
             {
                 "listen": listen if listen is not None else config.server.listen,
@@ -113,8 +95,8 @@ def serve(
                 "open": open_access or config.server.open,
             }
         )
-        dsn = store_dsn or (config.store.dsn.get_secret_value() if config.store.dsn is not None else None)
-        schema = store_schema or config.store.schema_name
+        dsn = config.store.dsn.get_secret_value() if config.store.dsn is not None else None
+        schema = config.store.schema_name
         secret = server.token.get_secret_value() if server.token is not None else None
         app = create_app(dsn or "", schema=schema, token=secret, open_access=server.open)
     except ValidationError as exc:
@@ -132,7 +114,7 @@ def serve(
         _fail(" ".join(message.split()), exc.exit_code)
         return
 
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(cli_level(config.logging.level), config.logging.format)
     if secret is None and not server.is_loopback:
         click.echo(
             f"warning: serving without a token on {server.listen}, which is not a loopback address: "
@@ -143,7 +125,7 @@ def serve(
     try:
         sock = bind_socket(server.host, server.port)
     except OSError as exc:
-        _fail(f"cannot listen on {server.listen}: {exc.strerror or exc}")
+        _fail(f"cannot listen on {server.listen}: {exc.strerror or exc}", ExitCode.UNAVAILABLE)
         return
     run_server(app, sock, listen=server.listen, secured=secret is not None)
 

@@ -280,7 +280,7 @@ def test_unsynchronized_slot_is_a_recorded_gap(flavor: Any, tmp_path: Path) -> N
         assert gap_after >= (acked_before or 0) and "not synchronized" in reason
         # cdc status: unhealthy (exit code 1), the gap shown
         status = run_cli(env, "status", "--format", "json")
-        assert status.returncode == 1, status.stdout + status.stderr
+        assert status.returncode == 10, status.stdout + status.stderr
         shown = json.loads(status.stdout)
         assert shown["pending_gap"] and "not synchronized" in shown["pending_gap"]
         # The daemon started again stops again at the same gap (nothing recorded twice).
@@ -404,7 +404,7 @@ def test_promotion_behind_capture_is_a_recorded_fork(flavor: Any, tmp_path: Path
         )[0][0]
         assert phantom >= 20
         status = run_cli(env, "status", "--format", "json")
-        assert status.returncode == 1 and json.loads(status.stdout)["pending_gap"].startswith("fork")
+        assert status.returncode == 10 and json.loads(status.stdout)["pending_gap"].startswith("fork")
         recreated = run_cli(env, "setup", "--recreate-slot")
         assert recreated.returncode == 0, recreated.stdout + recreated.stderr
         gaps = store_rows(env, "SELECT after_position, resumed_position, reason FROM gaps")

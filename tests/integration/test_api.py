@@ -721,7 +721,7 @@ def test_serve_reports_a_busy_port(seed: StoreBuilder) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = run_serve("--store", seed.dsn, "--open", "--listen", f"127.0.0.1:{port}")
-    one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}")
+    one_line_error(result, 9, f"cannot listen on 127.0.0.1:{port}")
 
 
 def test_serve_runs_uvicorn_and_stops_on_sigterm(seed: StoreBuilder, unused_port: int) -> None:

@@ -250,37 +250,37 @@ def test_at_version_and_time(run: Any, seed: StoreBuilder) -> None:
 
 def test_errors_are_one_line_with_exit_codes(run: Any, seed: StoreBuilder) -> None:
     fails(
-        run(state, "history", "userz", "--id", "42"), 2, "no history for table public.userz", "public.users"
+        run(state, "history", "userz", "--id", "42"), 7, "no history for table public.userz", "public.users"
     )
-    fails(run(state, "history", "users", "--id", "7"), 2, "no history for public.users id=7")
-    fails(run(state, "history", "users", "--id", "abc"), 2, "invalid key value")
-    fails(run(state, "history", "users", "--id", '{"id": '), 2, "not valid JSON")
-    fails(run(state, "history", "--request", "ffffffff"), 2, "no request 'ffffffff'")
-    fails(run(why, "nope"), 2, "no request")
-    fails(run(state, "history", "users", "--id", "42", "--since", "yesterday-ish"), 2, "invalid time")
+    fails(run(state, "history", "users", "--id", "7"), 7, "no history for public.users id=7")
+    fails(run(state, "history", "users", "--id", "abc"), 6, "invalid key value")
+    fails(run(state, "history", "users", "--id", '{"id": '), 6, "not valid JSON")
+    fails(run(state, "history", "--request", "ffffffff"), 7, "no request 'ffffffff'")
+    fails(run(why, "nope"), 7, "no request")
+    fails(run(state, "history", "users", "--id", "42", "--since", "yesterday-ish"), 6, "invalid time")
     fails(
-        run(state, "history", "users", "--id", "42", "--between", "2026-03-11", "2026-03-10"), 2, "empty time"
+        run(state, "history", "users", "--id", "42", "--between", "2026-03-11", "2026-03-10"), 6, "empty time"
     )
-    fails(run(state, "history", "users", "--id", "42", "--request", "550e"), 2, "not both")
-    fails(run(state, "history"), 2, "--request")
-    fails(run(state, "blame", "users", "--id", "7"), 2, "no history")
-    fails(run(state, "at", "users", "--id", "42", "--version", "1/0", "--at", "now"), 2, "exactly one")
-    fails(run(state, "at", "users", "--id", "42"), 2, "exactly one")
-    fails(run(state, "at", "users", "--id", "42", "--version", "x/y"), 2, "invalid LSN")
-    fails(run(state, "at", "users", "--id", "42", "--version", "0/10"), 2, "below the history floor")
-    fails(run(state, "at", "users", "--id", "42", "--version", "FF/0"), 2, "ahead of the history store")
-    fails(run(state, "at", "users", "--id", "42", "--at", "2000-01-01"), 2, "no stored version")
-    fails(run(state, "at", "users", "--id", "7", "--at", "now"), 2, "no history for public.users id=7")
+    fails(run(state, "history", "users", "--id", "42", "--request", "550e"), 6, "not both")
+    fails(run(state, "history"), 6, "--request")
+    fails(run(state, "blame", "users", "--id", "7"), 7, "no history")
+    fails(run(state, "at", "users", "--id", "42", "--version", "1/0", "--at", "now"), 6, "exactly one")
+    fails(run(state, "at", "users", "--id", "42"), 6, "exactly one")
+    fails(run(state, "at", "users", "--id", "42", "--version", "x/y"), 6, "invalid LSN")
+    fails(run(state, "at", "users", "--id", "42", "--version", "0/10"), 7, "below the history floor")
+    fails(run(state, "at", "users", "--id", "42", "--version", "FF/0"), 6, "ahead of the history store")
+    fails(run(state, "at", "users", "--id", "42", "--at", "2000-01-01"), 7, "no stored version")
+    fails(run(state, "at", "users", "--id", "7", "--at", "now"), 7, "no history for public.users id=7")
     fails(
         run(state, "history", "users", "--id", "42", env={"CDC_STORE_DSN": None}), 2, "no history store given"
     )
     down = "host=127.0.0.1 port=1 dbname=hist user=u password=s3cret connect_timeout=2"
     err = fails(
-        run(state, "history", "users", "--id", "42", "--store", down), 1, "cannot connect", "dbname=hist"
+        run(state, "history", "users", "--id", "42", "--store", down), 9, "cannot connect", "dbname=hist"
     )
     assert "s3cret" not in err
-    fails(run(why, "550e8400", "--store", down), 1, "cannot connect")
-    fails(run(state, "history", "users", "--id", "42", "--schema", "nope"), 1, "cdc setup")
+    fails(run(why, "550e8400", "--store", down), 9, "cannot connect")
+    fails(run(state, "history", "users", "--id", "42", "--schema", "nope"), 9, "cdc setup")
 
 
 def test_ambiguous_request_prefix(run: Any, seed: StoreBuilder) -> None:
@@ -292,7 +292,7 @@ def test_ambiguous_request_prefix(run: Any, seed: StoreBuilder) -> None:
     with seed.txn("2026-03-12 10:01", "beef0002-y") as t:
         t.insert("notes", {"id": 2, "body": "b"})
     seed.finish(baseline=0x1_0000_0000)
-    fails(run(why, "beef"), 2, "ambiguous", "beef0001-x", "beef0002-y")
+    fails(run(why, "beef"), 6, "ambiguous", "beef0001-x", "beef0002-y")
     assert "REQUEST      beef0002-y" in ok(run(why, "beef0002"))
 
 

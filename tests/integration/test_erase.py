@@ -317,26 +317,28 @@ def test_cdc_erase_checks_the_source_under_every_key_the_row_had(
     before = dump_schema(b.dsn)
     # Still on the source under its last key, named by its first: refused, nothing changes.
     refused = run_erase(b.dsn, source, "users", "--id", "1", "--yes")
-    assert refused.exit_code == 2, refused.output
+    assert refused.exit_code == 8, refused.output
     assert "still exists on the source" in refused.output and "--force" in refused.output
     assert NEW_EMAIL not in refused.output
     # The source cannot be reached: refused too.
     unreachable = run_erase(
         b.dsn, "host=127.0.0.1 port=1 dbname=x connect_timeout=2", "users", "--id", "3", "--yes"
     )
-    assert unreachable.exit_code == 2 and "--force" in unreachable.output
+    assert unreachable.exit_code == 8 and "--force" in unreachable.output
     # No such row, no such table: refused.
     unknown = run_erase(b.dsn, source, "users", "--id", "999999", "--yes")
-    assert unknown.exit_code == 2 and "no history" in unknown.output
+    assert unknown.exit_code == 7 and "no history" in unknown.output
     no_table = run_erase(b.dsn, source, "nobody", "--id", "1", "--yes")
-    assert no_table.exit_code == 2 and "no captured table" in no_table.output
+    assert no_table.exit_code == 7 and "no captured table" in no_table.output
     assert dump_schema(b.dsn) == before
 
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("DELETE FROM users WHERE id = 3")
     # Asking for confirmation: "no" changes nothing.
     declined = run_erase(b.dsn, source, "users", "--id", "1", input="n\n")
-    assert declined.exit_code == 1 and "5 image(s)" in declined.output and "2 other key(s)" in declined.output
+    assert (
+        declined.exit_code == 130 and "5 image(s)" in declined.output and "2 other key(s)" in declined.output
+    )
     assert dump_schema(b.dsn) == before
     done = run_erase(b.dsn, source, "public.users", "--id", "1", "--yes", "--actor", "dpo@example.org")
     assert done.exit_code == 0, done.output
@@ -351,7 +353,7 @@ def test_cdc_erase_checks_the_source_under_every_key_the_row_had(
         ).fetchall()
     assert record == [("dpo@example.org", hashlib.sha256(b"[1]").hexdigest(), ["id"], 2, 5, "absent", False)]
     again = run_erase(b.dsn, source, "users", "--id", "1", "--yes")
-    assert again.exit_code == 2 and "no history" in again.output
+    assert again.exit_code == 7 and "no history" in again.output
     # --force and JSON: the other row, still live.
     forced = run_erase(b.dsn, source, "users", "--id", "7", "--yes", "--force", "--format", "json")
     assert forced.exit_code == 0, forced.output
@@ -377,9 +379,9 @@ def test_cdc_erase_of_a_keyless_row(source_and_store: tuple[str, StoreBuilder]) 
             t.delete('"Notes"', {"x": 1, "y": NOTE})
     b.finish(baseline=b.positions[0])
     wrong = run_erase(b.dsn, source, '"Notes"', "--id", "1", "--yes")
-    assert wrong.exit_code == 2 and "has no key" in wrong.output
+    assert wrong.exit_code == 6 and "has no key" in wrong.output
     live = run_erase(b.dsn, source, '"Notes"', "--id", json.dumps({"x": 2, "y": "public note"}), "--yes")
-    assert live.exit_code == 2 and "still exists on the source" in live.output
+    assert live.exit_code == 8 and "still exists on the source" in live.output
     done = run_erase(
         b.dsn, source, '"Notes"', "--id", json.dumps({"x": 1, "y": NOTE}), "--yes", "--format", "json"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from cdc.cli import main as cli
 from cdc.daemon import Daemon
@@ -51,6 +51,47 @@ def test_metrics_move_with_the_workload(capture: CaptureEnv) -> None:
     assert time.time() - sample(registry, "cdc_loop_heartbeat_seconds") < 5
     assert capture.stop() == 0
     assert sample(registry, "cdc_streaming") == 0
+
+
+def test_a_default_server_raises_no_alert(capture: CaptureEnv, tmp_path: Path) -> None:
+    """A daemon streaming from a server with the default max_slot_wal_keep_size (-1): the
+    server's safe_wal_size is NULL, so the metric has no series (never 0), and every alert
+    rule of deploy/prometheus/alerts.yaml, the critical CdcSlotSafeWalSizeLow first, stays
+    silent over what the daemon exports."""
+    from tests.unit.test_alerts import (
+        PROMTOOL,
+        alert_names,
+        promtool_test_rules,
+        series_from_registry,
+        silent_at,
+    )
+
+    with capture.source() as conn:
+        setting = conn.execute("SHOW max_slot_wal_keep_size").fetchone()
+        assert setting == ("-1",)
+        conn.execute("CREATE TABLE quiet (id int PRIMARY KEY)")
+    capture.setup()
+    daemon = capture.start()
+    registry = daemon.metrics.registry
+    with capture.source() as conn:
+        conn.execute("INSERT INTO quiet VALUES (1)")
+    capture.wait_caught_up()
+    deadline = time.monotonic() + 30
+    while registry.get_sample_value("cdc_slot_retained_wal_bytes") is None:  # the slot was checked
+        assert time.monotonic() < deadline, "no slot check"
+        time.sleep(0.1)
+    assert registry.get_sample_value("cdc_slot_wal_status", {"status": "reserved"}) == 1
+    assert registry.get_sample_value("cdc_slot_safe_wal_size_bytes") is None
+    exposition = generate_latest(registry).decode()
+    assert "\ncdc_slot_safe_wal_size_bytes " not in exposition and "_created" not in exposition
+    if PROMTOOL is not None:
+        series = series_from_registry(registry, "a")
+        promtool_test_rules(
+            tmp_path,
+            [{"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+              "alert_rule_test": silent_at("30m", alert_names())}],
+        )  # fmt: skip
+    assert capture.stop() == 0
 
 
 def test_health_endpoints_follow_the_main_loop(capture: CaptureEnv, tmp_path: Path) -> None:
@@ -273,7 +314,7 @@ def test_status_reports_slot_store_and_versions(capture: CaptureEnv) -> None:
     assert "password" not in result.output
     capture.stop()
     missing = CliRunner().invoke(cli, args, env={"CDC_SOURCE__SLOT": "no_such_slot"})
-    assert missing.exit_code == 1 and "MISSING" in missing.output
+    assert missing.exit_code == 10 and "MISSING" in missing.output
 
 
 def test_setup_explains_missing_wal_level_and_role(pg: object, tmp_path: Path) -> None:

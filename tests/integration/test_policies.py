@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from cdc import client
 from cdc.cli import main as cli
-from cdc.errors import SlotLostError
+from cdc.errors import ConfigError, SlotLostError
+from cdc.exit_codes import ExitCode
 from cdc.policies import MASK, hash_key_id, hash_value
 from cdc.query import Store
 from cdc.setup import setup
@@ -168,15 +169,56 @@ def test_clear_value_never_in_a_reported_error(capture: CaptureEnv) -> None:
     assert capture.stop() == 0
 
 
-def test_policy_on_a_key_column_is_ignored_and_reported(capture: CaptureEnv) -> None:
-    capture.extra_env["CDC_COLUMNS__PUBLIC.T__ID"] = "hash"
-    capture.extra_env["CDC_COLUMNS__PUBLIC.T__V"] = "mask"
+def test_policy_on_a_key_column_is_refused_by_setup(capture: CaptureEnv) -> None:
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE k (a int, b text, PRIMARY KEY (b, a))")
+        conn.execute("CREATE TABLE nokey (x int, y text)")
+        conn.execute("ALTER TABLE nokey REPLICA IDENTITY FULL")
+    policies = {
+        "CDC_COLUMNS__PUBLIC.T__ID": "hash",
+        "CDC_COLUMNS__PUBLIC.T__V": "mask",  # not a key column: fine
+        "CDC_COLUMNS__PUBLIC.K__A": "exclude",
+        "CDC_COLUMNS__PUBLIC.NOKEY__Y": "mask",  # no key: every column names the row
+        "CDC_COLUMNS__PUBLIC.LATER__ID": "hash",  # not there yet: checked when it appears
+    }
+    capture.extra_env.update(policies)
     capture.extra_env["CDC_POLICIES__HASH_KEY"] = HASH_KEY
+    with pytest.raises(ConfigError) as refused:
+        setup(capture.config)
+    assert refused.value.problems == [
+        "columns.public.k.a: a is a key column of public.k: it names the row, so it cannot be excluded; "
+        "remove the policy",
+        "columns.public.nokey.y: y is a key column of public.nokey (the table has no key: all its columns "
+        "name a row): it names the row, so it cannot be masked; remove the policy",
+        "columns.public.t.id: id is a key column of public.t: it names the row, so it cannot be hashed; "
+        "remove the policy",
+    ]
+    with capture.source() as conn:  # nothing was created
+        assert conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (capture.slot,)
+        ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_publication WHERE pubname = %s", (capture.slot,)
+        ).fetchone() == (0,)
+    result = CliRunner().invoke(cli, ["setup"], env={**capture.config_env(), "CDC_CONFIG": None})
+    assert result.exit_code == ExitCode.CONFIG
+    assert (
+        "columns.public.t.id: id is a key column of public.t" in result.stderr
+        and "Traceback" not in result.output
+    )
+
+
+def test_policy_on_a_key_column_is_ignored_and_reported_by_capture(capture: CaptureEnv) -> None:
+    """The second line of defence: a key policy that reaches capture (the key changed after
+    `cdc setup`, or setup ran with another config) is not applied, and said so."""
     with capture.source() as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         conn.execute("INSERT INTO t VALUES (1, 'one')")
-    report = setup(capture.config)
-    assert any("columns.public.t.id" in w and "key column" in w for w in report.warnings)
+    capture.setup()
+    capture.extra_env["CDC_COLUMNS__PUBLIC.T__ID"] = "hash"
+    capture.extra_env["CDC_COLUMNS__PUBLIC.T__V"] = "mask"
+    capture.extra_env["CDC_POLICIES__HASH_KEY"] = HASH_KEY
     daemon = capture.start()
     with capture.source() as conn:
         conn.execute("INSERT INTO t VALUES (2, 'two')")
@@ -186,7 +228,7 @@ def test_policy_on_a_key_column_is_ignored_and_reported(capture: CaptureEnv) -> 
             json.loads(r[0]) for r in store.execute("SELECT image FROM changes ORDER BY position").fetchall()
         ]
         last_error = store.execute("SELECT last_error FROM capture_state").fetchone()
-    assert images == [{"id": 1, "v": MASK}, {"id": 2, "v": MASK}]  # the key in clear, the rest masked
+    assert images == [{"id": 1, "v": "one"}, {"id": 2, "v": MASK}]  # the key in clear, the rest masked
     assert daemon.last_error is not None and "columns.public.t.id" in daemon.last_error
     assert last_error is not None and "columns.public.t.id" in last_error[0]
     assert capture.stop() == 0

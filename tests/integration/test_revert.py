@@ -186,13 +186,13 @@ def test_conflicting_later_change_stops_the_revert(capture: CaptureEnv) -> None:
     env = {"CDC_SOURCE_DSN": capture.source_dsn, "CDC_STORE_DSN": capture.store_dsn}
     args = ["req-a", "--schema", capture.schema]
     result = runner.invoke(revert, args, env=env)
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 8, result.output
     assert "1 conflict(s) stop the revert" in result.output
     assert re.search(
         r"public\.items id=1 column qty: changed later \(UPDATE\) \(by request req-b, version ", result.output
     )
     result = runner.invoke(revert, [*args, "--format", "json"], env=env)
-    assert result.exit_code == 3
+    assert result.exit_code == 8
     assert [c["column"] for c in json.loads(result.stdout)["conflicts"]] == ["qty"]
     with capture.source() as conn:
         assert conn.execute("SELECT qty FROM items ORDER BY id").fetchall() == [(11,), (20,), (3,)]
@@ -256,7 +256,7 @@ def test_cli_revert_plan_only_changes_nothing(capture: CaptureEnv) -> None:
         conn.execute(psql_like)  # the printed script runs as it is
         assert conn.execute("SELECT qty FROM items WHERE id = 1").fetchone() == (1,)
     result = CliRunner().invoke(revert, ["nope", "--schema", capture.schema], env=env)
-    assert result.exit_code == 2 and "no request 'nope'" in result.output
+    assert result.exit_code == 7 and "no request 'nope'" in result.output
 
 
 def test_restore_one_row_to_a_version(capture: CaptureEnv) -> None:
@@ -438,7 +438,7 @@ def test_undo_never_writes_a_redacted_placeholder(capture: CaptureEnv, policy: s
     if policy in ("exclude", "mask"):
         assert refused.exit_code == 0, refused.output
     else:
-        assert refused.exit_code == 2 and "public.users: secret" in refused.output, refused.output
+        assert refused.exit_code == 8 and "public.users: secret" in refused.output, refused.output
         done = CliRunner().invoke(
             revert, ["r-upd-2", "--schema", capture.schema, "--apply", "--keep-redacted"], env=env
         )
@@ -451,7 +451,7 @@ def test_undo_never_writes_a_redacted_placeholder(capture: CaptureEnv, policy: s
     if policy == "exclude":
         assert cli_restore.exit_code == 0 and "already equals" in cli_restore.output, cli_restore.output
     else:
-        assert cli_restore.exit_code == 2 and "public.users: secret" in cli_restore.output, cli_restore.output
+        assert cli_restore.exit_code == 8 and "public.users: secret" in cli_restore.output, cli_restore.output
     kept_restore = CliRunner().invoke(restore, [*args, "--keep-redacted"], env=env)
     assert kept_restore.exit_code == 0 and "already equals" in kept_restore.output, kept_restore.output
     assert capture.stop() == 0

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc.errors import NotFoundError, UsageError
+from cdc.errors import NotFoundError, RefusedError
 from cdc.query import Store
 from cdc.revert import apply_plan, plan_restore, plan_revert
 from cdc.source_context import install_context
@@ -112,7 +112,7 @@ def test_never_a_table_the_history_does_not_know_under_that_name(world: Any) -> 
     b.finish(baseline=0x1_0000_0000)
     with Store(b.dsn) as store:
         source.execute("ALTER TABLE users RENAME TO people")  # not captured yet
-        with pytest.raises(UsageError, match=r"now named public\.people"):
+        with pytest.raises(RefusedError, match=r"now named public\.people"):
             plan_revert(store, source, "req-users")
         source.execute("ALTER TABLE people RENAME TO users")
         plan = plan_revert(store, source, "req-users")
@@ -136,9 +136,9 @@ def test_a_dropped_table_and_an_oversize_value_are_refused(world: Any) -> None:
         t.update("blobs", 1, {"name": "small"})
     b.finish(baseline=0x1_0000_0000)
     with Store(b.dsn) as store:
-        with pytest.raises(UsageError, match=r'public\."USERS" was dropped'):
+        with pytest.raises(RefusedError, match=r'public\."USERS" was dropped'):
             plan_revert(store, source, "req-drop")
-        with pytest.raises(UsageError, match=r"over capture\.max_value_bytes"):
+        with pytest.raises(RefusedError, match=r"over capture\.max_value_bytes"):
             plan_revert(store, source, "req-blob")
-        with pytest.raises(UsageError, match=r"over capture\.max_value_bytes"):
+        with pytest.raises(RefusedError, match=r"over capture\.max_value_bytes"):
             plan_restore(store, source, "blobs", 1, version=b.positions[-2])

@@ -231,7 +231,7 @@ def test_cli(story: Story) -> None:
     result = CliRunner().invoke(
         state, ["blame", "orders_v2", "--id", "1"], env={"CDC_STORE_DSN": story.b.dsn, "CDC_CONFIG": None}
     )
-    assert result.exit_code == 2 and "former name of archive.orders" in result.stderr
+    assert result.exit_code == 7 and "former name of archive.orders" in result.stderr
 
 
 # ============================================================================ HTTP API and page

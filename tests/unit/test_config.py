@@ -88,7 +88,7 @@ def test_no_file_and_no_dsn_loads_but_require_fails() -> None:
         with pytest.raises(ConfigError) as info:
             require()
         assert len(info.value.problems) == 1
-        assert f"set {variable} or" in info.value.problems[0]
+        assert f"set {variable}, or" in info.value.problems[0]
         assert "in the config file" in info.value.problems[0]
 
 

@@ -8,7 +8,6 @@ config`, `test rules`), hadolint, systemd-analyze, kubernetes-validate and check
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import json
@@ -24,8 +23,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from cdc import errors
 from cdc.config import load_config
+from cdc.exit_codes import DAEMON_CODES, NO_RESTART
 from cdc.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,20 +109,18 @@ def _exported() -> dict[str, set[str]]:
     for family in metrics.registry.collect():
         labels = set(labels_of.get(family.name, labels_of.get(family.name + "_total", ())))
         if family.type == "counter":
-            names = {f"{family.name}_total": labels, f"{family.name}_created": labels}
+            names = {f"{family.name}_total": labels}
         elif family.type == "histogram":
             names = {
                 f"{family.name}_bucket": labels | {"le"},
                 f"{family.name}_sum": labels,
                 f"{family.name}_count": labels,
-                f"{family.name}_created": labels,
             }
         elif family.type == "summary":
             names = {
                 family.name: labels | {"quantile"},
                 f"{family.name}_sum": labels,
                 f"{family.name}_count": labels,
-                f"{family.name}_created": labels,
             }
         elif family.type == "info":
             names = {f"{family.name}_info": labels}
@@ -371,161 +368,6 @@ def test_prometheus_config_matches_compose_and_rules() -> None:
             assert int(target_port) == port
 
 
-PROMTOOL = _tool("promtool")
-
-
-def _promtool(*args: str) -> None:
-    assert PROMTOOL is not None
-    result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
-
-
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
-def test_promtool_check_rules_and_config() -> None:
-    _promtool("check", "rules", str(ALERTS))
-    _promtool("check", "config", "--syntax-only", str(PROMETHEUS_YML))
-
-
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
-def test_promtool_parses_dashboard_queries(tmp_path: Path) -> None:
-    rules = []
-    for panel in _all_panels(_load_dashboard()["panels"]):
-        for target in panel.get("targets", []):
-            expr = promql_for_prometheus(target["expr"]).replace("$job", "cdc").replace("$instance", ".*")
-            rules.append({"record": f"dashboard:panel_{panel['id']}:{target['refId'].lower()}", "expr": expr})
-    path = tmp_path / "dashboard-rules.yaml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    _promtool("check", "rules", str(path))
-
-
-def _series(values: dict[str, str]) -> list[dict[str, str]]:
-    return [{"series": name, "values": vals} for name, vals in values.items()]
-
-
-def _alert(name: str, **labels: str) -> dict[str, Any]:
-    return {"alertname": name, "exp_alerts": [{"exp_labels": labels}] if labels else []}
-
-
-HEALTHY_PAIR = {  # instance a streams, b is the standby (its loop heartbeat never set: 0)
-    'up{job="cdc", instance="a"}': "1x40",
-    'up{job="cdc", instance="b"}': "1x40",
-    'cdc_loop_heartbeat_seconds{job="cdc", instance="a"}': "0+60x40",  # = time(): fresh
-    'cdc_loop_heartbeat_seconds{job="cdc", instance="b"}': "0x40",
-    'cdc_streaming{job="cdc", instance="a"}': "1x40",
-    'cdc_streaming{job="cdc", instance="b"}': "0x40",
-    'cdc_standby{job="cdc", instance="a"}': "0x40",
-    'cdc_standby{job="cdc", instance="b"}': "1x40",
-    'cdc_lag_bytes{job="cdc", instance="a"}': "1000x40",
-    'cdc_lag_bytes{job="cdc", instance="b"}': "2147483648x40",  # stale: from before it became standby
-    'cdc_slot_retained_wal_bytes{job="cdc", instance="b"}': "1e11x40",
-    'cdc_slot_wal_status{job="cdc", instance="a", status="reserved"}': "1x40",
-    'cdc_slot_wal_status{job="cdc", instance="a", status="lost"}': "0x40",
-    'cdc_slot_safe_wal_size_bytes{job="cdc", instance="a"}': "-1x40",
-}
-
-ALERT_TESTS: list[dict[str, Any]] = [
-    {  # a healthy active/standby pair raises nothing
-        "interval": "1m",
-        "input_series": _series(HEALTHY_PAIR),
-        "alert_rule_test": [
-            {"eval_time": "30m", **_alert(name)}
-            for name in (
-                "CdcDaemonDown",
-                "CdcDaemonAbsent",
-                "CdcLoopStalled",
-                "CdcNotStreaming",
-                "CdcLagBytesHigh",
-                "CdcSlotRetainedWalHigh",
-                "CdcSlotLost",
-                "CdcSlotSafeWalSizeLow",
-            )
-        ],
-    },
-    {  # the active instance's loop stops iterating at minute 5
-        "interval": "1m",
-        "input_series": _series(
-            {**HEALTHY_PAIR, 'cdc_loop_heartbeat_seconds{job="cdc", instance="a"}': "0+60x5 300x35"}
-        ),
-        "alert_rule_test": [
-            {"eval_time": "3m", **_alert("CdcLoopStalled")},
-            {"eval_time": "20m", **_alert("CdcLoopStalled", job="cdc", instance="a", severity="critical")},
-        ],
-    },
-    {  # nobody streams: both instances reconnecting
-        "interval": "1m",
-        "input_series": _series(
-            {
-                **HEALTHY_PAIR,
-                'cdc_streaming{job="cdc", instance="a"}': "1x5 0x35",
-                'up{job="cdc", instance="b"}': "0x40",
-            }
-        ),
-        "alert_rule_test": [
-            {"eval_time": "10m", **_alert("CdcNotStreaming")},
-            {"eval_time": "20m", **_alert("CdcNotStreaming", job="cdc", severity="critical")},
-            {"eval_time": "20m", **_alert("CdcDaemonDown", job="cdc", instance="b", severity="critical")},
-        ],
-    },
-    {  # the slot runs out of WAL, then is invalidated; lag grows meanwhile
-        "interval": "1m",
-        "input_series": _series(
-            {
-                **HEALTHY_PAIR,
-                'cdc_slot_safe_wal_size_bytes{job="cdc", instance="a"}': "1073741824x40",
-                'cdc_slot_wal_status{job="cdc", instance="a", status="lost"}': "0x20 1x20",
-                'cdc_lag_bytes{job="cdc", instance="a"}': "2147483648x40",
-                'cdc_lag_seconds{job="cdc", instance="a"}': "600x40",
-                'cdc_slot_retained_wal_bytes{job="cdc", instance="a"}': "2e10x40",
-                'cdc_slot_wal_status{job="cdc", instance="a", status="unreserved"}': "0x5 1x35",
-            }
-        ),
-        "alert_rule_test": [
-            {"eval_time": "10m", **_alert("CdcSlotSafeWalSizeLow", job="cdc", severity="critical")},
-            {"eval_time": "10m", **_alert("CdcSlotLost")},
-            {"eval_time": "25m", **_alert("CdcSlotLost", job="cdc", severity="critical")},
-            {"eval_time": "25m", **_alert("CdcLagBytesHigh", job="cdc", instance="a", severity="warning")},
-            {"eval_time": "25m", **_alert("CdcLagSecondsHigh", job="cdc", instance="a", severity="warning")},
-            {"eval_time": "25m", **_alert("CdcSlotRetainedWalHigh", job="cdc", severity="warning")},
-            {"eval_time": "10m", **_alert("CdcSlotWalUnreserved", job="cdc", severity="critical")},
-        ],
-    },
-    {  # a promotion of the source: capture resumed on the new primary (information, not a fault)
-        "interval": "1m",
-        "input_series": _series(
-            {
-                **HEALTHY_PAIR,
-                'cdc_source_switches_total{job="cdc", instance="a", outcome="resumed"}': "0x10 1x30",
-            }
-        ),
-        "alert_rule_test": [
-            {"eval_time": "5m", **_alert("CdcSourceSwitched")},
-            {"eval_time": "15m", **_alert("CdcSourceSwitched", job="cdc", severity="info")},
-            {"eval_time": "15m", **_alert("CdcSlotLost")},
-        ],
-    },
-    {  # no cdc series at all
-        "interval": "1m",
-        "input_series": _series({'up{job="other", instance="x"}': "1x20"}),
-        "alert_rule_test": [
-            {"eval_time": "15m", **_alert("CdcDaemonAbsent", job="cdc", severity="critical")},
-        ],
-    },
-]
-
-
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
-def test_promtool_alert_unit_tests(tmp_path: Path) -> None:
-    # Annotations are prose; the unit tests check when each alert fires and with which labels.
-    rules = yaml.safe_load(ALERTS.read_text())
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            rule.pop("annotations", None)
-    (tmp_path / "alerts.yaml").write_text(yaml.safe_dump(rules))
-    tests = {"rule_files": ["alerts.yaml"], "evaluation_interval": "1m", "tests": copy.deepcopy(ALERT_TESTS)}
-    (tmp_path / "alerts.test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    _promtool("test", "rules", str(tmp_path / "alerts.test.yaml"))
-
-
 # ============================================================================ Kubernetes
 
 DSN_ENV = {"CDC_SOURCE_DSN": "host=src dbname=app", "CDC_STORE_DSN": "host=store dbname=history"}
@@ -748,27 +590,14 @@ def test_systemd_unit() -> None:
     assert _unit_values("Service", "SystemCallFilter"), "no SystemCallFilter"
 
 
-def _exit_codes() -> dict[int, list[str]]:
-    """Every exit code of cdc/errors.py -> the error classes that use it."""
-    codes: dict[int, list[str]] = {0: ["clean stop"]}
-    pending: list[type[errors.CdcError]] = [errors.CdcError]
-    while pending:
-        cls = pending.pop()
-        codes.setdefault(cls.exit_code, []).append(cls.__name__)
-        pending.extend(cls.__subclasses__())
-    return codes
-
-
 def test_systemd_restart_policy_matches_exit_codes() -> None:
     prevent = {int(c) for v in _unit_values("Service", "RestartPreventExitStatus") for c in v.split()}
-    assert prevent == {errors.ConfigError.exit_code, errors.SlotLostError.exit_code}
+    assert prevent == set(NO_RESTART)
     header = UNIT.read_text().split("[Unit]")[0]
     readme = (DEPLOY / "README.md").read_text()
-    for code, classes in _exit_codes().items():
-        assert re.search(rf"\b{code} ", header), f"exit code {code} ({classes}) not documented in the unit"
-        assert re.search(rf"^\|\s*`?{code}`?\s*\|", readme, re.M), (
-            f"exit code {code} ({classes}) not in README"
-        )
+    for code in DAEMON_CODES:
+        assert re.search(rf"\b{int(code)} ", header), f"exit code {code!r} not documented in the unit"
+        assert re.search(rf"^\|\s*`?{int(code)}`?\s*\|", readme, re.M), f"exit code {code!r} not in README"
 
 
 def test_systemd_spill_dir_is_writable() -> None:
