@@ -32,7 +32,9 @@ import psycopg
 import structlog
 
 from cdc.capture.ack import Acknowledgement
+from cdc.capture.backfill import Windows
 from cdc.capture.batches import Batch, BatchBuilder
+from cdc.capture.checks import TableChecks
 from cdc.capture.engine import Core
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
 from cdc.capture.registry import Registry
@@ -50,6 +52,7 @@ from cdc.errors import (
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.policies import hash_text
+from cdc.publications import stream_publications
 from cdc.store.prune import Pruner
 from cdc.store.writer import lock_taken
 from cdc.stream.replication import ReplicationStream, choose_options
@@ -156,10 +159,11 @@ class CaptureSession:
                     hint="point source.dsn at the original server, or use another store schema",
                 )
             self._check_slot(stream, source_dsn)
+            publications, waiting = self._publications(source_dsn, store_dsn)
             options = choose_options(
                 stream.server_version,
                 self.slot,
-                cfg.source.publication,
+                ",".join(publications),
                 state.acked_lsn,
                 cfg.source.stream_in_progress,
             )
@@ -217,6 +221,8 @@ class CaptureSession:
                 catalog,
             )
             self.ack = Acknowledgement(state.acked_lsn, idle_interval=self.cfg.status_interval_seconds)
+            self.windows = Windows(self.slot, self.metrics)
+            self.checks = TableChecks(cfg, self.metrics, daemon.report_error, waiting=waiting)
             self.builder = BatchBuilder(
                 max_rows=self.cfg.batch_max_rows, actor_last_seq=registry.actor_last_seq
             )
@@ -248,6 +254,26 @@ class CaptureSession:
                     hint="check the history store server",
                 )
         return None
+
+    def _publications(self, source_dsn: str, store_dsn: str) -> tuple[list[str], list[str]]:
+        """The publications to stream from, and those the slot cannot decode with yet."""
+        main = self.config.source.publication
+        try:
+            with (
+                psycopg.connect(source_dsn, autocommit=True, connect_timeout=10) as source,
+                psycopg.connect(store_dsn, autocommit=True, connect_timeout=10) as store,
+            ):
+                store.execute(
+                    psycopg.sql.SQL("SET search_path = {}").format(
+                        psycopg.sql.Identifier(self.config.store.schema_name)
+                    )
+                )
+                names, waiting = stream_publications(store, source, self.slot, main)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailableError(f"cannot read the publications: {error_text(exc)}") from exc
+        if waiting:
+            log.warning("publication_not_yet_usable", publications=",".join(waiting), slot=self.slot)
+        return names, waiting
 
     def _check_slot(self, stream: ReplicationStream, source_dsn: str) -> None:
         slot = stream.slot_info(self.slot)
@@ -306,6 +332,11 @@ class CaptureSession:
                     daemon.beat()
                     daemon.reload_if_requested()
                     self._watch_slot(now)
+                    if self.checks.due(now):
+                        with Deadline(self.catalog, self.config.source.timeout_seconds, _source_silent):
+                            self.checks.run(self.catalog, self.registry.conn)
+                        if self.checks.restart_wanted:
+                            return  # a publication became usable: the next session streams from it
                 self._replies()
                 self._group_commit()
                 blocked = builder.full and len(self.in_flight) >= MAX_IN_FLIGHT
@@ -353,8 +384,14 @@ class CaptureSession:
         if isinstance(event, LogicalMessage) and event.prefix == HEARTBEAT_PREFIX:
             self._idle_ack(event.lsn)
             return
+        highs = None
+        if isinstance(event, FinishedTransaction):
+            event, highs = self.windows.before(event)  # backfill watermarks (cdc/capture/backfill.py)
         for full in self.builder.add(event):
             self._hand(full, wait=True)
+        if highs:
+            assert isinstance(event, FinishedTransaction)
+            self.windows.after(self.builder, event, highs)
 
     def _keepalive_advance(self) -> None:
         """Everything before the server's WAL end is handled when no transaction is open: the
