@@ -16,6 +16,7 @@ from psycopg import sql
 
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.publications import partial_tables
 from cdc.store.format import STATUS_CODES
 from cdc.store.migrate import is_v1_store, v1_leftovers
 
@@ -55,6 +56,10 @@ class Status:
     retention: str | None = None
     gaps: list[dict[str, Any]] = field(default_factory=list)
     v1_tables: list[str] = field(default_factory=list)  # left by a store migration
+    # Tables whose baseline or backfill is not done: their history is incomplete (docs/baseline.md).
+    incomplete: list[dict[str, Any]] = field(default_factory=list)
+    # Tables whose changes are not all captured, and why (cdc/publications.py).
+    partial: list[dict[str, str]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,6 +75,8 @@ class Status:
             and self.store_error is None
             and bool(self.slot_exists)
             and self.wal_status not in ("lost", "unreserved")
+            and not self.incomplete
+            and not any(p["reason"] == "updates_fail" for p in self.partial)
         )
 
 
@@ -97,6 +104,7 @@ def collect_status(config: Config) -> Status:
                     status.retained_wal_bytes, status.server_lsn = row[5], row[6]
                     if row[4] and row[6]:
                         status.lag_bytes = max(0, parse_lsn(row[6]) - parse_lsn(row[4]))
+                status.partial = [p.as_json() for p in partial_tables(conn, config)]
         except psycopg.Error as exc:
             status.source_error = str(exc).strip().splitlines()[0]
     if config.store.dsn is not None:
@@ -167,6 +175,7 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     ).fetchone()
     if counts is not None:
         status.tables, status.dropped_tables = int(counts[0]), int(counts[1])
+    status.incomplete = _incomplete(conn, config.store.schema_name)
     status.gaps = [
         {"after": format_lsn(r[0]), "resumed": format_lsn(r[1]), "recorded_at": r[2].isoformat()}
         for r in conn.execute(
@@ -176,6 +185,34 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
             ).format(schema),
             (config.source.slot,),
         ).fetchall()
+    ]
+
+
+def _incomplete(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """Tables whose baseline or backfill is not done (their history is incomplete)."""
+    exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.baselines",)).fetchone()
+    if not exists or exists[0] is None:
+        return []
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(format('%I.%I', n.schema_name, n.table_name), b.table_id::text), b.kind, b.state, "
+            "b.rows, b.estimated_rows, b.error, b.started_at FROM {s}.baselines b LEFT JOIN LATERAL ("
+            "SELECT schema_name, table_name FROM {s}.table_names t WHERE t.table_id = b.table_id "
+            "ORDER BY from_position DESC LIMIT 1) n ON true WHERE b.state <> 'done' OR b.complete_from IS NULL "
+            "ORDER BY 1"
+        ).format(s=sql.Identifier(schema))
+    ).fetchall()
+    return [
+        {
+            "table": r[0],
+            "kind": "baseline" if r[1] == "b" else "backfill",
+            "state": r[2],
+            "rows": int(r[3]),
+            "estimated_rows": int(r[4]) if r[4] is not None else None,
+            "error": r[5],
+            "started_at": r[6].isoformat() if r[6] is not None else None,
+        }
+        for r in rows
     ]
 
 
@@ -255,6 +292,20 @@ def render_status(status: Status) -> list[tuple[str, str]]:
                 f"{len(status.v1_tables)} table(s) kept by the migration: `cdc setup --drop-v1` drops them",
             )
         )
+    for item in status.incomplete:
+        estimate = f" of ~{item['estimated_rows']:,}" if item["estimated_rows"] else ""
+        command = "cdc setup" if item["kind"] == "baseline" else f"cdc backfill {item['table']}"
+        error = f": {item['error']}" if item["error"] else ""
+        lines.append(
+            (
+                "INCOMPLETE",
+                f"{item['table']}: {item['kind']} {item['state']}{error}, {item['rows']:,}{estimate} rows "
+                f"(its history is incomplete; `{command}`)",
+            )
+        )
+    for item in status.partial:
+        label = "WRITES FAIL" if item["reason"] == "updates_fail" else "partial"
+        lines.append((label, f"{item['table']}: {item['detail']}"))
     for gap in status.gaps:
         lines.append(("gap", f"after {gap['after']}, resumed at {gap['resumed']} ({gap['recorded_at']})"))
     return lines
