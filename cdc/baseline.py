@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +204,7 @@ class Baseline:
         *,
         gap: bool = False,
         workers: int | None = None,
-        report: Any = None,
+        report: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.source_dsn = config.require_source()

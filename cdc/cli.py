@@ -97,17 +97,70 @@ def setup(
 
     A store of format 1 is migrated to format 2 first (docs/store.md)."""
     from cdc.logs import configure_logging
+    from cdc.progress import Progress
     from cdc.setup import setup as do_setup
 
-    configure_logging("warning", "console")
+    # Progress: a bar on a terminal, else log lines (info) for the baseline and backfills.
+    configure_logging("warning" if sys.stderr.isatty() else "info", "console")
     try:
-        report = do_setup(load(config_path, source, store), recreate_slot=recreate_slot, drop_v1=drop_v1)
+        with Progress("baseline") as progress:
+            report = do_setup(
+                load(config_path, source, store),
+                recreate_slot=recreate_slot,
+                drop_v1=drop_v1,
+                progress=progress,
+            )
     except CdcError as exc:
         fail(exc)
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted: nothing of an unfinished baseline is visible; `cdc setup` starts it again", err=True
+        )
+        sys.exit(130)
     for step in report.steps:
         click.echo(f"ok    {step}")
     for warning in report.warnings:
         click.echo(f"warn  {warning}", err=True)
+
+
+@main.command()
+@config_option
+@click.argument("tables", nargs=-1)
+@click.option("--source", help="Source DSN.")
+@click.option("--store", help="Store DSN.")
+@click.option(
+    "--restart", is_flag=True, help="Start over where a backfill was interrupted (else it resumes)."
+)
+def backfill(
+    config_path: str | None, tables: tuple[str, ...], source: str | None, store: str | None, restart: bool
+) -> None:
+    """Record the existing rows of tables that joined capture, while `cdc run` captures.
+
+    Without TABLE: every published table whose rows are not all in the history. Chunk by chunk
+    between two watermarks (docs/baseline.md); interrupted, it resumes where it stopped."""
+    from cdc.backfill import run_backfill
+    from cdc.logs import configure_logging
+    from cdc.progress import Progress
+
+    configure_logging("warning" if sys.stderr.isatty() else "info", "console")
+    try:
+        with Progress("backfill") as progress:
+            done = run_backfill(
+                load(config_path, source, store),
+                list(tables),
+                progress,
+                restart=restart,
+                on_notice=lambda text: click.echo(f"note  {text}", err=True),
+            )
+    except CdcError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: `cdc backfill` resumes where it stopped", err=True)
+        sys.exit(130)
+    if not done:
+        click.echo("ok    nothing to backfill: every captured table's rows are in the history")
+    for name, rows in done.items():
+        click.echo(f"ok    {name}: {rows:,} rows")
 
 
 @main.command()

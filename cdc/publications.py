@@ -291,6 +291,14 @@ def ensure_publications(
     if explicit:
         kind = "list"
         candidates = named_tables(conn, explicit)
+    elif state is None and not _is_superuser(conn):
+        # PostgreSQL's own rule for FOR ALL TABLES; cdc's list of every table needs as much.
+        raise SetupError(
+            "a privilege is missing: must be superuser to create FOR ALL TABLES publication "
+            "(source.tables is empty: cdc publishes every table)",
+            hint="set source.tables to tables the role owns, or have an administrator create the "
+            "publication and grant what sql/grants.sql lists (docs/security.md)",
+        )
     elif state is None or was_all:
         kind = "all" if mode == "full" else "managed"
         candidates = all_tables(conn, exclude)

@@ -230,7 +230,7 @@ def _setup(
                 report.did(f"store: {removed:,} row(s) of an unfinished baseline removed")
             gap = state is not None and state.baseline_done
             baseline_lsn = create_slot_with_baseline(
-                src, source_dsn, writer, config, tables, progress, gap=gap, previous=state
+                src, source_dsn, writer, config, tables, progress, gap=gap, previous=state, report=report
             )
             record_publications(st, src, slot, pubs, slot_created_after=True)
             report.did(
@@ -252,6 +252,7 @@ def create_slot_with_baseline(
     *,
     gap: bool,
     previous: CaptureState | None,
+    report: SetupReport | None = None,
 ) -> int:
     """Create the slot, exporting its snapshot, and record the published rows as SNAPSHOT
     (cdc/baseline.py). The snapshot lives as long as the replication connection."""
@@ -276,13 +277,22 @@ def create_slot_with_baseline(
                 "ON CONFLICT (slot_name) DO UPDATE SET source_system_id = EXCLUDED.source_system_id, "
                 "source_database = EXCLUDED.source_database, acked_lsn = EXCLUDED.acked_lsn, "
                 "baseline_lsn = EXCLUDED.baseline_lsn, baseline_done = false, "
-                "history_floor = coalesce(capture_state.history_floor, EXCLUDED.history_floor), updated_at = now()",
+                "history_floor = CASE WHEN capture_state.baseline_done THEN coalesce(capture_state.history_floor, "
+                "EXCLUDED.history_floor) ELSE EXCLUDED.history_floor END, updated_at = now()",
                 (slot, system_id, src.info.dbname, consistent_point, consistent_point, consistent_point),
             )
         writer.conn.commit()
         own = progress is None
         progress = progress if progress is not None else Progress("baseline", terminal=False)
-        baseline = Baseline(config, snapshot, consistent_point, writer, progress, gap=gap)
+        baseline = Baseline(
+            config,
+            snapshot,
+            consistent_point,
+            writer,
+            progress,
+            gap=gap,
+            report=report.warnings.append if report is not None else None,
+        )
         try:
             count = baseline.run(tables)
         finally:

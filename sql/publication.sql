@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS cdc.publication_sync_config (
     excluded_schemas     text[] NOT NULL DEFAULT '{}'  -- never published (the store's, when it shares the database)
 );
 REVOKE ALL ON cdc.publication_sync_config FROM PUBLIC;
+GRANT SELECT ON cdc.publication_sync_config TO PUBLIC;  -- no secret: `cdc status` reads it
 
 -- Whether UPDATE and DELETE on the table can be published: it has a replica identity.
 CREATE OR REPLACE FUNCTION cdc.has_replica_identity(p_rel oid) RETURNS boolean

@@ -106,7 +106,7 @@ class TableChecks:
 
     def _baselines(self, store: psycopg.Connection[Any]) -> None:
         rows = store.execute(
-            "SELECT b.kind, b.state, b.rows, coalesce(format('%%I.%%I', n.schema_name, n.table_name), b.table_id::text) "
+            "SELECT b.kind, b.state, b.rows, coalesce(format('%I.%I', n.schema_name, n.table_name), b.table_id::text) "
             "FROM baselines b LEFT JOIN LATERAL (SELECT schema_name, table_name FROM table_names t "
             "WHERE t.table_id = b.table_id ORDER BY from_position DESC LIMIT 1) n ON true"
         ).fetchall()
