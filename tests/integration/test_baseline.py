@@ -97,7 +97,7 @@ def test_interrupted_baseline_completes_exactly_once(
             history = History(capture.store_dsn, schema=capture.schema)
             earliest = history.earliest_version()
             assert earliest is not None
-            with pytest.raises(IncompleteHistoryError, match="history of public.big is incomplete"):
+            with pytest.raises(IncompleteHistoryError, match=r"history of public\.big is incomplete"):
                 history.at(version=earliest).table("big").get(1)
             status = collect_status(capture.config)
             assert not status.healthy
@@ -194,7 +194,7 @@ def test_slot_name_of_another_database_is_refused(pg: Any) -> None:
         with second.source() as conn:
             conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
         first.setup()
-        with pytest.raises(SetupError, match="choose another source.slot"):
+        with pytest.raises(SetupError, match=r"choose another source\.slot"):
             setup(second.config)
         with first.source() as conn:  # the first database's slot is untouched
             row = conn.execute(
