@@ -82,7 +82,7 @@ class Writer:
                             )
                     self.count += 1
                     time.sleep(rng.uniform(0, 0.004))
-        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+        except BaseException as exc:
             self.error = exc
 
     def __enter__(self) -> Writer:
