@@ -53,7 +53,7 @@ from cdc.errors import (
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import hash_text
 from cdc.progress import Progress
-from cdc.publications import PublicationResult
+from cdc.publications import PublicationResult, streamed
 from cdc.source import SourceTable, describe_table, published_tables
 from cdc.store.writer import lock_taken
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
@@ -257,7 +257,22 @@ class _TableBackfill:
         )
         return info, None, 0
 
+    def _wait_streamed(self) -> None:
+        """Until the daemon streams from a publication that publishes the table (one created on an
+        existing slot is decoded only once the slot has moved past its creation)."""
+        owner = self.owner
+        noticed = time.monotonic()
+        main = owner.config.source.publication
+        while not streamed(self.store, self.source, owner.slot, main, self.table.oid):
+            if owner.stop.is_set():
+                raise KeyboardInterrupt
+            if time.monotonic() - noticed > NOTICE_SECONDS:
+                noticed = time.monotonic()
+                log.warning("backfill_waiting_for_publication", table=self.name)
+            time.sleep(0.5)
+
     def run(self) -> None:
+        self._wait_streamed()
         info, after, done = self._start()
         estimated = table_sizes(self.source, [self.table.oid]).get(self.table.oid, (None, 0))[0]
         self.owner.progress.table(self.name, estimated, rows=done)

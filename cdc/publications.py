@@ -28,7 +28,7 @@ from psycopg import sql
 
 import cdc
 from cdc.config import Config, format_table
-from cdc.errors import SetupError, error_text
+from cdc.errors import SetupError, SourceUnavailableError, error_text
 from cdc.lsn import parse_lsn
 
 log = structlog.get_logger("cdc.publications")
@@ -168,14 +168,28 @@ def publication_kind(conn: Conn, publication: str) -> str | None:
     return "managed" if _managed(conn, publication) else "list"
 
 
-def _managed(conn: Conn, publication: str) -> bool:
-    exists = conn.execute("SELECT to_regclass('cdc.publication_sync_config') IS NOT NULL").fetchone()
+def sync_config(conn: Conn) -> list[tuple[str, str, str, bool, list[str]]]:
+    """The rows of ``cdc.publication_sync_config()`` (none when it is not installed)."""
+    exists = conn.execute("SELECT to_regprocedure('cdc.publication_sync_config()') IS NOT NULL").fetchone()
     if not exists or not exists[0]:
-        return False
-    row = conn.execute(
-        "SELECT managed FROM cdc.publication_sync_config WHERE publication = %s", (publication,)
-    ).fetchone()
-    return bool(row and row[0])
+        return []
+    rows = conn.execute(
+        "SELECT publication, inserts_publication, keyless, managed, excluded_schemas "
+        "FROM cdc.publication_sync_config()"
+    ).fetchall()
+    return [(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), list(r[4] or ())) for r in rows]
+
+
+def _config_row(conn: Conn, publication: str) -> tuple[str, str, str, bool, list[str]] | None:
+    for row in sync_config(conn):
+        if row[0] == publication:
+            return row
+    return None
+
+
+def _managed(conn: Conn, publication: str) -> bool:
+    row = _config_row(conn, publication)
+    return bool(row and row[3])
 
 
 # ============================================================================ setup
@@ -390,16 +404,32 @@ def _create_all(conn: Conn, publication: str, exclude: tuple[str, ...]) -> None:
     )
 
 
+def _write_config(conn: Conn, rows: list[tuple[str, str, str, bool, list[str]]]) -> None:
+    """``cdc.publication_sync_config()`` returning ``rows`` (literals: no parameter in a body)."""
+    if rows:
+        body: sql.Composable = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {}::text, {}::text, {}::text, {}::boolean, {}::text[]").format(
+                sql.Literal(p), sql.Literal(i), sql.Literal(k), sql.Literal(m), sql.Literal(list(e))
+            )
+            for p, i, k, m, e in rows
+        )
+    else:
+        body = sql.SQL("SELECT NULL::text, NULL::text, NULL::text, NULL::boolean, NULL::text[] WHERE false")
+    conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION cdc.publication_sync_config(OUT publication text, "
+            "OUT inserts_publication text, OUT keyless text, OUT managed boolean, OUT excluded_schemas text[]) "
+            "RETURNS SETOF record LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS {}"
+        ).format(sql.Literal(body.as_string(conn)))
+    )
+
+
 def _save_config(conn: Conn, config: Config, second: str, *, managed: bool, exclude: tuple[str, ...]) -> None:
     with conn.transaction():
+        previous = [r for r in sync_config(conn) if r[0] != config.source.publication]
         conn.execute(SQL_FILE.read_bytes())  # a trusted file shipped with the package
-        conn.execute(
-            "INSERT INTO cdc.publication_sync_config (publication, inserts_publication, keyless, managed, "
-            "excluded_schemas) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (publication) DO UPDATE SET "
-            "inserts_publication = EXCLUDED.inserts_publication, keyless = EXCLUDED.keyless, "
-            "managed = EXCLUDED.managed, excluded_schemas = EXCLUDED.excluded_schemas",
-            (config.source.publication, second, config.source.keyless_tables, managed, list(exclude)),
-        )
+        mine = (config.source.publication, second, config.source.keyless_tables, managed, list(exclude))
+        _write_config(conn, [*previous, mine])
 
 
 def _install_event_trigger(conn: Conn, *, needed: bool) -> list[str]:
@@ -424,17 +454,17 @@ def _install_event_trigger(conn: Conn, *, needed: bool) -> list[str]:
 
 
 def uninstall_publications(conn: Conn, publication: str) -> None:
-    """`cdc teardown`: the second publication, the configuration row; the event trigger and the
-    functions once no configuration is left."""
+    """`cdc teardown`: the second publication and the configuration row; the event trigger and
+    the functions once no configuration is left."""
     conn.execute(
         sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(inserts_publication(publication)))
     )
-    exists = conn.execute("SELECT to_regclass('cdc.publication_sync_config') IS NOT NULL").fetchone()
-    if not exists or not exists[0]:
+    rows = sync_config(conn)
+    if not rows:
         return
-    conn.execute("DELETE FROM cdc.publication_sync_config WHERE publication = %s", (publication,))
-    left = conn.execute("SELECT count(*) FROM cdc.publication_sync_config").fetchone()
-    if left and left[0]:
+    left = [r for r in rows if r[0] != publication]
+    if left:
+        _write_config(conn, left)
         return
     if _is_superuser(conn):
         conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(EVENT_TRIGGER)))
@@ -443,9 +473,9 @@ def uninstall_publications(conn: Conn, publication: str) -> None:
         "cdc.publication_sync_table(oid)",
         "cdc.publication_member(text, oid, boolean)",
         "cdc.has_replica_identity(oid)",
+        "cdc.publication_sync_config()",
     ):
         conn.execute(f"DROP FUNCTION IF EXISTS {signature} CASCADE")
-    conn.execute("DROP TABLE IF EXISTS cdc.publication_sync_config")
 
 
 # ============================================================================ checks
@@ -506,11 +536,9 @@ def partial_tables(conn: Conn, config: Config) -> list[PartialTable]:
         )
         for r in inserts_only
     )
-    if _managed(conn, main):
-        row = conn.execute(
-            "SELECT excluded_schemas FROM cdc.publication_sync_config WHERE publication = %s", (main,)
-        ).fetchone()
-        exclude = tuple(row[0]) if row and row[0] else ()
+    config_row = _config_row(conn, main)
+    if config_row is not None and config_row[3]:
+        exclude = tuple(config_row[4])
         published = members(conn, main) | members(conn, second)
         for table in all_tables(conn, exclude):
             if table.oid in published:
@@ -538,11 +566,9 @@ def check_tables(conn: Conn, config: Config) -> tuple[list[PartialTable], list[s
     ).fetchone()
     if installed and installed[0]:
         candidates: list[int] = [oid for oid, _ in _dangerous(conn, [main, inserts_publication(main)])]
-        if _managed(conn, main):
-            row = conn.execute(
-                "SELECT excluded_schemas FROM cdc.publication_sync_config WHERE publication = %s", (main,)
-            ).fetchone()
-            exclude = tuple(row[0]) if row and row[0] else ()
+        config_row = _config_row(conn, main)
+        if config_row is not None and config_row[3]:
+            exclude = tuple(config_row[4])
             published = members(conn, main) | members(conn, inserts_publication(main))
             candidates += [
                 t.oid
@@ -604,3 +630,53 @@ def stream_publications(store: Conn, source: Conn, slot: str, main: str) -> tupl
         else:
             waiting.append(str(name))
     return names, waiting
+
+
+def mark_streamed(store: Conn, slot: str, names: list[str]) -> None:
+    """The session streams from ``names`` from now on (and every later one will): a backfill
+    of their tables may start (``usable_from`` 0)."""
+    store.execute(
+        "UPDATE capture_publications SET usable_from = 0 WHERE slot_name = %s AND publication = ANY(%s) "
+        "AND usable_from <> 0",
+        (slot, names),
+    )
+
+
+def streamed(store: Conn, source: Conn, slot: str, main: str, relation_oid: int) -> list[str]:
+    """The publications the daemon streams from that publish the table (empty: none yet; the
+    table's changes are not decoded, a backfill of it must wait)."""
+    rows = source.execute(
+        "SELECT DISTINCT t.pubname FROM pg_catalog.pg_publication_tables AS t "
+        "JOIN pg_catalog.pg_namespace AS n ON n.nspname = t.schemaname "
+        "JOIN pg_catalog.pg_class AS c ON c.relnamespace = n.oid AND c.relname = t.tablename "
+        "WHERE c.oid = %s",
+        (relation_oid,),
+    ).fetchall()
+    found = {str(r[0]) for r in rows}
+    if main in found:
+        return [main]
+    usable = store.execute(
+        "SELECT publication FROM capture_publications WHERE slot_name = %s AND usable_from = 0 "
+        "AND publication = ANY(%s)",
+        (slot, sorted(found)),
+    ).fetchall()
+    return [str(r[0]) for r in usable]
+
+
+def session_publications(config: Config, source_dsn: str, store_dsn: str) -> list[str]:
+    """The publications a capture session streams from (a second one once the slot can decode
+    with it); marked streamed in the store."""
+    main, slot = config.source.publication, config.source.slot
+    try:
+        with (
+            psycopg.connect(source_dsn, autocommit=True, connect_timeout=10) as source,
+            psycopg.connect(store_dsn, autocommit=True, connect_timeout=10) as store,
+        ):
+            store.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(config.store.schema_name)))
+            names, waiting = stream_publications(store, source, slot, main)
+            mark_streamed(store, slot, names)
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailableError(f"cannot read the publications: {error_text(exc)}") from exc
+    if waiting:
+        log.warning("publication_not_yet_usable", publications=",".join(waiting), slot=slot)
+    return names

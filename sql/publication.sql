@@ -15,18 +15,23 @@
 -- a superuser's `cdc setup`) does it inside the DDL's own transaction, so no write to a new table
 -- (or to one whose key was just dropped) can ever fail for want of a replica identity. It never
 -- fails the DDL: a problem is a WARNING (and the daemon's periodic check reports and repairs it).
+-- The configuration is a function (`cdc.publication_sync_config()`), its body written by setup.
 
 CREATE SCHEMA IF NOT EXISTS cdc;
 
-CREATE TABLE IF NOT EXISTS cdc.publication_sync_config (
-    publication          text PRIMARY KEY,          -- source.publication
-    inserts_publication  text NOT NULL,             -- its keyless tables' INSERTs and TRUNCATEs
-    keyless              text NOT NULL CHECK (keyless IN ('full', 'inserts_only', 'skip')),
-    managed              boolean NOT NULL,          -- the publication is cdc's list of every table
-    excluded_schemas     text[] NOT NULL DEFAULT '{}'  -- never published (the store's, when it shares the database)
-);
-REVOKE ALL ON cdc.publication_sync_config FROM PUBLIC;
-GRANT SELECT ON cdc.publication_sync_config TO PUBLIC;  -- no secret: `cdc status` reads it
+-- The configuration: `cdc setup` replaces this function's body with one row per publication cdc
+-- streams from on this database (a function, not a table: a FOR ALL TABLES publication would
+-- publish a table in schema cdc too). Nothing secret: `cdc status` reads it.
+CREATE OR REPLACE FUNCTION cdc.publication_sync_config(
+    OUT publication text,          -- source.publication
+    OUT inserts_publication text,  -- its keyless tables' INSERTs and TRUNCATEs
+    OUT keyless text,              -- full | inserts_only | skip
+    OUT managed boolean,           -- the publication is cdc's list of every table
+    OUT excluded_schemas text[])   -- never published (the store's, when it shares the database)
+RETURNS SETOF record
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$ SELECT NULL::text, NULL::text, NULL::text, NULL::boolean, NULL::text[] WHERE false $fn$;
 
 -- Whether UPDATE and DELETE on the table can be published: it has a replica identity.
 CREATE OR REPLACE FUNCTION cdc.has_replica_identity(p_rel oid) RETURNS boolean
@@ -87,7 +92,7 @@ BEGIN
     IF NOT FOUND OR v_schema = ANY (ARRAY['cdc', 'pg_catalog', 'information_schema', 'pg_toast']) THEN
         RETURN;
     END IF;
-    FOR v_cfg IN SELECT * FROM cdc.publication_sync_config AS s WHERE v_schema <> ALL (s.excluded_schemas) LOOP
+    FOR v_cfg IN SELECT * FROM cdc.publication_sync_config() AS s WHERE v_schema <> ALL (s.excluded_schemas) LOOP
         v_keyed := cdc.has_replica_identity(p_rel);
         IF NOT v_keyed AND v_cfg.keyless = 'full' THEN
             EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY FULL', p_rel::pg_catalog.regclass);

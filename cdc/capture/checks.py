@@ -10,8 +10,8 @@ Every ``INTERVAL_SECONDS`` while streaming:
   error (``cdc status``);
 * the store's ``baselines``: tables whose baseline or backfill is not done
   (``cdc_baseline_remaining_tables{kind}``, ``cdc_baseline_rows{kind,table}``);
-* a publication the slot could not decode with when this session started
-  (``capture_publications.usable_from``) that it can now: the session ends to start again with it.
+* a publication the session does not stream from that the slot can decode with now (one created
+  after the slot, ``capture_publications.usable_from``): the session ends to start again with it.
 
 Nothing here may stop capture: a failed check is logged and tried again next time.
 """
@@ -46,14 +46,14 @@ class TableChecks:
         metrics: Metrics,
         report: Callable[[str], None],
         *,
-        waiting: list[str],
-        interval: float = INTERVAL_SECONDS,
+        streaming: list[str],
+        interval: float | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.report = report
-        self.waiting = waiting  # publications this session streams without
-        self.interval = interval
+        self.streaming = streaming  # the publications this session streams from
+        self.interval = INTERVAL_SECONDS if interval is None else interval
         self.last = -1e9
         self.restart_wanted = False
         self._reported: set[tuple[str, str]] = set()
@@ -73,13 +73,13 @@ class TableChecks:
         self._partial(partial)
         try:
             self._baselines(store)
-            if self.waiting:
-                names, still = stream_publications(
-                    store, source, self.config.source.slot, self.config.source.publication
-                )
-                if len(still) < len(self.waiting):
-                    log.info("publication_usable", publications=",".join(n for n in names[1:]))
-                    self.restart_wanted = True
+            names, _ = stream_publications(
+                store, source, self.config.source.slot, self.config.source.publication
+            )
+            new = [n for n in names if n not in self.streaming]
+            if new:
+                log.info("publication_usable", publications=",".join(new))
+                self.restart_wanted = True
         except psycopg.Error as exc:
             log.warning("baseline_check_failed", error=error_text(exc))
 

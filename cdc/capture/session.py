@@ -52,7 +52,7 @@ from cdc.errors import (
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.policies import hash_text
-from cdc.publications import stream_publications
+from cdc.publications import session_publications
 from cdc.store.prune import Pruner
 from cdc.store.writer import lock_taken
 from cdc.stream.replication import ReplicationStream, choose_options
@@ -159,7 +159,7 @@ class CaptureSession:
                     hint="point source.dsn at the original server, or use another store schema",
                 )
             self._check_slot(stream, source_dsn)
-            publications, waiting = self._publications(source_dsn, store_dsn)
+            publications = session_publications(cfg, source_dsn, store_dsn)
             options = choose_options(
                 stream.server_version,
                 self.slot,
@@ -222,7 +222,7 @@ class CaptureSession:
             )
             self.ack = Acknowledgement(state.acked_lsn, idle_interval=self.cfg.status_interval_seconds)
             self.windows = Windows(self.slot, self.metrics)
-            self.checks = TableChecks(cfg, self.metrics, daemon.report_error, waiting=waiting)
+            self.checks = TableChecks(cfg, self.metrics, daemon.report_error, streaming=publications)
             self.builder = BatchBuilder(
                 max_rows=self.cfg.batch_max_rows, actor_last_seq=registry.actor_last_seq
             )
@@ -254,26 +254,6 @@ class CaptureSession:
                     hint="check the history store server",
                 )
         return None
-
-    def _publications(self, source_dsn: str, store_dsn: str) -> tuple[list[str], list[str]]:
-        """The publications to stream from, and those the slot cannot decode with yet."""
-        main = self.config.source.publication
-        try:
-            with (
-                psycopg.connect(source_dsn, autocommit=True, connect_timeout=10) as source,
-                psycopg.connect(store_dsn, autocommit=True, connect_timeout=10) as store,
-            ):
-                store.execute(
-                    psycopg.sql.SQL("SET search_path = {}").format(
-                        psycopg.sql.Identifier(self.config.store.schema_name)
-                    )
-                )
-                names, waiting = stream_publications(store, source, self.slot, main)
-        except psycopg.OperationalError as exc:
-            raise SourceUnavailableError(f"cannot read the publications: {error_text(exc)}") from exc
-        if waiting:
-            log.warning("publication_not_yet_usable", publications=",".join(waiting), slot=self.slot)
-        return names, waiting
 
     def _check_slot(self, stream: ReplicationStream, source_dsn: str) -> None:
         slot = stream.slot_info(self.slot)

@@ -180,9 +180,15 @@ def test_table_added_while_running_ends_exact(capture: CaptureEnv) -> None:
     assert capture.stop() == 0
 
 
+def chunk_count(env: CaptureEnv) -> int:
+    with env.store() as conn:
+        row = conn.execute("SELECT count(*) FROM backfill_chunks").fetchone()
+    return int(row[0]) if row else 0
+
+
 def test_backfill_resumes_after_either_process_dies(capture: CaptureEnv, tmp_path: Path) -> None:
     create_tables(capture)
-    extra = {"CDC_SOURCE__TABLES": "public.early", "CDC_BASELINE__CHUNK_ROWS": "400"}
+    extra = {"CDC_SOURCE__TABLES": "public.early", "CDC_BASELINE__CHUNK_ROWS": "150"}
     capture.extra_env.update(extra)
     capture.setup()
     daemon = DaemonProcess(capture, tmp_path / "daemon.log", {**extra, "CDC_STORE__SCHEMA": capture.schema})
@@ -202,14 +208,18 @@ def test_backfill_resumes_after_either_process_dies(capture: CaptureEnv, tmp_pat
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
-            time.sleep(rng.uniform(1.0, 3.0))
-            assert proc.poll() is None, proc.communicate()
+            target = rng.randint(2, 8)  # killed after a random number of chunks
+            while chunk_count(capture) < target:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.02)
             if victim == "daemon":
                 daemon.kill()
-                time.sleep(0.5)
+                time.sleep(rng.uniform(0.1, 1.0))
                 daemon.start()
                 daemon.wait_streaming()
-                time.sleep(rng.uniform(0.5, 1.5))
+                target = chunk_count(capture) + rng.randint(1, 4)
+                while chunk_count(capture) < target:
+                    time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             status = collect_status(capture.config)
