@@ -193,7 +193,7 @@ def test_backfill_resumes_after_either_process_dies(capture: CaptureEnv, tmp_pat
     capture.setup()
     daemon = DaemonProcess(capture, tmp_path / "daemon.log", {**extra, "CDC_STORE__SCHEMA": capture.schema})
     daemon.start()
-    daemon.wait_streaming()
+    daemon.wait_streaming(timeout=90)
     # An administrator adds the table to the publication (docs/security.md): `cdc backfill`
     # without a table name finds it.
     with capture.source() as conn:
@@ -216,7 +216,7 @@ def test_backfill_resumes_after_either_process_dies(capture: CaptureEnv, tmp_pat
                 daemon.kill()
                 time.sleep(rng.uniform(0.1, 1.0))
                 daemon.start()
-                daemon.wait_streaming()
+                daemon.wait_streaming(timeout=90)
                 target = chunk_count(capture) + rng.randint(1, 4)
                 while chunk_count(capture) < target:
                     time.sleep(0.02)
