@@ -43,8 +43,8 @@ log = structlog.get_logger("cdc.baseline")
 
 #: Bytes of source COPY text converted and written at a time.
 CHUNK_BYTES = 4 * 1024 * 1024
-#: A table is read in block ranges of at least this many pages (8 KiB each): 256 MiB.
-RANGE_MIN_PAGES = 32_768
+#: A table is read in block ranges of at least this many pages (8 KiB each): 32 MiB.
+RANGE_MIN_PAGES = 4_096
 #: A table is cut in at most this many ranges per worker.
 RANGES_PER_WORKER = 4
 #: ``transactions.origin`` of the baseline's transaction row.
