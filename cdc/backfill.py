@@ -577,6 +577,7 @@ def backfill_joined(
         return
     own = progress is None
     progress = progress if progress is not None else Progress("backfill", terminal=False)
+    progress.rename("backfill")
     try:
         done = Backfiller(config, progress).run(todo)
     finally:

@@ -118,6 +118,10 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
 
+    def rename(self, kind: str) -> None:
+        """Report what follows as ``kind`` (setup's baseline bar goes on with its backfills)."""
+        self.kind = kind
+
     # -- reports ------------------------------------------------------------------
     def table(self, name: str, estimated: int | None, rows: int = 0) -> None:
         """A table starts (``rows``: already done, when resuming)."""

@@ -69,7 +69,8 @@ class TableChecks:
             log.warning("table_check_failed", error=error_text(exc))
             partial, repaired = [], []
         for name in repaired:
-            log.warning("publication_repaired", table=name)
+            # Published now: its changes are captured from here on, its rows from before are not.
+            log.warning("publication_repaired", table=name, hint="record its existing rows: cdc backfill")
         self._partial(partial)
         try:
             self._baselines(store)
