@@ -570,13 +570,14 @@ class SimulateConfig(_Section):
 class BaselineConfig(_Section):
     """Baselines (`cdc setup`) and backfills (`cdc backfill`, docs/baseline.md)."""
 
-    #: parallel readers of a baseline (tables, and block ranges of a large table); 0 = one per CPU
+    #: parallel readers of a baseline (tables, and block ranges of a large table); 0 = one per
+    #: CPU, at least 4 (each is a pipeline of three processes: source backend, reader, store backend)
     workers: Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=64)] = 0
     #: rows per backfill chunk (one pair of watermarks; a chunk is one short read on the source)
     chunk_rows: Annotated[int, BeforeValidator(_no_bool), Field(gt=0)] = 20_000
 
     def worker_count(self) -> int:
-        return self.workers or max(1, min(8, os.cpu_count() or 1))
+        return self.workers or max(4, min(8, os.cpu_count() or 1))
 
 
 class ReconnectConfig(_Section):
