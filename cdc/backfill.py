@@ -271,15 +271,26 @@ class _TableBackfill:
                 log.warning("backfill_waiting_for_publication", table=self.name)
             time.sleep(0.5)
 
+    def _lock(self) -> None:
+        """One `cdc backfill` per table at a time (a session lock on the store)."""
+        key = f"cdc-backfill:{self.owner.schema}:{self.table.oid}"
+        row = self.store.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+        if not row or not row[0]:
+            raise SetupError(
+                f"another `cdc backfill` (or `cdc setup`) is recording {self.name}",
+                hint="wait for it to finish; `cdc status` shows its progress",
+            )
+
     def run(self) -> None:
         self._wait_streamed()
+        self._lock()
         info, after, done = self._start()
         estimated = table_sizes(self.source, [self.table.oid]).get(self.table.oid, (None, 0))[0]
         self.owner.progress.table(self.name, estimated, rows=done)
         log.info("backfill_started", table=self.name, resume=after is not None)
         attempts = 0
         try:
-            self._settle(info.table_id)
+            self._settle(info)
             while not self.owner.stop.is_set():
                 info, current = self._describe(info)
                 if current is None:
@@ -328,11 +339,13 @@ class _TableBackfill:
                 (reason[:2000], table_id),
             )
 
-    def _settle(self, table_id: int) -> None:
-        """What a previous run left: a chunk being read is dropped, a staged one waited for."""
+    def _settle(self, info: RelationInfo) -> None:
+        """What a previous run left: a chunk being read is dropped; a staged one gets its high
+        watermark again (the run may have died before writing it; a second one is harmless: the
+        first the daemon takes writes the chunk, the other finds nothing staged) and is waited for."""
         rows = self.store.execute(
             "SELECT chunk_id, state FROM backfill_chunks WHERE table_id = %s AND state IN ('r', 's') ORDER BY chunk_id",
-            (table_id,),
+            (info.table_id,),
         ).fetchall()
         for chunk, state in rows:
             if state == "r":
@@ -344,6 +357,7 @@ class _TableBackfill:
                     )
                     self.store.execute("DELETE FROM backfill_rows WHERE position = %s", (chunk,))
             else:
+                self._watermark(int(chunk), info.table_id, "high", keyed=not info.keyless)
                 outcome = self._wait(int(chunk))
                 if outcome.state == "d":
                     self.owner.progress.advance(self.name, outcome.kept)
