@@ -3,8 +3,8 @@
     python -m bench.run [--quick] [--only NAME,...] [--flavor embedded|system]
 
 Measurements, in this order (later ones use the capture rate the first one measured):
-throughput, lag, memory, source_cost, reads, retention. `make bench` runs the full suite (about 35
-minutes on 2 cores); `--quick` shrinks every workload (under 5 minutes).
+throughput, lag, memory, source_cost, reads, retention, baseline. `make bench` runs the full suite
+(about 50 minutes on 2 cores); `--quick` shrinks every workload (under 8 minutes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from bench.harness import BENCH_SETTINGS, OUT_DIR, ROOT, log
 from bench.model import Context, Measurement
 
-NAMES = ("throughput", "lag", "memory", "source_cost", "reads", "retention")
+NAMES = ("throughput", "lag", "memory", "source_cost", "reads", "retention", "baseline")
 ALIASES = {
     "cost": "source_cost",
     "source": "source_cost",
@@ -40,6 +40,7 @@ TITLES = {
     "source_cost": "Cost on the source: pgbench TPC-B-like",
     "reads": "Reads on a large store (query layer)",
     "retention": "Retention: pruning a day, and capture while pruning",
+    "baseline": "Baseline: `cdc setup` of a large table vs a bare COPY",
 }
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -93,7 +94,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def measurement_functions() -> dict[str, Callable[[Context], Measurement]]:
-    from bench import lag, memory, reads, retention, source_cost, throughput
+    from bench import baseline, lag, memory, reads, retention, source_cost, throughput
 
     return {
         "throughput": throughput.measure,
@@ -102,6 +103,7 @@ def measurement_functions() -> dict[str, Callable[[Context], Measurement]]:
         "source_cost": source_cost.measure,
         "reads": reads.measure,
         "retention": retention.measure,
+        "baseline": baseline.measure,
     }
 
 
@@ -209,7 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_results(mode_file, results)
     if args.write_docs:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(render_markdown(results))
+        text = render_markdown(results)
+        if args.merge and not kept and args.docs.exists():
+            # No earlier raw results here: the other sections are kept from the report itself.
+            from bench.docs_merge import merge_into
+
+            text = merge_into(args.docs.read_text(), text, [TITLES[n] for n in NAMES])
+        args.docs.write_text(text)
         log(f"wrote {args.docs}")
     summary = [
         f"{f['label']}: {f['value']!r} {f['unit']} (target {f['target']['op']} {f['target']['value']}: "

@@ -112,18 +112,71 @@ def setup(
     """Check the source and create publication, slot, context trigger and store schema.
 
     A store of format 1 is migrated to format 2 first (docs/store.md)."""
+    from cdc.logs import configure_logging
+    from cdc.progress import Progress
     from cdc.setup import setup as do_setup
 
+    # Progress: a bar on a terminal, else log lines (info) for the baseline and backfills.
+    configure_logging("warning" if sys.stderr.isatty() else "info", "console")
     try:
-        report = do_setup(
-            load(config_path, source_dsn, store_dsn),
-            recreate_slot=recreate_slot,
-            drop_v1=drop_v1,
-            rotate_context_key=rotate_context_key,
-        )
+        with Progress("baseline") as progress:
+            report = do_setup(
+                load(config_path, source_dsn, store_dsn),
+                recreate_slot=recreate_slot,
+                drop_v1=drop_v1,
+                rotate_context_key=rotate_context_key,
+                progress=progress,
+            )
     except CdcError as exc:
         fail(exc)
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted: nothing of an unfinished baseline is visible; `cdc setup` starts it again", err=True
+        )
+        sys.exit(ExitCode.INTERRUPTED)
     _print_report(report.steps, report.warnings)
+
+
+@main.command()
+@connection_options(source=True, store=True)
+@click.argument("tables", nargs=-1)
+@click.option(
+    "--restart", is_flag=True, help="Start over where a backfill was interrupted (else it resumes)."
+)
+def backfill(
+    config_path: str | None,
+    source_dsn: str | None,
+    store_dsn: str | None,
+    tables: tuple[str, ...],
+    restart: bool,
+) -> None:
+    """Record the existing rows of tables that joined capture, while `cdc run` captures.
+
+    Without TABLE: every published table whose rows are not all in the history. Chunk by chunk
+    between two watermarks (docs/baseline.md); interrupted, it resumes where it stopped."""
+    from cdc.backfill import run_backfill
+    from cdc.logs import configure_logging
+    from cdc.progress import Progress
+
+    configure_logging("warning" if sys.stderr.isatty() else "info", "console")
+    try:
+        with Progress("backfill") as progress:
+            done = run_backfill(
+                load(config_path, source_dsn, store_dsn),
+                list(tables),
+                progress,
+                restart=restart,
+                on_notice=lambda text: click.echo(f"note  {text}", err=True),
+            )
+    except CdcError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: `cdc backfill` resumes where it stopped", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    if not done:
+        click.echo("ok    nothing to backfill: every captured table's rows are in the history")
+    for name, rows in done.items():
+        click.echo(f"ok    {name}: {rows:,} rows")
 
 
 @main.command()

@@ -295,6 +295,13 @@ class SourceConfig(_Section):
                 raise ValueError("; ".join(problems))
         return self
 
+    #: tables without a replica identity (no primary key, no REPLICA IDENTITY FULL/INDEX):
+    #: ``full`` sets REPLICA IDENTITY FULL on them (the operator's consent: more WAL per UPDATE and
+    #: DELETE), ``inserts_only`` publishes only their INSERTs and TRUNCATEs (a second publication),
+    #: ``skip`` leaves them out. Never is one published for UPDATE/DELETE without an identity:
+    #: PostgreSQL would refuse the application's UPDATE and DELETE (docs/baseline.md).
+    keyless_tables: Literal["full", "inserts_only", "skip"] = "inserts_only"
+
 
 class StoreConfig(_Section):
     """The history store."""
@@ -455,6 +462,19 @@ class SimulateConfig(_Section):
     tables: Annotated[tuple[TableKey, ...], BeforeValidator(_split_list), AfterValidator(_unique)] = ()
 
 
+class BaselineConfig(_Section):
+    """Baselines (`cdc setup`) and backfills (`cdc backfill`, docs/baseline.md)."""
+
+    #: parallel readers of a baseline (tables, and block ranges of a large table); 0 = one per
+    #: CPU, at least 4 (each is a pipeline of three processes: source backend, reader, store backend)
+    workers: Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=64)] = 0
+    #: rows per backfill chunk (one pair of watermarks; a chunk is one short read on the source)
+    chunk_rows: Annotated[int, BeforeValidator(_no_bool), Field(gt=0)] = 20_000
+
+    def worker_count(self) -> int:
+        return self.workers or max(4, min(8, os.cpu_count() or 1))
+
+
 class ReconnectConfig(_Section):
     """Backoff between reconnection attempts."""
 
@@ -495,6 +515,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
 
     def require_source(self) -> str:
         """The source DSN; raises :class:`ConfigError` when none is configured."""

@@ -103,6 +103,13 @@ class StandbyError(CdcError):
     retryable = True
 
 
+class IncompleteHistoryError(CdcError):
+    """A table's history is incomplete at the version asked: the rows it had when its capture
+    began are not (yet) recorded there (its baseline or backfill, docs/baseline.md)."""
+
+    exit_code = 6
+
+
 class ReadOnlyHistoryView(CdcError):  # noqa: N818 - the name is part of the public contract
     """A write was attempted through a time-travel view."""
 

@@ -164,3 +164,23 @@ class Metrics:
             ["host", "timeline"],
             registry=r,
         )
+        # Baselines and backfills (cdc/progress.py in the process that reads them; the daemon
+        # for the chunks it writes and, from the store, the tables still to do).
+        self.baseline_rows = Gauge(
+            "cdc_baseline_rows",
+            "Rows recorded so far by a table's baseline (kind=baseline) or backfill (kind=backfill)",
+            ["kind", "table"],
+            registry=r,
+        )
+        self.baseline_remaining_tables = Gauge(
+            "cdc_baseline_remaining_tables",
+            "Tables whose baseline or backfill is not complete (their history is incomplete)",
+            ["kind"],
+            registry=r,
+        )
+        self.partially_captured_tables = Gauge(
+            "cdc_partially_captured_tables",
+            "Published or present tables whose changes are not all captured, by reason",
+            ["reason"],
+            registry=r,
+        )

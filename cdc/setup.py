@@ -1,15 +1,17 @@
 """`cdc setup` and `cdc teardown`: prepare (or remove) everything capture needs.
 
-Setup checks the source (wal_level, privileges), creates the publication before the
-slot (decoding fails otherwise), the store schema, the context trigger, and the slot;
+Setup checks the source (wal_level, privileges), creates the publications before the
+slot (decoding fails otherwise; cdc/publications.py: never one that would make an
+application's UPDATE or DELETE fail), the store schema, the context trigger, and the slot;
 the rows already in the published tables are recorded as SNAPSHOT mutations read in
-the snapshot the slot exports, so history starts complete and consistent with the
-slot's first change. Every step is idempotent and every failure says what to run.
+the snapshot the slot exports (cdc/baseline.py), so history starts complete and consistent
+with the slot's first change. On an installation that captures already (the daemon may be
+running), the slot is left alone and the tables that joined capture are backfilled
+(cdc/backfill.py). Every step is idempotent and every failure says what to run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,29 +21,27 @@ import structlog
 from psycopg import sql
 
 import cdc
-from cdc.capture.engine import Core
-from cdc.capture.failover import identify, pending_gap, record_gap, record_slot_created
-from cdc.capture.model import PG_EPOCH_OFFSET_US, ColumnDesc, RelationDesc, format_time, now_us
-from cdc.capture.registry import Registry, key_policy_problems
+from cdc.backfill import backfill_joined
+from cdc.baseline import Baseline, discard_unfinished, finish, published_source_tables, take_slot_lock
+from cdc.capture.failover import identify, pending_gap
+from cdc.capture.registry import key_policy_problems
 from cdc.config import Config, redact_dsn
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
 from cdc.errors import ConfigError, SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
 from cdc.failover_readiness import create_slot_command, setup_failover
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.policies import column_hasher
-from cdc.source import SourceTable, describe_table, primary_key, published_tables
+from cdc.progress import Progress
+from cdc.publications import ensure_publications, record_publications, uninstall_publications
+from cdc.source import SourceTable, describe_table, primary_key
 from cdc.source_context import context_installed, install_context, signing_status, uninstall_context
 from cdc.source_context import rotate_context_key as rotate_key
 from cdc.store.migrate import prepare_store
-from cdc.store.writer import StoreBatch, StoreWriter
+from cdc.store.writer import CaptureState, StoreWriter
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
 
 log = structlog.get_logger("cdc.setup")
 
 SQL_DIR = Path(cdc.__file__).parent / "sql"
-#: Baseline rows per store transaction, and bytes of source COPY text read at a time.
-BASELINE_BATCH_ROWS = 50_000
-BASELINE_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -98,41 +98,6 @@ def same_database(source: psycopg.Connection[Any], store: psycopg.Connection[Any
     return source.execute(query).fetchone() == store.execute(query).fetchone()
 
 
-def ensure_publication(
-    conn: psycopg.Connection[Any], name: str, tables: tuple[str, ...], exclude_schema: str | None
-) -> str:
-    """Create or align the publication; return what it publishes."""
-    exists = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
-    if tables:
-        targets = sql.SQL(", ").join(sql.Identifier(*t.split(".", 1)) for t in tables)
-        if exists is None:
-            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), targets))
-        elif not exists[0]:
-            conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), targets))
-        return ", ".join(tables)
-    if exists is not None:
-        return "all tables" if exists[0] else "the tables it already lists"
-    if exclude_schema is None:
-        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(name)))
-        return "all tables"
-    # The store lives in this database: publish every schema but the store's, so its own
-    # writes are never captured back.
-    schemas = [
-        str(r[0])
-        for r in conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%%' "
-            "AND nspname NOT IN ('information_schema', 'cdc', %s) ORDER BY 1",
-            (exclude_schema,),
-        ).fetchall()
-    ]
-    conn.execute(
-        sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(
-            sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(s) for s in schemas)
-        )
-    )
-    return "schemas " + ", ".join(schemas)
-
-
 def install_await_capture(conn: psycopg.Connection[Any], slot: str) -> None:
     """The function the client helper calls before rolling back a failed request."""
     text = (SQL_DIR / "await_capture.sql").read_text().replace("{slot}", sql.Literal(slot).as_string(conn))
@@ -141,25 +106,43 @@ def install_await_capture(conn: psycopg.Connection[Any], slot: str) -> None:
 
 
 def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | None] | None:
+    """(plugin, confirmed_flush_lsn) of the slot in this database; None when there is none.
+    SetupError when another database of the server uses the name (slots are per server)."""
     row = conn.execute(
-        "SELECT plugin, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        "SELECT plugin, confirmed_flush_lsn::text, database, database = current_database() "
+        "FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+        (slot,),
     ).fetchone()
     if row is None:
         return None
+    if not row[3]:
+        where = f"database {row[2]!r}" if row[2] else "physical replication"
+        raise SetupError(
+            f"replication slot {slot!r} already exists on this server for {where}: slot names are "
+            "shared by every database of a server",
+            hint=f"choose another source.slot (CDC_SOURCE__SLOT) for database {conn.info.dbname!r}",
+        )
     return str(row[0]), parse_lsn(row[1]) if row[1] else None
 
 
 def setup(
-    config: Config, *, recreate_slot: bool = False, drop_v1: bool = False, rotate_context_key: bool = False
+    config: Config,
+    *,
+    recreate_slot: bool = False,
+    drop_v1: bool = False,
+    rotate_context_key: bool = False,
+    progress: Progress | None = None,
 ) -> SetupReport:
-    """Prepare the source and the store (migrating a format-1 store). Safe to run again at any time.
+    """Prepare the source and the store (migrating a format-1 store). Safe to run again at any
+    time, also while the daemon runs (then the slot is left alone and the tables that joined
+    capture are backfilled). ``progress``: where the baseline's and backfill's progress goes.
 
     ``rotate_context_key``: only replace the key that signs context messages (the previous one
     stays accepted); the daemon may keep running."""
     try:
         if rotate_context_key:
             return _rotate(config)
-        report = _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1)
+        report = _setup(config, recreate_slot=recreate_slot, drop_v1=drop_v1, progress=progress)
         steps, warnings = setup_failover(config, config.require_source(), options_string(OUTPUT_SETTINGS))
         for step in steps:
             report.did(step)
@@ -186,7 +169,9 @@ def _rotate(config: Config) -> SetupReport:
     return report
 
 
-def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> SetupReport:
+def _setup(
+    config: Config, *, recreate_slot: bool, drop_v1: bool = False, progress: Progress | None = None
+) -> SetupReport:
     source_dsn = config.require_source()
     store_dsn = config.require_store()
     slot, publication, schema = config.source.slot, config.source.publication, config.store.schema_name
@@ -199,21 +184,18 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         if problems := key_policy_problems(src, config.columns):  # before anything is created
             raise ConfigError(problems)
         report.did("source: wal_level=logical, replication allowed")
+        existing = slot_exists(src, slot)
         prepare_store(st, schema, src, drop=drop_v1, did=report.did, warn=report.warnings.append)
         apply_store_schema(st, schema)
         report.did(f"store: schema {schema} ready")
         exclude = schema if same_database(src, st) else None
-        what = ensure_publication(src, publication, tuple(config.source.tables), exclude)
-        report.did(f"source: publication {publication} ({what})")
-        tables = published_tables(src, publication)
+        pubs = ensure_publications(src, config, exclude, slot_exists=existing is not None)
+        report.steps.extend(pubs.steps)
+        report.warnings.extend(pubs.warnings)
+        report.did(f"source: publication {publication} ({pubs.description})")
+        tables = published_source_tables(src, pubs.names)
         if not tables:
             report.warnings.append(f"publication {publication} has no tables yet: nothing will be captured")
-        for table in tables:
-            if table.replica_identity == "n" or (table.replica_identity == "d" and not table.primary_key):
-                report.warnings.append(
-                    f"{table.qualified} has no primary key: UPDATE and DELETE on it will fail while it is "
-                    f"published; run `ALTER TABLE {table.qualified} REPLICA IDENTITY FULL;`"
-                )
         report.warnings.extend(
             install_context(
                 src,
@@ -239,11 +221,11 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                 install_simulate(src, chosen, exclude_schemas=(schema,) if exclude else ())
             )
             report.did(f"source: dry-run trigger on {len(chosen)} table(s)")
-
+        st.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(schema)))
         writer = StoreWriter(store_dsn, schema, slot)
         try:
+            writer.connect(lock=False)
             state = writer.load_state()
-            existing = slot_exists(src, slot)
             if existing is not None and existing[0] != "pgoutput":
                 raise SetupError(
                     f"slot {slot!r} exists with plugin {existing[0]!r}, not pgoutput",
@@ -254,7 +236,9 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                 pending_gap(writer.conn, schema, slot) if state is not None and state.baseline_done else None
             )
             if state is not None and state.baseline_done and existing is not None and pending is None:
+                record_publications(st, src, slot, pubs, slot_created_after=False)
                 report.did(f"source: slot {slot} in place (acknowledged {format_lsn(state.acked_lsn)})")
+                backfill_joined(config, src, st, tables, pubs, report, progress)
                 return report
             if pending is not None and not recreate_slot:
                 raise SlotLostError(
@@ -268,11 +252,30 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                     hint="run `cdc setup --recreate-slot` to create it again; the history records a gap "
                     "and a new baseline",
                 )
+            take_slot_lock(writer, schema, slot)
             if existing is not None:
-                # A slot whose baseline never completed: its snapshot is gone, start over.
+                # A slot whose baseline never completed (capture never started): its snapshot is
+                # gone, start over.
+                active = src.execute(
+                    "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = %s AND active",
+                    (slot,),
+                ).fetchone()
+                if active is not None:
+                    raise SetupError(
+                        f"slot {slot!r} has no completed baseline but process {active[0]} is using it",
+                        hint="stop that process, then run `cdc setup` again",
+                    )
                 src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                report.did(f"source: slot {slot} of an unfinished baseline dropped (starting over)")
+            removed = discard_unfinished(writer.conn, slot)
+            writer.conn.commit()
+            if removed:
+                report.did(f"store: {removed:,} row(s) of an unfinished baseline removed")
             gap = state is not None and state.baseline_done
-            baseline_lsn = create_slot_with_baseline(src, source_dsn, writer, config, report, gap=gap)
+            baseline_lsn = create_slot_with_baseline(
+                src, source_dsn, writer, config, tables, progress, gap=gap, previous=state, report=report
+            )
+            record_publications(st, src, slot, pubs, slot_created_after=True)
             report.did(
                 f"source: slot {slot} created; baseline of {len(tables)} table(s) at {format_lsn(baseline_lsn)}"
                 + (" (after a gap)" if gap else "")
@@ -287,11 +290,15 @@ def create_slot_with_baseline(
     source_dsn: str,
     writer: StoreWriter,
     config: Config,
-    report: SetupReport,
+    tables: list[SourceTable],
+    progress: Progress | None,
     *,
     gap: bool,
+    previous: CaptureState | None,
+    report: SetupReport | None = None,
 ) -> int:
-    """Create the slot, exporting its snapshot, and record the published rows as SNAPSHOT."""
+    """Create the slot, exporting its snapshot, and record the published rows as SNAPSHOT
+    (cdc/baseline.py). The snapshot lives as long as the replication connection."""
     slot = config.source.slot
     repl = connect(
         source_dsn, "source", replication="database", autocommit=True, options=options_string(OUTPUT_SETTINGS)
@@ -304,7 +311,6 @@ def create_slot_with_baseline(
         assert row is not None
         consistent_point, snapshot = parse_lsn(row[1]), str(row[2])
         system_id = str(src.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0])  # type: ignore[index]
-        previous = writer.load_state()
         previous_ack = previous.acked_lsn if previous is not None else 0
         with writer.conn.cursor() as cur:
             cur.execute(
@@ -313,162 +319,39 @@ def create_slot_with_baseline(
                 "ON CONFLICT (slot_name) DO UPDATE SET source_system_id = EXCLUDED.source_system_id, "
                 "source_database = EXCLUDED.source_database, acked_lsn = EXCLUDED.acked_lsn, "
                 "baseline_lsn = EXCLUDED.baseline_lsn, baseline_done = false, "
-                "history_floor = coalesce(capture_state.history_floor, EXCLUDED.history_floor), updated_at = now()",
+                "history_floor = CASE WHEN capture_state.baseline_done THEN coalesce(capture_state.history_floor, "
+                "EXCLUDED.history_floor) ELSE EXCLUDED.history_floor END, updated_at = now()",
                 (slot, system_id, src.info.dbname, consistent_point, consistent_point, consistent_point),
             )
-            # A baseline that died half way left rows at this same position: start it over.
-            for table in ("changes", "transactions", "context_changes"):
-                cur.execute(
-                    sql.SQL("DELETE FROM {} WHERE position = %s").format(sql.Identifier(table)),
-                    (consistent_point,),
-                )
         writer.conn.commit()
-        count = copy_baseline(source_dsn, snapshot, writer, config, consistent_point, report, gap=gap)
-        with writer.conn.cursor() as cur:
-            if gap:
-                record_gap(cur, slot, previous_ack, consistent_point)
-            record_slot_created(cur, slot, created_on, consistent_point)
-            cur.execute(
-                "UPDATE capture_state SET baseline_done = true, updated_at = now() WHERE slot_name = %s",
-                (slot,),
-            )
-        writer.conn.commit()
-        log.info("baseline_done", lsn=format_lsn(consistent_point), rows=count)
+        own = progress is None
+        progress = progress if progress is not None else Progress("baseline", terminal=False)
+        baseline = Baseline(
+            config,
+            snapshot,
+            consistent_point,
+            writer,
+            progress,
+            gap=gap,
+            report=report.warnings.append if report is not None else None,
+        )
+        try:
+            count = baseline.run(tables)
+        finally:
+            if own:
+                progress.close()
+        finish(
+            writer,
+            slot,
+            consistent_point,
+            count,
+            baseline.when,
+            gap_after=previous_ack if gap else None,
+            created_on=created_on,
+        )
         return consistent_point
     finally:
         repl.close()
-
-
-def copy_baseline(
-    source_dsn: str,
-    snapshot: str,
-    writer: StoreWriter,
-    config: Config,
-    position: int,
-    report: SetupReport,
-    *,
-    gap: bool,
-) -> int:
-    """Read every published table in the exported snapshot; write its rows as SNAPSHOT changes.
-
-    The rows come as the source's COPY text, read in large chunks and turned into ``changes``
-    lines by the capture core (``snapshot_lines``): no row is parsed here."""
-    when = now_us()  # PostgreSQL epoch, as the core takes it
-    now_text = format_time(when).encode()
-    ordinal = 0
-    with connect(source_dsn, "source", options=options_string(OUTPUT_SETTINGS)) as conn:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        tables = published_tables(conn, config.source.publication)
-        registry = Registry(
-            config.require_store(),
-            config.store.schema_name,
-            policies=config.columns,
-            catalog=conn,
-            source_timeout=config.source.timeout_seconds,
-            store_timeout=config.store.timeout_seconds,
-            report=report.warnings.append,
-        )
-        core = Core(
-            registry.describe,
-            skip_through=position,
-            memory_limit_bytes=config.capture.memory_limit_bytes,
-            spill_dir=str(config.capture.spill_dir) if config.capture.spill_dir else None,
-            max_value_bytes=config.capture.max_value_bytes,
-            hash_value=column_hasher(config.policies.hash_key_bytes()),
-        )
-        batch = StoreBatch()
-
-        def flush() -> None:
-            nonlocal batch
-            batch.span(when + PG_EPOCH_OFFSET_US)
-            batch.max_position = position
-            writer.write(batch)
-            batch = StoreBatch()
-
-        try:
-            for table in tables:
-                info = registry.describe(_relation_desc(table, position))
-                if gap:
-                    # History before the gap may hold rows deleted meanwhile: start the table afresh.
-                    batch.changes.append(
-                        _truncate_line(position, ordinal, now_text, info.table_id, info.schema_id)
-                    )
-                    batch.rows += 1
-                    ordinal += 1
-                for data in _read_table(conn, table):
-                    lines, n = core.snapshot_lines(
-                        info, data, position=position, first_ordinal=ordinal, committed_at_us=when
-                    )
-                    batch.changes.append(lines)
-                    batch.rows += n
-                    ordinal += n
-                    if batch.rows >= BASELINE_BATCH_ROWS:
-                        flush()
-            batch.transactions.append(
-                b"\t".join(
-                    (
-                        str(position).encode(),
-                        now_text,
-                        b"0",
-                        b"\\N",
-                        b"c",
-                        b"0",
-                        b"cdc.baseline",
-                        str(ordinal).encode(),
-                    )
-                    + (b"\\N",) * 4
-                )
-                + b"\n"
-            )
-            flush()
-        finally:
-            registry.close()
-        conn.rollback()
-    return ordinal
-
-
-def _truncate_line(position: int, ordinal: int, when: bytes, table_id: int, schema_id: int) -> bytes:
-    fields = (
-        str(position).encode(),
-        str(ordinal).encode(),
-        when,
-        str(table_id).encode(),
-        str(schema_id).encode(),
-    )
-    return b"\t".join((*fields, b"T", b"0", str(position).encode(), *(b"\\N",) * 6)) + b"\n"
-
-
-def _relation_desc(table: SourceTable, position: int) -> RelationDesc:
-    return RelationDesc(
-        table.oid,
-        table.schema,
-        table.name,
-        table.replica_identity,
-        tuple(ColumnDesc(c.name, c.type_oid, c.type_modifier, c.is_key) for c in table.columns),
-        position,
-    )
-
-
-def _read_table(conn: psycopg.Connection[Any], table: SourceTable) -> Iterator[bytes]:
-    """The table's rows as COPY text, in chunks of about BASELINE_CHUNK_BYTES."""
-    if not table.columns:
-        return
-    # COPY's text format prints each value with its type's output function, exactly as
-    # pgoutput sends it (a ::text cast would not: true vs t, char(n) padding, inet masks).
-    select = sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(
-        sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns),
-        sql.Identifier(table.schema, table.name),
-    )
-    buffer = bytearray()
-    with conn.cursor().copy(select) as copy:
-        for data in copy:
-            buffer += data
-            if len(buffer) >= BASELINE_CHUNK_BYTES:
-                yield bytes(buffer)
-                buffer.clear()
-    if buffer:
-        yield bytes(buffer)
 
 
 def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
@@ -489,6 +372,7 @@ def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
             src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             report.did(f"source: slot {slot} dropped")
         src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
+        uninstall_publications(src, publication)
         report.did(f"source: publication {publication} dropped")
         src.execute("DROP FUNCTION IF EXISTS cdc.await_capture(pg_lsn, integer)")
         src.execute("DROP FUNCTION IF EXISTS cdc.capture_slot()")

@@ -32,6 +32,7 @@ from cdc.capture.failover import pending_gap, recent_switches
 from cdc.config import Config, format_duration, format_size, redact_dsn
 from cdc.failover_readiness import failover_json, failover_lines
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.publications import partial_tables
 from cdc.source_context import signing_status
 from cdc.source_hosts import connected_host
 from cdc.store.format import STATUS_CODES
@@ -98,6 +99,10 @@ class Status:
     walsender_flush_lag: float | None = None  # pg_stat_replication of the slot's walsender
     walsender_caught_up: bool | None = None  # its sent_lsn is flushed (stored)
     acked_age_seconds: float | None = None  # since the store last recorded an acknowledgement
+    # Tables whose baseline or backfill is not done: their history is incomplete (docs/baseline.md).
+    incomplete: list[dict[str, Any]] = field(default_factory=list)
+    # Tables whose changes are not all captured, and why (cdc/publications.py).
+    partial: list[dict[str, str]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -120,6 +125,13 @@ class Status:
             found.append(f"slot {self.slot} is missing")
         if self.wal_status in ("lost", "unreserved"):
             found.append(f"the slot's wal_status is {self.wal_status}")
+        for item in self.incomplete:
+            found.append(
+                f"{item['table']}: its {item['kind']} is {item['state']} (its history is incomplete)"
+            )
+        for item in self.partial:
+            if item["reason"] == "updates_fail":
+                found.append(f"{item['table']}: {item['detail']}")
         if self.pending_gap is not None:
             found.append(f"capture stopped at a {self.pending_gap}: `cdc setup --recreate-slot`")
         if self.store_error is None and self.baseline_done is False:
@@ -165,6 +177,7 @@ def collect_status(config: Config) -> Status:
                 _source_status(conn, config, status)
                 status.signing = signing_status(conn).describe()
                 status.source_server = connected_host(conn)
+                status.partial = [p.as_json() for p in partial_tables(conn, config)]
         except psycopg.Error as exc:
             status.source_error = str(exc).strip().splitlines()[0]
         if status.source_error is None:
@@ -343,6 +356,7 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     pending = pending_gap(conn, config.store.schema_name, config.source.slot)
     if pending is not None:
         status.pending_gap = f"{pending.outcome} after {format_lsn(pending.acked_lsn)}: {pending.reason}"
+    status.incomplete = _incomplete(conn, config.store.schema_name)
     status.gaps = [
         {"after": format_lsn(r[0]), "resumed": format_lsn(r[1]), "recorded_at": r[2].isoformat()}
         for r in conn.execute(
@@ -353,6 +367,49 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
             (config.source.slot,),
         ).fetchall()
     ]
+
+
+def _incomplete(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """Tables whose baseline or backfill is not done (their history is incomplete)."""
+    exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.baselines",)).fetchone()
+    if not exists or exists[0] is None:
+        return []
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(format('%I.%I', n.schema_name, n.table_name), b.table_id::text), b.kind, b.state, "
+            "b.rows, b.estimated_rows, b.error, b.started_at FROM {s}.baselines b LEFT JOIN LATERAL ("
+            "SELECT schema_name, table_name FROM {s}.table_names t WHERE t.table_id = b.table_id "
+            "ORDER BY from_position DESC LIMIT 1) n ON true WHERE b.state <> 'done' OR b.complete_from IS NULL "
+            "ORDER BY 1"
+        ).format(s=sql.Identifier(schema))
+    ).fetchall()
+    return [
+        {
+            "table": r[0],
+            "kind": "baseline" if r[1] == "b" else "backfill",
+            "state": r[2],
+            "rows": int(r[3]),
+            "estimated_rows": int(r[4]) if r[4] is not None else None,
+            "error": r[5],
+            "started_at": r[6].isoformat() if r[6] is not None else None,
+        }
+        for r in rows
+    ]
+
+
+def _estimate(conn: psycopg.Connection[Any], schema: str, *tables: str) -> int | None:
+    """The row estimate of ``tables`` (a partitioned one: the sum of its partitions): the planner's
+    or the statistics collector's, whichever is larger; never a count."""
+    row = conn.execute(
+        "SELECT sum(greatest(c.reltuples, s.n_live_tup, 0))::bigint "
+        "FROM pg_catalog.unnest(%(t)s::text[]) AS t(name) "
+        "CROSS JOIN LATERAL pg_catalog.pg_partition_tree("
+        "  pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %(s)s::text, t.name))) AS p "
+        "JOIN pg_catalog.pg_class AS c ON c.oid = p.relid "
+        "LEFT JOIN pg_catalog.pg_stat_all_tables AS s ON s.relid = p.relid WHERE p.isleaf",
+        {"s": schema, "t": list(tables)},
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def render_status(status: Status) -> list[tuple[str, str]]:
@@ -421,6 +478,20 @@ def render_status(status: Status) -> list[tuple[str, str]]:
             )
         )
     lines.extend(failover_lines(status.source_server, status.failover, status.switches, status.pending_gap))
+    for item in status.incomplete:
+        estimate = f" of ~{item['estimated_rows']:,}" if item["estimated_rows"] else ""
+        command = "cdc setup" if item["kind"] == "baseline" else f"cdc backfill {item['table']}"
+        error = f": {item['error']}" if item["error"] else ""
+        lines.append(
+            (
+                "INCOMPLETE",
+                f"{item['table']}: {item['kind']} {item['state']}{error}, {item['rows']:,}{estimate} rows "
+                f"(its history is incomplete; `{command}`)",
+            )
+        )
+    for item in status.partial:
+        label = "WRITES FAIL" if item["reason"] == "updates_fail" else "partial"
+        lines.append((label, f"{item['table']}: {item['detail']}"))
     for gap in status.gaps:
         lines.append(("gap", f"after {gap['after']}, resumed at {gap['resumed']} ({gap['recorded_at']})"))
     return lines

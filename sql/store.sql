@@ -325,3 +325,81 @@ CREATE TABLE IF NOT EXISTS source_switches (
     resolved_position  bigint                -- a gap or fork: where capture started again
 );
 CREATE INDEX IF NOT EXISTS source_switches_slot ON source_switches (slot_name, switch_id);
+-- ---------------------------------------------------------------------------------------------
+-- Baselines and backfills (docs/baseline.md): the rows a table already had when its capture
+-- began. `cdc setup` records every published table at the slot's consistent point (kind 'b');
+-- a table that joins capture later is backfilled while the daemon runs (kind 'f': chunks read
+-- between two watermark messages, written at the high watermark's position). Readers refuse to
+-- answer for a table at a version before `complete_from` (NULL: at any version): its history is
+-- incomplete there; `cdc status` lists the tables not 'done' and exits non-zero. A table with no
+-- row here needs none (created while captured, or captured before baselines were recorded).
+CREATE TABLE IF NOT EXISTS baselines (
+    table_id         integer PRIMARY KEY REFERENCES tables,
+    kind             "char" NOT NULL CONSTRAINT baselines_kind_check CHECK (kind IN ('b', 'f')),
+    state            text NOT NULL CONSTRAINT baselines_state_check
+                         CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    position         bigint,               -- 'b': the consistent point; 'f': the last chunk's high watermark
+    complete_from    bigint,               -- the table's history is complete from this version on (NULL: not yet)
+    rows             bigint NOT NULL DEFAULT 0,
+    estimated_rows   bigint,               -- pg_class.reltuples when it started
+    chunks_total     integer,              -- 'b': the ranges the table was split into; 'f': NULL
+    chunks_done      integer NOT NULL DEFAULT 0,
+    keyed            boolean,              -- 'f': chunked by key ranges (else one window over the table)
+    resume_after     text,                 -- 'f': JSON array of the last chunk's last key (COPY text values)
+    error            text,                 -- why it failed (never row values)
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- A backfill chunk: read by `cdc backfill` between its low and high watermark messages, staged in
+-- `backfill_rows`, moved into `changes` by the store writer in the transaction that acknowledges
+-- the high watermark (minus the rows whose key a captured change touched between the watermarks).
+CREATE TABLE IF NOT EXISTS backfill_chunks (
+    chunk_id         bigserial PRIMARY KEY,
+    table_id         integer NOT NULL REFERENCES tables,
+    state            "char" NOT NULL CONSTRAINT backfill_chunks_state_check
+                         CHECK (state IN ('r', 's', 'd', 'x')),  -- reading, staged, done, discarded (read again)
+    range_after      text,                 -- JSON array of the key the chunk starts after (NULL: the start)
+    range_last       text,                 -- JSON array of the chunk's last key (NULL: empty)
+    last_chunk       boolean NOT NULL DEFAULT false,  -- the table ends with this chunk
+    rows             bigint NOT NULL DEFAULT 0,      -- rows read
+    kept             bigint,               -- rows written (the rest were newer in the stream)
+    position         bigint,               -- the high watermark's position, once written
+    reason           text,                 -- why it was discarded
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz
+);
+CREATE INDEX IF NOT EXISTS backfill_chunks_table ON backfill_chunks (table_id, chunk_id DESC);
+
+-- Staged rows of backfill chunks, in the `changes` COPY format (position = the chunk id,
+-- ordinal = the row's number in the chunk). Not partitioned, no index but the key: rows live
+-- here only between a chunk's read and its high watermark.
+CREATE TABLE IF NOT EXISTS backfill_rows (
+    position         bigint NOT NULL,
+    ordinal          integer NOT NULL,
+    committed_at     timestamptz NOT NULL,
+    table_id         integer NOT NULL,
+    schema_id        integer,
+    op               "char" NOT NULL,
+    flags            smallint NOT NULL DEFAULT 0,
+    lsn              bigint NOT NULL,
+    xid              bigint,
+    key_text         text,
+    image            text,
+    before           text,
+    old_key_text     text,
+    pending          text[],
+    PRIMARY KEY (position, ordinal)
+);
+
+-- Publications the daemon streams from (besides source.publication): `usable_from` is the WAL
+-- position from which the slot can decode with it (0: it existed before the slot); the daemon
+-- adds it once the slot's restart_lsn has passed that point (docs/baseline.md "Keyless tables").
+CREATE TABLE IF NOT EXISTS capture_publications (
+    slot_name        text NOT NULL,
+    publication      text NOT NULL,
+    usable_from      bigint NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot_name, publication)
+);

@@ -32,7 +32,9 @@ import psycopg
 import structlog
 
 from cdc.capture.ack import Acknowledgement
+from cdc.capture.backfill import Windows
 from cdc.capture.batches import Batch, BatchBuilder
+from cdc.capture.checks import TableChecks
 from cdc.capture.engine import Core
 from cdc.capture.failover import SwitchLog, same_source, verify_source
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
@@ -51,6 +53,7 @@ from cdc.errors import (
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.policies import column_hasher
+from cdc.publications import session_publications
 from cdc.source_context import read_context_keys
 from cdc.store.prune import Pruner
 from cdc.store.writer import lock_taken
@@ -176,10 +179,11 @@ class CaptureSession:
                 timeout=cfg.source.timeout_seconds,
                 connect_timeout=cfg.source.connect_timeout_seconds,
             )
+            publications = session_publications(cfg, source_dsn, store_dsn)
             options = choose_options(
                 stream.server_version,
                 self.slot,
-                cfg.source.publication,
+                ",".join(publications),
                 state.acked_lsn,
                 cfg.source.stream_in_progress,
             )
@@ -239,6 +243,8 @@ class CaptureSession:
                 catalog,
             )
             self.ack = Acknowledgement(state.acked_lsn, idle_interval=self.cfg.status_interval_seconds)
+            self.windows = Windows(self.slot, self.metrics)
+            self.checks = TableChecks(cfg, self.metrics, daemon.report_error, streaming=publications)
             self.builder = BatchBuilder(
                 max_rows=self.cfg.batch_max_rows,
                 actor_last_seq=registry.actor_last_seq,
@@ -337,6 +343,11 @@ class CaptureSession:
                     daemon.beat()
                     daemon.reload_if_requested()
                     self._watch_slot(now)
+                    if self.checks.due(now):
+                        with Deadline(self.catalog, self.config.source.timeout_seconds, _source_silent):
+                            self.checks.run(self.catalog, self.registry.conn)
+                        if self.checks.restart_wanted:
+                            return  # a publication became usable: the next session streams from it
                 self._replies()
                 self._group_commit()
                 blocked = builder.full and len(self.in_flight) >= MAX_IN_FLIGHT
@@ -384,8 +395,14 @@ class CaptureSession:
         if isinstance(event, LogicalMessage) and event.prefix == HEARTBEAT_PREFIX:
             self._idle_ack(event.lsn)
             return
+        highs = None
+        if isinstance(event, FinishedTransaction):
+            event, highs = self.windows.before(event)  # backfill watermarks (cdc/capture/backfill.py)
         for full in self.builder.add(event):
             self._hand(full, wait=True)
+        if highs:
+            assert isinstance(event, FinishedTransaction)
+            self.windows.after(self.builder, event, highs)
 
     def _keepalive_advance(self) -> None:
         """Everything before the server's WAL end is handled when no transaction is open: the

@@ -112,6 +112,7 @@ def encode_batch(batch_id: int, batch: StoreBatch) -> list[bytes]:
         "actors": batch.actor_sequences,
         "errors": batch.request_errors,
         "changes": len(batch.changes),
+        "backfill": batch.backfill,
     }
     return [
         orjson.dumps(header),
@@ -143,6 +144,7 @@ def _receive_batch(conn: Connection) -> tuple[int, StoreBatch] | None:
         max_us=header["max_us"],
         rows=int(header["rows"]),
         max_position=int(header["max_position"]),
+        backfill=list(header.get("backfill") or ()),
     )
     return int(header["id"]), batch
 

@@ -9,6 +9,7 @@ from psycopg import sql
 
 from cdc.errors import NotFoundError
 from cdc.query.changes import CHANGE_COLUMNS, MAX_ORDINAL, NO_TRANSACTION, Changes, RawChange, RowLookup
+from cdc.query.completeness import check_complete
 from cdc.query.model import BlameEntry, Key, Mutation, Row, TableInfo, format_key
 from cdc.store.format import OP_CODES, OP_NAMES, ROW_OPS
 
@@ -66,6 +67,7 @@ class Rows(Changes):
         k = self.key_text_of(self.stored_key(info, key))
         if self.gone(info, version):
             return None
+        check_complete(self, info, version)
         if info.keyless:
             count, image = self.keyless_count(info.table_id, k, version, MAX_ORDINAL)
             return image if count > 0 else None

@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 
 from cdc.errors import UsageError
 from cdc.query.changes import parse_json
+from cdc.query.completeness import check_complete
 from cdc.query.model import Key, Row, TableInfo, TablePage
 from cdc.query.rows import Rows
 from cdc.store.format import OP_CODES, ROW_OPS, ChangeFlag
@@ -100,6 +101,7 @@ class Tables(Rows):
         after = self.stored_key(info, after_key) if after_key is not None else None
         if self.gone(info, version):
             return TablePage(rows=[], next_after=None)
+        check_complete(self, info, version)
         query, params = self._table_query(info, version, after)
         params["limit"] = limit
         rows = self._rows(sql.SQL("{} LIMIT %(limit)s").format(query), params)
@@ -132,6 +134,7 @@ class Tables(Rows):
         info = self.table(table, version)
         if self.gone(info, version):
             return
+        check_complete(self, info, version)
         query, params = self._table_query(info, version, None)
         page: list[Row] = []
         with self._guard() as conn, conn.transaction():

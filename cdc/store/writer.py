@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.errors import SetupError, StandbyError, StoreUnavailableError, error_text
+from cdc.store.backfill import ChunkDone, apply_chunks
 from cdc.store.retention import PartitionCache
 
 STORE_FORMAT = 2
@@ -72,6 +73,7 @@ class StoreBatch:
     max_us: int | None = None
     rows: int = 0  # change rows
     max_position: int = 0  # largest position of a change row
+    backfill: list[ChunkDone] = field(default_factory=list)  # high watermarks (cdc/store/backfill.py)
 
     def span(self, us: int) -> None:
         if self.min_us is None or us < self.min_us:
@@ -86,6 +88,7 @@ class StoreBatch:
             or self.context_changes
             or self.request_errors
             or self.actor_sequences
+            or self.backfill
             or self.ack_lsn is not None
         )
 
@@ -324,6 +327,8 @@ class StoreWriter:
                     _copy(cur, CHANGES_COPY, batch.changes)
                     _copy(cur, TRANSACTIONS_COPY, batch.transactions)
                     _copy(cur, CONTEXT_CHANGES_COPY, batch.context_changes)
+                    if batch.backfill:
+                        apply_chunks(cur, batch.backfill)
                     if batch.pending:
                         cur.execute(fill_pending_sql(batch.pending))
                     if batch.actor_sequences:

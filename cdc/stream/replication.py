@@ -319,13 +319,12 @@ class ReplicationStream:
                 log.warning("source_warning", **fields)
             else:
                 log.info("source_notice", **fields)
-            publication = self.options.publication if self.options else None
+            names = self.options.publication.split(",") if self.options else []
             message = notice.message or ""
             if (
                 severity == "WARNING"
                 and notice.sqlstate in ("55000", "42704")
-                and publication is not None
-                and f'"{publication}"' in message
+                and any(f'"{name}"' in message for name in names)
             ):
                 # PostgreSQL 18+ decodes on without the publication: nothing would be captured
                 # while the slot moves on. Earlier versions end replication with an error.

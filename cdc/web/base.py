@@ -33,7 +33,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cdc.config import redact_dsn
-from cdc.errors import CdcError, ConfigError, NotFoundError, StoreUnavailableError, UsageError
+from cdc.errors import (
+    CdcError,
+    ConfigError,
+    IncompleteHistoryError,
+    NotFoundError,
+    StoreUnavailableError,
+    UsageError,
+)
 from cdc.query import BlameEntry, Mutation, RequestRecord, Store, VersionRange
 from cdc.render import mutation_record
 from cdc.web.args import VersionAheadError
@@ -113,6 +120,8 @@ def error_status(exc: BaseException) -> tuple[int, str]:
         return 409, "version_ahead"
     if isinstance(exc, NotFoundError):
         return 404, "not_found"
+    if isinstance(exc, IncompleteHistoryError):
+        return 409, "history_incomplete"
     if isinstance(exc, UsageError):
         return 400, "bad_request"
     if isinstance(exc, StoreUnavailableError):
