@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 from cdc.capture.backfill import PREFIX, Windows, copy_unescape, parse_watermark, watermark_message
 from cdc.capture.batches import BatchBuilder
 from cdc.capture.model import FinishedTransaction
+from cdc.context import ContextVerifier
 from cdc.metrics import Metrics
 from cdc.progress import Progress
 
@@ -88,7 +89,7 @@ def feed(windows: Windows, builder: BatchBuilder, event: FinishedTransaction) ->
 
 
 def builder() -> BatchBuilder:
-    return BatchBuilder(max_rows=1000, actor_last_seq=lambda actor: 0)
+    return BatchBuilder(max_rows=1000, actor_last_seq=lambda actor: 0, verifier=ContextVerifier(lambda: None))
 
 
 def test_window_collects_the_keys_its_table_changed_and_hands_the_chunk_with_the_ack() -> None:
