@@ -174,7 +174,10 @@ def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict
 
 
 # One round trip: set the settings, emit the context through cdc.emit_context() (which stamps
-# and signs it and returns the session token, column 4), record the fingerprint the trigger
+# and signs it and returns the session token, column 4), with the extra settings the source is
+# configured to record (context.extra_settings, through cdc.context_extra_json(): a `SET LOCAL
+# cdc.tenant` made before the block is recorded too) under the ones given here, record the
+# fingerprint the trigger
 # compares (request_id US application_name, see cdc.context.context_fingerprint) and return the
 # transaction id (column 1). The columns do not depend on each other, so their order of
 # evaluation does not matter. Only `%(name)s` placeholders and no `::` casts: the same text
@@ -185,7 +188,9 @@ SELECT pg_catalog.set_config(CAST(%(k_rid)s AS text), CAST(%(rid)s AS text), tru
        pg_catalog.set_config(CAST(%(k_actor)s AS text), CAST(%(actor)s AS text), true),
        (SELECT pg_catalog.count(pg_catalog.set_config(CAST(%(k_extra)s AS text) || e.key, e.value, true))
           FROM pg_catalog.json_each_text(CAST(%(extra)s AS json)) AS e),
-       cdc.emit_context(CAST(%(rid)s AS text), CAST(%(actor_claim)s AS text), CAST(%(extra)s AS json),
+       cdc.emit_context(CAST(%(rid)s AS text), CAST(%(actor_claim)s AS text),
+                        CAST(pg_catalog.jsonb_strip_nulls(CAST(cdc.context_extra_json() AS jsonb))
+                             || CAST(%(extra)s AS jsonb) AS json),
                         CAST('client' AS text)),
        pg_catalog.set_config(CAST(%(k_emitted)s AS text),
            CAST(%(rid)s AS text) || pg_catalog.chr(31) || pg_catalog.current_setting('application_name'), true)

@@ -218,6 +218,8 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
                 [(t.schema, t.name) for t in tables],
                 application_name_pattern=config.context.application_name_pattern,
                 settings_prefix=config.context.settings_prefix,
+                extra_settings=config.context.extra_settings,
+                emit_none=config.context.emit_none,
                 # New tables join only an all-tables publication; never the store's own tables.
                 attach_new_tables=not config.source.tables,
                 exclude_schemas=(schema,) if exclude else (),
