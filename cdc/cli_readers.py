@@ -13,7 +13,7 @@ cannot be read; never a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -229,21 +229,41 @@ def history(
                     limit=limit,
                 )
                 mutations = list(reversed(page.mutations))
-                _emit_mutations(mutations, fmt, utc, lambda: _table_log_lines(info.name, mutations, utc))
+                _emit_mutations(
+                    mutations,
+                    fmt,
+                    utc,
+                    lambda: _table_log_lines(
+                        info.name, mutations, utc, store.request_prefixes(m.request_id for m in mutations)
+                    ),
+                )
                 return
             key = store.stored_key(info, key_from_text(key_text))
             mutations = store.row_history(
                 info.name, key, since=start, until=stop, include_rolled_back=not committed_only
             )
-            _emit_mutations(mutations, fmt, utc, lambda: history_lines(info.name, key, mutations, utc=utc))
+            _emit_mutations(
+                mutations,
+                fmt,
+                utc,
+                lambda: history_lines(
+                    info.name,
+                    key,
+                    mutations,
+                    utc=utc,
+                    prefixes=store.request_prefixes(m.request_id for m in mutations),
+                ),
+            )
 
 
-def _table_log_lines(table: str, mutations: Sequence[Mutation], utc: bool) -> list[str]:
+def _table_log_lines(
+    table: str, mutations: Sequence[Mutation], utc: bool, prefixes: Mapping[str, str]
+) -> list[str]:
     count = len(mutations)
     header = f"  {table}  (newest {count} mutation{'' if count == 1 else 's'})"
     rows = [
         [format_time(m.committed_at, utc), m.op, key_text(m.key), describe_mutation(m),
-         short_request(m.request_id) if m.request_id else ""]
+         short_request(m.request_id, prefixes) if m.request_id else ""]
         for m in mutations
     ]  # fmt: skip
     return [header, "", *align(rows, gaps=(2, 2, 2, 2))] if rows else [header]
@@ -283,7 +303,8 @@ def blame(
             fields = list(records[0]) if records else ["column", "value"]
             _emit(csv_text(fields, records))
         else:
-            _emit_lines(blame_lines(entries, utc=utc))
+            ids = [i for e in entries for i in (e.request_id, e.rolled_back_request_id)]
+            _emit_lines(blame_lines(entries, utc=utc, prefixes=store.request_prefixes(ids)))
 
 
 @state.command()

@@ -95,16 +95,25 @@ _open_scopes: contextvars.ContextVar[tuple[tuple[int, RequestScope], ...]] = con
 )
 
 _settings_prefix = "cdc"
+#: The longest a failed request waits for capture before it rolls back (cdc.await_capture).
+_capture_wait_ms = 2000
 
 #: Incoming request ids accepted from a header; anything else is replaced by a fresh id.
 _HEADER_ID: Final = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _REPORT_CONNECT_TIMEOUT: Final = 5
 
 
-def configure(*, settings_prefix: str = "cdc") -> None:
-    """Set the prefix of the settings the helper writes (must match the source's configuration)."""
-    global _settings_prefix  # noqa: PLW0603 - process-wide configuration, set once at start-up
+def configure(*, settings_prefix: str = "cdc", capture_wait_ms: int = 2000) -> None:
+    """Process-wide settings of the helper: the prefix of the settings it writes (must match the
+    source's ``context.settings_prefix``), and ``capture_wait_ms``, the longest a failed request
+    waits, before it rolls back, for the capture daemon to decode its attempted changes (0: never
+    wait; the source caps it at 30 s). It waits only on PostgreSQL 16+ while a daemon streams
+    and its position can be seen (sql/await_capture.sql)."""
+    global _settings_prefix, _capture_wait_ms  # noqa: PLW0603 - process-wide configuration, set once at start-up
+    if isinstance(capture_wait_ms, bool) or not isinstance(capture_wait_ms, int) or capture_wait_ms < 0:
+        raise ValueError(f"capture_wait_ms must be a non-negative integer, got {capture_wait_ms!r}")
     _settings_prefix = validate_setting_name(settings_prefix, "settings_prefix")
+    _capture_wait_ms = min(capture_wait_ms, 30_000)
 
 
 def current_request_id() -> str | None:
@@ -174,7 +183,10 @@ def _begin_params(rid: str, actor: str | None, extra: Mapping[str, str]) -> dict
 
 
 # One round trip: set the settings, emit the context through cdc.emit_context() (which stamps
-# and signs it and returns the session token, column 4), record the fingerprint the trigger
+# and signs it and returns the session token, column 4), with the extra settings the source is
+# configured to record (context.extra_settings, through cdc.context_extra_json(): a `SET LOCAL
+# cdc.tenant` made before the block is recorded too) under the ones given here, record the
+# fingerprint the trigger
 # compares (request_id US application_name, see cdc.context.context_fingerprint) and return the
 # transaction id (column 1). The columns do not depend on each other, so their order of
 # evaluation does not matter. Only `%(name)s` placeholders and no `::` casts: the same text
@@ -185,7 +197,9 @@ SELECT pg_catalog.set_config(CAST(%(k_rid)s AS text), CAST(%(rid)s AS text), tru
        pg_catalog.set_config(CAST(%(k_actor)s AS text), CAST(%(actor)s AS text), true),
        (SELECT pg_catalog.count(pg_catalog.set_config(CAST(%(k_extra)s AS text) || e.key, e.value, true))
           FROM pg_catalog.json_each_text(CAST(%(extra)s AS json)) AS e),
-       cdc.emit_context(CAST(%(rid)s AS text), CAST(%(actor_claim)s AS text), CAST(%(extra)s AS json),
+       cdc.emit_context(CAST(%(rid)s AS text), CAST(%(actor_claim)s AS text),
+                        CAST(pg_catalog.jsonb_strip_nulls(CAST(cdc.context_extra_json() AS jsonb))
+                             || CAST(%(extra)s AS jsonb) AS json),
                         CAST('client' AS text)),
        pg_catalog.set_config(CAST(%(k_emitted)s AS text),
            CAST(%(rid)s AS text) || pg_catalog.chr(31) || pg_catalog.current_setting('application_name'), true)
@@ -216,13 +230,13 @@ def _not_set_up(exc: BaseException) -> SetupError:
     )
 
 
-# Before a failed request's transaction rolls back: wait (bounded, by default 2 s) until the
+# Before a failed request's transaction rolls back: wait (bounded: capture_wait_ms) until the
 # capture daemon's walsender has decoded past the error message. PostgreSQL 16+ streams a
 # transaction's changes as it decodes them but drops them if the transaction has aborted by
 # then, so without the wait the attempted changes of a failed request may never be captured.
 # Only useful while the transaction is still alive (an exception raised by the application);
 # after a failed statement the transaction has aborted already.
-_AWAIT_SQL: Final = "SELECT cdc.await_capture(CAST(%(lsn)s AS pg_lsn))"
+_AWAIT_SQL: Final = "SELECT cdc.await_capture(CAST(%(lsn)s AS pg_lsn), CAST(%(wait)s AS integer))"
 
 
 def _error_params(scope: RequestScope, exc: BaseException) -> dict[str, Any]:
@@ -349,8 +363,8 @@ def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: Ba
         if _usable(status) and not conn.closed:
             started = status == TransactionStatus.IDLE and not conn.autocommit
             row = conn.execute(_ERROR_SQL, params).fetchone()
-            if row is not None and row[1] and status == TransactionStatus.INTRANS:
-                conn.execute(_AWAIT_SQL, {"lsn": row[0]})
+            if row is not None and row[1] and _capture_wait_ms and status == TransactionStatus.INTRANS:
+                conn.execute(_AWAIT_SQL, {"lsn": row[0], "wait": _capture_wait_ms})
             if started:
                 conn.rollback()  # the message is non-transactional: it is written already
             return
@@ -422,8 +436,8 @@ async def _emit_error_async(
             started = status == TransactionStatus.IDLE and not conn.autocommit
             cur = await conn.execute(_ERROR_SQL, params)
             row = await cur.fetchone()
-            if row is not None and row[1] and status == TransactionStatus.INTRANS:
-                await conn.execute(_AWAIT_SQL, {"lsn": row[0]})
+            if row is not None and row[1] and _capture_wait_ms and status == TransactionStatus.INTRANS:
+                await conn.execute(_AWAIT_SQL, {"lsn": row[0], "wait": _capture_wait_ms})
             if started:
                 await conn.rollback()
             return
@@ -538,8 +552,8 @@ def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usa
         params = _error_params(scope, exc)
         if usable:
             row = sa_conn.execute(_sa_text(_ERROR_SQL), params).fetchone()
-            if row is not None and row[1]:
-                sa_conn.execute(_sa_text(_AWAIT_SQL), {"lsn": row[0]})
+            if row is not None and row[1] and _capture_wait_ms:
+                sa_conn.execute(_sa_text(_AWAIT_SQL), {"lsn": row[0], "wait": _capture_wait_ms})
             return
         with sa_conn.engine.connect() as other:  # another pooled connection
             other.execute(_sa_text(_ERROR_SQL), params)

@@ -43,6 +43,7 @@ from cdc.config_text import (
     redact_dsn,
     short,
 )
+from cdc.context import MAX_EXTRA_KEYS, validate_setting_name
 from cdc.errors import ConfigError, MissingSettingError, UsageError
 
 __all__ = [
@@ -330,11 +331,33 @@ class CaptureConfig(_Section):
     max_lag_seconds: PositiveSeconds = 300.0
 
 
+def _setting_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    names_seen: list[str] = []
+    for name in value:
+        key = validate_setting_name(name, "setting")
+        if key in ("request_id", "actor") or key.startswith("_"):
+            raise ValueError(f"{name!r} is reserved (request_id and actor are always recorded)")
+        if key not in names_seen:
+            names_seen.append(key)
+    if len(names_seen) > MAX_EXTRA_KEYS:
+        raise ValueError(f"{len(names_seen)} names, at most {MAX_EXTRA_KEYS}")
+    return tuple(names_seen)
+
+
 class ContextConfig(_Section):
     """How the request context of a change is found."""
 
     application_name_pattern: str = r"req:(?P<id>[A-Za-z0-9._:-]+)"
     settings_prefix: Annotated[str, AfterValidator(_check_prefix)] = "cdc"
+    #: the ``<settings_prefix>.<name>`` settings recorded in each context's ``extra`` (by the
+    #: trigger and by the client helper). PostgreSQL cannot list custom settings, so each one is
+    #: named here.
+    extra_settings: Annotated[
+        tuple[str, ...], BeforeValidator(_split_list), AfterValidator(_setting_names)
+    ] = ("tenant",)
+    #: a "none" context (db user, backend pid, application_name) for each transaction without a
+    #: request id; off: such transactions carry no context and cost the source nothing
+    emit_none: bool = True
 
     @field_validator("application_name_pattern")
     @classmethod

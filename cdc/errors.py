@@ -64,6 +64,24 @@ class RefusedError(CdcError):
     exit_code = ExitCode.REFUSED
 
 
+class AmbiguousRequestError(UsageError):
+    """A request id prefix that more than one stored request id starts with: ``matches`` lists
+    them (at most ``MAX_MATCHES``; ``more`` tells there are others), so that every reader (CLI,
+    API, page) can show them."""
+
+    MAX_MATCHES = 10
+
+    def __init__(self, prefix: str, matches: list[str], *, more: bool = False) -> None:
+        self.prefix = prefix
+        self.matches = list(matches[: self.MAX_MATCHES])
+        self.more = more or len(matches) > self.MAX_MATCHES
+        listed = ", ".join(self.matches) + (", ..." if self.more else "")
+        super().__init__(
+            f"request id prefix {prefix!r} is ambiguous: it matches {listed}",
+            hint="give more characters of the id",
+        )
+
+
 class ProtocolError(CdcError):
     """Bytes from the server that do not decode as the protocol says."""
 

@@ -135,9 +135,13 @@ def short_table(name: str) -> str:
         return name
 
 
-def short_request(request_id: str | None) -> str:
-    """``req:550e8400`` (first 8 characters); ``req:-`` when there is none."""
-    return f"req:{request_id[:8]}" if request_id else "req:-"
+def short_request(request_id: str | None, prefixes: Mapping[str, str] | None = None) -> str:
+    """``req:<id>``; ``req:-`` when there is none. ``prefixes`` (from
+    ``Store.request_prefixes``) shortens an id to its shortest unique prefix of at least 8
+    characters, which ``cdc why`` and ``--request`` accept; without it the id is shown whole."""
+    if not request_id:
+        return "req:-"
+    return f"req:{prefixes.get(request_id, request_id) if prefixes else request_id}"
 
 
 def key_text(key: Mapping[str, Any] | None, width: int = VALUE_WIDTH) -> str:
@@ -227,7 +231,12 @@ def align(rows: Iterable[Sequence[str]], gaps: Sequence[int], indent: str = _IND
 
 
 def history_lines(
-    table: str, key: Mapping[str, Any], mutations: Sequence[Mutation], *, utc: bool = False
+    table: str,
+    key: Mapping[str, Any],
+    mutations: Sequence[Mutation],
+    *,
+    utc: bool = False,
+    prefixes: Mapping[str, str] | None = None,
 ) -> list[str]:
     """``cdc state history TABLE --id ID``: a header and one aligned line per mutation.
 
@@ -244,7 +253,7 @@ def history_lines(
     ops = max(len(m.op) for m in mutations)
     lines = [header, ""]
     for m, desc in zip(mutations, descriptions, strict=True):
-        request = short_request(m.request_id) if m.request_id else ""
+        request = short_request(m.request_id, prefixes) if m.request_id else ""
         line = f"{_INDENT}{format_time(m.committed_at, utc)}  {m.op.ljust(ops)}  {desc.ljust(width)}{request}"
         lines.append(line.rstrip())
     return lines
@@ -263,7 +272,9 @@ def request_lines(mutations: Sequence[Mutation]) -> list[str]:
     return align(rows, gaps=(3, 1))
 
 
-def blame_lines(entries: Sequence[BlameEntry], *, utc: bool = False) -> list[str]:
+def blame_lines(
+    entries: Sequence[BlameEntry], *, utc: bool = False, prefixes: Mapping[str, str] | None = None
+) -> list[str]:
     """``cdc state blame``, a line per column: name, value, request, time, later rolled-back attempt.
 
     ``plan    pro       req:4f9a3b2c  2026-03-10 14:22  ✗ rolled back req:550e8400``
@@ -271,9 +282,9 @@ def blame_lines(entries: Sequence[BlameEntry], *, utc: bool = False) -> list[str
     rows = []
     for e in entries:
         when = format_time(e.committed_at, utc) if e.committed_at else "(before history)"
-        row = [e.column, cell(e.value), short_request(e.request_id), when]
+        row = [e.column, cell(e.value), short_request(e.request_id, prefixes), when]
         if e.rolled_back:
-            row.append(f"✗ rolled back {short_request(e.rolled_back_request_id)}")
+            row.append(f"✗ rolled back {short_request(e.rolled_back_request_id, prefixes)}")
         rows.append(row)
     return align(rows, gaps=(3, 3, 2, 2))
 
@@ -383,7 +394,7 @@ def why_lines(record: RequestRecord, *, utc: bool = False, max_changes: int = 50
     ]
     hidden = record.mutation_count - len(shown)
     if hidden > 0:
-        changes.append(f"… and {hidden} more (cdc state history --request {record.request_id[:8]})")
+        changes.append(f"… and {hidden} more (cdc state history --request {record.request_id})")
     if not changes:
         changes = ["none"]
     for i, text in enumerate(changes):

@@ -98,11 +98,20 @@ def same_database(source: psycopg.Connection[Any], store: psycopg.Connection[Any
     return source.execute(query).fetchone() == store.execute(query).fetchone()
 
 
-def install_await_capture(conn: psycopg.Connection[Any], slot: str) -> None:
-    """The function the client helper calls before rolling back a failed request."""
+def install_await_capture(conn: psycopg.Connection[Any], slot: str) -> list[str]:
+    """The function the client helper calls before rolling back a failed request; a warning
+    when it cannot see the walsender's position (and so never waits)."""
     text = (SQL_DIR / "await_capture.sql").read_text().replace("{slot}", sql.Literal(slot).as_string(conn))
     with conn.transaction():
         conn.execute(text.encode())
+        row = conn.execute("SELECT cdc.await_capture_can_see()").fetchone()
+    if conn.info.server_version < 160000 or (row is not None and row[0]):
+        return []
+    return [
+        f"role {conn.info.user} cannot read the walsender's position (pg_stat_replication.sent_lsn): "
+        "a failed request will not wait for capture, so its attempted changes may be missing from the "
+        f"history; GRANT pg_read_all_stats TO {conn.info.user} (sql/grants.sql does), then run `cdc setup`"
+    ]
 
 
 def slot_exists(conn: psycopg.Connection[Any], slot: str) -> tuple[str, int | None] | None:
@@ -202,12 +211,14 @@ def _setup(
                 [(t.schema, t.name) for t in tables],
                 application_name_pattern=config.context.application_name_pattern,
                 settings_prefix=config.context.settings_prefix,
+                extra_settings=config.context.extra_settings,
+                emit_none=config.context.emit_none,
                 # New tables join only an all-tables publication; never the store's own tables.
                 attach_new_tables=not config.source.tables,
                 exclude_schemas=(schema,) if exclude else (),
             )
         )
-        install_await_capture(src, slot)
+        report.warnings.extend(install_await_capture(src, slot))
         report.did(f"source: context trigger on {len(tables)} table(s)")
         signing = signing_status(src)
         if signing.key_id is not None and signing.emit_revoked:
@@ -376,6 +387,7 @@ def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
         report.did(f"source: publication {publication} dropped")
         src.execute("DROP FUNCTION IF EXISTS cdc.await_capture(pg_lsn, integer)")
         src.execute("DROP FUNCTION IF EXISTS cdc.capture_slot()")
+        src.execute("DROP FUNCTION IF EXISTS cdc.await_capture_can_see()")
         if simulate_installed(src):
             uninstall_simulate(src)
             report.did("source: dry-run trigger removed")

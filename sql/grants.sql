@@ -19,6 +19,7 @@
 --   cdc_grants.side            'source' or 'store'
 --   cdc_grants.capture_role    source: the role `cdc setup` and `cdc run` use   (cdc_capture)
 --   cdc_grants.tables          source: the captured tables, schema-qualified, comma-separated
+--   cdc_grants.read_all_stats  source: on (default) / off: grant pg_read_all_stats (see below)
 --   cdc_grants.table_owner     source: the role owning those tables; cdc_capture becomes a member
 --                              (needed only when `cdc setup` creates the publication itself,
 --                              i.e. with `source.tables` configured: see below)
@@ -46,6 +47,19 @@
 --                             snapshot.
 --   TRIGGER on each table     the statement-level context trigger `cdc_context`.
 --   USAGE on their schemas    to name them.
+--   pg_read_all_stats         the walsender's position (pg_stat_replication.sent_lsn), which
+--                             cdc.await_capture() reads: a failed request made through the client
+--                             helper waits (bounded) until capture has decoded its attempted
+--                             changes, before it rolls back (PostgreSQL 16+ drops the changes of a
+--                             transaction it finds aborted). PostgreSQL shows sent_lsn only to
+--                             superusers and pg_read_all_stats, not even to the walsender's own
+--                             role; without it the wait returns at once (no stall) but those
+--                             changes may be missing from the history. What else it shows: every
+--                             session's activity and query text, and the statistics views; the
+--                             capture role reads every row of the database through REPLICATION
+--                             already. (On PostgreSQL 16+ an administrator without SUPERUSER needs
+--                             ADMIN OPTION on pg_read_all_stats to grant it. Set
+--                             cdc_grants.read_all_stats=off to leave it out.)
 -- The publication:
 --   FOR ALL TABLES (the default when source.tables is empty and no publication exists) and
 --   FOR TABLES IN SCHEMA both need a SUPERUSER, on 15 as on 18 ("must be superuser to create
@@ -70,6 +84,7 @@ DECLARE
     tables  text := coalesce(current_setting('cdc_grants.tables', true), '');
     owner   text := nullif(current_setting('cdc_grants.table_owner', true), '');
     pub     text := nullif(current_setting('cdc_grants.publication', true), '');
+    stats   text := lower(coalesce(nullif(current_setting('cdc_grants.read_all_stats', true), ''), 'on'));
     item    text;
     rel     regclass;
     targets text := '';
@@ -88,6 +103,12 @@ BEGIN
         EXECUTE format('ALTER ROLE %I LOGIN REPLICATION', capture);
     END IF;
     EXECUTE format('GRANT CONNECT, CREATE ON DATABASE %I TO %I', current_database(), capture);
+    IF stats NOT IN ('on', 'off', 'true', 'false') THEN
+        RAISE EXCEPTION 'cdc_grants.read_all_stats must be on or off (got %)', stats;
+    END IF;
+    IF stats IN ('on', 'true') THEN
+        EXECUTE format('GRANT pg_read_all_stats TO %I', capture);
+    END IF;
 
     FOREACH item IN ARRAY string_to_array(tables, ',') LOOP
         item := btrim(item);

@@ -15,14 +15,14 @@ transaction in which its context held (the transaction's context from ordinal 0,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from psycopg import sql
 
-from cdc.errors import NotFoundError, UsageError
+from cdc.errors import AmbiguousRequestError, NotFoundError, UsageError
 from cdc.query.changes import CHANGE_COLUMNS, CHANGE_FIELDS, MAX_ORDINAL, parse_json
 from cdc.query.model import (
     Key,
@@ -36,10 +36,12 @@ from cdc.query.model import (
 from cdc.query.tables import Tables
 from cdc.store.format import OP_CODES, OPS, STATUS_NAMES, STATUSES, ChangeFlag, TxnFlag
 
-__all__ = ["Requests"]
+__all__ = ["SHORT_ID_CHARS", "Requests"]
 
 _ROLLED_BACK = sql.Literal(int(ChangeFlag.ROLLED_BACK))
 _MAX_CANDIDATES = 11
+#: Readers shorten a request id (where space is short) to no fewer characters than this.
+SHORT_ID_CHARS = 8
 _SPAN_COLUMNS = ("request_id", "actor")
 
 
@@ -61,6 +63,15 @@ class _Found:
     transactions: list[TransactionInfo]
     spans: list[_Span]  # every span of those transactions, matching or not
     matching: list[_Span]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _like_prefix(prefix: str) -> str:
@@ -196,9 +207,42 @@ class Requests(Tables):
                 f"no request {wanted!r} in the history (no id equal to it or starting with it)"
             )
         if len(candidates) > 1:
-            listed = ", ".join(candidates[:10]) + (", ..." if len(candidates) > 10 else "")
-            raise UsageError(f"request id prefix {wanted!r} is ambiguous: it matches {listed}")
+            raise AmbiguousRequestError(wanted, candidates)
         return candidates[0]
+
+    def request_prefixes(
+        self, request_ids: Iterable[str | None], min_chars: int = SHORT_ID_CHARS
+    ) -> dict[str, str]:
+        """For each request id: its shortest prefix of at least ``min_chars`` characters that no
+        other stored request id starts with (the id itself when no shorter one is), so that
+        :meth:`resolve_request` finds it again. What readers show where space is short.
+
+        The longest prefix an id shares with any other is the one it shares with one of its two
+        neighbours in byte order: two index seeks per source of request ids.
+        """
+        wanted = sorted({r for r in request_ids if r and len(r) > min_chars})
+        found = {r: r for r in request_ids if r and len(r) <= min_chars}
+        if not wanted:
+            return found
+        sources = [self._t("transactions_all"), self._t("context_changes_all"), self._t("request_errors")]
+        neighbours = sql.SQL(", ").join(
+            sql.SQL(
+                "(SELECT request_id FROM {s} WHERE request_id ~<~ w.id ORDER BY request_id USING ~>~ LIMIT 1), "
+                "(SELECT request_id FROM {s} WHERE request_id ~>~ w.id ORDER BY request_id USING ~<~ LIMIT 1)"
+            ).format(s=s)
+            for s in sources
+        )
+        rows = self._rows(
+            sql.SQL("SELECT w.id, ARRAY[{}] AS near FROM unnest(%(ids)s::text[]) AS w(id)").format(
+                neighbours
+            ),
+            {"ids": wanted},
+        )
+        for r in rows:
+            rid = str(r["id"])
+            shared = max((_common_prefix(rid, str(n)) for n in r["near"] if n is not None), default=0)
+            found[rid] = rid[: max(min_chars, shared + 1)]
+        return found
 
     # ------------------------------------------------------------------ requests
 

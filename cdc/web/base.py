@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cdc.config import redact_dsn
 from cdc.errors import (
+    AmbiguousRequestError,
     CdcError,
     ConfigError,
     IncompleteHistoryError,
@@ -149,7 +150,12 @@ def api_error_response(exc: BaseException, route: str) -> JsonResponse:
         )
     if status == 503:
         log.warning("history_store_unavailable", route=route, error=exc.message)
-    return JsonResponse(error_body(code, exc.message, exc.hint), status_code=status)
+    body = error_body(code, exc.message, exc.hint)
+    if isinstance(exc, AmbiguousRequestError):
+        # An ambiguous request id prefix: the ids it matches, to pick one from.
+        body["error"]["matches"] = exc.matches
+        body["error"]["more_matches"] = exc.more
+    return JsonResponse(body, status_code=status)
 
 
 # ============================================================================ the store pool

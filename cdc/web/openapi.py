@@ -61,6 +61,12 @@ _SCHEMAS: dict[str, Any] = {
                     "message": _STRING,
                     "hint": _STRING,
                     "id": _STRING,
+                    "matches": {
+                        "type": "array",
+                        "items": _STRING,
+                        "description": "An ambiguous request id prefix (400): the ids it matches (at most 10)",
+                    },
+                    "more_matches": {"type": "boolean", "description": "more ids than `matches` match"},
                 },
             }
         },
@@ -512,7 +518,7 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
                     "request_id",
                     "path",
                     _text(MAX_TEXT_CHARS, 1),
-                    "A request id or a unique prefix of one (an ambiguous prefix is a 400)",
+                    "A request id or a unique prefix of one (an ambiguous prefix is a 400 listing the ids it matches)",
                     "550e8400",
                 ),
                 _param(

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cdc.errors import CdcError, NotFoundError, UsageError
+from cdc.errors import AmbiguousRequestError, CdcError, NotFoundError, UsageError
 from cdc.lsn import format_lsn
 from cdc.query import OPS, STATUSES, BlameEntry, Mutation, RequestRecord, Store
 from cdc.render import (
@@ -164,6 +164,8 @@ class Urls:
     base: str
     keyless: Mapping[str, bool] = field(default_factory=dict)
     tables: Mapping[int, LinkFacts] = field(default_factory=dict)  # by table id
+    # Each request id shown: its shortest unique prefix of at least 8 characters (Store.request_prefixes)
+    prefixes: Mapping[str, str] = field(default_factory=dict)
 
     def static(self, name: str) -> str:
         return f"{self.base}/static/{quote(name)}"
@@ -199,6 +201,20 @@ class Urls:
         if not request_id:
             return None
         return f"{self.base}/requests/{quote(request_id, safe='')}"
+
+    def request_label(self, request_id: str | None, none: str = "") -> str:
+        """``req:<shortest unique prefix>`` (the whole id when it was not looked up)."""
+        if not request_id:
+            return none
+        return f"req:{self.prefixes.get(request_id, request_id)}"
+
+
+def ambiguous_matches(exc: BaseException, base: str) -> list[dict[str, str]]:
+    """The requests an ambiguous prefix matches, each with its page: shown under the error."""
+    if not isinstance(exc, AmbiguousRequestError):
+        return []
+    urls = Urls(base)
+    return [{"id": rid, "href": urls.request(rid) or ""} for rid in exc.matches]
 
 
 @dataclass
@@ -257,7 +273,7 @@ def mutation_view(m: Mutation, urls: Urls, *, with_diff: bool = False) -> Mutati
         row_href=urls.mutation_row(m),
         summary=summary,
         request_id=m.request_id,
-        request_short=f"req:{m.request_id[:8]}" if m.request_id else "",
+        request_short=urls.request_label(m.request_id),
         request_href=urls.request(m.request_id),
         actor=str((m.context or {}).get("actor") or "") or None,
         rolled_back=m.rolled_back,
@@ -290,6 +306,7 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     base = str(request.scope.get("root_path") or "").rstrip("/")
     context.setdefault("urls", Urls(base))
     context.setdefault("error", None)
+    context.setdefault("matches", [])
     context.setdefault("title", "cdc")
     html = _env.get_template(name).render(
         **context,
@@ -313,7 +330,9 @@ def page_error(request: Request, exc: BaseException, route: str) -> tuple[int, s
     return status, message
 
 
-def error_page(request: Request, status: int, message: str) -> Response:
+def error_page(
+    request: Request, status: int, message: str, matches: Sequence[Mapping[str, str]] = ()
+) -> Response:
     titles = {
         400: "Bad request",
         401: "Log in",
@@ -322,7 +341,13 @@ def error_page(request: Request, status: int, message: str) -> Response:
         503: "Unavailable",
     }
     return render(
-        request, "error.html", status, title=titles.get(status, "Error"), message=message, status=status
+        request,
+        "error.html",
+        status,
+        title=titles.get(status, "Error"),
+        message=message,
+        status=status,
+        matches=matches,
     )
 
 
@@ -353,24 +378,27 @@ async def log_page(request: Request) -> Response:
     found: list[MutationView] = []
     older: str | None = None
     status, error = 200, None
+    matches: list[dict[str, str]] = []
     try:
         filters = LogFilters.from_request(request, default_limit=LOG_PAGE_SIZE)
 
         def work(
             store: Store,
-        ) -> tuple[list[str], list[Mutation], tuple[int, int] | None, dict[int, LinkFacts]]:
+        ) -> tuple[list[str], list[Mutation], tuple[int, int] | None, dict[int, LinkFacts], dict[str, str]]:
             names = store.known_tables()
             page, cursor = filters.page(store)
-            return names, page, cursor, link_facts(store, page)
+            prefixes = store.request_prefixes(m.request_id for m in page)
+            return names, page, cursor, link_facts(store, page), prefixes
 
-        tables, page, cursor, facts = await ctx.run(work)
-        urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"), tables=facts)
+        tables, page, cursor, facts, prefixes = await ctx.run(work)
+        urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"), tables=facts, prefixes=prefixes)
         found = [mutation_view(m, urls) for m in page]
         if cursor is not None:
             older = urls.log(**{k: v for k, v in values.items() if v}, cursor=format_cursor(cursor))
     except Exception as exc:  # noqa: BLE001 - the page's error boundary: the form and the error
         status, error = page_error(request, exc, "page_log")
         urls = Urls(str(request.scope.get("root_path") or "").rstrip("/"))
+        matches = ambiguous_matches(exc, urls.base)
     return render(
         request,
         "log.html",
@@ -384,6 +412,7 @@ async def log_page(request: Request) -> Response:
         newest=urls.log(**{k: v for k, v in values.items() if v}),
         paged="cursor" in request.query_params,
         error=error,
+        matches=matches,
         filtered=any(values[k] for k in _FILTERS if k != "limit"),
     )
 
@@ -411,12 +440,12 @@ def blame_view(e: BlameEntry, urls: Urls) -> BlameView:
         column=e.column,
         value=value_of({e.column: e.value}, e.column),
         request_id=e.request_id,
-        request_short=f"req:{e.request_id[:8]}" if e.request_id else "req:-",
+        request_short=urls.request_label(e.request_id, "req:-"),
         request_href=urls.request(e.request_id),
         time=iso(e.committed_at) if e.committed_at else "(before history)",
         op=e.op or "",
         rolled_back=e.rolled_back,
-        rolled_back_short=f"req:{e.rolled_back_request_id[:8]}" if e.rolled_back_request_id else "req:-",
+        rolled_back_short=urls.request_label(e.rolled_back_request_id, "req:-"),
         rolled_back_href=urls.request(e.rolled_back_request_id),
         rolled_back_time=iso(e.rolled_back_at) if e.rolled_back_at else "",
     )
@@ -435,6 +464,7 @@ class RowPage:
     at_exact: bool = False
     at_row: dict[str, Any] | None = None
     at_asked: bool = False
+    prefixes: dict[str, str] = field(default_factory=dict)
 
 
 async def row_page(request: Request) -> Response:
@@ -477,6 +507,10 @@ async def row_page(request: Request) -> Response:
                 blame=blame,
                 blame_note=note,
             )
+            page.prefixes = store.request_prefixes(
+                [m.request_id for m in page.mutations]
+                + [i for e in blame or () for i in (e.request_id, e.rolled_back_request_id)]
+            )
             if version is not None or when is not None:
                 page.at_asked = True
                 page.at_version, page.at_exact = at_version, at_exact
@@ -488,7 +522,7 @@ async def row_page(request: Request) -> Response:
     except Exception as exc:  # noqa: BLE001 - the page's error boundary
         status, message = page_error(request, exc, "page_row")
         return error_page(request, status, message)
-    urls = Urls(base, {result.table: result.keyless})
+    urls = Urls(base, {result.table: result.keyless}, prefixes=result.prefixes)
     views = [mutation_view(m, urls, with_diff=True) for m in result.mutations]
     blame = [blame_view(e, urls) for e in result.blame] if result.blame is not None else None
     at_values = (
@@ -568,13 +602,13 @@ async def request_page(request: Request) -> Response:
         record, facts = await ctx.run(work)
     except Exception as exc:  # noqa: BLE001 - the page's error boundary
         status, message = page_error(request, exc, "page_request")
-        return error_page(request, status, message)
+        return error_page(request, status, message, ambiguous_matches(exc, base))
     urls = Urls(base, tables=facts)
     cause = ": ".join(p for p in (record.error_type, record.error_message) if p) or None
     return render(
         request,
         "request.html",
-        title=f"Request {record.request_id[:8]}",
+        title=f"Request {record.request_id}",
         urls=urls,
         record=record,
         outcome=_OUTCOMES.get(record.outcome, record.outcome),

@@ -418,6 +418,8 @@ def test_request(client: TestClient, seed: StoreBuilder) -> None:
     assert len(lsns) == 9 and lsns == sorted(lsns) and rest["next"] is None
 
     error(client, "/api/v1/requests/abc0000", 400, "bad_request", "ambiguous", REQ_BULK, REQ_EDIT)
+    ambiguous = client.get("/api/v1/requests/abc0000").json()["error"]
+    assert ambiguous["matches"] == sorted([REQ_BULK, REQ_EDIT]) and ambiguous["more_matches"] is False
     error(client, "/api/v1/requests/ffffffff", 404, "not_found", "no request 'ffffffff'")
     error(client, "/api/v1/requests/%20", 400, "bad_request")
     error(client, "/api/v1/requests/a/b", 404, "not_found")

@@ -296,6 +296,36 @@ def test_ambiguous_request_prefix(run: Any, seed: StoreBuilder) -> None:
     assert "REQUEST      beef0002-y" in ok(run(why, "beef0002"))
 
 
+def test_request_ids_shown_whole_or_by_their_shortest_unique_prefix(run: Any, seed: StoreBuilder) -> None:
+    from tests.store_builder import INT8, TEXT
+
+    seed.table("memos", {"id": INT8, "body": TEXT})
+    with seed.txn("2026-03-13 10:00", "c0ffee00-1111-aaaa") as t:
+        t.insert("memos", {"id": 1, "body": "a"})
+    with seed.txn("2026-03-13 10:01", "c0ffee00-1111-bbbb") as t:
+        t.update("memos", 1, {"body": "b"})
+    with seed.txn("2026-03-13 10:02", "d00dfeed-2222-cccc") as t:
+        t.update("memos", 1, {"body": "c"})
+    seed.finish(baseline=0x1_0000_0000)
+    lines = ok(run(state, "history", "memos", "--id", "1")).splitlines()
+    assert [line.split()[-1] for line in lines[2:]] == [
+        "req:c0ffee00-1111-a",  # unique only from the 15th character
+        "req:c0ffee00-1111-b",
+        "req:d00dfeed",  # unique after 8: 8 characters
+    ]
+    table_log = ok(run(state, "history", "memos")).splitlines()
+    assert [line.split()[-1] for line in table_log[2:]] == [
+        "req:c0ffee00-1111-a",
+        "req:c0ffee00-1111-b",
+        "req:d00dfeed",
+    ]
+    blame = ok(run(state, "blame", "memos", "--id", "1"))
+    assert "req:d00dfeed " in blame
+    # each shown prefix is accepted back; a shorter one lists what it matches
+    assert "REQUEST      c0ffee00-1111-bbbb" in ok(run(why, "c0ffee00-1111-b"))
+    fails(run(why, "c0ffee00"), 2, "ambiguous", "c0ffee00-1111-aaaa", "c0ffee00-1111-bbbb")
+
+
 def test_store_from_the_config_file(run: Any, seed: StoreBuilder, tmp_path: Path) -> None:
     config = tmp_path / "cdc.yaml"
     config.write_text(f"store:\n  dsn: {json.dumps(seed.dsn)}\n  schema: cdc_history\n")

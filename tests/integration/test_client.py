@@ -174,6 +174,21 @@ def test_context_message_with_source_client(source: str, slot: Slot) -> None:
     assert value(source) == "x"  # committed
 
 
+def test_configured_extra_settings_recorded_by_the_helper(source: str, slot: Slot) -> None:
+    """context.extra_settings: what the session set (SET LOCAL before the block) is recorded
+    too, under what the block names itself; unset names are left out."""
+    with psycopg.connect(source, autocommit=True) as conn:
+        install_context(conn, [("public", "t")], extra_settings=["tenant", "region", "shard"])
+    with psycopg.connect(source) as conn:  # the caller's transaction
+        conn.execute("SET LOCAL cdc.region = 'eu'")
+        conn.execute("SET LOCAL cdc.tenant = 'from-session'")
+        with client.request(conn, "r-extras", tenant="acme"):
+            conn.execute("UPDATE t SET v = 'x' WHERE id = 1")
+        conn.commit()
+    (ctx,) = contexts(slot.items())
+    assert dict(ctx.extra) == {"tenant": "acme", "region": "eu"}
+
+
 def test_in_the_callers_transaction(source: str, slot: Slot) -> None:
     with psycopg.connect(source) as conn:  # not autocommit: request() uses the open transaction
         conn.execute("UPDATE t SET v = 'before' WHERE id = 2")

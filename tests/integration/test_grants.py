@@ -208,6 +208,66 @@ def test_setup_explains_a_missing_privilege(server: LocalPostgres) -> None:
     assert "source.tables" in result.stderr or "grants.sql" in result.stderr
 
 
+@pytest.mark.parametrize("read_all_stats", ["on", "off"])
+def test_a_failed_request_never_stalls_under_least_privilege(
+    server: LocalPostgres, tmp_path: Path, read_all_stats: str
+) -> None:
+    """With the roles of grants.sql, a request failing through the client helper waits for capture
+    only as long as capture needs (pg_read_all_stats: it sees the walsender's position), or not at
+    all (without it; setup warns): never the whole bound, as it did when it polled a NULL."""
+    from cdc import client
+
+    source_db, store_db, suffix = databases(server)
+    admin_source = server.dsn(dbname=source_db)
+    role, app = f"cdc_capture_{suffix}", f"app_{suffix}"
+    with psycopg.connect(admin_source, autocommit=True) as conn:
+        conn.execute(APP_SCHEMA)
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(app)))
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE ON public.orders TO {}").format(sql.Identifier(app))
+        )
+    apply_grants(
+        admin_source,
+        side="source",
+        capture_role=role,
+        tables=",".join(TABLES),
+        publication="cdc_pub",
+        read_all_stats=read_all_stats,
+    )
+    apply_grants(server.dsn(dbname=store_db), side="store")
+    env = capture_as(server, source_db, store_db, role, f"cdc_{suffix}", None)
+    result = CliRunner().invoke(cli, ["setup"], env=_daemon_env(env))
+    assert result.exit_code == 0, result.output
+    warned = "cannot read the walsender's position" in result.output
+    assert warned == (read_all_stats == "off" and server.version >= 16), result.output
+    proc = DaemonProcess(env, tmp_path / "daemon.log", extra=env.extra_env)
+    proc.start()
+    took = []
+    try:
+        proc.wait_streaming(timeout=30)
+        with psycopg.connect(server.dsn(dbname=source_db, user=app), autocommit=True) as conn:
+            for n in range(5):
+                started = time.monotonic()
+                with pytest.raises(RuntimeError), client.request(conn, f"fail-{suffix}-{n}"):
+                    conn.execute("UPDATE orders SET status = 'attempt' WHERE id = 1")
+                    raise RuntimeError("payment declined")
+                took.append(time.monotonic() - started)
+        env.wait_caught_up()
+        assert proc.stop() == 0
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.proc.kill()
+    assert max(took) < 1.0, took  # the bound is 2 s; caught up, it takes milliseconds
+    with env.store() as conn:
+        attempts = conn.execute(
+            "SELECT count(*) FROM transactions WHERE status = 'r' AND request_id LIKE %s",
+            [f"fail-{suffix}-%"],
+        ).fetchone()
+    if server.version >= 16 and read_all_stats == "on":
+        assert attempts == (5,)  # each attempted change captured before its rollback
+    env.teardown()
+
+
 # ============================================================================ store roles
 
 

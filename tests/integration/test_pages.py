@@ -106,7 +106,10 @@ def test_log_page_shows_bad_filters_in_the_form(client: TestClient) -> None:
     document = page(client, "/?key=42", 400)
     assert "a key filter needs a table" in text_of(document) and 'name="table"' in document
     assert "no history for table" in text_of(page(client, "/?table=nope", 404))
-    assert "ambiguous" in text_of(page(client, "/?request=abc0000", 400))
+    ambiguous = page(client, "/?request=abc0000", 400)
+    assert "ambiguous" in text_of(ambiguous)
+    for rid in (REQ_BULK, REQ_EDIT):  # every id the prefix matches, each a link to its request
+        assert f'href="/requests/{rid}"' in ambiguous
     assert "since" in text_of(page(client, "/?since=whenever", 400))
     bad = page(client, "/?actor=%3Cscript%3Ealert(2)%3C/script%3E&since=%3Cscript%3E", 400)
     assert "<script>" not in bad
@@ -215,7 +218,11 @@ def test_request_page_committed_and_errors(client: TestClient) -> None:
     assert "Outcome committed" in text and "Root cause" not in text and "<b>mallory</b>" in text
     assert "DELETE" in text and "qty: 2 → 3" in text
     assert "9" in text_of(page(client, f"/requests/{REQ_BULK[:8]}")).split("Data changes", 1)[1]
-    assert "ambiguous" in text_of(page(client, "/requests/abc0000", 400))
+    ambiguous = page(client, "/requests/abc0000", 400)
+    assert "ambiguous" in text_of(ambiguous)
+    for rid in (REQ_BULK, REQ_EDIT):
+        assert f'href="/requests/{rid}"' in ambiguous and rid in text_of(ambiguous)
+    assert f"<title>Request {REQ_EDIT} · cdc</title>" in page(client, f"/requests/{REQ_EDIT}")
     assert "no request" in text_of(page(client, "/requests/ffffffff", 404))
 
 

@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 
 from cdc.devdb import LocalPostgres
-from cdc.errors import NotFoundError, StoreUnavailableError, UsageError
+from cdc.errors import AmbiguousRequestError, NotFoundError, StoreUnavailableError, UsageError
 from cdc.query import Store, key_from_text
 from tests.store_builder import (
     INT4,
@@ -122,6 +122,8 @@ def test_request_prefix_ambiguous_and_unknown(seed: StoreBuilder, store: Store) 
     with pytest.raises(UsageError, match=r"ambiguous.*abcd1234-aaaa.*abcd1299-bbbb") as excinfo:
         store.resolve_request("abcd12")
     assert not isinstance(excinfo.value, NotFoundError)
+    assert isinstance(excinfo.value, AmbiguousRequestError)
+    assert excinfo.value.matches == ["abcd1234-aaaa", "abcd1299-bbbb"] and not excinfo.value.more
     assert store.resolve_request("abcd1234") == "abcd1234-aaaa"
     with pytest.raises(NotFoundError, match="no request 'ffff'"):
         store.request("ffff")
@@ -130,6 +132,48 @@ def test_request_prefix_ambiguous_and_unknown(seed: StoreBuilder, store: Store) 
     # LIKE metacharacters are literal
     with pytest.raises(NotFoundError):
         store.resolve_request("abcd12%")
+
+
+def test_request_prefixes_are_the_shortest_unique_ones(database: Any) -> None:
+    """Readers shorten an id (where space is short) to its shortest prefix of at least 8
+    characters that no other stored id starts with; resolve_request finds each one again."""
+    b = StoreBuilder(database())
+    b.table("things", {"id": INT8, "v": TEXT})
+    ids = [
+        "feed0000-1111-aaaa",  # shares 14 characters with the next one
+        "feed0000-1111-bbbb",
+        "cafe0001",  # an id that is a prefix of another one
+        "cafe0001x",
+        "dead",  # shorter than 8: always whole
+        "0123456789abcdef",  # unique after 1 character: 8 still
+    ]
+    for n, rid in enumerate(ids):
+        with b.txn(f"2026-03-11 10:{n:02d}", rid) as t:
+            t.insert("things", {"id": n, "v": "x"})
+    b.request_error("feed0000-1111-cccc-only-an-error", "E", "failed")  # error only: still counted
+    b.finish(baseline=0x1_0000_0000)
+    with Store(b.dsn) as store:
+        found = store.request_prefixes([*ids, None, "not-stored-at-all"])
+        assert found == {
+            "feed0000-1111-aaaa": "feed0000-1111-a",
+            "feed0000-1111-bbbb": "feed0000-1111-b",
+            "cafe0001": "cafe0001",
+            "cafe0001x": "cafe0001x",
+            "dead": "dead",
+            "0123456789abcdef": "01234567",
+            "not-stored-at-all": "not-stor",
+        }
+        for rid in ids:
+            assert store.resolve_request(found[rid]) == rid
+        assert store.request_prefixes([]) == {}
+        with pytest.raises(AmbiguousRequestError) as excinfo:
+            store.resolve_request("feed0000-1111")
+        assert excinfo.value.matches == [
+            "feed0000-1111-aaaa",
+            "feed0000-1111-bbbb",
+            "feed0000-1111-cccc-only-an-error",
+        ]
+    b.close()
 
 
 def test_unknown_table_lists_known_and_close_matches(store: Store) -> None:

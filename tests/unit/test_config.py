@@ -184,6 +184,20 @@ def test_env_list_is_comma_separated_and_normalized() -> None:
     assert load_config(env={"CDC_SOURCE__TABLES": ""}).source.tables == ()
 
 
+def test_context_extra_settings_and_emit_none(tmp_path: Path) -> None:
+    assert load_config(env={}).context.extra_settings == ("tenant",)
+    config = load_config(
+        env={"CDC_CONTEXT__EXTRA_SETTINGS": "tenant, Region,region", "CDC_CONTEXT__EMIT_NONE": "false"}
+    )
+    assert config.context.extra_settings == ("tenant", "region") and config.context.emit_none is False
+    path = write(tmp_path, "context:\n  extra_settings: [shard, actor, 'not ok']\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"context.extra_settings (from {path}):") and "reserved" in problem
+    (problem,) = problems_of(env={"CDC_CONTEXT__EXTRA_SETTINGS": ",".join(f"s{i}" for i in range(51))})
+    assert "at most 50" in problem
+    assert load_config(env={"CDC_CONTEXT__EXTRA_SETTINGS": ""}).context.extra_settings == ()
+
+
 def test_yaml_on_off_booleans_and_empty_sections(tmp_path: Path) -> None:
     path = write(tmp_path, "source:\n  stream_in_progress: on\nretention:\ncolumns:\n")
     config = load_config(path, env={})

@@ -105,8 +105,12 @@ SEED = [
 ]
 
 
+#: What Store.request_prefixes gives for the seed's ids (unique after 8 characters).
+SEED_PREFIXES = {m.request_id: m.request_id[:8] for m in SEED if m.request_id}
+
+
 def test_history_lines_match_the_seed_layout() -> None:
-    assert history_lines("public.users", {"id": 42}, SEED, utc=True) == [
+    assert history_lines("public.users", {"id": 42}, SEED, utc=True, prefixes=SEED_PREFIXES) == [
         "  public.users id=42  (4 mutations)",
         "",
         "  2026-03-10 12:00  INSERT  email=a@b.com, plan=free        req:1a2b3c4d",
@@ -117,8 +121,11 @@ def test_history_lines_match_the_seed_layout() -> None:
 
 
 def test_history_lines_without_rollbacks_keep_two_spaces() -> None:
-    lines = history_lines("public.users", {"id": 42}, SEED[:2], utc=True)
+    lines = history_lines("public.users", {"id": 42}, SEED[:2], utc=True, prefixes=SEED_PREFIXES)
     assert lines[2] == "  2026-03-10 12:00  INSERT  email=a@b.com, plan=free  req:1a2b3c4d"
+    # without the prefixes the store found, ids are shown whole
+    whole = history_lines("public.users", {"id": 42}, SEED, utc=True)
+    assert whole[-1].endswith("req:550e8400-e29b-41d4-a716-446655440000")
     assert history_lines("public.users", {"id": 1}, [], utc=True) == ["  public.users id=1  (0 mutations)"]
     assert "(1 mutation)" in history_lines("public.users", {"id": 42}, SEED[:1], utc=True)[0]
 
@@ -182,7 +189,8 @@ def test_blame_lines() -> None:
         ),
         BlameEntry("legacy", None, None, None, None, None),
     ]
-    assert blame_lines(entries, utc=True) == [
+    prefixes = {i: i[:8] for i in ("1a2b3c4d-x", "a3c91ef0-x", "4f9a3b2c-x", "550e8400-x")}
+    assert blame_lines(entries, utc=True, prefixes=prefixes) == [
         "  email    a@b.com   req:1a2b3c4d  2026-03-10 12:00",
         "  name     Alice     req:a3c91ef0  2026-03-10 14:21",
         "  plan     pro       req:4f9a3b2c  2026-03-10 14:22  ✗ rolled back req:550e8400",
@@ -305,7 +313,8 @@ def test_values_times_and_helpers() -> None:
     assert short_table("(table 7)") == "(table 7)"
     marker = {"$cdc": "oversize", "bytes": 70_000_000, "sha256": "ab" * 32}
     assert format_value(marker) == "(oversize value: 70000000 bytes, sha256 abababababab…)"
-    assert short_request("550e8400-e29b") == "req:550e8400" and short_request(None) == "req:-"
+    assert short_request("550e8400-e29b") == "req:550e8400-e29b" and short_request(None) == "req:-"
+    assert short_request("550e8400-e29b", {"550e8400-e29b": "550e8400"}) == "req:550e8400"
     assert format_time(T0, utc=True) == "2026-03-10 12:00"
     assert format_time(T0, utc=True, seconds=True) == "2026-03-10 12:00:00"
     assert format_time(None) == "-"
