@@ -29,6 +29,7 @@ from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import hash_text
 from cdc.source import SourceTable, describe_table, primary_key, published_tables
 from cdc.source_context import context_installed, install_context, uninstall_context
+from cdc.source_ddl import install_ddl, uninstall_ddl
 from cdc.store.migrate import prepare_store
 from cdc.store.writer import StoreBatch, StoreWriter
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
@@ -176,6 +177,7 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         exclude = schema if same_database(src, st) else None
         what = ensure_publication(src, publication, tuple(config.source.tables), exclude)
         report.did(f"source: publication {publication} ({what})")
+        report.warnings.extend(align_publication(src, publication))
         tables = published_tables(src, publication)
         if not tables:
             report.warnings.append(f"publication {publication} has no tables yet: nothing will be captured")
@@ -188,7 +190,7 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         report.warnings.extend(
             install_context(
                 src,
-                [(t.schema, t.name) for t in tables],
+                with_partitions(src, [(t.schema, t.name) for t in tables]),
                 application_name_pattern=config.context.application_name_pattern,
                 settings_prefix=config.context.settings_prefix,
                 # New tables join only an all-tables publication; never the store's own tables.
@@ -198,6 +200,7 @@ def _setup(config: Config, *, recreate_slot: bool, drop_v1: bool = False) -> Set
         )
         install_await_capture(src, slot)
         report.did(f"source: context trigger on {len(tables)} table(s)")
+        report.warnings.extend(install_schema_changes(src, config))
         if config.simulate.enabled:
             wanted = set(config.simulate.tables)
             chosen = [(t.schema, t.name) for t in tables if not wanted or t.qualified in wanted]
@@ -417,8 +420,11 @@ def _read_table(conn: psycopg.Connection[Any], table: SourceTable) -> Iterator[b
         return
     # COPY's text format prints each value with its type's output function, exactly as
     # pgoutput sends it (a ::text cast would not: true vs t, char(n) padding, inet masks).
-    select = sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(
+    # A partitioned table (published through its root) is read with its partitions.
+    only = sql.SQL("" if _partitioned(conn, table.oid) else "ONLY ")
+    select = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
         sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns),
+        only,
         sql.Identifier(table.schema, table.name),
     )
     buffer = bytearray()
@@ -430,6 +436,63 @@ def _read_table(conn: psycopg.Connection[Any], table: SourceTable) -> Iterator[b
                 buffer.clear()
     if buffer:
         yield bytes(buffer)
+
+
+# ---------------------------------------------------------------------------- schema changes
+# Partitioned tables, generated columns and DDL events (docs/ddl.md).
+
+
+def align_publication(conn: psycopg.Connection[Any], publication: str) -> list[str]:
+    """Partitioned tables published through their root (one table in history, before images
+    and keys from the root's rows); on PostgreSQL 18, stored generated columns published too."""
+    options = [sql.SQL("publish_via_partition_root = true")]
+    if conn.info.server_version >= 180000:
+        options.append(sql.SQL("publish_generated_columns = stored"))
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("ALTER PUBLICATION {} SET ({})").format(
+                    sql.Identifier(publication), sql.SQL(", ").join(options)
+                )
+            )
+    except psycopg.errors.InsufficientPrivilege:
+        return [
+            f"publication {publication}: not its owner, publish_via_partition_root not set: partitioned "
+            "tables are captured per partition (docs/ddl.md)"
+        ]
+    return []
+
+
+def with_partitions(conn: psycopg.Connection[Any], tables: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The tables and every partition of the partitioned ones: a statement on a parent fires the
+    parent's statement trigger, one straight into a partition the partition's."""
+    out = list(tables)
+    for schema, name in tables:
+        rows = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_catalog.pg_partition_tree("
+            "  (SELECT c2.oid FROM pg_catalog.pg_class c2 JOIN pg_catalog.pg_namespace n2 "
+            "   ON n2.oid = c2.relnamespace WHERE n2.nspname = %s AND c2.relname = %s)) t "
+            "JOIN pg_catalog.pg_class c ON c.oid = t.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE t.level > 0",
+            (schema, name),
+        ).fetchall()
+        out.extend((str(r[0]), str(r[1])) for r in rows)
+    return list(dict.fromkeys(out))
+
+
+def install_schema_changes(conn: psycopg.Connection[Any], config: Config) -> list[str]:
+    """The DDL event triggers (superuser only; docs/ddl.md)."""
+    return install_ddl(
+        conn,
+        publication=config.source.publication,
+        rewrite_snapshot_max_rows=config.ddl.rewrite_snapshot_max_rows,
+        publishes_generated=conn.info.server_version >= 180000,
+    )
+
+
+def _partitioned(conn: psycopg.Connection[Any], oid: int) -> bool:
+    row = conn.execute("SELECT relkind FROM pg_catalog.pg_class WHERE oid = %s", (oid,)).fetchone()
+    return bool(row and row[0] == "p")
 
 
 def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
@@ -456,6 +519,7 @@ def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
         if simulate_installed(src):
             uninstall_simulate(src)
             report.did("source: dry-run trigger removed")
+        uninstall_ddl(src)
         if context_installed(src):
             uninstall_context(src)
             report.did("source: context trigger removed")

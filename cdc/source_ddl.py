@@ -45,6 +45,8 @@ _FUNCTIONS: Final = (
     "cdc.ddl_context()",
     "cdc.ddl_shape(oid)",
     "cdc.ddl_emit(text)",
+    "cdc.ddl_confirm() CASCADE",
+    "cdc.ddl_token()",
     "cdc.ddl_publishes_generated()",
     "cdc.ddl_publication()",
     "cdc.ddl_rewrite_max_rows()",
@@ -133,4 +135,4 @@ def uninstall_ddl(conn: psycopg.Connection[Any]) -> None:
             return
         for signature in _FUNCTIONS:
             conn.execute(f"DROP FUNCTION IF EXISTS {signature}")
-        conn.execute("DROP TABLE IF EXISTS cdc.ddl_shapes")
+        conn.execute("DROP TABLE IF EXISTS cdc.ddl_shapes, cdc.ddl_pending")

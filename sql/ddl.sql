@@ -26,6 +26,16 @@ CREATE UNLOGGED TABLE IF NOT EXISTS cdc.ddl_shapes (
 );
 REVOKE ALL ON cdc.ddl_shapes FROM PUBLIC;
 
+-- A DDL undone by ROLLBACK TO SAVEPOINT leaves its messages in a committed transaction: pgoutput
+-- tags streamed messages with the top transaction's xid, so nothing tells them apart. Each DDL's
+-- messages carry a token, and the token gets a row here; a deferred constraint trigger on that
+-- row emits a `confirm` message at commit. The row, and the trigger event with it, go away with a
+-- rolled-back savepoint: the daemon applies only confirmed tokens.
+CREATE UNLOGGED TABLE IF NOT EXISTS cdc.ddl_pending (
+    token   pg_catalog.int8 PRIMARY KEY
+);
+REVOKE ALL ON cdc.ddl_pending FROM PUBLIC;
+
 -- Configuration, rewritten by install_ddl() (cdc/source_ddl.py).
 CREATE OR REPLACE FUNCTION cdc.ddl_rewrite_max_rows() RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -39,11 +49,62 @@ CREATE OR REPLACE FUNCTION cdc.ddl_publishes_generated() RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT false $$;
 
--- The one function that writes `cdc.ddl` messages.
-CREATE OR REPLACE FUNCTION cdc.ddl_emit(content pg_catalog.text) RETURNS pg_catalog.pg_lsn
-LANGUAGE sql VOLATILE SECURITY DEFINER
+
+-- A new token (the backend pid and a transaction-local counter), registered for confirmation.
+CREATE OR REPLACE FUNCTION cdc.ddl_token() RETURNS pg_catalog.int8
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT pg_catalog.pg_logical_emit_message(true, 'cdc.ddl', content) $$;
+AS $fn$
+DECLARE
+    v_next pg_catalog.int8 := coalesce(nullif(pg_catalog.current_setting('cdc._ddl_token', true), ''), '0')::pg_catalog.int8
+                              OPERATOR(pg_catalog.+) 1;
+    v_token pg_catalog.int8;
+BEGIN
+    PERFORM pg_catalog.set_config('cdc._ddl_token', v_next::pg_catalog.text, true);
+    v_token := (pg_catalog.pg_backend_pid()::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32)
+               OPERATOR(pg_catalog.|) (pg_catalog.txid_current() OPERATOR(pg_catalog.%) 65536 OPERATOR(pg_catalog.<<) 16)
+               OPERATOR(pg_catalog.|) v_next;
+    INSERT INTO cdc.ddl_pending (token) VALUES (v_token) ON CONFLICT DO NOTHING;
+    RETURN v_token;
+END
+$fn$;
+
+-- The one function that writes `cdc.ddl` messages. Every message of a DDL command carries the
+-- command's token (taken at its first message), confirmed at commit (cdc.ddl_pending).
+CREATE OR REPLACE FUNCTION cdc.ddl_emit(content pg_catalog.text) RETURNS pg_catalog.pg_lsn
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_message pg_catalog.jsonb := content::pg_catalog.jsonb;
+    v_token pg_catalog.text;
+BEGIN
+    IF NOT v_message OPERATOR(pg_catalog.?) 'token' THEN
+        v_token := nullif(pg_catalog.current_setting('cdc._ddl_current', true), '');
+        IF v_token IS NULL THEN
+            v_token := cdc.ddl_token()::pg_catalog.text;
+            PERFORM pg_catalog.set_config('cdc._ddl_current', v_token, true);
+        END IF;
+        v_message := v_message OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('token', v_token::pg_catalog.int8);
+    END IF;
+    RETURN pg_catalog.pg_logical_emit_message(true, 'cdc.ddl', v_message::pg_catalog.text);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION cdc.ddl_confirm() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM cdc.ddl_emit(pg_catalog.jsonb_build_object('kind', 'confirm', 'token', NEW.token)::pg_catalog.text);
+    DELETE FROM cdc.ddl_pending AS p WHERE p.token OPERATOR(pg_catalog.=) NEW.token;
+    RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS cdc_ddl_confirm ON cdc.ddl_pending;
+CREATE CONSTRAINT TRIGGER cdc_ddl_confirm AFTER INSERT ON cdc.ddl_pending
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION cdc.ddl_confirm();
 
 -- A table's shape as history needs it. `published`: the column is in the publication's rows
 -- (generated columns only where the server publishes stored ones); `missing`: the value ADD
@@ -303,6 +364,7 @@ BEGIN
         END;
     END LOOP;
     PERFORM pg_catalog.set_config('cdc._ddl_rewritten', '', true);
+    PERFORM pg_catalog.set_config('cdc._ddl_current', '', true);
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'cdc: could not record a schema change: %', SQLERRM;
 END
@@ -355,6 +417,7 @@ BEGIN
             RAISE WARNING 'cdc: could not record the drop of table %: %', r.objid, SQLERRM;
         END;
     END LOOP;
+    PERFORM pg_catalog.set_config('cdc._ddl_current', '', true);
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'cdc: could not record a drop: %', SQLERRM;
 END
@@ -376,6 +439,8 @@ ON CONFLICT (relid) DO UPDATE SET shape = EXCLUDED.shape
 $$;
 
 REVOKE EXECUTE ON FUNCTION
+    cdc.ddl_token(),
+    cdc.ddl_confirm(),
     cdc.ddl_emit(pg_catalog.text),
     cdc.ddl_copy_field(anyelement),
     cdc.ddl_shape(pg_catalog.oid),

@@ -254,7 +254,7 @@ cdef class Core:
                 subxid = txn.xid if txn is not None else 0
                 off = 1
             if tag == b'M':
-                return self._logical_message(p, size, off, wal_start, txn, subxid)
+                return self._logical_message(p, size, off, wal_start, txn)
             if txn is None:
                 raise sh.out_of_place(NAMES[tag], "outside a transaction")
             if tag == b'I':
@@ -443,9 +443,6 @@ cdef class Core:
             buf_free(&text)
         txn.flags_or = F_ROLLED_BACK if rolled_back else 0
         aborted = txn.aborted
-        messages = txn.messages
-        if aborted is not None and txn.message_subxids is not None:
-            messages = sh.without_aborted_ddl(messages, txn.message_subxids, aborted)
         counts = {}
         for i in range(txn.ncounts):
             c = &txn.counts[i]
@@ -465,7 +462,7 @@ cdef class Core:
                 pending_count=txn.pending_count,
                 first_lsn=txn.first_lsn,
                 last_lsn=wal_start,
-                messages=messages,
+                messages=txn.messages,
                 counts=counts,
                 _source=txn,
             )
@@ -491,7 +488,7 @@ cdef class Core:
 
     # -- messages ------------------------------------------------------------------------------
     cdef int _logical_message(self, const uint8_t *p, Py_ssize_t size, Py_ssize_t off,
-                              uint64_t wal_start, _Txn txn, uint32_t subxid) except -1:
+                              uint64_t wal_start, _Txn txn) except -1:
         cdef int tag = b'M'
         cdef uint8_t flags
         cdef uint64_t lsn
@@ -514,10 +511,6 @@ cdef class Core:
             return 0
         if txn is None:
             raise sh.out_of_place("Message", "outside a transaction")
-        if txn.streamed and subxid != txn.xid:
-            if txn.message_subxids is None:
-                txn.message_subxids = []
-            txn.message_subxids.append((len(txn.messages), subxid))
         txn.messages.append((txn.change_count, lsn if lsn else wal_start, prefix, content))
         return 0
 

@@ -23,7 +23,6 @@ cdef class _Txn:
     cdef Py_ssize_t pending_count
     cdef object origin
     cdef list messages
-    cdef list message_subxids  # (index in messages, subxid) of a streamed subtransaction's
     cdef RelMap overlay
     cdef set aborted
     cdef Count *counts

@@ -111,18 +111,3 @@ MASKED: Final = b'"****"'
 EXCLUDE: Final = int(Policy.EXCLUDE)
 MASK: Final = int(Policy.MASK)
 HASH: Final = int(Policy.HASH)
-
-
-#: The prefix of schema-change messages (cdc/capture/ddl.py): dropped with their subtransaction.
-DDL_PREFIX = "cdc.ddl"
-
-
-def without_aborted_ddl(
-    messages: list[tuple[int, int, str, bytes]], subxids: list[tuple[int, int]], aborted: set[int]
-) -> list[tuple[int, int, str, bytes]]:
-    """The messages of a committed streamed transaction without the schema-change messages of
-    its rolled-back subtransactions (the DDL they describe was undone with them)."""
-    gone = {index for index, subxid in subxids if subxid in aborted}
-    if not gone:
-        return messages
-    return [m for i, m in enumerate(messages) if i not in gone or m[2] != DDL_PREFIX]

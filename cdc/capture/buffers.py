@@ -36,7 +36,6 @@ class Txn:
         "first_lsn",
         "flags_or",
         "mem",
-        "message_subxids",
         "messages",
         "origin",
         "overlay",
@@ -59,8 +58,6 @@ class Txn:
         self.pending_count = 0
         self.origin: str | None = None
         self.messages: list[tuple[int, int, str, bytes]] = []
-        # (index in messages, subxid) of the messages a streamed subtransaction sent
-        self.message_subxids: list[tuple[int, int]] | None = None
         self.overlay: dict[int, Rel] | None = None
         self.aborted: set[int] | None = None
         self.counts: dict[tuple[int, str, int], int] = {}

@@ -174,7 +174,7 @@ class Core:
                 subxid = txn.xid if txn is not None else 0
                 off = 1
             if tag == 0x4D:  # 'M'
-                self._logical_message(p, off, wal_start, txn, subxid)
+                self._logical_message(p, off, wal_start, txn)
                 return
             if txn is None:
                 raise sh.out_of_place(what, "outside a transaction")
@@ -321,9 +321,6 @@ class Core:
         txn.time = text.encode() + b"\t"
         txn.flags_or = ROLLED_BACK if rolled_back else 0
         aborted = txn.aborted
-        messages = txn.messages
-        if aborted is not None and txn.message_subxids is not None:
-            messages = sh.without_aborted_ddl(messages, txn.message_subxids, aborted)
         counts: dict[tuple[int, str, bool], int] = {}
         for (table_id, op, subxid), n in txn.counts.items():
             key = (table_id, op, rolled_back or (aborted is not None and subxid in aborted))
@@ -342,7 +339,7 @@ class Core:
                 pending_count=txn.pending_count,
                 first_lsn=txn.first_lsn,
                 last_lsn=wal_start,
-                messages=messages,
+                messages=txn.messages,
                 counts=counts,
                 _source=txn,
             )
@@ -376,7 +373,7 @@ class Core:
         self.spilled_transactions += spilled
 
     # -- messages ----------------------------------------------------------------------------
-    def _logical_message(self, p: bytes, off: int, wal_start: int, txn: Txn | None, subxid: int) -> None:
+    def _logical_message(self, p: bytes, off: int, wal_start: int, txn: Txn | None) -> None:
         what = "Message"
         need(p, off, 9, what)
         flags = p[off]
@@ -397,10 +394,6 @@ class Core:
             return
         if txn is None:
             raise sh.out_of_place(what, "outside a transaction")
-        if txn.streamed and subxid != txn.xid:
-            if txn.message_subxids is None:
-                txn.message_subxids = []
-            txn.message_subxids.append((len(txn.messages), subxid))
         txn.messages.append((txn.change_count, lsn or wal_start, prefix, content))
 
     def _type(self, p: bytes, off: int) -> None:

@@ -33,6 +33,7 @@ import structlog
 
 from cdc.capture.ack import Acknowledgement
 from cdc.capture.batches import Batch, BatchBuilder
+from cdc.capture.ddl import DdlHandler
 from cdc.capture.engine import Core
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
 from cdc.capture.registry import Registry
@@ -217,6 +218,7 @@ class CaptureSession:
                 catalog,
             )
             self.ack = Acknowledgement(state.acked_lsn, idle_interval=self.cfg.status_interval_seconds)
+            self.ddl = DdlHandler(registry, core)
             self.builder = BatchBuilder(
                 max_rows=self.cfg.batch_max_rows, actor_last_seq=registry.actor_last_seq
             )
@@ -353,6 +355,8 @@ class CaptureSession:
         if isinstance(event, LogicalMessage) and event.prefix == HEARTBEAT_PREFIX:
             self._idle_ack(event.lsn)
             return
+        if isinstance(event, FinishedTransaction) and event.messages:
+            event = self.ddl.expand(event)  # schema changes (cdc/capture/ddl.py)
         for full in self.builder.add(event):
             self._hand(full, wait=True)
 
