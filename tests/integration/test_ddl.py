@@ -163,6 +163,12 @@ def test_partitioned_table_through_parent_and_partition(env: CaptureEnv) -> None
     assert delete.before == {"id": 1, "k": 1, "v": "a2"}
 
 
+@pytest.mark.xfail(
+    reason="PostgreSQL's walsender never streams a change of a subtransaction whose new value went to "
+    "TOAST before the subtransaction aborts (checked with test_decoding: its streamed block is empty); "
+    "docs/ddl.md 'Known limits'",
+    strict=False,
+)
 def test_savepoint_rolled_back_with_toast_is_recorded(env: CaptureEnv) -> None:
     big = "T" * 9000
     started(
