@@ -148,11 +148,19 @@ SELECT pg_catalog.jsonb_build_object(
                                        AND ((c.relreplident OPERATOR(pg_catalog.=) 'd' AND i.indisprimary)
                                             OR (c.relreplident OPERATOR(pg_catalog.=) 'i' AND i.indisreplident)))
                        END,
-                   'has_missing', a.atthasmissing,
-                   'missing', CASE WHEN a.atthasmissing
-                       THEN (a.attmissingval::pg_catalog.text::pg_catalog.text[])[1] END
+                   'has_missing', m.attrelid IS NOT NULL,
+                   'missing', (m.attmissingval::pg_catalog.text::pg_catalog.text[])[1]
                ) ORDER BY a.attnum)
           FROM pg_catalog.pg_attribute AS a
+          -- the value ADD COLUMN gave existing rows: a partitioned table's is on its partitions
+          LEFT JOIN LATERAL (
+              SELECT x.attrelid, x.attmissingval
+                FROM pg_catalog.pg_attribute AS x
+               WHERE x.atthasmissing AND NOT x.attisdropped
+                 AND ((x.attrelid OPERATOR(pg_catalog.=) c.oid AND x.attnum OPERATOR(pg_catalog.=) a.attnum)
+                      OR (c.relkind OPERATOR(pg_catalog.=) 'p' AND x.attname OPERATOR(pg_catalog.=) a.attname
+                          AND x.attrelid IN (SELECT t.relid FROM pg_catalog.pg_partition_tree(c.oid) AS t WHERE t.isleaf)))
+               LIMIT 1) AS m ON true
          WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
            AND NOT a.attisdropped), '[]'::pg_catalog.jsonb)
 )
