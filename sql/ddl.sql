@@ -307,6 +307,22 @@ BEGIN
        OR (v_columns_changed AND (v_new OPERATOR(pg_catalog.->>) 'keyless')::boolean) THEN
         PERFORM cdc.ddl_snapshot(rel, v_new, tag, true);
     END IF;
+    -- A table attached as a partition: its rows are its parent's from now on (published through
+    -- the root); as a table of its own it ends here, like a dropped one.
+    FOR v_gone IN
+        SELECT x::pg_catalog.int8
+          FROM pg_catalog.jsonb_array_elements_text(coalesce(
+                   nullif(v_new OPERATOR(pg_catalog.->) 'partitions', 'null'::pg_catalog.jsonb), '[]')) AS x
+         WHERE NOT coalesce(nullif(v_old OPERATOR(pg_catalog.->) 'partitions', 'null'::pg_catalog.jsonb), '[]')
+                   OPERATOR(pg_catalog.@>) pg_catalog.to_jsonb(x::pg_catalog.int8)
+    LOOP
+        PERFORM cdc.ddl_emit(pg_catalog.jsonb_build_object(
+            'kind', 'drop', 'tag', 'ATTACH PARTITION', 'oid', v_gone, 'attached', true,
+            'schema', (SELECT n.nspname FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n
+                        ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.oid OPERATOR(pg_catalog.=) v_gone::pg_catalog.oid),
+            'name', (SELECT c.relname FROM pg_catalog.pg_class AS c WHERE c.oid OPERATOR(pg_catalog.=) v_gone::pg_catalog.oid),
+            'context', cdc.ddl_context())::pg_catalog.text);
+    END LOOP;
     -- A partition detached: a table of its own from now on, its rows recorded here.
     FOR v_gone IN
         SELECT x::pg_catalog.int8

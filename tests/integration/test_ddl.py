@@ -226,3 +226,39 @@ def test_ddl_in_rolled_back_savepoint_is_ignored(env: CaptureEnv) -> None:
     v1 = run(env, "SELECT 1")
     env.wait_caught_up()
     assert rows(env, v1, "t") == [{"id": 1, "v": "a"}, {"id": 2, "v": "b"}, {"id": 3, "v": "c"}]
+
+
+def test_unchanged_toast_value_follows_a_column_rename(env: CaptureEnv) -> None:
+    big = "".join(chr(65 + (i * 7) % 26) for i in range(9000))
+    started(
+        env,
+        "CREATE TABLE t (id int PRIMARY KEY, big text, n int)",
+        "ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL",
+        f"INSERT INTO t VALUES (1, '{big}', 0)",
+    )
+    v1 = run(env, "ALTER TABLE t RENAME COLUMN big TO \"Huge\"", "UPDATE t SET n = 1")
+    v2 = run(env, "UPDATE t SET n = 2")
+    env.wait_caught_up()
+    assert rows(env, v1, "t") == [{"id": 1, "Huge": big, "n": 1}]
+    assert rows(env, v2, "t") == [{"id": 1, "Huge": big, "n": 2}]
+    history = History(env.store_dsn, schema=env.schema)
+    assert not any(m.incomplete for m in history.row_history("t", 1))
+
+
+def test_detached_partition_becomes_a_table_of_its_own(env: CaptureEnv) -> None:
+    started(
+        env,
+        "CREATE TABLE p (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k)",
+        "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10)",
+        "CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)",
+        "INSERT INTO p VALUES (1, 1, 'a'), (2, 15, 'b')",
+    )
+    v1 = run(env, "ALTER TABLE p DETACH PARTITION p2")
+    v2 = run(env, "UPDATE p2 SET v = 'b2'", "CREATE TABLE p3 (LIKE p)", "INSERT INTO p3 VALUES (3, 25, 'c')",
+             "ALTER TABLE p ATTACH PARTITION p3 FOR VALUES FROM (20) TO (30)")  # fmt: skip
+    env.wait_caught_up()
+    assert rows(env, v1, "p") == [{"id": 1, "k": 1, "v": "a"}]
+    assert rows(env, v1, "p2") == [{"id": 2, "k": 15, "v": "b"}]
+    assert rows(env, v2, "p2") == [{"id": 2, "k": 15, "v": "b2"}]
+    assert rows(env, v2, "p") == [{"id": 1, "k": 1, "v": "a"}, {"id": 3, "k": 25, "v": "c"}]
+    assert not rows(env, v2, "p3")  # a partition now: its rows are p's
