@@ -169,6 +169,7 @@ def demo(keep: bool) -> None:
 
 def _add_commands() -> None:
     from cdc.cli_readers import state, why
+    from cdc.cli_schema import schema as _schema  # noqa: F401 - registers `cdc state schema`
     from cdc.cli_retention import erase, prune
     from cdc.cli_revert import restore, revert
     from cdc.web.serve import serve

@@ -17,6 +17,7 @@ from psycopg import sql
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.store.format import STATUS_CODES
+from cdc.source_ddl import ddl_mode
 from cdc.store.migrate import is_v1_store, v1_leftovers
 
 
@@ -55,6 +56,7 @@ class Status:
     retention: str | None = None
     gaps: list[dict[str, Any]] = field(default_factory=list)
     v1_tables: list[str] = field(default_factory=list)  # left by a store migration
+    schema_changes: str | None = None  # "event trigger" | "relation messages only" (docs/ddl.md)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -97,6 +99,7 @@ def collect_status(config: Config) -> Status:
                     status.retained_wal_bytes, status.server_lsn = row[5], row[6]
                     if row[4] and row[6]:
                         status.lag_bytes = max(0, parse_lsn(row[6]) - parse_lsn(row[4]))
+                status.schema_changes = ddl_mode(conn)
         except psycopg.Error as exc:
             status.source_error = str(exc).strip().splitlines()[0]
     if config.store.dsn is not None:
@@ -245,6 +248,7 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         ("transactions (est.)", show(status.transactions)),
         ("mutations (est.)", show(status.mutations)),
         ("retention", show(status.retention)),
+        ("schema changes", show(status.schema_changes)),
         ("daemon", show(status.daemon)),
         ("last error", f"{status.last_error} ({show(status.last_error_at)})" if status.last_error else "-"),
     ]

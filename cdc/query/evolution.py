@@ -14,7 +14,7 @@ from psycopg import sql
 from cdc.query.catalog import Catalog
 from cdc.query.model import Row
 
-__all__ = ["Evolution", "Step"]
+__all__ = ["Evolution", "SchemaVersion", "Step", "schema_versions", "summarize"]
 
 Cursor = tuple[int, int]
 
@@ -79,6 +79,10 @@ class Evolution(Catalog):
         self._steps[table_id] = (current, steps)
         return steps
 
+    def schema_versions(self, table: str) -> list[SchemaVersion]:
+        """Every schema version of ``table``, oldest first (see :func:`schema_versions`)."""
+        return schema_versions(self, table)
+
     def evolve(self, table_id: int, image: Row | None, since: Cursor | None, until: Cursor) -> Row | None:
         """``image`` (stored at ``since``) as the table's DDLs after it, up to ``until``, left it."""
         if image is None or since is None:
@@ -88,3 +92,119 @@ class Evolution(Catalog):
             if since < step.cursor <= until:
                 image = step.apply(image)
         return image
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    """One version of a table's schema: the DDL (or Relation message) that made it, when, by
+    which request, and the columns from then on."""
+
+    version: int
+    committed_at: Any  # datetime | None
+    command: str  # ALTER TABLE, CREATE TABLE, DROP TABLE, ... or "(first seen)" / "(relation message)"
+    summary: str  # what changed, in words
+    request_id: str | None
+    context: dict[str, Any] | None
+    name: str  # the table's name from this version on
+    columns: tuple[str, ...]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        from cdc.lsn import format_lsn
+
+        return {
+            "version": self.version,
+            "version_lsn": format_lsn(self.version),
+            "committed_at": self.committed_at.isoformat() if self.committed_at is not None else None,
+            "command": self.command,
+            "summary": self.summary,
+            "request_id": self.request_id,
+            "context": self.context,
+            "name": self.name,
+            "columns": list(self.columns),
+            "details": self.details,
+        }
+
+
+def summarize(command: str, details: dict[str, Any]) -> str:
+    """``renamed column a → b; added c (default 'x'); ...`` (no row values: defaults are the
+    DDL's own constants)."""
+    parts: list[str] = []
+    if details.get("created"):
+        parts.append("created" if command.startswith("CREATE") else "joined capture")
+    if details.get("detached"):
+        parts.append("detached from its partitioned table")
+    if details.get("renamed_from"):
+        old = details["renamed_from"]
+        parts.append(f"table renamed from {old[0]}.{old[1]}")
+    for old, new in (details.get("renamed") or {}).items():
+        parts.append(f"column {old} renamed to {new}")
+    for name, value in (details.get("added") or {}).items():
+        parts.append(f"column {name} added" + (f" (existing rows: {value!r})" if value is not None else ""))
+    for name in details.get("dropped") or ():
+        parts.append(f"column {name} dropped")
+    for change in details.get("retyped") or ():
+        parts.append(f"column {change.get('name')} {change.get('from')} → {change.get('to')}")
+    if details.get("rewritten"):
+        parts.append("values rewritten (recorded at this version)")
+    if details.get("inexact"):
+        parts.append("rewritten, too large to record: history inexact from here until a backfill")
+    if details.get("dropped_table"):
+        parts.append("table dropped")
+    if details.get("attached"):
+        parts.append("attached as a partition")
+    return "; ".join(parts) or "no change history sees"
+
+
+def schema_versions(store: Evolution, table: str) -> list[SchemaVersion]:
+    """Every schema version of ``table`` (resolved as history does), oldest first: its DDLs
+    (``ddl_events``) and the shapes Relation messages announced without one."""
+    from cdc.query.changes import parse_json
+
+    info = store.table(table)
+    events = store._rows(  # noqa: SLF001 - one query layer
+        sql.SQL(
+            "SELECT position, committed_at, command, details, request_id, context FROM {} "
+            "WHERE table_id = %(t)s ORDER BY position, ordinal, seq"
+        ).format(store._t("ddl_events")),  # noqa: SLF001
+        {"t": info.table_id},
+    )
+    shapes = store._schemas_of(info.table_id)  # noqa: SLF001
+    out: list[SchemaVersion] = []
+    for e in events:
+        position = int(e["position"])
+        shape = store._schema_at(info.table_id, position)  # noqa: SLF001
+        details = dict(e["details"] or {})
+        out.append(
+            SchemaVersion(
+                version=position,
+                committed_at=e["committed_at"],
+                command=str(e["command"]),
+                summary=summarize(str(e["command"]), details),
+                request_id=e["request_id"],
+                context=parse_json(e["context"]),
+                name=store.name_at(info.table_id, position),
+                columns=shape.columns if shape else (),
+                details=details,
+            )
+        )
+    # The shape capture first saw; without DDL events (relation messages only: docs/ddl.md),
+    # every shape a Relation message announced.
+    for i, shape in enumerate(shapes):
+        if i > 0 and events:
+            break
+        if out and i == 0 and min(o.version for o in out) <= shape.first_position:
+            continue
+        out.append(
+            SchemaVersion(
+                version=shape.first_position,
+                committed_at=None,
+                command="(first seen)" if i == 0 else "(relation message)",
+                summary="the shape capture first saw" if i == 0 else "a new shape announced by a Relation message",
+                request_id=None,
+                context=None,
+                name=store.name_at(info.table_id, shape.first_position),
+                columns=shape.columns,
+            )
+        )
+    return sorted(out, key=lambda v: v.version)

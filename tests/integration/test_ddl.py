@@ -262,3 +262,31 @@ def test_detached_partition_becomes_a_table_of_its_own(env: CaptureEnv) -> None:
     assert rows(env, v2, "p2") == [{"id": 2, "k": 15, "v": "b2"}]
     assert rows(env, v2, "p") == [{"id": 1, "k": 1, "v": "a"}, {"id": 3, "k": 25, "v": "c"}]
     assert not rows(env, v2, "p3")  # a partition now: its rows are p's
+
+
+def test_schema_versions_cli_and_status(env: CaptureEnv) -> None:
+    from click.testing import CliRunner
+
+    from cdc.cli import main
+    from cdc.status import collect_status, render_status
+
+    started(env, "CREATE TABLE t (id int PRIMARY KEY, a text)", "INSERT INTO t VALUES (1, 'x')")
+    v1 = run(env, "SET LOCAL cdc.request_id = 'req-ddl-1'", "ALTER TABLE t RENAME COLUMN a TO b")
+    v2 = run(env, "ALTER TABLE t ADD COLUMN c int DEFAULT 5", "ALTER TABLE t RENAME TO t2")
+    env.wait_caught_up()
+    runner = CliRunner()
+    args = ["state", "schema", "t2", "--store", env.store_dsn, "--schema", env.schema]
+    result = runner.invoke(main, [*args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    found = json.loads(result.output)
+    assert [v["command"] for v in found] == ["(first seen)", "ALTER TABLE", "ALTER TABLE", "ALTER TABLE"]
+    assert found[1]["version"] == v1 and found[1]["request_id"] == "req-ddl-1"
+    assert found[1]["columns"] == ["id", "b"] and "column a renamed to b" in found[1]["summary"]
+    assert found[-1]["version"] == v2 and found[-1]["columns"] == ["id", "b", "c"]
+    assert found[-1]["name"] == "public.t2"
+    text = runner.invoke(main, args)
+    assert text.exit_code == 0 and "req:req-ddl-1" in text.output
+    lines = dict(render_status(collect_status(env.config)))
+    assert lines["schema changes"] == "event trigger"
