@@ -152,6 +152,10 @@ class DdlHandler:
             return txn
         parsed = self._parse(messages)
         confirmed = {m.get("token") for _o, _l, m in parsed if m.get("kind") == "confirm"}
+        # A table attached as a partition and detached again in the same transaction stays the
+        # table it was (its changes in the transaction were encoded for it already).
+        attached = {m.get("oid") for _o, _l, m in parsed if m.get("kind") == "drop" and m.get("attached")}
+        both = {m.get("oid") for _o, _l, m in parsed if m.get("detached") and m.get("oid") in attached}
         inserts: list[_Insert] = []
         events: list[tuple[int, int, dict[str, Any]]] = []  # (message ordinal, table_id, row)
         infos: dict[int, RelationInfo] = {}  # oid -> the shape registered in this transaction
@@ -163,6 +167,8 @@ class DdlHandler:
                 log.info("ddl_rolled_back", lsn=format_lsn(lsn))  # undone by ROLLBACK TO SAVEPOINT
                 continue
             oid = int(message["oid"])
+            if oid in both and (message.get("attached") or message.get("detached")):
+                continue
             if kind == "alter":
                 found = self._alter(txn, oid, message, infos)
                 if found is not None:
@@ -216,6 +222,12 @@ class DdlHandler:
             return None  # a table capture does not follow
         info = self.registry.describe(relation_desc(new, txn.position))
         infos[oid] = info
+        # The core reads a whole drain of frames before their transactions come here: a later
+        # transaction's Relation message may have registered the table first.
+        self.registry.conn.execute(
+            "UPDATE tables SET first_position = %s WHERE table_id = %s AND first_position > %s",
+            (txn.position, info.table_id, txn.position),
+        )
         old = message.get("old") if isinstance(message.get("old"), dict) else None
         if known is None and old is not None:
             old = None  # first seen now (it joined the publication): no earlier images to map

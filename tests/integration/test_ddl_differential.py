@@ -110,6 +110,7 @@ class Generator:
     # -- statements -----------------------------------------------------------------------------
     def setup_statements(self) -> list[sql.Composable]:
         out: list[sql.Composable] = [
+            sql.SQL("CREATE SEQUENCE volatile_default"),
             sql.SQL('CREATE TABLE "plain" (id int PRIMARY KEY, c text, n int)'),
             sql.SQL('CREATE TABLE "Mixed Case" ("A" int, b text, "Big" text, n int, PRIMARY KEY ("A", b))'),
             sql.SQL('ALTER TABLE "Mixed Case" ALTER COLUMN "Big" SET STORAGE EXTERNAL'),
@@ -199,7 +200,7 @@ class Generator:
         if kind == "add_null":
             return [sql.SQL("ALTER TABLE {} ADD COLUMN {} text").format(table.ident, sql.Identifier(self.fresh(COLUMN_NAMES)))]
         if kind == "add_volatile":
-            return [sql.SQL("ALTER TABLE {} ADD COLUMN {} int DEFAULT (floor(random() * 100))::int").format(
+            return [sql.SQL("ALTER TABLE {} ADD COLUMN {} int DEFAULT (nextval('volatile_default') % 100)::int").format(
                 table.ident, sql.Identifier(self.fresh(COLUMN_NAMES)))]  # fmt: skip
         if kind == "alter_type":
             ints = [n for n, t in non_key if t in (21, 23, 20)]
@@ -396,7 +397,16 @@ def test_time_travel_equals_source_across_ddl(env: CaptureEnv, seed: int) -> Non
     finally:
         history.store.close()
     if problems:
+        with env.store() as store:
+            names = store.execute(
+                "SELECT n.table_id, n.schema_name, n.table_name, n.from_position, t.first_position, t.dropped_position "
+                "FROM table_names n JOIN tables t USING (table_id) ORDER BY n.table_id, n.from_position"
+            ).fetchall()
+        problems.append("table names: " + "; ".join(
+            f"{t}:{s}.{n}@{format_lsn(f)} (first {format_lsn(p)}, dropped {format_lsn(d) if d else '-'})"
+            for t, s, n, f, p, d in names))  # fmt: skip
+        problems.append("versions: " + ", ".join(f"{n}={format_lsn(v)}" for n, v, _ in recorded))
         first = int(problems[0].split()[1])
         statements = "\n".join(line for line in generator.log if not line.startswith("-- step ") or True)
         cut = statements.split(f"-- step {first + 1}\n")[0]
-        pytest.fail(f"seed {seed}: {len(problems)} mismatches; first:\n" + "\n".join(problems[:8]) + "\n\nstatements up to it:\n" + cut[-6000:])
+        pytest.fail(f"seed {seed}: {len(problems)} mismatches; first:\n" + "\n".join(problems[:8] + problems[-2:]) + "\n\nstatements up to it:\n" + cut[-6000:])
