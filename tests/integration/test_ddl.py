@@ -290,3 +290,18 @@ def test_schema_versions_cli_and_status(env: CaptureEnv) -> None:
     assert text.exit_code == 0 and "req:req-ddl-1" in text.output
     lines = dict(render_status(collect_status(env.config)))
     assert lines["schema changes"] == "event trigger"
+
+
+def test_schema_page(env: CaptureEnv) -> None:
+    from starlette.testclient import TestClient
+
+    from cdc.web import create_app
+
+    started(env, 'CREATE TABLE "Odd Name" (id int PRIMARY KEY, a text)', "INSERT INTO \"Odd Name\" VALUES (1, 'x')")
+    run(env, "SET LOCAL cdc.request_id = 'req-page'", 'ALTER TABLE "Odd Name" RENAME COLUMN a TO b')
+    env.wait_caught_up()
+    with TestClient(create_app(env.store_dsn, schema=env.schema, open_access=True)) as client:
+        page = client.get("/tables/public.%22Odd%20Name%22/schema")
+        assert page.status_code == 200, page.text
+        assert "req-page" in page.text and "column a renamed to b" in page.text
+        assert client.get("/tables/nope/schema").status_code == 404
