@@ -36,7 +36,16 @@ def schema(
         if fmt == "json":
             _emit(json_text(records))
         elif fmt == "csv":
-            fields = ["version", "version_lsn", "committed_at", "command", "summary", "request_id", "name", "columns"]
+            fields = [
+                "version",
+                "version_lsn",
+                "committed_at",
+                "command",
+                "summary",
+                "request_id",
+                "name",
+                "columns",
+            ]
             rows = [{**{k: r[k] for k in fields}, "columns": " ".join(r["columns"])} for r in records]
             _emit(csv_text(fields, rows))
         else:

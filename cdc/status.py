@@ -16,8 +16,8 @@ from psycopg import sql
 
 from cdc.config import Config, format_duration, redact_dsn
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.store.format import STATUS_CODES
 from cdc.source_ddl import ddl_mode
+from cdc.store.format import STATUS_CODES
 from cdc.store.migrate import is_v1_store, v1_leftovers
 
 

@@ -81,7 +81,11 @@ def column_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[s
     if (old.get("schema"), old.get("name")) != (new.get("schema"), new.get("name")):
         details["renamed_from"] = [old.get("schema"), old.get("name")]
     before, after = _published(old), _published(new)
-    renamed = {before[a]["name"]: after[a]["name"] for a in before if a in after and before[a]["name"] != after[a]["name"]}
+    renamed = {
+        before[a]["name"]: after[a]["name"]
+        for a in before
+        if a in after and before[a]["name"] != after[a]["name"]
+    }
     added = {after[a]["name"]: default_value(after[a]) for a in after if a not in before}
     dropped = [before[a]["name"] for a in before if a not in after]
     retyped = [
@@ -184,7 +188,11 @@ class DdlHandler:
             elif kind == "inexact":
                 table_id = self.registry.live_table(oid)
                 if table_id is not None:
-                    details = {"inexact": True, "reason": message.get("reason"), "limit": message.get("limit")}
+                    details = {
+                        "inexact": True,
+                        "reason": message.get("reason"),
+                        "limit": message.get("limit"),
+                    }
                     events.append((ordinal, table_id, {"command": str(message.get("reason") or "ALTER TABLE"),
                                                        "details": details, "context": None}))  # fmt: skip
                     log.warning("ddl_rewrite_inexact", table_id=table_id, lsn=format_lsn(txn.position))
@@ -202,7 +210,9 @@ class DdlHandler:
                 continue
             try:
                 message = orjson.loads(content)
-                if not isinstance(message, dict) or (message.get("kind") != "confirm" and "oid" not in message):
+                if not isinstance(message, dict) or (
+                    message.get("kind") != "confirm" and "oid" not in message
+                ):
                     raise ValueError(message)
                 int(message.get("oid") or 0)
             except (orjson.JSONDecodeError, TypeError, ValueError):
@@ -258,7 +268,9 @@ class DdlHandler:
         ).fetchone()
         name = (str(shape["schema"]), str(shape["name"]))
         if row is not None and (row[0], row[1]) == name:
-            conn.execute("DELETE FROM table_names WHERE table_id = %s AND from_position = %s", (table_id, position))
+            conn.execute(
+                "DELETE FROM table_names WHERE table_id = %s AND from_position = %s", (table_id, position)
+            )
             return
         conn.execute(
             "INSERT INTO table_names (table_id, schema_name, table_name, from_position) VALUES (%s, %s, %s, %s) "

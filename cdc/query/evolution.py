@@ -162,18 +162,18 @@ def schema_versions(store: Evolution, table: str) -> list[SchemaVersion]:
     from cdc.query.changes import parse_json
 
     info = store.table(table)
-    events = store._rows(  # noqa: SLF001 - one query layer
+    events = store._rows(
         sql.SQL(
             "SELECT position, committed_at, command, details, request_id, context FROM {} "
             "WHERE table_id = %(t)s ORDER BY position, ordinal, seq"
-        ).format(store._t("ddl_events")),  # noqa: SLF001
+        ).format(store._t("ddl_events")),
         {"t": info.table_id},
     )
-    shapes = store._schemas_of(info.table_id)  # noqa: SLF001
+    shapes = store._schemas_of(info.table_id)
     out: list[SchemaVersion] = []
     for e in events:
         position = int(e["position"])
-        shape = store._schema_at(info.table_id, position)  # noqa: SLF001
+        shape = store._schema_at(info.table_id, position)
         details = dict(e["details"] or {})
         out.append(
             SchemaVersion(
@@ -200,7 +200,9 @@ def schema_versions(store: Evolution, table: str) -> list[SchemaVersion]:
                 version=shape.first_position,
                 committed_at=None,
                 command="(first seen)" if i == 0 else "(relation message)",
-                summary="the shape capture first saw" if i == 0 else "a new shape announced by a Relation message",
+                summary="the shape capture first saw"
+                if i == 0
+                else "a new shape announced by a Relation message",
                 request_id=None,
                 context=None,
                 name=store.name_at(info.table_id, shape.first_position),

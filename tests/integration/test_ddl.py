@@ -66,14 +66,24 @@ def test_add_column_default_reaches_old_rows(env: CaptureEnv) -> None:
     v2 = run(env, "UPDATE t SET c = 'x' WHERE id = 2")
     env.wait_caught_up()
     assert rows(env, v0, "t") == [{"id": 1, "v": "a1"}, {"id": 2, "v": "b"}]
-    assert rows(env, v1, "t") == [{"id": 1, "v": "a1", "c": "dflt", "n": None}, {"id": 2, "v": "b", "c": "dflt", "n": None}]
-    assert rows(env, v2, "t") == [{"id": 1, "v": "a1", "c": "dflt", "n": None}, {"id": 2, "v": "b", "c": "x", "n": None}]
+    assert rows(env, v1, "t") == [
+        {"id": 1, "v": "a1", "c": "dflt", "n": None},
+        {"id": 2, "v": "b", "c": "dflt", "n": None},
+    ]
+    assert rows(env, v2, "t") == [
+        {"id": 1, "v": "a1", "c": "dflt", "n": None},
+        {"id": 2, "v": "b", "c": "x", "n": None},
+    ]
 
 
 def test_alter_type_using_is_exact_at_its_version(env: CaptureEnv) -> None:
     started(env, "CREATE TABLE t (id int PRIMARY KEY, n int)", "INSERT INTO t VALUES (1, 2), (2, 3)")
     v0 = run(env, "UPDATE t SET n = 4 WHERE id = 2")
-    v1 = run(env, "ALTER TABLE t ALTER COLUMN n TYPE text USING n::text || '!'", "UPDATE t SET n = 'z' WHERE id = 1")
+    v1 = run(
+        env,
+        "ALTER TABLE t ALTER COLUMN n TYPE text USING n::text || '!'",
+        "UPDATE t SET n = 'z' WHERE id = 1",
+    )
     env.wait_caught_up()
     assert rows(env, v0, "t") == [{"id": 1, "n": 2}, {"id": 2, "n": 4}]
     assert rows(env, v1, "t") == [{"id": 1, "n": "z"}, {"id": 2, "n": "4!"}]
@@ -156,10 +166,10 @@ def test_partitioned_table_through_parent_and_partition(env: CaptureEnv) -> None
     assert rows(env, v3, "p") == [{"id": 2, "k": 3, "v": "b2"}]
     history = History(env.store_dsn, schema=env.schema)
     found = history.row_history("p", {"id": 1, "k": 1})
-    update = [m for m in found if m.op == "UPDATE"][0]
+    update = next(m for m in found if m.op == "UPDATE")
     assert update.request_id == "req-parent"
     assert update.before == {"id": 1, "k": 1, "v": "a"}
-    delete = [m for m in found if m.op == "DELETE"][0]
+    delete = next(m for m in found if m.op == "DELETE")
     assert delete.before == {"id": 1, "k": 1, "v": "a2"}
 
 
@@ -177,15 +187,14 @@ def test_savepoint_rolled_back_with_toast_is_recorded(env: CaptureEnv) -> None:
         "ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL",
         "INSERT INTO t VALUES (1, 'small', 0)",
     )
-    with env.source() as conn:
-        with conn.transaction():
-            conn.execute("UPDATE t SET n = 1")
-            try:
-                with conn.transaction():
-                    conn.execute(f"UPDATE t SET big = '{big}', n = 2")
-                    raise RuntimeError("roll back the savepoint")
-            except RuntimeError:
-                pass
+    with env.source() as conn, conn.transaction():
+        conn.execute("UPDATE t SET n = 1")
+        try:
+            with conn.transaction():
+                conn.execute(f"UPDATE t SET big = '{big}', n = 2")
+                raise RuntimeError("roll back the savepoint")
+        except RuntimeError:
+            pass
     env.wait_caught_up()
     if env.pg.version < 16:
         pytest.skip("rolled-back savepoints are decoded only from PostgreSQL 16 (streaming)")
@@ -193,7 +202,11 @@ def test_savepoint_rolled_back_with_toast_is_recorded(env: CaptureEnv) -> None:
     found = history.row_history("t", 1)
     attempts = [m for m in found if m.rolled_back]
     assert attempts and attempts[-1].after == {"id": 1, "big": big, "n": 2}
-    assert history.at(version=history.current_version()).table("t").get(1) == {"id": 1, "big": "small", "n": 1}
+    assert history.at(version=history.current_version()).table("t").get(1) == {
+        "id": 1,
+        "big": "small",
+        "n": 1,
+    }
 
 
 def test_generated_columns_kept_on_pg18(env: CaptureEnv) -> None:
@@ -212,17 +225,16 @@ def test_generated_columns_kept_on_pg18(env: CaptureEnv) -> None:
 
 def test_ddl_in_rolled_back_savepoint_is_ignored(env: CaptureEnv) -> None:
     started(env, "CREATE TABLE t (id int PRIMARY KEY, v text)", "INSERT INTO t VALUES (1, 'a')")
-    with env.source() as conn:
-        with conn.transaction():
-            conn.execute("INSERT INTO t VALUES (2, 'b')")
-            try:
-                with conn.transaction():
-                    conn.execute("ALTER TABLE t RENAME COLUMN v TO w")
-                    conn.execute("ALTER TABLE t ADD COLUMN c int DEFAULT 7")
-                    raise RuntimeError("roll back")
-            except RuntimeError:
-                pass
-            conn.execute("INSERT INTO t VALUES (3, 'c')")
+    with env.source() as conn, conn.transaction():
+        conn.execute("INSERT INTO t VALUES (2, 'b')")
+        try:
+            with conn.transaction():
+                conn.execute("ALTER TABLE t RENAME COLUMN v TO w")
+                conn.execute("ALTER TABLE t ADD COLUMN c int DEFAULT 7")
+                raise RuntimeError("roll back")
+        except RuntimeError:
+            pass
+        conn.execute("INSERT INTO t VALUES (3, 'c')")
     v1 = run(env, "SELECT 1")
     env.wait_caught_up()
     assert rows(env, v1, "t") == [{"id": 1, "v": "a"}, {"id": 2, "v": "b"}, {"id": 3, "v": "c"}]
@@ -236,7 +248,7 @@ def test_unchanged_toast_value_follows_a_column_rename(env: CaptureEnv) -> None:
         "ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL",
         f"INSERT INTO t VALUES (1, '{big}', 0)",
     )
-    v1 = run(env, "ALTER TABLE t RENAME COLUMN big TO \"Huge\"", "UPDATE t SET n = 1")
+    v1 = run(env, 'ALTER TABLE t RENAME COLUMN big TO "Huge"', "UPDATE t SET n = 1")
     v2 = run(env, "UPDATE t SET n = 2")
     env.wait_caught_up()
     assert rows(env, v1, "t") == [{"id": 1, "Huge": big, "n": 1}]
@@ -297,7 +309,11 @@ def test_schema_page(env: CaptureEnv) -> None:
 
     from cdc.web import create_app
 
-    started(env, 'CREATE TABLE "Odd Name" (id int PRIMARY KEY, a text)', "INSERT INTO \"Odd Name\" VALUES (1, 'x')")
+    started(
+        env,
+        'CREATE TABLE "Odd Name" (id int PRIMARY KEY, a text)',
+        "INSERT INTO \"Odd Name\" VALUES (1, 'x')",
+    )
     run(env, "SET LOCAL cdc.request_id = 'req-page'", 'ALTER TABLE "Odd Name" RENAME COLUMN a TO b')
     env.wait_caught_up()
     with TestClient(create_app(env.store_dsn, schema=env.schema, open_access=True)) as client:

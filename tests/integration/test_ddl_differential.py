@@ -87,7 +87,9 @@ class Generator:
                     (oid,),
                 ).fetchall()
             ]
-            out.append(Table(schema, name, int(oid), kind, [(str(a), int(t), str(g)) for a, t, g in columns], key))
+            out.append(
+                Table(schema, name, int(oid), kind, [(str(a), int(t), str(g)) for a, t, g in columns], key)
+            )
         return out
 
     def fresh(self, pool: list[str]) -> str:
@@ -104,8 +106,12 @@ class Generator:
         if type_oid == 16:
             return sql.Literal(rng.random() < 0.5)
         if rng.random() < (0.5 if column == "Big" else 0.05):
-            return sql.Literal("".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(BIG)))
-        return sql.Literal(rng.choice(["a", "b", "O'Brien", "tab\there", "line\nbreak", "ü", ""]) + str(rng.randint(0, 9)))
+            return sql.Literal(
+                "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(BIG))
+            )
+        return sql.Literal(
+            rng.choice(["a", "b", "O'Brien", "tab\there", "line\nbreak", "ü", ""]) + str(rng.randint(0, 9))
+        )
 
     # -- statements -----------------------------------------------------------------------------
     def setup_statements(self) -> list[sql.Composable]:
@@ -116,7 +122,9 @@ class Generator:
             sql.SQL('ALTER TABLE "Mixed Case" ALTER COLUMN "Big" SET STORAGE EXTERNAL'),
             sql.SQL('CREATE TABLE "loose" (a int, b text)'),
             sql.SQL('ALTER TABLE "loose" REPLICA IDENTITY FULL'),
-            sql.SQL('CREATE TABLE "Part" (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k)'),
+            sql.SQL(
+                'CREATE TABLE "Part" (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k)'
+            ),
             sql.SQL('CREATE TABLE "Part_lo" PARTITION OF "Part" FOR VALUES FROM (0) TO (20)'),
             sql.SQL('CREATE TABLE "Part_hi" PARTITION OF "Part" FOR VALUES FROM (20) TO (41)'),
         ]
@@ -136,7 +144,9 @@ class Generator:
                 tuples.append(sql.SQL("({})").format(sql.SQL(", ").join(values)))
             conflict = sql.SQL(" ON CONFLICT DO NOTHING" if table.key else "")
             return sql.SQL("INSERT INTO {} ({}) VALUES {}{}").format(
-                table.ident, sql.SQL(", ").join(sql.Identifier(n) for n, _ in columns), sql.SQL(", ").join(tuples),
+                table.ident,
+                sql.SQL(", ").join(sql.Identifier(n) for n, _ in columns),
+                sql.SQL(", ").join(tuples),
                 conflict,
             )
         target = table.ident
@@ -196,9 +206,17 @@ class Generator:
             numeric = rng.random() < 0.5
             default = sql.Literal(rng.randint(0, 9)) if numeric else sql.Literal(f"dflt {column}")
             type_name = sql.SQL("int" if numeric else "text")
-            return [sql.SQL("ALTER TABLE {} ADD COLUMN {} {} DEFAULT {}").format(table.ident, sql.Identifier(column), type_name, default)]
+            return [
+                sql.SQL("ALTER TABLE {} ADD COLUMN {} {} DEFAULT {}").format(
+                    table.ident, sql.Identifier(column), type_name, default
+                )
+            ]
         if kind == "add_null":
-            return [sql.SQL("ALTER TABLE {} ADD COLUMN {} text").format(table.ident, sql.Identifier(self.fresh(COLUMN_NAMES)))]
+            return [
+                sql.SQL("ALTER TABLE {} ADD COLUMN {} text").format(
+                    table.ident, sql.Identifier(self.fresh(COLUMN_NAMES))
+                )
+            ]
         if kind == "add_volatile":
             return [sql.SQL("ALTER TABLE {} ADD COLUMN {} int DEFAULT (nextval('volatile_default') % 100)::int").format(
                 table.ident, sql.Identifier(self.fresh(COLUMN_NAMES)))]  # fmt: skip
@@ -219,11 +237,17 @@ class Generator:
             return [sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
                 table.ident, sql.Identifier(column), sql.Identifier(self.fresh(COLUMN_NAMES)))]  # fmt: skip
         if kind == "drop_column":
-            if len(non_key) < 2 or table.kind == "p" and len(non_key) < 2:
+            if len(non_key) < 2 or (table.kind == "p" and len(non_key) < 2):
                 return []
-            return [sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table.ident, sql.Identifier(rng.choice(non_key)[0]))]
+            return [
+                sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+                    table.ident, sql.Identifier(rng.choice(non_key)[0])
+                )
+            ]
         if kind == "rename_table":
-            return [sql.SQL("ALTER TABLE {} RENAME TO {}").format(table.ident, sql.Identifier(self.fresh(NAMES)))]
+            return [
+                sql.SQL("ALTER TABLE {} RENAME TO {}").format(table.ident, sql.Identifier(self.fresh(NAMES)))
+            ]
         if kind == "recreate":
             if table.kind == "p":
                 return []
@@ -242,7 +266,9 @@ class Generator:
             return [
                 sql.SQL("ALTER TABLE {} RENAME TO {}").format(table.ident, sql.Identifier(temp)),
                 sql.SQL("ALTER TABLE {} RENAME TO {}").format(other.ident, sql.Identifier(table.name)),
-                sql.SQL("ALTER TABLE {} RENAME TO {}").format(sql.Identifier("public", temp), sql.Identifier(other.name)),
+                sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                    sql.Identifier("public", temp), sql.Identifier(other.name)
+                ),
             ]
         if kind == "detach":
             parts = [t for t in tables if t.kind == "p"]
@@ -255,12 +281,18 @@ class Generator:
                 low = 41 + self.counter * 10
                 return [
                     sql.SQL("CREATE TABLE {} (LIKE {})").format(sql.Identifier(attached), parent.ident),
-                    sql.SQL("INSERT INTO {} SELECT * FROM {} LIMIT 0").format(sql.Identifier(attached), parent.ident),
+                    sql.SQL("INSERT INTO {} SELECT * FROM {} LIMIT 0").format(
+                        sql.Identifier(attached), parent.ident
+                    ),
                     sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
                         parent.ident, sql.Identifier(attached), sql.Literal(low), sql.Literal(low + 10)
                     ),
                 ]
-            return [sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent.ident, sql.Identifier("public", found[-1]))]
+            return [
+                sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
+                    parent.ident, sql.Identifier("public", found[-1])
+                )
+            ]
         # create
         return [sql.SQL("CREATE TABLE {} (id int, {} text, w int, PRIMARY KEY (id))").format(
             sql.Identifier(self.fresh(NAMES)), sql.Identifier(self.fresh(COLUMN_NAMES)))]  # fmt: skip
@@ -282,7 +314,9 @@ class Generator:
         self.log.append(f"-- step {number}")
         with self.conn.transaction():
             if rng.random() < 0.3:
-                self.conn.execute(sql.SQL("SET LOCAL cdc.request_id = {}").format(sql.Literal(f"step-{number}")))
+                self.conn.execute(
+                    sql.SQL("SET LOCAL cdc.request_id = {}").format(sql.Literal(f"step-{number}"))
+                )
             for _ in range(rng.randint(1, 4)):
                 tables = self.tables()
                 if not tables:
@@ -299,15 +333,17 @@ class Generator:
                     with self.conn.transaction():
                         tables = self.tables()
                         if tables:
-                            for statement in (self.ddl(tables) if rng.random() < 0.5 else [self.dml(rng.choice(tables))]):
+                            for statement in (
+                                self.ddl(tables) if rng.random() < 0.5 else [self.dml(rng.choice(tables))]
+                            ):
                                 self.conn.execute(statement)
                                 self.log.append(f"     {statement.as_string(self.conn)[:200]}")
-                        raise _Rollback
-                except (_Rollback, psycopg.Error):
+                        raise _RollbackError
+                except (_RollbackError, psycopg.Error):
                     pass
 
 
-class _Rollback(Exception):
+class _RollbackError(Exception):
     pass
 
 
@@ -386,7 +422,9 @@ def test_time_travel_equals_source_across_ddl(env: CaptureEnv, seed: int) -> Non
                 found = history_rows(history, version, name)
                 if expected is None:
                     if found:  # a table that does not exist then shows no rows
-                        problems.append(f"step {number} ({format_lsn(version)}) {name}: gone on the source, history has {sorted(found)[:3]}")
+                        problems.append(
+                            f"step {number} ({format_lsn(version)}) {name}: gone on the source, history has {sorted(found)[:3]}"
+                        )
                 elif found != expected:
                     missing = sorted((expected - (found or Counter())).elements())[:3]
                     extra = sorted(((found or Counter()) - expected).elements())[:3]
@@ -409,4 +447,9 @@ def test_time_travel_equals_source_across_ddl(env: CaptureEnv, seed: int) -> Non
         first = int(problems[0].split()[1])
         statements = "\n".join(line for line in generator.log if not line.startswith("-- step ") or True)
         cut = statements.split(f"-- step {first + 1}\n")[0]
-        pytest.fail(f"seed {seed}: {len(problems)} mismatches; first:\n" + "\n".join(problems[:8] + problems[-2:]) + "\n\nstatements up to it:\n" + cut[-6000:])
+        pytest.fail(
+            f"seed {seed}: {len(problems)} mismatches; first:\n"
+            + "\n".join(problems[:8] + problems[-2:])
+            + "\n\nstatements up to it:\n"
+            + cut[-6000:]
+        )
