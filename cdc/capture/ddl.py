@@ -139,6 +139,7 @@ class _Lines:
 @dataclasses.dataclass
 class _Insert:
     at: int  # the message's ordinal (before renumbering)
+    index: int  # the message's place among the transaction's messages
     lines: list[bytes]
     table_id: int
 
@@ -155,15 +156,15 @@ class DdlHandler:
         if txn.status != "c" or not any(m[2] == DDL_PREFIX for m in messages):
             return txn
         parsed = self._parse(messages)
-        confirmed = {m.get("token") for _o, _l, m in parsed if m.get("kind") == "confirm"}
+        confirmed = {m.get("token") for _i, _o, _l, m in parsed if m.get("kind") == "confirm"}
         # A table attached as a partition and detached again in the same transaction stays the
         # table it was (its changes in the transaction were encoded for it already).
-        attached = {m.get("oid") for _o, _l, m in parsed if m.get("kind") == "drop" and m.get("attached")}
-        both = {m.get("oid") for _o, _l, m in parsed if m.get("detached") and m.get("oid") in attached}
+        attached = {m.get("oid") for _i, _o, _l, m in parsed if m.get("kind") == "drop" and m.get("attached")}
+        both = {m.get("oid") for _i, _o, _l, m in parsed if m.get("detached") and m.get("oid") in attached}
         inserts: list[_Insert] = []
-        events: list[tuple[int, int, dict[str, Any]]] = []  # (message ordinal, table_id, row)
+        events: list[tuple[int, int, dict[str, Any]]] = []  # (message index, table_id, row)
         infos: dict[int, RelationInfo] = {}  # oid -> the shape registered in this transaction
-        for ordinal, lsn, message in parsed:
+        for index, ordinal, lsn, message in parsed:
             kind = message.get("kind")
             if kind == "confirm":
                 continue
@@ -176,13 +177,13 @@ class DdlHandler:
             if kind == "alter":
                 found = self._alter(txn, oid, message, infos)
                 if found is not None:
-                    events.append((ordinal, found[0], found[1]))
+                    events.append((index, found[0], found[1]))
             elif kind == "drop":
                 found_drop = self._drop(txn, oid, message)
                 if found_drop is not None:
-                    events.append((ordinal, found_drop[0], found_drop[1]))
+                    events.append((index, found_drop[0], found_drop[1]))
             elif kind == "rows":
-                insert = self._rows(txn, oid, message, ordinal, infos)
+                insert = self._rows(txn, oid, message, ordinal, index, infos)
                 if insert is not None:
                     inserts.append(insert)
             elif kind == "inexact":
@@ -193,19 +194,20 @@ class DdlHandler:
                         "reason": message.get("reason"),
                         "limit": message.get("limit"),
                     }
-                    events.append((ordinal, table_id, {"command": str(message.get("reason") or "ALTER TABLE"),
+                    events.append((index, table_id, {"command": str(message.get("reason") or "ALTER TABLE"),
                                                        "details": details, "context": None}))  # fmt: skip
                     log.warning("ddl_rewrite_inexact", table_id=table_id, lsn=format_lsn(txn.position))
         if inserts:
             txn = self._insert(txn, inserts)
-        self._store_events(txn, events, inserts)
+        self._store_events(txn, events)
         return txn
 
     # -- messages ------------------------------------------------------------------------
     @staticmethod
-    def _parse(messages: list[tuple[int, int, str, bytes]]) -> list[tuple[int, int, dict[str, Any]]]:
+    def _parse(messages: list[tuple[int, int, str, bytes]]) -> list[tuple[int, int, int, dict[str, Any]]]:
+        """(index among the messages, ordinal, lsn, message) of each well-formed ``cdc.ddl`` one."""
         out = []
-        for ordinal, lsn, prefix, content in messages:
+        for index, (ordinal, lsn, prefix, content) in enumerate(messages):
             if prefix != DDL_PREFIX:
                 continue
             try:
@@ -218,7 +220,7 @@ class DdlHandler:
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 log.warning("ddl_message_malformed", lsn=format_lsn(lsn))
                 continue
-            out.append((ordinal, lsn, message))
+            out.append((index, ordinal, lsn, message))
         return out
 
     def _alter(
@@ -301,6 +303,7 @@ class DdlHandler:
         oid: int,
         message: dict[str, Any],
         ordinal: int,
+        index: int,
         infos: dict[int, RelationInfo],
     ) -> _Insert | None:
         info = infos.get(oid)
@@ -318,7 +321,7 @@ class DdlHandler:
                 info, copy, position=txn.position, first_ordinal=0, committed_at_us=txn.committed_at_us
             )
             lines.extend(data.splitlines(keepends=True))
-        return _Insert(ordinal, lines, info.table_id) if lines else None
+        return _Insert(ordinal, index, lines, info.table_id) if lines else None
 
     # -- the transaction's changes -----------------------------------------------------------
     @staticmethod
@@ -343,8 +346,9 @@ class DdlHandler:
         prefix = b"%d\t" % txn.position
         lines = [b"%s%d\t%s" % (prefix, i, line.split(b"\t", 2)[2]) for i, line in enumerate(merged)]
         shifted = []
-        for ordinal, lsn, prefix_text, content in txn.messages:
-            moved = sum(len(i.lines) for i in inserts if i.at < ordinal)
+        for index, (ordinal, lsn, prefix_text, content) in enumerate(txn.messages):
+            # rows a message before this one inserted move it up (at its ordinal or before it)
+            moved = sum(len(i.lines) for i in inserts if i.index < index)
             shifted.append((ordinal + moved, lsn, prefix_text, content))
         return dataclasses.replace(
             txn,
@@ -358,14 +362,14 @@ class DdlHandler:
         self,
         txn: FinishedTransaction,
         events: list[tuple[int, int, dict[str, Any]]],
-        inserts: list[_Insert],
     ) -> None:
         if not events:
             return
         conn = self.registry.conn
-        for seq, (ordinal, table_id, row) in enumerate(events):
-            # Snapshot lines inserted before this message's ordinal move it up.
-            moved = sum(len(i.lines) for i in inserts if i.at < ordinal)
+        for seq, (index, table_id, row) in enumerate(events):
+            # The event is at its message's ordinal, after the rows earlier messages inserted.
+            # (txn is the renumbered transaction: its messages moved with the rows inserted)
+            ordinal = txn.messages[index][0]
             context = row.get("context")
             conn.execute(
                 "INSERT INTO ddl_events (position, ordinal, seq, table_id, command, details, committed_at, "
@@ -373,7 +377,7 @@ class DdlHandler:
                 "ON CONFLICT (position, ordinal, seq) DO NOTHING",
                 (
                     txn.position,
-                    ordinal + moved,
+                    ordinal,
                     seq,
                     table_id,
                     row["command"],
