@@ -50,6 +50,7 @@ class Evolution(Catalog):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._steps: dict[int, tuple[int, list[Step]]] = {}  # table_id -> (loaded at version, steps)
+        self._ddl_table: bool | None = None
 
     def ddl_steps(self, table_id: int, upto: int | None = None) -> list[Step]:
         """The table's column-changing DDLs, oldest first (read again when ``upto`` is past the
@@ -58,6 +59,9 @@ class Evolution(Catalog):
         if cached is not None and (upto is None or upto <= cached[0]):
             return cached[1]
         current = self.current_version() or 0
+        if not self._has_ddl_events():
+            self._steps[table_id] = (current, [])
+            return []
         rows = self._rows(
             sql.SQL(
                 "SELECT position, ordinal, details FROM {} WHERE table_id = %(t)s "
@@ -78,6 +82,14 @@ class Evolution(Catalog):
         ]
         self._steps[table_id] = (current, steps)
         return steps
+
+    def _has_ddl_events(self) -> bool:
+        """A store set up before schema changes were recorded has no ``ddl_events``: no steps."""
+        if self._ddl_table is None:
+            found = self._rows(sql.SQL("SELECT to_regclass(%(t)s) IS NOT NULL AS found"),
+                               {"t": f"{sql.Identifier(self.schema).as_string()}.ddl_events"})  # fmt: skip
+            self._ddl_table = bool(found and found[0]["found"])
+        return self._ddl_table
 
     def schema_versions(self, table: str) -> list[SchemaVersion]:
         """Every schema version of ``table``, oldest first (see :func:`schema_versions`)."""

@@ -407,14 +407,16 @@ BEGIN
             SELECT array_agg(e.key), array_agg(e.value::text) INTO pkeys, pvals
             FROM json_each(prev_image::json) e;
             -- columns renamed since the previous image (docs/ddl.md) carry their new names
-            FOR renamed IN
-                SELECT d.details -> 'renamed' AS m FROM ddl_events d
-                WHERE d.table_id = r.table_id AND d.details ? 'renamed'
-                  AND (d.position, d.ordinal) > (prev_pos, prev_ord) AND (d.position, d.ordinal) <= (r.position, r.ordinal)
-                ORDER BY d.position, d.ordinal, d.seq
-            LOOP
-                pkeys := ARRAY(SELECT coalesce(renamed.m ->> u.k, u.k) FROM unnest(pkeys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
-            END LOOP;
+            IF to_regclass('ddl_events') IS NOT NULL THEN  -- `cdc setup` of an earlier release did not create it
+                FOR renamed IN
+                    SELECT d.details -> 'renamed' AS m FROM ddl_events d
+                    WHERE d.table_id = r.table_id AND d.details ? 'renamed'
+                      AND (d.position, d.ordinal) > (prev_pos, prev_ord) AND (d.position, d.ordinal) <= (r.position, r.ordinal)
+                    ORDER BY d.position, d.ordinal, d.seq
+                LOOP
+                    pkeys := ARRAY(SELECT coalesce(renamed.m ->> u.k, u.k) FROM unnest(pkeys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
+                END LOOP;
+            END IF;
         ELSE
             pkeys := '{{}}';
             pvals := '{{}}';

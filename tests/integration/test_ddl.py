@@ -321,3 +321,35 @@ def test_schema_page(env: CaptureEnv) -> None:
         assert page.status_code == 200, page.text
         assert "req-page" in page.text and "column a renamed to b" in page.text
         assert client.get("/tables/nope/schema").status_code == 404
+
+
+def test_a_failing_event_trigger_never_fails_the_ddl(env: CaptureEnv) -> None:
+    started(env, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    warnings: list[str] = []
+    with env.source() as conn:
+        conn.add_notice_handler(lambda d: warnings.append(d.message_primary or ""))
+        conn.execute("ALTER TABLE cdc.ddl_shapes RENAME TO ddl_shapes_broken")
+        try:
+            conn.execute("ALTER TABLE t ADD COLUMN c int")  # succeeds despite the broken trigger
+            conn.execute("DROP TABLE t")
+        finally:
+            conn.execute("ALTER TABLE cdc.ddl_shapes_broken RENAME TO ddl_shapes")
+    assert any("cdc: could not record" in w for w in warnings)
+
+
+def test_not_superuser_means_relation_messages_only(env: CaptureEnv) -> None:
+    import psycopg
+
+    from cdc.source_ddl import MODE_RELATION_MESSAGES, ddl_mode, install_ddl
+
+    with env.source() as conn:
+        conn.execute("DROP ROLE IF EXISTS cdc_plain_role")
+        conn.execute("CREATE ROLE cdc_plain_role LOGIN")
+        try:
+            dsn = env.source_dsn + " user=cdc_plain_role"
+            with psycopg.connect(dsn, autocommit=True) as plain:
+                warnings = install_ddl(plain, publication="p", rewrite_snapshot_max_rows=1, publishes_generated=False)
+                assert warnings and "Relation messages only" in warnings[0]
+                assert ddl_mode(plain) == MODE_RELATION_MESSAGES
+        finally:
+            conn.execute("DROP ROLE cdc_plain_role")
