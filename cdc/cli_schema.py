@@ -56,4 +56,11 @@ def schema(
                 lines.append(f"{format_lsn(v.version)}  {when}  {v.command}{request}  {v.name}")
                 lines.append(f"    {v.summary}")
                 lines.append(f"    columns: {', '.join(v.columns)}")
+            for start, end, command in store.inexact_windows(table):
+                until = f"and {format_lsn(end)}" if end is not None else "and now"
+                pending = "" if end is not None else "; backfill pending: cdc backfill " + table
+                lines.append(
+                    f"history of {table} between versions {format_lsn(start)} {until} is inexact "
+                    f"(rewritten by {command}{pending})"
+                )
             _emit_lines(lines or [f"no schema versions recorded for {table}"])

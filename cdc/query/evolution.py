@@ -91,6 +91,28 @@ class Evolution(Catalog):
             self._ddl_table = bool(found and found[0]["found"])
         return self._ddl_table
 
+    def inexact_windows(self, table: str) -> list[tuple[int, int | None, str]]:
+        """``(from version, until version or None, command)``: the table's history is inexact
+        between them (a rewrite too large to record; None: until a backfill, still pending)."""
+        info = self.table(table)
+        if not self._has_ddl_events():
+            return []
+        rows = self._rows(
+            sql.SQL(
+                "SELECT position, resolved_position, command FROM {} WHERE table_id = %(t)s "
+                "AND (details ->> 'inexact')::boolean ORDER BY position, ordinal, seq"
+            ).format(self._t("ddl_events")),
+            {"t": info.table_id},
+        )
+        return [
+            (
+                int(r["position"]),
+                None if r["resolved_position"] is None else int(r["resolved_position"]),
+                str(r["command"]),
+            )
+            for r in rows
+        ]
+
     def schema_versions(self, table: str) -> list[SchemaVersion]:
         """Every schema version of ``table``, oldest first (see :func:`schema_versions`)."""
         return schema_versions(self, table)

@@ -348,8 +348,27 @@ def test_not_superuser_means_relation_messages_only(env: CaptureEnv) -> None:
         try:
             dsn = env.source_dsn + " user=cdc_plain_role"
             with psycopg.connect(dsn, autocommit=True) as plain:
-                warnings = install_ddl(plain, publication="p", rewrite_snapshot_max_rows=1, publishes_generated=False)
+                warnings = install_ddl(
+                    plain, publication="p", rewrite_snapshot_max_rows=1, publishes_generated=False
+                )
                 assert warnings and "Relation messages only" in warnings[0]
                 assert ddl_mode(plain) == MODE_RELATION_MESSAGES
         finally:
             conn.execute("DROP ROLE cdc_plain_role")
+
+
+def test_rewrite_of_a_large_table_marks_history_inexact(env: CaptureEnv) -> None:
+    env.extra_env["CDC_DDL__REWRITE_SNAPSHOT_MAX_ROWS"] = "2"
+    started(
+        env,
+        "CREATE TABLE t (id int PRIMARY KEY, n int)",
+        "INSERT INTO t SELECT g, g FROM generate_series(1, 3) g",
+    )
+    v1 = run(env, "ALTER TABLE t ALTER COLUMN n TYPE text USING n::text || '!'")
+    env.wait_caught_up()
+    history = History(env.store_dsn, schema=env.schema)
+    versions = history.store.schema_versions("t")
+    inexact = [v for v in versions if v.details.get("inexact")]
+    assert inexact and inexact[0].version == v1
+    assert "history inexact from here until a backfill" in inexact[0].summary
+    assert history.store.inexact_windows("t") == [(v1, None, "ALTER TABLE")]
