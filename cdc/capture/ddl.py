@@ -27,11 +27,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import orjson
+import psycopg
 import structlog
 
 from cdc.capture.model import ColumnDesc, FinishedTransaction, Kind, RelationDesc, RelationInfo
 from cdc.capture.registry import Registry
 from cdc.config import format_table
+from cdc.errors import StoreUnavailableError, error_text
 from cdc.lsn import format_lsn
 
 __all__ = ["DDL_PREFIX", "DdlHandler", "column_diff", "default_value"]
@@ -155,6 +157,16 @@ class DdlHandler:
         messages = txn.messages
         if txn.status != "c" or not any(m[2] == DDL_PREFIX for m in messages):
             return txn
+        try:
+            return self._expand(txn)
+        except psycopg.OperationalError as exc:
+            self.registry.close()
+            raise StoreUnavailableError(
+                f"cannot record a schema change in the store: {error_text(exc)}"
+            ) from exc
+
+    def _expand(self, txn: FinishedTransaction) -> FinishedTransaction:
+        messages = txn.messages
         parsed = self._parse(messages)
         confirmed = {m.get("token") for _i, _o, _l, m in parsed if m.get("kind") == "confirm"}
         # A table attached as a partition and detached again in the same transaction stays the
@@ -196,7 +208,12 @@ class DdlHandler:
                     }
                     events.append((index, table_id, {"command": str(message.get("reason") or "ALTER TABLE"),
                                                        "details": details, "context": None}))  # fmt: skip
-                    log.warning("ddl_rewrite_inexact", table_id=table_id, lsn=format_lsn(txn.position))
+                    log.warning(
+                        "ddl_rewrite_inexact",
+                        table=self.registry.table_name(table_id),
+                        table_id=table_id,
+                        lsn=format_lsn(txn.position),
+                    )
         if inserts:
             txn = self._insert(txn, inserts)
         self._store_events(txn, events)
@@ -292,7 +309,12 @@ class DdlHandler:
             (txn.position, table_id),
         )
         self.registry.forget(oid)
-        log.info("table_dropped", table_id=table_id, lsn=format_lsn(txn.position))
+        log.info(
+            "table_dropped",
+            table=format_table(str(message.get("schema")), str(message.get("name"))),
+            table_id=table_id,
+            lsn=format_lsn(txn.position),
+        )
         details = {"dropped_table": True, "name": [message.get("schema"), message.get("name")]}
         return table_id, {"command": str(message.get("tag") or "DROP TABLE"), "details": details,
                           "context": message.get("context")}  # fmt: skip

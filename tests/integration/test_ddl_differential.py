@@ -30,8 +30,8 @@ from cdc.stream.replication import OUTPUT_SETTINGS, options_string
 from cdc.values import convert, converter_for
 from tests.capture_env import CaptureEnv, new_env
 
-SEEDS = [int(s) for s in os.environ.get("CDC_DDL_DIFF_SEEDS", "11,23").split(",") if s.strip()]
-STEPS = int(os.environ.get("CDC_DDL_DIFF_STEPS", "45"))
+SEEDS = [int(s) for s in os.environ.get("CDC_DDL_DIFF_SEEDS", "11,23,5").split(",") if s.strip()]
+STEPS = int(os.environ.get("CDC_DDL_DIFF_STEPS", "60"))
 BIG = 3000  # a value this long (incompressible) goes to TOAST
 
 NAMES = ["plain", "Mixed Case", "UPPER", "with.dot", "tab_b", "o'quote"]
