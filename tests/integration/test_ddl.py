@@ -372,3 +372,16 @@ def test_rewrite_of_a_large_table_marks_history_inexact(env: CaptureEnv) -> None
     assert inexact and inexact[0].version == v1
     assert "history inexact from here until a backfill" in inexact[0].summary
     assert history.store.inexact_windows("t") == [(v1, None, "ALTER TABLE")]
+
+
+def test_blame_follows_a_renamed_column(env: CaptureEnv) -> None:
+    started(env, "CREATE TABLE t (id int PRIMARY KEY, a text, n int)", "INSERT INTO t VALUES (1, 'x', 0)")
+    run(env, "SET LOCAL cdc.request_id = 'req-a'", "UPDATE t SET a = 'y'")
+    run(env, "SET LOCAL cdc.request_id = 'req-n'", "UPDATE t SET n = 1")
+    run(env, "ALTER TABLE t RENAME COLUMN a TO b")
+    env.wait_caught_up()
+    history = History(env.store_dsn, schema=env.schema)
+    entries = {e.column: e for e in history.blame("t", 1)}
+    assert set(entries) == {"b", "n"}
+    assert entries["b"].value == "y" and entries["b"].request_id == "req-a"
+    assert entries["n"].request_id == "req-n"
