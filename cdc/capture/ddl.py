@@ -297,6 +297,13 @@ class DdlHandler:
             "table_name = EXCLUDED.table_name",
             (table_id, name[0], name[1], position),
         )
+        # A later transaction's Relation message (read in the same drain) may have named it so
+        # already, from its own position: that row says nothing new.
+        conn.execute(
+            "DELETE FROM table_names WHERE table_id = %s AND schema_name = %s AND table_name = %s "
+            "AND from_position = (SELECT min(from_position) FROM table_names WHERE table_id = %s AND from_position > %s)",
+            (table_id, name[0], name[1], table_id, position),
+        )
 
     def _drop(
         self, txn: FinishedTransaction, oid: int, message: dict[str, Any]
