@@ -294,9 +294,10 @@ def test_schema_versions_cli_and_status(env: CaptureEnv) -> None:
 
     found = json.loads(result.output)
     assert [v["command"] for v in found] == ["(first seen)", "ALTER TABLE", "ALTER TABLE", "ALTER TABLE"]
-    assert found[1]["version"] == v1 and found[1]["request_id"] == "req-ddl-1"
+    assert found[1]["version"] <= v1 < found[2]["version"] <= v2  # a version: the commit's end LSN
+    assert found[1]["request_id"] == "req-ddl-1"
     assert found[1]["columns"] == ["id", "b"] and "column a renamed to b" in found[1]["summary"]
-    assert found[-1]["version"] == v2 and found[-1]["columns"] == ["id", "b", "c"]
+    assert found[-1]["columns"] == ["id", "b", "c"]
     assert found[-1]["name"] == "public.t2"
     text = runner.invoke(main, args)
     assert text.exit_code == 0 and "req:req-ddl-1" in text.output
@@ -369,9 +370,9 @@ def test_rewrite_of_a_large_table_marks_history_inexact(env: CaptureEnv) -> None
     history = History(env.store_dsn, schema=env.schema)
     versions = history.store.schema_versions("t")
     inexact = [v for v in versions if v.details.get("inexact")]
-    assert inexact and inexact[0].version == v1
+    assert inexact and inexact[0].version <= v1
     assert "history inexact from here until a backfill" in inexact[0].summary
-    assert history.store.inexact_windows("t") == [(v1, None, "ALTER TABLE")]
+    assert history.store.inexact_windows("t") == [(inexact[0].version, None, "ALTER TABLE")]
 
 
 def test_blame_follows_a_renamed_column(env: CaptureEnv) -> None:
