@@ -230,6 +230,7 @@ class _Column:
     identity: str  # '' | 'a' (GENERATED ALWAYS AS IDENTITY) | 'd'
     generated: bool
     has_equality: bool
+    captured: bool = True  # in the publication's rows (stored generated columns from PostgreSQL 18)
 
 
 @dataclass(frozen=True)
@@ -241,13 +242,15 @@ class _Table:
 
     @property
     def plain(self) -> list[_Column]:
-        """The columns capture sees (generated columns are not captured)."""
-        return [c for c in self.columns.values() if not c.generated]
+        """The columns capture sees (generated ones only where stored ones are published: docs/ddl.md)."""
+        return [c for c in self.columns.values() if c.captured]
 
 
 _COLUMNS_QUERY: Final = """
 SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmod),
        a.atttypid::pg_catalog.int8, a.attidentity::pg_catalog.text, a.attgenerated <> '',
+       a.attgenerated = '' OR (a.attgenerated = 's'
+           AND pg_catalog.current_setting('server_version_num')::pg_catalog.int4 >= 180000) AS captured,
        EXISTS (SELECT 1 FROM pg_catalog.pg_operator AS o
                 WHERE o.oprname = '=' AND o.oprresult = 'pg_catalog.bool'::pg_catalog.regtype
                   AND o.oprleft = e.base AND o.oprright = e.base)
@@ -310,7 +313,7 @@ class _Source:
                 "SELECT pg_catalog.set_config('search_path', %s, true)", [saved[0] if saved else ""]
             )
         columns = {
-            str(r[0]): _Column(str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[5]))
+            str(r[0]): _Column(str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[6]), bool(r[5]))
             for r in found_columns
         }
         found = _Table(name=name, oid=int(row[0]), ident=ident, columns=columns)
@@ -445,11 +448,13 @@ def _insert(table: _Table, image: Mapping[str, Any]) -> sql.Composed:
 
 
 def _update(table: _Table, values: Mapping[str, Any], where: sql.Composable) -> sql.Composed:
+    # A generated column follows the others: never written.
+    writable = {c: v for c, v in values.items() if not _column(table, c).generated}
     return sql.SQL("UPDATE {t} SET {sets} WHERE {where}").format(
         t=table.ident,
         sets=sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(c), _literal(_column(table, c), v))
-            for c, v in values.items()
+            for c, v in writable.items()
         ),
         where=where,
     )
@@ -791,7 +796,9 @@ def plan_revert(store: Store, source_conn: psycopg.Connection[Any], request_id: 
                             m.table, dict(m.key or {}), column, None, None, "the column no longer exists"
                         )
                     )
-                values = {c: before[c] for c in changed if c in table.columns}
+                values = {
+                    c: before[c] for c in changed if c in table.columns and not table.columns[c].generated
+                }
                 if not values:
                     continue
                 _refuse_oversize(m.table, dict(m.key or {}), values if not keyless else {**values, **after})
