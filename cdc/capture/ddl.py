@@ -149,9 +149,73 @@ class _Insert:
 class DdlHandler:
     """Applies the ``cdc.ddl`` messages of finished transactions (see the module doc)."""
 
-    def __init__(self, registry: Registry, core: SnapshotLines) -> None:
+    def __init__(
+        self, registry: Registry, core: SnapshotLines | None = None, *, relation_only: bool = False
+    ) -> None:
         self.registry = registry
         self.core = core
+        #: no event trigger on the source: shape changes are read from Relation messages
+        self.relation_only = relation_only
+        self._shapes: dict[int, tuple[tuple[str, int, int], ...]] = {}  # oid -> columns last seen
+
+    @classmethod
+    def for_source(cls, registry: Registry, catalog: psycopg.Connection[Any]) -> DdlHandler:
+        """A handler for the source's mode (docs/ddl.md "Two modes")."""
+        from cdc.source_ddl import ddl_installed
+
+        try:
+            relation_only = not ddl_installed(catalog)
+        except psycopg.Error:
+            relation_only = False
+        if relation_only:
+            log.warning("schema_changes_from_relation_messages_only")
+        return cls(registry, relation_only=relation_only)
+
+    # -- relation messages only ----------------------------------------------------------------
+    def relation(self, desc: RelationDesc, info: RelationInfo) -> RelationInfo:
+        """Without the event trigger: a column added, dropped or retyped between two Relation
+        messages of a table becomes a ``ddl_events`` row at the second one's position (by name:
+        a rename looks like a drop and an add; an added column's value in older rows is unknown,
+        read as null)."""
+        if not self.relation_only:
+            return info
+        columns = tuple((c.name, c.type_oid, c.type_modifier) for c in desc.columns)
+        previous = self._shapes.get(desc.oid)
+        if previous is None:
+            previous = self._stored_shape(info, desc.lsn)
+        self._shapes[desc.oid] = columns
+        if previous is None or previous == columns:
+            return info
+        old = {name: (t, m) for name, t, m in previous}
+        new = {name: (t, m) for name, t, m in columns}
+        details: dict[str, Any] = {"name": [desc.namespace, desc.name], "relation_message": True}
+        added = {name: None for name in new if name not in old}
+        dropped = [name for name in old if name not in new]
+        retyped = [
+            {"name": n, "from": old[n][0], "to": new[n][0]} for n in new if n in old and old[n] != new[n]
+        ]
+        for key, value in (("added", added), ("dropped", dropped), ("retyped", retyped)):
+            if value:
+                details[key] = value
+        self.registry.conn.execute(
+            "INSERT INTO ddl_events (position, ordinal, seq, table_id, command, details) "
+            "VALUES (%s, -1, %s, %s, '(relation message)', %s::jsonb) ON CONFLICT DO NOTHING",
+            (desc.lsn, info.table_id, info.table_id, orjson.dumps(details).decode()),
+        )
+        log.info("schema_changed", table=format_table(desc.namespace, desc.name), lsn=format_lsn(desc.lsn))
+        return info
+
+    def _stored_shape(self, info: RelationInfo, lsn: int) -> tuple[tuple[str, int, int], ...] | None:
+        """The table's shape in force before ``lsn`` as the store has it (an earlier session's; a
+        new shape registered now starts at ``lsn``)."""
+        row = self.registry.conn.execute(
+            "SELECT columns FROM table_schemas WHERE table_id = %s AND first_position < %s "
+            "ORDER BY first_position DESC, schema_id DESC LIMIT 1",
+            (info.table_id, lsn),
+        ).fetchone()
+        if row is None:
+            return None
+        return tuple((str(c["name"]), int(c["type_oid"]), int(c["type_modifier"])) for c in row[0])
 
     def expand(self, txn: FinishedTransaction) -> FinishedTransaction:
         messages = txn.messages
@@ -346,6 +410,7 @@ class DdlHandler:
             )
         copy = str(message.get("copy") or "").encode()
         if copy:
+            assert self.core is not None, "the capture core is set before the first transaction"
             data, _count = self.core.snapshot_lines(
                 info, copy, position=txn.position, first_ordinal=0, committed_at_us=txn.committed_at_us
             )

@@ -182,12 +182,14 @@ class CaptureSession:
                 report=daemon.report_error,
             )
 
+            ddl = DdlHandler.for_source(registry, catalog)
+
             def describe(desc: RelationDesc) -> RelationInfo:
                 if not desc.lsn:
                     # A Relation message inside a streamed block comes without a WAL position:
                     # the walsender's is no earlier than the change that follows it.
                     desc = replace(desc, lsn=core.server_wal_end)
-                return registry.describe(desc)
+                return ddl.relation(desc, registry.describe(desc))  # schema changes (cdc/capture/ddl.py)
 
             core = Core(
                 describe,
@@ -218,7 +220,8 @@ class CaptureSession:
                 catalog,
             )
             self.ack = Acknowledgement(state.acked_lsn, idle_interval=self.cfg.status_interval_seconds)
-            self.ddl = DdlHandler(registry, core)
+            ddl.core = core
+            self.ddl = ddl
             self.builder = BatchBuilder(
                 max_rows=self.cfg.batch_max_rows, actor_last_seq=registry.actor_last_seq
             )

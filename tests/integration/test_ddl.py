@@ -386,3 +386,24 @@ def test_blame_follows_a_renamed_column(env: CaptureEnv) -> None:
     assert set(entries) == {"b", "n"}
     assert entries["b"].value == "y" and entries["b"].request_id == "req-a"
     assert entries["n"].request_id == "req-n"
+
+
+def test_relation_messages_only_when_the_event_trigger_is_off(env: CaptureEnv) -> None:
+    from cdc.status import collect_status, render_status
+
+    with env.source() as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text, w int)")
+        conn.execute("INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2)")
+    env.setup()
+    with env.source() as conn:
+        for name in ("cdc_ddl_end", "cdc_ddl_drop", "cdc_ddl_rewrite"):
+            conn.execute(f"ALTER EVENT TRIGGER {name} DISABLE")
+    env.start()
+    run(env, "ALTER TABLE t ADD COLUMN c text DEFAULT 'x'", "ALTER TABLE t DROP COLUMN w")
+    v1 = run(env, "UPDATE t SET v = 'b2' WHERE id = 2")
+    env.wait_caught_up()
+    # What is lost (docs/ddl.md): the value older rows got; what is kept: the columns of the time.
+    assert rows(env, v1, "t") == [{"id": 1, "v": "a", "c": None}, {"id": 2, "v": "b2", "c": "x"}]
+    assert dict(render_status(collect_status(env.config)))["schema changes"] == "relation messages only"
+    history = History(env.store_dsn, schema=env.schema)
+    assert [v.command for v in history.store.schema_versions("t")] == ["(first seen)", "(relation message)"]
