@@ -11,6 +11,7 @@ from typing import Any
 
 from psycopg import sql
 
+from cdc.names import format_table
 from cdc.query.catalog import Catalog
 from cdc.query.model import Row
 
@@ -170,7 +171,7 @@ def summarize(command: str, details: dict[str, Any]) -> str:
         parts.append("detached from its partitioned table")
     if details.get("renamed_from"):
         old = details["renamed_from"]
-        parts.append(f"table renamed from {old[0]}.{old[1]}")
+        parts.append(f"table renamed from {format_table(str(old[0]), str(old[1]))}")
     for old, new in (details.get("renamed") or {}).items():
         parts.append(f"column {old} renamed to {new}")
     for name, value in (details.get("added") or {}).items():
