@@ -36,7 +36,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from cdc.baseline import relation_desc, table_sizes
+from cdc.baseline import relation_desc, relation_scope, table_sizes
 from cdc.capture.backfill import PREFIX, copy_unescape, watermark_message
 from cdc.capture.engine import Core
 from cdc.capture.model import RelationDesc, RelationInfo, now_us
@@ -426,9 +426,9 @@ class _TableBackfill:
         """The chunk's COPY (SELECT ...), its parameters, and the key columns' positions."""
         table = self.table
         columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
-        relation = sql.Identifier(table.schema, table.name)
+        relation = sql.Composed([relation_scope(self.source, table.oid), sql.Identifier(table.schema, table.name)])
         if info.keyless:
-            return sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(columns, relation), [], []
+            return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(columns, relation), [], []
         keys = self._key_columns(info)
         key_list = sql.SQL(", ").join(sql.Identifier(n) for n, _ in keys)
         where: sql.Composable = sql.SQL("")
@@ -439,7 +439,7 @@ class _TableBackfill:
                 key_list, sql.SQL(", ").join(sql.SQL("%s::" + t) for _, t in keys)
             )
             params = [str(v) for v in values]
-        query = sql.SQL("COPY (SELECT {} FROM ONLY {}{} ORDER BY {} LIMIT {}) TO STDOUT").format(
+        query = sql.SQL("COPY (SELECT {} FROM {}{} ORDER BY {} LIMIT {}) TO STDOUT").format(
             columns, relation, where, key_list, sql.Literal(self.owner.chunk_rows)
         )
         positions = [[c.name for c in table.columns].index(n) for n, _ in keys]

@@ -139,6 +139,13 @@ def plan_units(
     return [u for _, u in units]
 
 
+def relation_scope(conn: psycopg.Connection[Any], oid: int) -> sql.Composable:
+    """``ONLY`` for a plain table; nothing for a partitioned one, read with its partitions (it is
+    published through its root: docs/ddl.md)."""
+    row = conn.execute("SELECT relkind FROM pg_catalog.pg_class WHERE oid = %s", (oid,)).fetchone()
+    return sql.SQL("" if row and row[0] == "p" else "ONLY ")
+
+
 def read_copy(conn: psycopg.Connection[Any], unit: Unit, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The unit's rows as COPY text, in chunks of whole lines of about ``chunk_bytes``.
 
@@ -147,8 +154,9 @@ def read_copy(conn: psycopg.Connection[Any], unit: Unit, chunk_bytes: int = CHUN
     table = unit.table
     if not table.columns:
         return
-    select = sql.SQL("COPY (SELECT {} FROM ONLY {}{}) TO STDOUT").format(
+    select = sql.SQL("COPY (SELECT {} FROM {}{}{}) TO STDOUT").format(
         sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns),
+        relation_scope(conn, table.oid),
         sql.Identifier(table.schema, table.name),
         unit.where(),
     )
@@ -500,6 +508,7 @@ __all__ = [
     "plan_units",
     "published_source_tables",
     "read_copy",
+    "relation_scope",
     "relation_desc",
     "table_sizes",
     "take_slot_lock",

@@ -235,6 +235,7 @@ def _add_commands() -> None:
     from cdc.cli_readers import state, why
     from cdc.cli_retention import erase, prune
     from cdc.cli_revert import restore, revert
+    from cdc.cli_schema import schema as _schema  # noqa: F401 - registers `cdc state schema`
     from cdc.web.serve import serve
 
     for command in (state, why, revert, restore, serve, prune, erase):

@@ -344,6 +344,15 @@ def _setting_names(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names_seen)
 
 
+class DdlConfig(_Section):
+    """Schema changes (docs/ddl.md)."""
+
+    #: a DDL that rewrites values without row changes in the WAL (ALTER COLUMN TYPE, a volatile
+    #: default) records the table's rows at its version up to this many rows; a larger table's
+    #: history is marked inexact from that version until a backfill
+    rewrite_snapshot_max_rows: Annotated[int, BeforeValidator(_no_bool), Field(ge=0)] = 100_000
+
+
 class ContextConfig(_Section):
     """How the request context of a change is found."""
 
@@ -520,6 +529,7 @@ class Config(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
+    ddl: DdlConfig = Field(default_factory=DdlConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     #: canonical ``schema.name`` → column name (case preserved) → policy
     columns: Annotated[

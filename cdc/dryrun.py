@@ -253,7 +253,9 @@ SELECT c.oid::pg_catalog.int8 AS oid, n.nspname::pg_catalog.text AS nspname,
   LEFT JOIN LATERAL (
         SELECT pg_catalog.array_agg(at.attname::pg_catalog.text ORDER BY at.attnum) AS names,
                pg_catalog.array_agg(at.atttypid::pg_catalog.int8 ORDER BY at.attnum) AS types,
-               pg_catalog.array_agg(at.attgenerated <> '' ORDER BY at.attnum) AS generated
+               pg_catalog.array_agg(at.attgenerated <> '' AND NOT (at.attgenerated = 's'
+                   AND pg_catalog.current_setting('server_version_num')::pg_catalog.int4 >= 180000)
+                   ORDER BY at.attnum) AS generated
           FROM pg_catalog.pg_attribute AS at
          WHERE at.attrelid = c.oid AND at.attnum > 0 AND NOT at.attisdropped) AS a ON true
  WHERE c.oid = ANY(%s::pg_catalog.oid[])
@@ -287,7 +289,7 @@ def _image(shape: _TableShape | None, text: str | None) -> dict[str, Any] | None
             image[f"column_{index + 1}"] = value
             continue
         if shape.generated[index]:
-            continue  # not captured (pgoutput does not send generated columns)
+            continue  # not captured (pgoutput sends stored generated columns only from PG 18)
         converter = converter_for(shape.type_oids[index])
         image[shape.columns[index]] = value if value is None or converter is None else converter(value)
     return image

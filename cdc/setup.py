@@ -35,6 +35,7 @@ from cdc.publications import ensure_publications, record_publications, uninstall
 from cdc.source import SourceTable, describe_table, primary_key
 from cdc.source_context import context_installed, install_context, signing_status, uninstall_context
 from cdc.source_context import rotate_context_key as rotate_key
+from cdc.source_ddl import install_ddl, uninstall_ddl
 from cdc.store.migrate import prepare_store
 from cdc.store.writer import CaptureState, StoreWriter
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
@@ -202,13 +203,15 @@ def _setup(
         report.steps.extend(pubs.steps)
         report.warnings.extend(pubs.warnings)
         report.did(f"source: publication {publication} ({pubs.description})")
+        for name in pubs.names:
+            report.warnings.extend(align_publication(src, name))
         tables = published_source_tables(src, pubs.names)
         if not tables:
             report.warnings.append(f"publication {publication} has no tables yet: nothing will be captured")
         report.warnings.extend(
             install_context(
                 src,
-                [(t.schema, t.name) for t in tables],
+                with_partitions(src, [(t.schema, t.name) for t in tables]),
                 application_name_pattern=config.context.application_name_pattern,
                 settings_prefix=config.context.settings_prefix,
                 extra_settings=config.context.extra_settings,
@@ -225,6 +228,7 @@ def _setup(
             report.did(f"source: {signing.describe()}")
         else:
             report.warnings.append(signing.describe())
+        report.warnings.extend(install_schema_changes(src, config))
         if config.simulate.enabled:
             wanted = set(config.simulate.tables)
             chosen = [(t.schema, t.name) for t in tables if not wanted or t.qualified in wanted]
@@ -365,6 +369,58 @@ def create_slot_with_baseline(
         repl.close()
 
 
+# ---------------------------------------------------------------------------- schema changes
+# Partitioned tables, generated columns and DDL events (docs/ddl.md).
+
+
+def align_publication(conn: psycopg.Connection[Any], publication: str) -> list[str]:
+    """Partitioned tables published through their root (one table in history, before images
+    and keys from the root's rows); on PostgreSQL 18, stored generated columns published too."""
+    options = [sql.SQL("publish_via_partition_root = true")]
+    if conn.info.server_version >= 180000:
+        options.append(sql.SQL("publish_generated_columns = stored"))
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("ALTER PUBLICATION {} SET ({})").format(
+                    sql.Identifier(publication), sql.SQL(", ").join(options)
+                )
+            )
+    except psycopg.errors.InsufficientPrivilege:
+        return [
+            f"publication {publication}: not its owner, publish_via_partition_root not set: partitioned "
+            "tables are captured per partition (docs/ddl.md)"
+        ]
+    return []
+
+
+def with_partitions(conn: psycopg.Connection[Any], tables: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The tables and every partition of the partitioned ones: a statement on a parent fires the
+    parent's statement trigger, one straight into a partition the partition's."""
+    out = list(tables)
+    for schema, name in tables:
+        rows = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_catalog.pg_partition_tree("
+            "  (SELECT c2.oid FROM pg_catalog.pg_class c2 JOIN pg_catalog.pg_namespace n2 "
+            "   ON n2.oid = c2.relnamespace WHERE n2.nspname = %s AND c2.relname = %s)) t "
+            "JOIN pg_catalog.pg_class c ON c.oid = t.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE t.level > 0",
+            (schema, name),
+        ).fetchall()
+        out.extend((str(r[0]), str(r[1])) for r in rows)
+    return list(dict.fromkeys(out))
+
+
+def install_schema_changes(conn: psycopg.Connection[Any], config: Config) -> list[str]:
+    """The DDL event triggers (superuser only; docs/ddl.md)."""
+    return install_ddl(
+        conn,
+        publication=config.source.publication,
+        rewrite_snapshot_max_rows=config.ddl.rewrite_snapshot_max_rows,
+        publishes_generated=conn.info.server_version >= 180000,
+    )
+
+
 def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
     """Remove the slot, publication and context trigger; the history stays unless asked."""
     source_dsn = config.require_source()
@@ -391,6 +447,7 @@ def teardown(config: Config, *, drop_history: bool = False) -> SetupReport:
         if simulate_installed(src):
             uninstall_simulate(src)
             report.did("source: dry-run trigger removed")
+        uninstall_ddl(src)
         if context_installed(src):
             uninstall_context(src)
             report.did("source: context trigger removed")

@@ -83,7 +83,8 @@ def describe_table(
         )
         for r in conn.execute(
             "SELECT attname, atttypid, atttypmod FROM pg_attribute "
-            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND (attgenerated = '' OR (attgenerated = 's' "
+            "AND current_setting('server_version_num')::int >= 180000)) ORDER BY attnum",
             (oid,),
         ).fetchall()
     )

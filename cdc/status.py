@@ -35,6 +35,7 @@ from cdc.lsn import format_lsn, parse_lsn
 from cdc.publications import partial_tables
 from cdc.source_context import signing_status
 from cdc.source_hosts import connected_host
+from cdc.source_ddl import ddl_mode
 from cdc.store.format import STATUS_CODES
 from cdc.store.migrate import is_v1_store, v1_leftovers
 from cdc.store.stats import count_stored
@@ -103,6 +104,7 @@ class Status:
     incomplete: list[dict[str, Any]] = field(default_factory=list)
     # Tables whose changes are not all captured, and why (cdc/publications.py).
     partial: list[dict[str, str]] = field(default_factory=list)
+    schema_changes: str | None = None  # "event trigger" | "relation messages only" (docs/ddl.md)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -178,6 +180,7 @@ def collect_status(config: Config) -> Status:
                 status.signing = signing_status(conn).describe()
                 status.source_server = connected_host(conn)
                 status.partial = [p.as_json() for p in partial_tables(conn, config)]
+                status.schema_changes = ddl_mode(conn)
         except psycopg.Error as exc:
             status.source_error = str(exc).strip().splitlines()[0]
         if status.source_error is None:
@@ -466,6 +469,7 @@ def render_status(status: Status) -> list[tuple[str, str]]:
         ("transactions", _count(status.transactions, status.counts_exact)),
         ("mutations", _count(status.mutations, status.counts_exact)),
         ("retention", show(status.retention)),
+        ("schema changes", show(status.schema_changes)),
         ("daemon", _daemon_text(status)),
         ("signing", show(status.signing)),
         ("last error", f"{status.last_error} ({show(status.last_error_at)})" if status.last_error else "-"),

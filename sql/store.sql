@@ -86,6 +86,28 @@ CREATE TABLE IF NOT EXISTS table_schemas (
 );
 CREATE INDEX IF NOT EXISTS table_schemas_table ON table_schemas (table_id, first_position DESC);
 
+-- Schema changes (docs/ddl.md), from the source's `cdc.ddl` messages: one row per change of one
+-- table. `(position, ordinal)`: the DDL transaction's version and the ordinal of its next change
+-- (an image at an earlier (position, ordinal) is older than the DDL; rows the DDL rewrote are
+-- SNAPSHOT changes from this ordinal on). `details`: what readers apply to older images
+-- (`renamed` {old: new}, `added` {column: value existing rows got}, `dropped` [columns]), and
+-- `name`, `renamed_from`, `retyped`, `rewritten`, `reset`, `inexact`, `created`, `detached`.
+-- Written by the capture side only (cdc/capture/ddl.py), idempotent.
+CREATE TABLE IF NOT EXISTS ddl_events (
+    position         bigint NOT NULL,
+    ordinal          integer NOT NULL,
+    seq              integer NOT NULL,     -- order of the events at the same (position, ordinal)
+    table_id         integer NOT NULL REFERENCES tables,
+    command          text NOT NULL,        -- the command tag: ALTER TABLE, DROP TABLE, CREATE TABLE, ...
+    details          jsonb NOT NULL,
+    committed_at     timestamptz,
+    request_id       text,
+    context          text,                 -- the DDL session's context (JSON text)
+    resolved_position bigint,              -- an inexact rewrite: the backfill that made history exact again
+    PRIMARY KEY (position, ordinal, seq)
+);
+CREATE INDEX IF NOT EXISTS ddl_events_table ON ddl_events (table_id, position, ordinal);
+
 -- ---------------------------------------------------------------------------------------------
 -- Partitioning and retention (docs/retention.md): `transactions`, `context_changes` and
 -- `changes` are partitioned by RANGE (committed_at), one partition per

@@ -328,6 +328,26 @@ class Registry:
         self._schema_ids[fingerprint] = int(row[0])
         return int(row[0])
 
+    # -- schema changes (cdc/capture/ddl.py) ------------------------------------------
+    def live_table(self, oid: int) -> int | None:
+        """The live table of a relation oid, if capture knows it (no registration)."""
+        found = self._table_ids.get(oid)
+        if found is not None:
+            return found
+        with self._store():
+            row = self.conn.execute(
+                "SELECT table_id FROM tables WHERE relation_oid = %s AND dropped_position IS NULL", (oid,)
+            ).fetchone()
+        return int(row[0]) if row else None
+
+    def forget(self, oid: int) -> None:
+        """The relation was dropped: the oid, if seen again, is a new table."""
+        table_id = self._table_ids.pop(oid, None)
+        self._last.pop(oid, None)
+        self._primary_keys.pop(oid, None)
+        if table_id is not None:
+            self._names.pop(table_id, None)
+
     # -- actor sequences -----------------------------------------------------------
     def actor_last_seq(self, actor: str) -> int:
         """The last sequence number stored for ``actor`` (0: none yet)."""

@@ -35,6 +35,7 @@ from cdc.capture.ack import Acknowledgement
 from cdc.capture.backfill import Windows
 from cdc.capture.batches import Batch, BatchBuilder
 from cdc.capture.checks import TableChecks
+from cdc.capture.ddl import DdlHandler
 from cdc.capture.engine import Core
 from cdc.capture.failover import SwitchLog, same_source, verify_source
 from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc, RelationInfo
@@ -207,12 +208,14 @@ class CaptureSession:
                 report=daemon.report_error,
             )
 
+            ddl = DdlHandler.for_source(registry, catalog)
+
             def describe(desc: RelationDesc) -> RelationInfo:
                 # The core gives the position of the change that follows the Relation message
                 # (which has none); only a change without one falls back to the server's.
                 if not desc.lsn:
                     desc = replace(desc, lsn=core.server_wal_end)
-                return registry.describe(desc)
+                return ddl.relation(desc, registry.describe(desc))  # schema changes (cdc/capture/ddl.py)
 
             core = Core(
                 describe,
@@ -245,6 +248,8 @@ class CaptureSession:
             self.ack = Acknowledgement(state.acked_lsn, idle_interval=self.cfg.status_interval_seconds)
             self.windows = Windows(self.slot, self.metrics)
             self.checks = TableChecks(cfg, self.metrics, daemon.report_error, streaming=publications)
+            ddl.core = core
+            self.ddl = ddl
             self.builder = BatchBuilder(
                 max_rows=self.cfg.batch_max_rows,
                 actor_last_seq=registry.actor_last_seq,
@@ -397,6 +402,8 @@ class CaptureSession:
             return
         highs = None
         if isinstance(event, FinishedTransaction):
+            if event.messages:
+                event = self.ddl.expand(event)  # schema changes (cdc/capture/ddl.py)
             event, highs = self.windows.before(event)  # backfill watermarks (cdc/capture/backfill.py)
         for full in self.builder.add(event):
             self._hand(full, wait=True)

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from psycopg import sql
 
-from cdc.query.catalog import Catalog
+from cdc.query.evolution import Evolution
 from cdc.query.model import Mutation, Row
 from cdc.store.format import OP_CODES, OP_NAMES, ROW_OPS, ChangeFlag
 
@@ -99,7 +99,7 @@ def parse_json(text: str | None) -> Any:
         return json.loads(text)
 
 
-class Changes(Catalog):
+class Changes(Evolution):
     """Reading changes with their context and deriving what the store does not keep."""
 
     def _decorated(self, inner: sql.Composable, *, newest_first: bool = False) -> sql.Composed:
@@ -165,11 +165,11 @@ class Changes(Catalog):
         ).format(rb=_ROLLED_BACK)
         rows = self._rows(
             sql.SQL(
-                "SELECT r.i, l.op, l.image, l.schema_id, l.at_key "
+                "SELECT r.i, l.op, l.image, l.schema_id, l.at_key, l.position, l.ordinal "
                 "FROM unnest(%(tids)s::int[], %(keys)s::text[], %(ps)s::bigint[], %(os)s::bigint[], "
                 "  %(txs)s::bigint[]) WITH ORDINALITY AS r(tid, k, p, o, tx, i) "
                 "CROSS JOIN LATERAL ("
-                "  SELECT x.op, x.image, x.schema_id, x.at_key FROM ("
+                "  SELECT x.op, x.image, x.schema_id, x.at_key, x.position, x.ordinal FROM ("
                 "    (SELECT op, image, schema_id, true AS at_key, position, ordinal FROM {c} "
                 '     WHERE {bound} AND key_hash = hashtextextended(r.k COLLATE "C", 0) AND key_text = r.k '
                 "     ORDER BY position DESC, ordinal DESC LIMIT 1) "
@@ -194,7 +194,14 @@ class Changes(Catalog):
         out: list[tuple[Row | None, int | None]] = [(None, None)] * len(lookups)
         for r in rows:
             if r["at_key"] and OP_NAMES[r["op"]] in ROW_OPS:
-                out[int(r["i"]) - 1] = (parse_json(r["image"]), r["schema_id"])
+                lookup = lookups[int(r["i"]) - 1]
+                image = self.evolve(
+                    lookup.table_id,
+                    parse_json(r["image"]),
+                    (int(r["position"]), int(r["ordinal"])),
+                    (lookup.position, lookup.ordinal),
+                )
+                out[int(r["i"]) - 1] = (image, r["schema_id"])
         return out
 
     def keyless_count(self, table_id: int, key: str, position: int, ordinal: int) -> tuple[int, Row | None]:

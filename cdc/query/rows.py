@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -222,12 +223,25 @@ class Rows(Changes):
                 f"{info.name} {format_key(stored)} does not exist now (deleted or moved)",
                 hint=f"see its history: cdc state history {info.name} --id ...",
             )
+        steps = self.ddl_steps(info.table_id)
+        last = next((m for m in reversed(history) if not m.rolled_back and m.key_text == k), None)
+        if steps and last is not None:  # the row as the table's DDLs since its last change left it
+            row = self.evolve(info.table_id, row, last.cursor, (MAX_ORDINAL, MAX_ORDINAL)) or row
+
+        def now_names(m: Mutation) -> set[str]:
+            """The columns a change wrote, by their names now (renamed by later DDLs)."""
+            names = set(m.changed)
+            for step in steps:
+                if step.cursor > m.cursor:
+                    names = {step.renamed.get(n, n) for n in names if n not in step.dropped}
+            return names
+
         columns = [c for c in row if info.keyless or c not in stored]
         written: dict[str, Mutation] = {}
         attempts: dict[str, Mutation] = {}
         unresolved = set(columns)
         for _ in range(_MAX_KEY_HOPS):  # a row moved between keys is followed to its old key
-            moved_from = self._blame_key(history, k, unresolved, written, attempts)
+            moved_from = self._blame_key(history, k, unresolved, written, attempts, now_names)
             if moved_from is None or not unresolved or moved_from.old_key_text is None:
                 break
             k = moved_from.old_key_text
@@ -258,6 +272,7 @@ class Rows(Changes):
         unresolved: set[str],
         written: dict[str, Mutation],
         attempts: dict[str, Mutation],
+        now_names: Callable[[Mutation], set[str]],
     ) -> Mutation | None:
         """Walk the row's changes at ``k`` back; the UPDATE that moved it here, if any."""
         for mutation in reversed(history):
@@ -272,7 +287,7 @@ class Rows(Changes):
             touched = (
                 set(unresolved)
                 if mutation.op in ("INSERT", "SNAPSHOT", "DELETE")
-                else unresolved.intersection(mutation.changed)
+                else unresolved.intersection(now_names(mutation))
             )
             if mutation.rolled_back:
                 for column in touched:

@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from cdc.errors import UsageError
-from cdc.query.changes import parse_json
+from cdc.query.changes import MAX_ORDINAL, parse_json
 from cdc.query.completeness import check_complete
 from cdc.query.model import Key, Row, TableInfo, TablePage
 from cdc.query.rows import Rows
@@ -49,7 +49,7 @@ class Tables(Rows):
             params["after"] = self.key_text_of(after)
         if info.keyless:
             query = sql.SQL(
-                "SELECT s.k, s.n, s.image FROM ("
+                "SELECT s.k, s.n, s.image, NULL::bigint AS position, NULL::int AS ordinal FROM ("
                 "  SELECT x.k, sum(x.d) AS n, max(x.image) AS image FROM ("
                 "    SELECT key_text AS k, CASE WHEN op = {d} THEN -1 WHEN op = {u} AND old_key_text IS NULL "
                 "      THEN 0 ELSE 1 END AS d, CASE WHEN op <> {d} THEN image END AS image "
@@ -64,7 +64,7 @@ class Tables(Rows):
             )  # fmt: skip
         else:
             query = sql.SQL(
-                "SELECT s.k, 1 AS n, s.image FROM ("
+                "SELECT s.k, 1 AS n, s.image, s.position, s.ordinal FROM ("
                 "  SELECT DISTINCT ON (key_hash, key_text) key_text AS k, op, image, position, ordinal "
                 "  FROM {c} WHERE {live} AND key_text IS NOT NULL "
                 "  ORDER BY key_hash, key_text, position DESC, ordinal DESC"
@@ -111,12 +111,20 @@ class Tables(Rows):
             n = int(r["n"])
             if out and len(out) + n > limit:
                 return TablePage(rows=out, next_after=last)
-            image = parse_json(r["image"]) or {}
+            image = self._image_at(info, r, version)
             out.extend(dict(image) for _ in range(n))
             last = self._page_key(info, image, r["k"])
             if len(out) >= limit and i + 1 < len(rows):
                 return TablePage(rows=out, next_after=last)
         return TablePage(rows=out, next_after=last if len(rows) == limit else None)
+
+    def _image_at(self, info: TableInfo, r: Any, version: int) -> Row:
+        """A row's stored image as the table's DDLs up to ``version`` left it (docs/ddl.md)."""
+        image = parse_json(r["image"]) or {}
+        if r["position"] is None:
+            return dict(image)
+        since = (int(r["position"]), int(r["ordinal"]))
+        return self.evolve(info.table_id, image, since, (version, MAX_ORDINAL)) or {}
 
     def _page_key(self, info: TableInfo, image: Row, k: str) -> Row:
         """The stored key of a page's last row (what ``after_key`` takes)."""
@@ -148,7 +156,7 @@ class Tables(Rows):
                         if page and len(page) + n > page_size:
                             yield page
                             page = []
-                        image = parse_json(r["image"]) or {}
+                        image = self._image_at(info, r, version)
                         page.extend(dict(image) for _ in range(n))
                     if len(batch) < page_size:
                         break

@@ -410,6 +410,9 @@ DECLARE
     r record;
     prev_image text;
     prev_op "char";
+    prev_pos bigint;
+    prev_ord integer;
+    renamed record;
     cols text[];
     ikeys text[];
     ivals text[];
@@ -430,7 +433,7 @@ BEGIN
     LOOP
         prev_image := NULL;
         prev_op := NULL;
-        SELECT p.image, p.op INTO prev_image, prev_op
+        SELECT p.image, p.op, p.position, p.ordinal INTO prev_image, prev_op, prev_pos, prev_ord
         FROM changes_all p
         WHERE p.table_id = r.table_id AND p.key_hash = hashtextextended(r.k COLLATE "C", 0)
           AND p.key_text = r.k
@@ -440,7 +443,18 @@ BEGIN
         LIMIT 1;
         IF prev_op IS DISTINCT FROM 'D' AND prev_image IS NOT NULL THEN
             SELECT array_agg(e.key), array_agg(e.value::text) INTO pkeys, pvals
-            FROM json_each(prev_image::json) e WHERE e.key = ANY(r.pending);
+            FROM json_each(prev_image::json) e;
+            -- columns renamed since the previous image (docs/ddl.md) carry their new names
+            IF to_regclass('ddl_events') IS NOT NULL THEN  -- `cdc setup` of an earlier release did not create it
+                FOR renamed IN
+                    SELECT d.details -> 'renamed' AS m FROM ddl_events d
+                    WHERE d.table_id = r.table_id AND d.details ? 'renamed'
+                      AND (d.position, d.ordinal) > (prev_pos, prev_ord) AND (d.position, d.ordinal) <= (r.position, r.ordinal)
+                    ORDER BY d.position, d.ordinal, d.seq
+                LOOP
+                    pkeys := ARRAY(SELECT coalesce(renamed.m ->> u.k, u.k) FROM unnest(pkeys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
+                END LOOP;
+            END IF;
         ELSE
             pkeys := '{{}}';
             pvals := '{{}}';

@@ -36,6 +36,7 @@ class _Column:
     generated: bool
     has_equality: bool
     required: bool = False  # NOT NULL with no default (nor identity): an INSERT must give it
+    captured: bool = True  # in the publication's rows (stored generated columns from PostgreSQL 18)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class _Table:
 
     @property
     def plain(self) -> list[_Column]:
-        """The columns capture sees (generated columns are not captured)."""
-        return [c for c in self.columns.values() if not c.generated]
+        """The columns capture sees (generated ones only where stored ones are published: docs/ddl.md)."""
+        return [c for c in self.columns.values() if c.captured]
 
 
 _COLUMNS_QUERY: Final = """
@@ -57,7 +58,9 @@ SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmo
        EXISTS (SELECT 1 FROM pg_catalog.pg_operator AS o
                 WHERE o.oprname = '=' AND o.oprresult = 'pg_catalog.bool'::pg_catalog.regtype
                   AND o.oprleft = e.base AND o.oprright = e.base),
-       a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+       a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = '',
+       a.attgenerated = '' OR (a.attgenerated = 's'
+           AND pg_catalog.current_setting('server_version_num')::pg_catalog.int4 >= 180000) AS captured
   FROM pg_catalog.pg_attribute AS a
   JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid
   CROSS JOIN LATERAL (
@@ -117,7 +120,7 @@ class _Source:
                 "SELECT pg_catalog.set_config('search_path', %s, true)", [saved[0] if saved else ""]
             )
         columns = {
-            str(r[0]): _Column(str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[5]), bool(r[6]))
+            str(r[0]): _Column(str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[5]), bool(r[6]), bool(r[7]))
             for r in found_columns
         }
         found = _Table(name=name, oid=int(row[0]), ident=ident, columns=columns)
@@ -252,11 +255,13 @@ def _insert(table: _Table, image: Mapping[str, Any]) -> sql.Composed:
 
 
 def _update(table: _Table, values: Mapping[str, Any], where: sql.Composable) -> sql.Composed:
+    # A generated column follows the others: never written.
+    writable = {c: v for c, v in values.items() if not _column(table, c).generated}
     return sql.SQL("UPDATE {t} SET {sets} WHERE {where}").format(
         t=table.ident,
         sets=sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(c), _literal(_column(table, c), v))
-            for c, v in values.items()
+            for c, v in writable.items()
         ),
         where=where,
     )

@@ -472,8 +472,12 @@ async def row_page(request: Request) -> Response:
     base = str(request.scope.get("root_path") or "").rstrip("/")
     try:
         parts = path_segments(request)[2:]
+        if len(parts) == 2 and parts[1] == "schema" and parts[0]:
+            from cdc.web.schema_page import schema_page  # the table's schema versions (docs/ddl.md)
+
+            return await schema_page(request, check_text(parts[0], "table"))
         if len(parts) != 3 or parts[1] != "rows" or not parts[0]:
-            raise NotFoundError("no such page: expected /tables/{table}/rows/{key}")
+            raise NotFoundError("no such page: expected /tables/{table}/rows/{key} or /tables/{table}/schema")
         table_text = check_text(parts[0], "table")
         key = parse_key(parts[2])
         version_text = query_text(request, "version", 64)

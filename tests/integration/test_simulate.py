@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,21 @@ from cdc.dryrun import (
 from cdc.errors import SetupError, UsageError
 from tests.capture_env import CaptureEnv, stored_mutations
 from tests.integration.test_capture import ALL_TYPES, TYPED_ROWS
+
+
+def without_generated(deltas: list[Delta], server_version: int) -> list[Delta]:
+    """The deltas without the stored generated column ``twice``, checked where it is captured
+    (PostgreSQL 18 publishes stored generated columns: docs/ddl.md)."""
+    out = []
+    for d in deltas:
+        images = []
+        for image in (d.before, d.after):
+            if image is not None and "twice" in image:
+                assert server_version >= 180000 and image["twice"] == image["id"] * 2
+            images.append(None if image is None else {k: v for k, v in image.items() if k != "twice"})
+        out.append(dataclasses.replace(d, before=images[0], after=images[1]))
+    return out
+
 
 TABLES = [("public", "items"), ("public", "pairs"), ("public", "loose")]
 
@@ -84,6 +100,7 @@ def test_deltas_of_inserts_updates_deletes_and_nothing_changes(source: psycopg.C
     source.execute("RESET DateStyle")
     assert snapshot(source) == before
     assert source.info.transaction_status == psycopg.pq.TransactionStatus.IDLE and source.autocommit
+    deltas = without_generated(result.deltas, source.info.server_version)
     one_before = {
         "id": 1,
         "name": "one",
@@ -94,7 +111,7 @@ def test_deltas_of_inserts_updates_deletes_and_nothing_changes(source: psycopg.C
         "tags": '{a,"b,c"}',
         "ok": True,
     }
-    assert result.deltas == [
+    assert deltas == [
         Delta(
             0,
             "public.items",
