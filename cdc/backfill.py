@@ -42,6 +42,7 @@ from cdc.capture.engine import Core
 from cdc.capture.model import RelationDesc, RelationInfo, now_us
 from cdc.capture.registry import Registry
 from cdc.config import Config
+from cdc.connections import connect
 from cdc.errors import (
     CdcError,
     SetupError,
@@ -109,27 +110,23 @@ class Backfiller:
     # -- connections ------------------------------------------------------------------
     def _source(self) -> psycopg.Connection[Any]:
         """Autocommit (the watermarks); ``transaction()`` blocks are REPEATABLE READ READ ONLY (a chunk's read)."""
-        try:
-            conn = psycopg.connect(
-                self.source_dsn,
-                connect_timeout=10,
-                autocommit=True,
-                options=options_string(OUTPUT_SETTINGS),
-                application_name="cdc-backfill",
-            )
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            conn.read_only = True
-            return conn
-        except psycopg.OperationalError as exc:
-            raise SourceUnavailableError(f"backfill: cannot reach the source: {error_text(exc)}") from exc
+        conn = connect(
+            self.source_dsn,
+            "source",
+            autocommit=True,
+            options=options_string(OUTPUT_SETTINGS),
+            application_name="cdc-backfill",
+        )
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        return conn
 
     def _store(self) -> psycopg.Connection[Any]:
+        conn = connect(self.store_dsn, "store", autocommit=True, application_name="cdc-backfill")
         try:
-            conn = psycopg.connect(
-                self.store_dsn, connect_timeout=10, autocommit=True, application_name="cdc-backfill"
-            )
             conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(self.schema)))
         except psycopg.OperationalError as exc:
+            conn.close()
             raise StoreUnavailableError(f"backfill: cannot reach the store: {error_text(exc)}") from exc
         return conn
 
@@ -426,7 +423,9 @@ class _TableBackfill:
         """The chunk's COPY (SELECT ...), its parameters, and the key columns' positions."""
         table = self.table
         columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
-        relation = sql.Composed([relation_scope(self.source, table.oid), sql.Identifier(table.schema, table.name)])
+        relation = sql.Composed(
+            [relation_scope(self.source, table.oid), sql.Identifier(table.schema, table.name)]
+        )
         if info.keyless:
             return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(columns, relation), [], []
         keys = self._key_columns(info)
@@ -662,8 +661,8 @@ def run_backfill(
     main = config.source.publication
     publications = [main, inserts_publication(main)]
     with (
-        psycopg.connect(config.require_source(), autocommit=True, connect_timeout=10) as source,
-        psycopg.connect(config.require_store(), autocommit=True, connect_timeout=10) as store,
+        connect(config.require_source(), "source", autocommit=True) as source,
+        connect(config.require_store(), "store", autocommit=True) as store,
     ):
         store.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(config.store.schema_name)))
         exists = store.execute("SELECT to_regclass('baselines') IS NOT NULL").fetchone()

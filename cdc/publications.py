@@ -7,7 +7,7 @@ table in a second publication, ``<publication>_inserts`` (publish = 'insert, tru
 leaves it out. With ``source.tables`` empty and a keyless mode other than ``full``, the first
 publication is cdc's list of every table (``managed``); tables created later join it (or the
 second one) inside their CREATE TABLE's transaction through the event trigger
-``cdc_publication_sync`` (sql/publication.sql; superuser only), or else through the daemon's
+``cdc_a_publication_sync`` (sql/publication.sql; superuser only), or else through the daemon's
 periodic check (:func:`check_tables`), which also reports every table whose changes are not all
 captured.
 
@@ -34,7 +34,11 @@ from cdc.lsn import parse_lsn
 log = structlog.get_logger("cdc.publications")
 
 SQL_FILE = Path(cdc.__file__).parent / "sql" / "publication.sql"
-EVENT_TRIGGER = "cdc_publication_sync"
+# Event triggers fire in the order of their names: this one before the schema-change ones
+# (``cdc_ddl_*``, cdc/source_ddl.py), so a table the DDL brought into the publication is
+# published when they look. (Named ``cdc_publication_sync`` before: dropped where found.)
+EVENT_TRIGGER = "cdc_a_publication_sync"
+_FORMER_EVENT_TRIGGER = "cdc_publication_sync"
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", "cdc")
 _LOCK_TIMEOUT = "5s"
 
@@ -442,7 +446,8 @@ def _install_event_trigger(conn: Conn, *, needed: bool) -> list[str]:
             ]
         return []
     with conn.transaction():
-        conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(EVENT_TRIGGER)))
+        for name in (EVENT_TRIGGER, _FORMER_EVENT_TRIGGER):
+            conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)))
         conn.execute(
             sql.SQL(
                 "CREATE EVENT TRIGGER {} ON ddl_command_end "
@@ -467,7 +472,8 @@ def uninstall_publications(conn: Conn, publication: str) -> None:
         _write_config(conn, left)
         return
     if _is_superuser(conn):
-        conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(EVENT_TRIGGER)))
+        for name in (EVENT_TRIGGER, _FORMER_EVENT_TRIGGER):
+            conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)))
     for signature in (
         "cdc.publication_sync()",
         "cdc.publication_sync_table(oid)",

@@ -25,9 +25,10 @@ from cdc.backfill import backfill_joined
 from cdc.baseline import Baseline, discard_unfinished, finish, published_source_tables, take_slot_lock
 from cdc.capture.failover import identify, pending_gap
 from cdc.capture.registry import key_policy_problems
-from cdc.config import Config, redact_dsn
+from cdc.config import Config
+from cdc.connections import connect
 from cdc.dryrun import install_simulate, simulate_installed, uninstall_simulate
-from cdc.errors import ConfigError, SetupError, SlotLostError, SourceUnavailableError, StoreUnavailableError
+from cdc.errors import ConfigError, SetupError, SlotLostError, SourceUnavailableError
 from cdc.failover_readiness import create_slot_command, setup_failover
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.progress import Progress
@@ -53,14 +54,6 @@ class SetupReport:
     def did(self, step: str) -> None:
         self.steps.append(step)
         log.debug("setup_step", step=step)  # printed by the caller: a log line only with -vv
-
-
-def connect(dsn: str, what: str, **kwargs: Any) -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(dsn, connect_timeout=10, **kwargs)
-    except psycopg.OperationalError as exc:
-        error = SourceUnavailableError if what == "source" else StoreUnavailableError
-        raise error(f"cannot connect to the {what} ({redact_dsn(dsn)}): {str(exc).strip()}") from exc
 
 
 def check_source(conn: psycopg.Connection[Any]) -> None:

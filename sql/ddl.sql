@@ -463,6 +463,9 @@ ON CONFLICT (relid) DO UPDATE SET shape = EXCLUDED.shape
 $$;
 
 REVOKE EXECUTE ON FUNCTION
+    cdc.ddl_rewrite_max_rows(),
+    cdc.ddl_publication(),
+    cdc.ddl_publishes_generated(),
     cdc.ddl_token(),
     cdc.ddl_confirm(),
     cdc.ddl_emit(pg_catalog.text),

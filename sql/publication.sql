@@ -10,7 +10,7 @@
 --                 truncate') and never to the first;
 --   skip          they are in neither.
 -- When cdc manages the first publication as a list of every table (`managed`: source.tables
--- empty), tables created later join it here too. The event trigger `cdc_publication_sync`
+-- empty), tables created later join it here too. The event trigger `cdc_a_publication_sync`
 -- (ddl_command_end of CREATE TABLE, CREATE TABLE AS, SELECT INTO, ALTER TABLE; installed only by
 -- a superuser's `cdc setup`) does it inside the DDL's own transaction, so no write to a new table
 -- (or to one whose key was just dropped) can ever fail for want of a replica identity. It never
@@ -129,6 +129,16 @@ BEGIN
         SELECT DISTINCT d.objid
           FROM pg_catalog.pg_event_trigger_ddl_commands() AS d
          WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objsubid = 0
+        UNION
+        -- DETACH PARTITION names the parent only: a detached partition is a table of its own
+        -- now, in no publication yet. Any table in none, when a partitioned table was altered.
+        SELECT c.oid
+          FROM pg_catalog.pg_class AS c
+         WHERE c.relkind = 'r' AND NOT c.relispartition AND c.relpersistence = 'p'
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel AS pr WHERE pr.prrelid = c.oid)
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() AS d
+                         JOIN pg_catalog.pg_class AS p ON p.oid = d.objid
+                        WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND p.relkind = 'p')
     LOOP
         BEGIN
             PERFORM cdc.publication_sync_table(r.objid);
@@ -140,5 +150,8 @@ BEGIN
 END
 $fn$;
 REVOKE ALL ON FUNCTION cdc.publication_sync() FROM PUBLIC;
+-- publication_sync_config() and has_replica_identity() stay executable by PUBLIC: they say what
+-- is published and whether a table has an identity (nothing secret), and the daemon's periodic
+-- check and `cdc status` read them as whatever role they run as.
 REVOKE ALL ON FUNCTION cdc.publication_sync_table(oid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc.publication_member(text, oid, boolean) FROM PUBLIC;

@@ -11,10 +11,12 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from cdc import baseline
@@ -70,18 +72,39 @@ def test_interrupted_baseline_completes_exactly_once(
     fill(capture)
     rng = random.Random(os.environ.get("CDC_TEST_SEED", "15"))
     interrupted = 0
-    for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+    for attempt, sig in enumerate((signal.SIGINT, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)):
         proc = subprocess.Popen(
             [sys.executable, "-m", "cdc", "setup"],
             env=cli_env(capture),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            text=True,
         )
-        time.sleep(rng.uniform(0.5, 4.0))
+        lines: list[str] = []
+        started_reading = threading.Event()
+
+        def read(
+            proc: subprocess.Popen[str] = proc,
+            lines: list[str] = lines,
+            event: threading.Event = started_reading,
+        ) -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                lines.append(line)
+                if "baseline_table_started" in line:
+                    event.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        if attempt == 0:
+            time.sleep(rng.uniform(0.3, 1.0))  # maybe before the baseline began
+        else:
+            # within the baseline: its start is seen on stderr (log lines when not a terminal)
+            started_reading.wait(timeout=60)
+            time.sleep(rng.uniform(0.0, 1.2))
         if proc.poll() is not None:
-            pytest.fail(
-                f"setup finished before it could be interrupted: {proc.stderr.read().decode()[-2000:]}"
-            )  # type: ignore[union-attr]
+            reader.join(timeout=5)
+            pytest.fail(f"setup finished before it could be interrupted: {''.join(lines)[-2000:]}")
         proc.send_signal(sig)
         proc.wait(timeout=60)
         interrupted += 1
@@ -135,6 +158,7 @@ def test_interrupted_baseline_completes_exactly_once(
 
 def test_progress_is_printed_during_a_baseline(capture: CaptureEnv) -> None:
     fill(capture, 100_000)
+    structlog.reset_defaults()  # an earlier test may have left a level filter above info
     # Not a terminal: log lines (table started, progress, done) with rows, estimate, rate, ETA.
     with capture_logs() as logs:
         from cdc.progress import Progress

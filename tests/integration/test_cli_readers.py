@@ -323,7 +323,7 @@ def test_request_ids_shown_whole_or_by_their_shortest_unique_prefix(run: Any, se
     assert "req:d00dfeed " in blame
     # each shown prefix is accepted back; a shorter one lists what it matches
     assert "REQUEST      c0ffee00-1111-bbbb" in ok(run(why, "c0ffee00-1111-b"))
-    fails(run(why, "c0ffee00"), 2, "ambiguous", "c0ffee00-1111-aaaa", "c0ffee00-1111-bbbb")
+    fails(run(why, "c0ffee00"), 6, "ambiguous", "c0ffee00-1111-aaaa", "c0ffee00-1111-bbbb")
 
 
 def test_store_from_the_config_file(run: Any, seed: StoreBuilder, tmp_path: Path) -> None:

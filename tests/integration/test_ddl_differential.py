@@ -4,7 +4,8 @@ with every DDL docs/ddl.md covers, random savepoints and rollbacks; after each t
 records the source (every table's rows) and the version. At the end, time travel must equal the
 source at every recorded version.
 
-``CDC_DDL_DIFF_SEEDS`` (comma-separated) and ``CDC_DDL_DIFF_STEPS`` change the runs; a failure
+``CDC_DDL_DIFF_SEEDS`` (comma-separated), ``CDC_DDL_DIFF_STEPS`` and ``CDC_DDL_DIFF_KEYLESS``
+(``source.keyless_tables``, default ``full``) change the runs; a failure
 prints its seed, step and the statements of the steps so far.
 """
 
@@ -393,6 +394,10 @@ def env(pg: Any) -> Iterator[CaptureEnv]:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_time_travel_equals_source_across_ddl(env: CaptureEnv, seed: int) -> None:
     rng = random.Random(seed)
+    # History equals the source for every table only where every change is published: tables
+    # without a key too (REPLICA IDENTITY FULL). Under the default, inserts_only, their UPDATEs
+    # and DELETEs are not captured, by design (cdc status lists them as partially captured).
+    env.extra_env["CDC_SOURCE__KEYLESS_TABLES"] = os.environ.get("CDC_DDL_DIFF_KEYLESS", "full")
     options = options_string(OUTPUT_SETTINGS)
     with psycopg.connect(env.source_dsn, autocommit=True, options=options) as conn:
         generator = Generator(rng, conn)

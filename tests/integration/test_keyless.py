@@ -168,7 +168,9 @@ def test_an_all_tables_publication_is_made_safe(capture: CaptureEnv, monkeypatch
     assert row == ("done",)
     capture.wait_caught_up()
     rows = ops(capture, "bag")
-    assert rows["I"] >= 1 and rows["S"] >= 3 and rows.get("T") == 1  # its rows recorded afresh
+    # its rows recorded afresh by the backfill (and by the REPLICA IDENTITY change above: a keyless
+    # table's rows are recorded again after a change of its key, docs/ddl.md)
+    assert rows["I"] >= 1 and rows["S"] >= 3 and rows.get("T", 0) >= 1
     assert rebuild(capture, "public.keyed") == source_rows(capture, "public.keyed")
     assert capture.stop() == 0
 

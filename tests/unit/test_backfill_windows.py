@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 
+import structlog
 from structlog.testing import capture_logs
 
 from cdc.capture.backfill import PREFIX, Windows, copy_unescape, parse_watermark, watermark_message
@@ -160,6 +161,7 @@ def test_copy_unescape() -> None:
 
 
 def test_progress_log_lines_rate_and_eta() -> None:
+    structlog.reset_defaults()  # an earlier test may have left a level filter above info
     now = [0.0]
     metrics = Metrics()
     progress = Progress("baseline", terminal=False, interval=5.0, clock=lambda: now[0], metrics=metrics)
