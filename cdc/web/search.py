@@ -45,7 +45,8 @@ from cdc.web.pages import (
 __all__ = ["SearchArgs", "search_api", "search_page"]
 
 SEARCH_PAGE_SIZE = 50
-_FORM = ("table", "column", "value", "since", "until", "status", "op", "limit")
+#: The form's fields: the API's parameters (the table a query parameter here), less the paging ones
+_FORM = ("table", *(n for n in query_names(SEARCH_PARAMS) if n not in ("cursor", "scan")))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """``cdc serve``: the HTTP API, the pages and ``/metrics`` over the history store, with uvicorn.
 
 The store comes from ``--store``, else ``CDC_STORE_DSN``, else ``store.dsn`` of the config file;
-the address from ``--listen``, else ``server.listen`` (``127.0.0.1:8400``); the token from
-``--token``, else ``server.token`` / ``CDC_SERVER__TOKEN`` (prefer these: a command-line token is
+the source (optional: only the read-only undo previews read it) from ``--source``, else
+``CDC_SOURCE_DSN``, else ``source.dsn``; the address from ``--listen``, else ``server.listen``
+(``127.0.0.1:8400``); the token from ``--token``, else ``server.token`` / ``CDC_SERVER__TOKEN`` (prefer these: a command-line token is
 visible to every user of the machine). Without a token, ``--open`` (or ``server.open: true``)
 must say that unauthenticated access is intended; on a non-loopback address that prints a warning.
 
