@@ -89,7 +89,7 @@ class SearchArgs:
             op=op,
             cursor=parse_cursor(cursor_text) if cursor_text is not None else None,
             limit=parse_limit(request.query_params.get("limit"), default_limit),
-            scan=parse_limit(request.query_params.get("scan"), SCAN_LIMIT, SCAN_LIMIT),
+            scan=parse_limit(request.query_params.get("scan"), SCAN_LIMIT, SCAN_LIMIT, what="scan"),
         )
 
     def run(self, store: Store, ctx: WebContext, table: str) -> ValueSearch:

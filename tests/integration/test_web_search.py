@@ -168,7 +168,13 @@ def test_api_search_errors(client: TestClient, seed: StoreBuilder) -> None:
     error(client, "/api/v1/tables/users/search?column=plan", 400, "bad_request", "value")
     error(client, "/api/v1/tables/users/search?column=plan&value=x&colour=red", 400, "bad_request", "colour")
     error(client, "/api/v1/tables/users/search?column=plan&value=x&op=DELETE", 400, "bad_request", "op")
-    error(client, "/api/v1/tables/users/search?column=plan&value=x&scan=50001", 400, "bad_request", "limit")
+    error(
+        client,
+        "/api/v1/tables/users/search?column=plan&value=x&scan=50001",
+        400,
+        "bad_request",
+        "invalid scan",
+    )
     error(
         client, "/api/v1/tables/users/search?column=plan&value=x&since=whenever", 400, "bad_request", "since"
     )
