@@ -221,3 +221,29 @@ def test_search_page_errors_and_escaping(client: TestClient) -> None:
     assert "<script>" not in xss and "&lt;script&gt;alert(1)&lt;/script&gt;" in xss
     assert "name: null → <script>alert(1)</script>" in text_of(xss)
     assert "No change matches" in text_of(page(client, "/search?table=users&column=plan&value=gold"))
+
+
+# ============================================================================ the API reference page
+
+
+def test_api_reference_page_is_the_openapi_document(client: TestClient, seed: StoreBuilder) -> None:
+    document = client.get("/openapi.json").json()
+    with TestClient(create_app(seed.dsn, token=TOKEN)) as anonymous:  # no token needed, like the document
+        response = anonymous.get("/docs/api", headers={"Accept": "text/html"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    html_text = response.text
+    text = text_of(html_text)
+    for path, item in document["paths"].items():
+        operation = item["get"]
+        assert f'id="{operation["operationId"]}"' in html_text, path
+        assert path in text and operation["summary"] in text, path
+        for param in operation["parameters"]:
+            assert param["name"] in text, (path, param["name"])
+    for name in document["components"]["schemas"]:
+        assert f'id="schema-{name}"' in html_text and f'href="#schema-{name}"' in html_text, name
+    assert html_text.count('<span class="badge">no token</span>') == 3  # /healthz, /readyz, /metrics
+    assert "Authorization: Bearer <token>" in text
+    assert "<code>cursor</code>" in html_text  # the document's `inline code`, rendered
+    assert "http://" not in html_text and "https://" not in html_text and "<script" not in html_text
+    assert 'href="/docs/api"' in page(client, "/")  # the header links to it
