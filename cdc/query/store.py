@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from cdc.query.requests import Requests
+from cdc.query.search import Search
 
 __all__ = ["Store"]
 
 
-class Store(Requests):
+class Store(Search):
     """Reads of the history store (format 2, docs/store.md) in schema ``schema``.
 
     Over ``dsn`` (a connection opened lazily on first use, reopened after it breaks) or an open

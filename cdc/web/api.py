@@ -11,6 +11,9 @@ A thin shell over :class:`cdc.query.Store`, like the CLI and the Python API:
 ``GET /api/v1/tables/{table}/rows/{key}/blame``             per column: its last committed write
 ``GET /api/v1/mutations?table&key&request&actor&...``       the mutation log, newest first, paginated
 ``GET /api/v1/requests/{request_id}``                       a request (id or unique prefix)
+``GET /api/v1/requests/{request_id}/revert``                the SQL ``cdc revert`` would run (preview)
+``GET /api/v1/tables/{table}/rows/{key}/restore?version|at`` the SQL ``cdc restore`` would run (preview)
+``GET /api/v1/tables/{table}/search?column&value&...``      mutations by a column's value (bounded scan)
 ``GET /openapi.json``                                       the OpenAPI 3.1 document of all of this
 ``GET /healthz`` ``/readyz`` ``/metrics``                   liveness, readiness, Prometheus
 ==========================================================  =========================================
@@ -214,6 +217,10 @@ def _version_args(request: Request) -> tuple[int | None, datetime | None]:
 async def tables_dispatch(request: Request, ctx: WebContext) -> Any:
     """``/api/v1/tables/{table}/rows[/{key}[/history|/blame]]``, split on the raw path."""
     parts = path_segments(request)[4:]
+    if len(parts) == 2 and parts[1] == "search" and parts[0]:
+        from cdc.web.search import search_api  # search by value (cdc/web/search.py)
+
+        return await search_api(request, ctx, check_text(parts[0], "table", MAX_TABLE_CHARS))
     if len(parts) >= 2 and parts[1] == "rows" and parts[0]:
         table = check_text(parts[0], "table", MAX_TABLE_CHARS)
         rest = parts[2:]
@@ -226,7 +233,14 @@ async def tables_dispatch(request: Request, ctx: WebContext) -> Any:
             return await row_history(request, ctx, table, key)
         if len(rest) == 2 and rest[1] == "blame":
             return await row_blame(request, ctx, table, key)
-    raise NotFoundError("no such endpoint: expected /api/v1/tables/{table}/rows[/{key}[/history|/blame]]")
+        if len(rest) == 2 and rest[1] == "restore":
+            from cdc.web.previews import restore_api  # the restore preview (cdc/web/previews.py)
+
+            return await restore_api(request, ctx, table, key)
+    raise NotFoundError(
+        "no such endpoint: expected /api/v1/tables/{table}/rows[/{key}[/history|/blame|/restore]] or "
+        "/api/v1/tables/{table}/search"
+    )
 
 
 async def table_rows(request: Request, ctx: WebContext, table: str) -> dict[str, Any]:
@@ -390,8 +404,12 @@ async def mutations(request: Request, ctx: WebContext) -> dict[str, Any]:
 
 async def request_record(request: Request, ctx: WebContext) -> dict[str, Any]:
     parts = path_segments(request)[4:]
+    if len(parts) == 2 and parts[0] and parts[1] == "revert":
+        from cdc.web.previews import revert_api  # the revert preview (cdc/web/previews.py)
+
+        return await revert_api(request, ctx, check_text(parts[0], "request id"))
     if len(parts) != 1 or not parts[0]:
-        raise NotFoundError("no such endpoint: expected /api/v1/requests/{request_id}")
+        raise NotFoundError("no such endpoint: expected /api/v1/requests/{request_id}[/revert]")
     allow_params(request, "limit", "cursor")
     request_id = check_text(parts[0], "request id")
     limit = parse_limit(request.query_params.get("limit"), MAX_LIMIT)
@@ -523,6 +541,9 @@ def create_app(
     health: Probe | None = None,
     ready: Probe | None = None,
     pool_size: int = POOL_SIZE,
+    source_dsn: str | None = None,
+    policies: Mapping[str, Mapping[str, str]] | None = None,
+    hash_key: bytes | None = None,
 ) -> Starlette:
     """The ASGI app: JSON API, pages, ``/openapi.json``, ``/metrics``, ``/healthz``, ``/readyz``.
 
@@ -533,6 +554,9 @@ def create_app(
     ``ready``: whether the daemon is ready (``/readyz``). Each returns ``(ok, detail)`` like
     ``Daemon.health``/``Daemon.ready``, a mapping with ``ok``, or a bool; the detail is added to the
     JSON answer. Without them both answer whether the history store answers.
+    ``source_dsn``: the source, read (never written) for the revert and restore previews; without it
+    they say that it is missing. ``policies``: the ``columns`` config section and ``hash_key``
+    ``policies.hash_key`` (a hashed column is searched by a value's digest only with the key).
     """
     problems: list[str] = []
     if not store_dsn or not store_dsn.strip():
@@ -567,6 +591,9 @@ def create_app(
         ready=ready,
         requests_total=requests_total,
         request_seconds=request_seconds,
+        source_dsn=source_dsn or None,
+        policies={table: dict(columns) for table, columns in (policies or {}).items()},
+        hash_key=hash_key,
     )
 
     from cdc.web import pages

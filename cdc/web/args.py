@@ -123,16 +123,18 @@ def parse_when(text: str, what: str, *, end: bool = False) -> datetime:
         raise UsageError(f"invalid {what} {text!r}: out of range") from None
 
 
-def parse_limit(text: str | None, default: int = DEFAULT_LIMIT, maximum: int = MAX_LIMIT) -> int:
+def parse_limit(
+    text: str | None, default: int = DEFAULT_LIMIT, maximum: int = MAX_LIMIT, *, what: str = "limit"
+) -> int:
     if text is None or text == "":
         return default
-    check_text(text, "limit", 32)
+    check_text(text, what, 32)
     try:
         value = int(text.strip())
     except ValueError:
-        raise UsageError(f"invalid limit {text!r}: expected an integer from 1 to {maximum}") from None
+        raise UsageError(f"invalid {what} {text!r}: expected an integer from 1 to {maximum}") from None
     if not 1 <= value <= maximum:
-        raise UsageError(f"invalid limit {value}: expected an integer from 1 to {maximum}")
+        raise UsageError(f"invalid {what} {value}: expected an integer from 1 to {maximum}")
     return value
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -39,6 +39,7 @@ from cdc.errors import (
     ConfigError,
     IncompleteHistoryError,
     NotFoundError,
+    SourceUnavailableError,
     StoreUnavailableError,
     UsageError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "AccessMiddleware",
     "JsonResponse",
     "Probe",
+    "SourceNotConfiguredError",
     "StorePool",
     "WebContext",
     "api_error_response",
@@ -80,7 +82,9 @@ POOL_SIZE = 8
 POOL_WAIT_SECONDS = 30.0
 
 WEB_DIR = Path(__file__).resolve().parent
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/login", "/logout"})
+_OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs/api", "/login", "/logout"}
+)
 
 # Security headers on every response; pages get a CSP that allows only our own stylesheet.
 _COMMON_HEADERS = {
@@ -95,6 +99,17 @@ _PAGE_CSP = (
 
 
 # ============================================================================ JSON
+
+
+class SourceNotConfiguredError(SourceUnavailableError):
+    """``cdc serve`` was started without a source DSN: undo previews need one (HTTP 503)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server has no source database configured: undo previews read the source's current rows",
+            hint="start cdc serve with --source DSN (or CDC_SOURCE_DSN / source.dsn), a role that may "
+            "SELECT the captured tables; or run the cdc command shown",
+        )
 
 
 class JsonResponse(JSONResponse):
@@ -127,6 +142,10 @@ def error_status(exc: BaseException) -> tuple[int, str]:
         return 400, "bad_request"
     if isinstance(exc, StoreUnavailableError):
         return 503, "store_unavailable"
+    if isinstance(exc, SourceNotConfiguredError):
+        return 503, "no_source"
+    if isinstance(exc, SourceUnavailableError):
+        return 503, "source_unavailable"
     return 500, "internal"
 
 
@@ -148,8 +167,10 @@ def api_error_response(exc: BaseException, route: str) -> JsonResponse:
             error_body("internal", f"internal error (logged with id {error_id})", error_id=error_id),
             status_code=500,
         )
-    if status == 503:
+    if isinstance(exc, StoreUnavailableError):
         log.warning("history_store_unavailable", route=route, error=exc.message)
+    elif isinstance(exc, SourceUnavailableError) and not isinstance(exc, SourceNotConfiguredError):
+        log.warning("source_unavailable", route=route, error=exc.message)
     body = error_body(code, exc.message, exc.hint)
     if isinstance(exc, AmbiguousRequestError):
         # An ambiguous request id prefix: the ids it matches, to pick one from.
@@ -265,6 +286,12 @@ class WebContext:
     request_seconds: Histogram | None = None
     unauthorized_page: Callable[[Request, str | None, int], Response] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the source, for undo previews (read only, rolled back); None: previews say it is missing
+    source_dsn: str | None = None
+    #: the ``columns`` config section (redaction policies not recorded in the stored schema)
+    policies: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: ``policies.hash_key``: a hashed column is searched by the digest of a value only with it
+    hash_key: bytes | None = None
 
     @property
     def cookie_value(self) -> str | None:
@@ -318,6 +345,9 @@ def context_of(request: Request) -> WebContext:
 _ROUTES = (
     (re.compile(r"/api/v1/tables/[^/]+/rows/.+/history"), "api_row_history"),
     (re.compile(r"/api/v1/tables/[^/]+/rows/.+/blame"), "api_row_blame"),
+    (re.compile(r"/api/v1/tables/[^/]+/rows/.+/restore"), "api_row_restore"),
+    (re.compile(r"/api/v1/tables/[^/]+/search"), "api_table_search"),
+    (re.compile(r"/api/v1/requests/.+/revert"), "api_request_revert"),
     (re.compile(r"/api/v1/tables/[^/]+/rows/.+"), "api_row"),
     (re.compile(r"/api/v1/tables/[^/]+/rows"), "api_table_rows"),
     (re.compile(r"/api/v1/tables"), "api_tables"),
@@ -326,6 +356,9 @@ _ROUTES = (
     (re.compile(r"/api/v1/requests/.+"), "api_request"),
     (re.compile(r"/api/.*"), "api_other"),
     (re.compile(r"/"), "page_log"),
+    (re.compile(r"/search"), "page_search"),
+    (re.compile(r"/docs/api"), "page_api_reference"),
+    (re.compile(r"/tables/[^/]+/rows/.+/restore"), "page_restore"),
     (re.compile(r"/tables/.+"), "page_row"),
     (re.compile(r"/requests/.+"), "page_request"),
     (re.compile(r"/static/.*"), "static"),

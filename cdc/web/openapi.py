@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 from cdc.query import OPS, STATUSES
-from cdc.render import MUTATION_CSV_FIELDS
+from cdc.query.search import MAX_VALUE_CHARS as MAX_SEARCH_VALUE_CHARS
+from cdc.query.search import SCAN_LIMIT, SEARCHED_OPS
 from cdc.web.limits import (
     MAX_AFTER_CHARS,
     MAX_CURSOR_CHARS,
@@ -16,333 +17,32 @@ from cdc.web.limits import (
     MAX_TABLE_CHARS,
     MAX_TEXT_CHARS,
 )
+from cdc.web.openapi_schemas import SCHEMAS, ref
 
-__all__ = ["CURSOR_PATTERN", "VERSION_PATTERN", "openapi_document"]
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    kind = schema.get("type")
-    if isinstance(kind, str):
-        return {**schema, "type": [kind, "null"]}
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-_STRING = {"type": "string"}
-_INT = {"type": "integer"}
-_TIME = {"type": "string", "format": "date-time"}
-_OBJECT = {"type": "object"}
-
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {
-                        "type": "string",
-                        "enum": [
-                            "bad_request",
-                            "not_found",
-                            "unauthorized",
-                            "store_unavailable",
-                            "internal",
-                            "method_not_allowed",
-                            "version_ahead",
-                            "http_error",
-                        ],
-                    },
-                    "message": _STRING,
-                    "hint": _STRING,
-                    "id": _STRING,
-                    "matches": {
-                        "type": "array",
-                        "items": _STRING,
-                        "description": "An ambiguous request id prefix (400): the ids it matches (at most 10)",
-                    },
-                    "more_matches": {"type": "boolean", "description": "more ids than `matches` match"},
-                },
-            }
-        },
-    },
-    "Row": {
-        "type": "object",
-        "description": "A row image: column → value (the server's text output; "
-        "integers and booleans as JSON). Absent columns did not exist at that version.",
-    },
-    "Mutation": {
-        "type": "object",
-        "required": list(MUTATION_CSV_FIELDS),  # the fields of mutation_record, as in the CSV export
-        "properties": {
-            "version": {**_nullable(_INT), "description": "End LSN of the transaction; null: rolled back"},
-            "version_lsn": _nullable(_STRING),
-            "lsn": _INT,
-            "lsn_text": _STRING,
-            "xid": _INT,
-            "committed_at": _TIME,
-            "table": _STRING,
-            "key": _nullable(_OBJECT),
-            "op": {"type": "string", "enum": list(OPS)},
-            "before": _nullable(_OBJECT),
-            "after": _nullable(_OBJECT),
-            "changed": {"type": "array", "items": _STRING},
-            "request_id": _nullable(_STRING),
-            "context": _nullable(_OBJECT),
-            "status": {"type": "string", "enum": list(STATUSES)},
-        },
-    },
-    "Table": {
-        "type": "object",
-        "required": ["name", "key_columns", "columns", "keyless", "dropped", "former_names"],
-        "properties": {
-            "name": {**_STRING, "description": 'schema.name, quoted as PostgreSQL needs (public."User")'},
-            "key_columns": {"type": "array", "items": _STRING},
-            "columns": {"type": "array", "items": _STRING},
-            "keyless": {"type": "boolean"},
-            "dropped": {"type": "boolean", "description": "dropped on the source; its history stays"},
-            "former_names": {"type": "array", "items": _STRING, "description": "oldest first"},
-        },
-    },
-    "TableList": {
-        "type": "object",
-        "required": ["tables"],
-        "properties": {"tables": {"type": "array", "items": _ref("Table")}},
-    },
-    "Versions": {
-        "type": "object",
-        "required": [
-            "earliest",
-            "earliest_lsn",
-            "earliest_at",
-            "current",
-            "current_lsn",
-            "current_at",
-            "floor",
-            "floor_lsn",
-        ],
-        "properties": {
-            "earliest": _nullable(_INT),
-            "earliest_lsn": _nullable(_STRING),
-            "earliest_at": _nullable(_TIME),
-            "current": _nullable(_INT),
-            "current_lsn": _nullable(_STRING),
-            "current_at": _nullable(_TIME),
-            "floor": _nullable(_INT),
-            "floor_lsn": _nullable(_STRING),
-            "at": _TIME,
-            "version_at": _nullable(_INT),
-            "version_at_lsn": _nullable(_STRING),
-        },
-    },
-    "RowAt": {
-        "type": "object",
-        "required": ["table", "key", "version", "version_lsn", "exact", "row"],
-        "properties": {
-            "table": _STRING,
-            "key": _OBJECT,
-            "version": _nullable(_INT),
-            "version_lsn": _nullable(_STRING),
-            "exact": {"type": "boolean", "description": "false below the history floor: nothing is read"},
-            "row": _nullable(_OBJECT),
-        },
-    },
-    "TablePage": {
-        "type": "object",
-        "required": ["table", "version", "version_lsn", "exact", "rows", "next"],
-        "properties": {
-            "table": _STRING,
-            "version": _nullable(_INT),
-            "version_lsn": _nullable(_STRING),
-            "exact": {"type": "boolean"},
-            "rows": {"type": "array", "items": _ref("Row")},
-            "next": {**_nullable(_STRING), "description": "pass as `after` for the next page"},
-        },
-    },
-    "RowHistory": {
-        "type": "object",
-        "required": ["table", "key", "mutations"],
-        "properties": {
-            "table": _STRING,
-            "key": _OBJECT,
-            "mutations": {"type": "array", "items": _ref("Mutation")},
-        },
-    },
-    "BlameEntry": {
-        "type": "object",
-        "required": [
-            "column",
-            "value",
-            "request_id",
-            "committed_at",
-            "version",
-            "op",
-            "rolled_back",
-            "rolled_back_request_id",
-            "rolled_back_at",
-        ],
-        "properties": {
-            "column": _STRING,
-            "value": {},
-            "request_id": _nullable(_STRING),
-            "committed_at": _nullable(_TIME),
-            "version": _nullable(_INT),
-            "op": _nullable(_STRING),
-            "rolled_back": {"type": "boolean"},
-            "rolled_back_request_id": _nullable(_STRING),
-            "rolled_back_at": _nullable(_TIME),
-        },
-    },
-    "Blame": {
-        "type": "object",
-        "required": ["table", "key", "columns"],
-        "properties": {
-            "table": _STRING,
-            "key": _OBJECT,
-            "columns": {"type": "array", "items": _ref("BlameEntry")},
-        },
-    },
-    "MutationPage": {
-        "type": "object",
-        "required": ["mutations", "next"],
-        "properties": {
-            "mutations": {"type": "array", "items": _ref("Mutation")},
-            "next": {**_nullable(_STRING), "description": "pass as `cursor` for the next (older) page"},
-        },
-    },
-    "Transaction": {
-        "type": "object",
-        "required": [
-            "position",
-            "position_lsn",
-            "xid",
-            "version",
-            "commit_lsn",
-            "status",
-            "committed_at",
-            "origin",
-            "mutation_count",
-            "possibly_incomplete",
-        ],
-        "properties": {
-            "position": _INT,
-            "position_lsn": _STRING,
-            "xid": _INT,
-            "version": _nullable(_INT),
-            "commit_lsn": _nullable(_INT),
-            "status": {"type": "string", "enum": list(STATUSES)},
-            "committed_at": _TIME,
-            "origin": _nullable(_STRING),
-            "mutation_count": _INT,
-            "possibly_incomplete": {
-                "type": "boolean",
-                "description": "rolled back and not decoded in progress: attempted changes may be missing",
-            },
-        },
-    },
-    "RequestError": {
-        "type": "object",
-        "required": ["type", "message", "location", "at", "attributed", "attribution", "reported_by"],
-        "properties": {
-            "type": _nullable(_STRING),
-            "message": _nullable(_STRING),
-            "location": _nullable(_STRING),
-            "at": _nullable(_TIME),
-            "attributed": {
-                "type": "boolean",
-                "description": "true: reported by a session that wrote this request's context (same db_user "
-                "and backend_pid as a verified context, or proven by its session token): the root cause; "
-                "false: reported by another session (or before messages were signed)",
-            },
-            "attribution": {
-                "type": "string",
-                "enum": ["own_session", "no_captured_session", "other_session", "unverified"],
-            },
-            "reported_by": {
-                "type": "object",
-                "description": "the reporting session, as the source stamped it",
-                "required": ["db_user", "backend_pid", "client_addr", "xid", "proven"],
-                "properties": {
-                    "db_user": _nullable(_STRING),
-                    "backend_pid": _nullable(_INT),
-                    "client_addr": _nullable(_STRING),
-                    "xid": _nullable(_INT),
-                    "proven": {"type": "boolean"},
-                },
-            },
-        },
-    },
-    "Request": {
-        "type": "object",
-        "required": [
-            "request_id",
-            "actor",
-            "outcome",
-            "context",
-            "first_seen_at",
-            "last_seen_at",
-            "committed_count",
-            "rolled_back_count",
-            "error",
-            "errors",
-            "possibly_incomplete",
-            "transactions",
-            "mutation_count",
-            "mutations",
-            "next",
-        ],
-        "properties": {
-            "request_id": _STRING,
-            "actor": _nullable(_STRING),
-            "outcome": {
-                "type": "string",
-                "enum": ["committed", "rolled_back", "partly_rolled_back", "unknown"],
-            },
-            "context": _nullable(_OBJECT),
-            "first_seen_at": _nullable(_TIME),
-            "last_seen_at": _nullable(_TIME),
-            "committed_count": _INT,
-            "rolled_back_count": _INT,
-            "error": {
-                **_nullable(_ref("RequestError")),
-                "description": "the error to show: the root cause (an attributed error), else the last "
-                "error reported for the request (not attributed: never its root cause)",
-            },
-            "errors": {
-                "type": "array",
-                "description": "every error the request reported; only an attributed one is its root cause",
-                "items": _ref("RequestError"),
-            },
-            "possibly_incomplete": {"type": "boolean"},
-            "transactions": {"type": "array", "items": _ref("Transaction")},
-            "mutation_count": _INT,
-            "mutations": {"type": "array", "items": _ref("Mutation")},
-            "next": {
-                **_nullable(_STRING),
-                "description": "pass as `cursor` for the request's next mutations",
-            },
-        },
-    },
-    "Health": {
-        "type": "object",
-        "required": ["status", "ok"],
-        "properties": {"status": _STRING, "ok": {"type": "boolean"}},
-    },
-}
+__all__ = [
+    "CURSOR_PATTERN",
+    "RESTORE_PARAMS",
+    "REVERT_PARAMS",
+    "SEARCH_PARAMS",
+    "VERSION_PATTERN",
+    "openapi_document",
+    "query_names",
+]
 
 
 def _param(
-    name: str, where: str, schema: dict[str, Any], description: str, example: Any = None
+    name: str,
+    where: str,
+    schema: dict[str, Any],
+    description: str,
+    example: Any = None,
+    *,
+    required: bool = False,
 ) -> dict[str, Any]:
     param: dict[str, Any] = {
         "name": name,
         "in": where,
-        "required": where == "path",
+        "required": where == "path" or required,
         "schema": schema,
         "description": description,
     }
@@ -399,6 +99,55 @@ _P_CURSOR = _param(
     "cursor", "query", _text(MAX_CURSOR_CHARS, 0, CURSOR_PATTERN), "The `next` value of the previous page"
 )
 
+_P_REQUEST = _param(
+    "request_id",
+    "path",
+    _text(MAX_TEXT_CHARS, 1),
+    "A request id or a unique prefix of one (an ambiguous prefix is a 400 listing the ids it matches)",
+    "550e8400",
+)
+
+# The parameters of the search and the undo previews, declared once: the handlers accept the query
+# parameters listed here (query_names) and nothing else.
+SEARCH_PARAMS: list[dict[str, Any]] = [
+    _P_TABLE,
+    _param("column", "query", _text(MAX_TEXT_CHARS, 1), "The column to search", "plan", required=True),
+    _param(
+        "value",
+        "query",
+        _text(MAX_SEARCH_VALUE_CHARS),
+        "Its value as text: an integer's digits, `true`/`false`, any other value as the server prints it "
+        "(a hashed column: the clear value, searched by its keyed digest)",
+        "pro",
+        required=True,
+    ),
+    _P_SINCE,
+    _P_UNTIL,
+    _param("status", "query", {"type": "string", "enum": ["", *STATUSES]}, "Only this outcome"),
+    _param("op", "query", {"type": "string", "enum": ["", *SEARCHED_OPS]}, "Only this operation"),
+    _P_CURSOR,
+    _P_LIMIT,
+    _param(
+        "scan",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": SCAN_LIMIT},
+        f"The most changes of the table to examine (default and maximum {SCAN_LIMIT})",
+    ),
+]
+RESTORE_PARAMS: list[dict[str, Any]] = [
+    _P_TABLE,
+    _P_KEY,
+    {**_P_VERSION, "description": "The version to restore the row to: an integer LSN or `X/Y`"},
+    {**_P_AT, "description": f"Or the version at this time: {_TIME_TEXT}"},
+]
+REVERT_PARAMS: list[dict[str, Any]] = [_P_REQUEST]
+
+
+def query_names(params: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The query parameters of an operation (what its handler accepts)."""
+    return tuple(p["name"] for p in params if p["in"] == "query")
+
+
 _ERROR_TEXTS = {
     400: "Bad argument",
     401: "Missing or invalid token",
@@ -406,36 +155,51 @@ _ERROR_TEXTS = {
     409: "Version ahead of the history store (capture has not caught up yet: retry)",
     503: "History store unreachable or not set up",
 }
+_PREVIEW_503 = (
+    "History store or source unreachable, or no source configured (`no_source`: cdc serve was started "
+    "without --source)"
+)
 
 
-def _responses(schema: str, description: str, *statuses: int) -> dict[str, Any]:
+def _responses(
+    schema: str, description: str, *statuses: int, texts: dict[int, str] | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "200": {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+        "200": {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
     }
     for status in statuses:
         out[str(status)] = {
-            "description": _ERROR_TEXTS[status],
-            "content": {"application/json": {"schema": _ref("Error")}},
+            "description": (texts or {}).get(status, _ERROR_TEXTS[status]),
+            "content": {"application/json": {"schema": ref("Error")}},
         }
     return out
 
 
 def _get(
-    summary: str, params: list[Any], responses: dict[str, Any], *, open_: bool = False
+    summary: str,
+    params: list[Any],
+    responses: dict[str, Any],
+    *,
+    open_: bool = False,
+    tag: str = "History",
+    description: str | None = None,
 ) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "summary": summary,
         "operationId": re.sub(r"[^a-z0-9]+", "_", summary.lower()).strip("_"),
+        "tags": [tag],
         "parameters": params,
         "responses": responses,
     }
+    if description is not None:
+        operation["description"] = description
     if open_:
         operation["security"] = []
     return {"get": operation}
 
 
 def _health(ok: str, not_ok: str) -> dict[str, Any]:
-    content = {"application/json": {"schema": _ref("Health")}}
+    content = {"application/json": {"schema": ref("Health")}}
     return {
         "200": {"description": ok, "content": content},
         "503": {"description": not_ok, "content": content},
@@ -514,13 +278,7 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
         "/api/v1/requests/{request_id}": _get(
             "Request",
             [
-                _param(
-                    "request_id",
-                    "path",
-                    _text(MAX_TEXT_CHARS, 1),
-                    "A request id or a unique prefix of one (an ambiguous prefix is a 400 listing the ids it matches)",
-                    "550e8400",
-                ),
+                _P_REQUEST,
                 _param(
                     "limit",
                     "query",
@@ -531,8 +289,54 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
             ],
             _responses("Request", "The request's context, outcome, error and data changes", *errors),
         ),
-        "/healthz": _get("Liveness", [], _health("Healthy", "Unhealthy"), open_=True),
-        "/readyz": _get("Readiness", [], _health("Ready", "Not ready"), open_=True),
+        "/api/v1/tables/{table}/search": _get(
+            "Search by value",
+            SEARCH_PARAMS,
+            _responses("ValueSearch", "Matching mutations, newest first, and how far the scan went", *errors),
+            tag="Search",
+            description=(
+                "The mutations of the table whose row after the change (INSERT, UPDATE, SNAPSHOT) had "
+                "`column` = `value`. A bounded scan, not an index lookup: at most `scan` changes of the "
+                "table (newest first, within `since`/`until`) are examined per call; `complete` says "
+                "whether the whole window was, `next` continues. A masked or excluded column is refused "
+                "(400); a hashed one is searched by the keyed digest of the value when the server has "
+                "`policies.hash_key`, else refused."
+            ),
+        ),
+        "/api/v1/requests/{request_id}/revert": _get(
+            "Revert preview",
+            REVERT_PARAMS,
+            _responses(
+                "UndoPreview",
+                "The SQL `cdc revert` would run, its conflicts and notes (nothing is applied)",
+                *errors,
+                texts={503: _PREVIEW_503},
+            ),
+            tag="Undo previews",
+            description=(
+                "The plan of `cdc revert REQUEST`, built from the history and the source's current rows "
+                "(read only). Applying it stays a command: `apply_command`. A plan that would write a "
+                "redacted column's placeholder is refused (`refusal`); `sql` is then the "
+                "`--keep-redacted` plan, which leaves those columns as they are."
+            ),
+        ),
+        "/api/v1/tables/{table}/rows/{key}/restore": _get(
+            "Restore preview",
+            RESTORE_PARAMS,
+            _responses(
+                "UndoPreview",
+                "The SQL `cdc restore` would run and the diff now vs the version (nothing is applied)",
+                *versioned,
+                texts={503: _PREVIEW_503},
+            ),
+            tag="Undo previews",
+            description=(
+                "The plan of `cdc restore TABLE --id KEY --version V` (give `version` or `at`). The diff "
+                "never shows a value of a redacted column (`redacted`), from the history or the source."
+            ),
+        ),
+        "/healthz": _get("Liveness", [], _health("Healthy", "Unhealthy"), open_=True, tag="Operations"),
+        "/readyz": _get("Readiness", [], _health("Ready", "Not ready"), open_=True, tag="Operations"),
         "/metrics": _get(
             "Prometheus metrics",
             [],
@@ -543,6 +347,7 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
                 }
             },
             open_=True,
+            tag="Operations",
         ),
     }
     document: dict[str, Any] = {
@@ -557,7 +362,7 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
             ),
         },
         "paths": paths,
-        "components": {"schemas": _SCHEMAS},
+        "components": {"schemas": SCHEMAS},
     }
     if secured:
         document["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}

@@ -4,7 +4,12 @@
   range, status, op) as a GET form and an "older" link carrying the cursor.
 * ``/tables/{table}/rows/{key}``: a row's timeline, each mutation with its before/after diff
   (changed columns highlighted, rolled-back attempts marked), its blame, and the row at a version.
-* ``/requests/{id}``: a request's context, outcome, reported error and location, and its changes.
+* ``/requests/{id}``: a request's context, outcome, reported error and location, and its changes,
+  and the revert preview: the SQL ``cdc revert`` would run and its conflicts (cdc/web/preview_pages.py).
+* ``/tables/{table}/rows/{key}/restore?version=V``: the restore preview of a row (linked from each
+  version of its timeline): the SQL ``cdc restore`` would run and the diff now vs then.
+* ``/search``: mutations by a column's value (a bounded scan, cdc/web/search.py).
+* ``/docs/api``: the API reference, rendered from the OpenAPI document (cdc/web/reference.py).
 * ``/login`` (GET form, ``?token=``, or POST form) sets the ``cdc_token`` session cookie;
   ``/logout`` clears it.
 
@@ -234,6 +239,7 @@ class MutationView:
     version: str
     diff: list[DiffRow]
     unchanged: list[DiffRow]
+    restore_href: str | None = None  # the row page: the restore preview to this version
 
 
 def _diff(m: Mutation) -> tuple[list[DiffRow], list[DiffRow]]:
@@ -465,6 +471,7 @@ class RowPage:
     at_row: dict[str, Any] | None = None
     at_asked: bool = False
     prefixes: dict[str, str] = field(default_factory=dict)
+    current_name: str = ""  # the table's name now (undo writes to it)
 
 
 async def row_page(request: Request) -> Response:
@@ -476,6 +483,10 @@ async def row_page(request: Request) -> Response:
             from cdc.web.schema_page import schema_page  # the table's schema versions (docs/ddl.md)
 
             return await schema_page(request, check_text(parts[0], "table"))
+        if len(parts) == 4 and parts[1] == "rows" and parts[3] == "restore" and parts[0] and parts[2]:
+            from cdc.web.preview_pages import restore_page  # the restore preview (cdc/web/previews.py)
+
+            return await restore_page(request, check_text(parts[0], "table"), check_text(parts[2], "key"))
         if len(parts) != 3 or parts[1] != "rows" or not parts[0]:
             raise NotFoundError("no such page: expected /tables/{table}/rows/{key} or /tables/{table}/schema")
         table_text = check_text(parts[0], "table")
@@ -510,6 +521,7 @@ async def row_page(request: Request) -> Response:
                 total=len(history),
                 blame=blame,
                 blame_note=note,
+                current_name=info.current_name,
             )
             page.prefixes = store.request_prefixes(
                 [m.request_id for m in page.mutations]
@@ -528,6 +540,10 @@ async def row_page(request: Request) -> Response:
         return error_page(request, status, message)
     urls = Urls(base, {result.table: result.keyless}, prefixes=result.prefixes)
     views = [mutation_view(m, urls, with_diff=True) for m in result.mutations]
+    restore_to = urls.row(result.current_name, result.key, keyless=result.keyless)
+    for view in views:  # each committed version of the row: its restore preview
+        if restore_to is not None and view.m.version is not None and view.m.op != "TRUNCATE":
+            view.restore_href = f"{restore_to}/restore?version={format_lsn(view.m.version)}"
     blame = [blame_view(e, urls) for e in result.blame] if result.blame is not None else None
     at_values = (
         [(c, value_of(result.at_row, c)) for c in result.at_row] if result.at_row is not None else None
@@ -599,11 +615,13 @@ async def request_page(request: Request) -> Response:
             raise NotFoundError("no such page: expected /requests/{id}")
         request_id = check_text(parts[0], "request id")
 
-        def work(store: Store) -> tuple[RequestRecord, dict[int, LinkFacts]]:
+        def work(store: Store) -> tuple[RequestRecord, dict[int, LinkFacts], Any]:
             record = store.request(request_id, mutation_limit=REQUEST_CHANGES_SHOWN)
-            return record, link_facts(store, record.mutations)
+            from cdc.web.preview_pages import revert_section  # the revert preview (cdc/web/previews.py)
 
-        record, facts = await ctx.run(work)
+            return record, link_facts(store, record.mutations), revert_section(store, ctx, record, base)
+
+        record, facts, revert = await ctx.run(work)
     except Exception as exc:  # noqa: BLE001 - the page's error boundary
         status, message = page_error(request, exc, "page_request")
         return error_page(request, status, message, ambiguous_matches(exc, base))
@@ -646,6 +664,7 @@ async def request_page(request: Request) -> Response:
         mutations=[mutation_view(m, urls) for m in record.mutations],
         hidden=record.mutation_count - len(record.mutations),
         log_href=urls.log(request=record.request_id),
+        revert=revert,
     )
 
 
@@ -703,11 +722,16 @@ async def logout(request: Request) -> Response:
 
 def routes(ctx: WebContext) -> Sequence[BaseRoute]:
     """The page routes; also installs the login page (401) and error page on ``ctx``."""
+    from cdc.web.reference import reference_page  # the API reference, from the OpenAPI document
+    from cdc.web.search import search_page  # search by a column's value
+
     ctx.unauthorized_page = login_page
     page: Callable[[Request, int, str], Response] = error_page
     ctx.extra["error_page"] = page
     return [
         Route("/", log_page, methods=["GET"]),
+        Route("/search", search_page, methods=["GET"]),
+        Route("/docs/api", reference_page, methods=["GET"]),
         Route("/tables/{rest:path}", row_page, methods=["GET"]),
         Route("/requests/{rest:path}", request_page, methods=["GET"]),
         Route("/login", login, methods=["GET", "POST"]),

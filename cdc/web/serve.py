@@ -1,8 +1,9 @@
 """``cdc serve``: the HTTP API, the pages and ``/metrics`` over the history store, with uvicorn.
 
 The store comes from ``--store``, else ``CDC_STORE_DSN``, else ``store.dsn`` of the config file;
-the address from ``--listen``, else ``server.listen`` (``127.0.0.1:8400``); the token from
-``--token``, else ``server.token`` / ``CDC_SERVER__TOKEN`` (prefer these: a command-line token is
+the source (optional: only the read-only undo previews read it) from ``--source``, else
+``CDC_SOURCE_DSN``, else ``source.dsn``; the address from ``--listen``, else ``server.listen``
+(``127.0.0.1:8400``); the token from ``--token``, else ``server.token`` / ``CDC_SERVER__TOKEN`` (prefer these: a command-line token is
 visible to every user of the machine). Without a token, ``--open`` (or ``server.open: true``)
 must say that unauthenticated access is intended; on a non-loopback address that prints a warning.
 
@@ -52,7 +53,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 @click.command(cls=CdcCommand)
-@connection_options(store=True, schema=True)
+@connection_options(source=True, store=True, schema=True)
 @click.option(
     "--listen", metavar="HOST:PORT", help="Address to listen on (else server.listen, 127.0.0.1:8400)."
 )
@@ -69,6 +70,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 )
 def serve(
     *,
+    source_dsn: str | None,
     store_dsn: str | None,
     config_path: str | None,
     store_schema: str | None,
@@ -79,6 +81,10 @@ def serve(
     """Serve the HTTP API (/api/v1/, /openapi.json), the mutation pages, /metrics, /healthz, /readyz.
 
     \b
+    With a source (--source, CDC_SOURCE_DSN, source.dsn) the request and row pages preview
+    `cdc revert` and `cdc restore` (read only: applying stays a command).
+
+    \b
       CDC_SERVER__TOKEN=... cdc serve --listen 0.0.0.0:8400
       cdc serve --open                      # loopback only, no token
     /healthz, /readyz and /metrics need no token.
@@ -87,7 +93,7 @@ def serve(
     from cdc.web.api import create_app
 
     try:
-        config = load(config_path, store=store_dsn, schema=store_schema)
+        config = load(config_path, source=source_dsn, store=store_dsn, schema=store_schema)
         server = ServerConfig.model_validate(
             {
                 "listen": listen if listen is not None else config.server.listen,
@@ -98,7 +104,15 @@ def serve(
         dsn = config.store.dsn.get_secret_value() if config.store.dsn is not None else None
         schema = config.store.schema_name
         secret = server.token.get_secret_value() if server.token is not None else None
-        app = create_app(dsn or "", schema=schema, token=secret, open_access=server.open)
+        app = create_app(
+            dsn or "",
+            schema=schema,
+            token=secret,
+            open_access=server.open,
+            source_dsn=config.require_source() if config.source.dsn is not None else None,
+            policies=config.columns,
+            hash_key=config.policies.hash_key_bytes(),
+        )
     except ValidationError as exc:
         problems = [
             f"server.{'.'.join(str(p) for p in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"

@@ -669,6 +669,9 @@ def test_openapi_describes_every_endpoint(client: TestClient) -> None:
         "/api/v1/tables/{table}/rows/{key}/blame",
         "/api/v1/mutations",
         "/api/v1/requests/{request_id}",
+        "/api/v1/requests/{request_id}/revert",
+        "/api/v1/tables/{table}/rows/{key}/restore",
+        "/api/v1/tables/{table}/search",
         "/healthz",
         "/readyz",
         "/metrics",
@@ -729,10 +732,11 @@ def test_serve_reports_a_busy_port(seed: StoreBuilder) -> None:
 def test_serve_runs_uvicorn_and_stops_on_sigterm(seed: StoreBuilder, unused_port: int) -> None:
     env = {**os.environ, "CDC_STORE_DSN": seed.dsn, "CDC_SERVER__TOKEN": TOKEN, "TZ": "UTC"}
     env.pop("CDC_CONFIG", None)
+    env.pop("CDC_SOURCE_DSN", None)
     code = "import sys; from cdc.web.serve import serve; sys.exit(serve())"
     listen = f"127.0.0.1:{unused_port}"
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, "--listen", listen],
+    process = subprocess.Popen(  # --source: the undo previews read it (the seed's database here)
+        [sys.executable, "-c", code, "--listen", listen, "--source", seed.dsn],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -746,6 +750,9 @@ def test_serve_runs_uvicorn_and_stops_on_sigterm(seed: StoreBuilder, unused_port
         assert tables.status_code == 200 and len(tables.json()["tables"]) == 4
         page = httpx.get(f"{base}/", headers=AUTH)
         assert page.status_code == 200 and "server" not in page.headers
+        revert = httpx.get(f"{base}/api/v1/requests/{REQ_PLAN}/revert", headers=AUTH)
+        assert revert.status_code == 200 and revert.json()["command"] == f"cdc revert {REQ_PLAN}"
+        assert httpx.get(f"{base}/docs/api").status_code == 200  # the API reference needs no token
     finally:
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=20)

@@ -17,14 +17,17 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
 
 from cdc.devdb import LocalPostgres
+from cdc.lsn import format_lsn
 from cdc.web import create_app
 from cdc.web.serve import bind_socket
 from tests.integration.test_api import build_web_seed
+from tests.integration.test_web_undo import CLEAR, UndoEnv, build_undo_env
 from tests.store_builder import REQ_FAILED, REQ_INSERT, REQ_NAME, REQ_PLAN, StoreBuilder
 
 CHROMIUM = "/usr/bin/chromium"
@@ -65,7 +68,18 @@ def seed(pg: LocalPostgres) -> Iterator[StoreBuilder]:
 @pytest.fixture(scope="module")
 def base_url(seed: StoreBuilder) -> Iterator[str]:
     """The app served by uvicorn in a thread on 127.0.0.1 (open access: Chromium sends no token)."""
-    app = create_app(seed.dsn, open_access=True)
+    yield from served(create_app(seed.dsn, open_access=True))
+
+
+@pytest.fixture(scope="module")
+def undo_url(pg: LocalPostgres) -> Iterator[tuple[str, UndoEnv]]:
+    """Real capture with redacted columns (test_web_undo.py), served with its source: the previews."""
+    for env in build_undo_env(pg):
+        for url in served(env.app()):
+            yield url, env
+
+
+def served(app: Any) -> Iterator[str]:
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
@@ -215,3 +229,73 @@ def test_rendered_request_page(chromium: str, base_url: str, tmp_path: Path) -> 
     for text in (REQ_FAILED, "TimeoutError: Stripe API timeout after 10s", "payments/create.ts:42",
                  "plan: pro → null", "status: pending → null", "(rolled back)"):  # fmt: skip
         assert text in dom, text
+
+
+# ============================================================================ issue 17: previews, search, reference
+
+
+def dump(chromium: str, tmp_path: Path, url: str) -> str:
+    return run_chromium(chromium, tmp_path, "--dump-dom", url).stdout
+
+
+def test_rendered_revert_preview(chromium: str, undo_url: tuple[str, UndoEnv], tmp_path: Path) -> None:
+    url, env = undo_url
+    before = env.source_rows()
+    dom = dump(chromium, tmp_path, f"{url}/requests/r-plan")
+    for text in ("Revert preview", "nothing is applied from this page", "UPDATE", "SET LOCAL",
+                 "cdc revert r-plan --apply --force", "changed later (UPDATE)"):  # fmt: skip
+        assert text in dom, text
+    assert 'href="/requests/r-later"' in dom  # the conflict names the later request
+    refused = dump(chromium, tmp_path, f"{url}/requests/r-email")
+    assert (
+        "Refused: the revert would write redaction placeholders" in refused and "--keep-redacted" in refused
+    )
+    for value in CLEAR:
+        assert value not in dom and value not in refused, value
+    assert "hmac-sha256:" not in refused.split("Revert preview", 1)[1]
+    assert env.source_rows() == before  # the page applied nothing
+    image = screenshot(chromium, tmp_path, f"{url}/requests/r-plan", "revert.png")
+    assert_not_blank(image)
+
+
+def test_rendered_restore_preview(chromium: str, undo_url: tuple[str, UndoEnv], tmp_path: Path) -> None:
+    url, env = undo_url
+    row = dump(chromium, tmp_path, f"{url}/tables/accounts/rows/3")
+    assert "restore…" in row and "/tables/accounts/rows/3/restore?version=" in row
+    target = f"{url}/tables/accounts/rows/3/restore?version={format_lsn(env.v0)}"
+    dom = dump(chromium, tmp_path, target)
+    for text in ("Preview only: nothing is applied from this page", "DELETE FROM", "redacted (hash)",
+                 "redacted (mask)", "redacted (exclude)", f"cdc restore accounts --id 3 --version {format_lsn(env.v0)}"):  # fmt: skip
+        assert text in dom, text
+    for value in CLEAR:
+        assert value not in dom, value
+    image = screenshot(chromium, tmp_path, target, "restore.png")
+    assert_not_blank(image)
+
+
+def test_rendered_search(chromium: str, base_url: str, tmp_path: Path) -> None:
+    dom = dump(chromium, tmp_path, f"{base_url}/search?table=users&column=plan&value=free&limit=3")
+    assert 'name="column"' in dom and 'value="plan"' in dom
+    assert "the search stopped there" in dom and "Search further back" in dom
+    assert dom.count('href="/tables/users/rows/') >= 3
+    further = dump(chromium, tmp_path, f"{base_url}/search?table=users&column=email&value=a%40b.com")
+    for request_id in (REQ_INSERT, REQ_NAME, REQ_PLAN, REQ_FAILED):
+        assert f'href="/requests/{request_id}"' in further, request_id
+    assert "Searched every change of users" in further
+    assert_not_blank(
+        screenshot(chromium, tmp_path, f"{base_url}/search?table=users&column=plan&value=free", "search.png")
+    )
+
+
+def test_rendered_api_reference(chromium: str, base_url: str, tmp_path: Path) -> None:
+    log = dump(chromium, tmp_path, f"{base_url}/")
+    assert 'href="/docs/api"' in log and 'href="/search"' in log  # the header links to both
+    dom = dump(chromium, tmp_path, f"{base_url}/docs/api")
+    for text in ("cdc history API", "/api/v1/tables/{table}/search", "/api/v1/requests/{request_id}/revert",
+                 "/api/v1/tables/{table}/rows/{key}/restore", "Search by value", "UndoPreview", "ValueSearch",
+                 'href="#schema-Mutation"', 'href="/openapi.json"'):  # fmt: skip
+        assert text in dom, text
+    # nothing from elsewhere: every link and resource is local
+    assert "http://" not in dom and "https://" not in dom and "<script" not in dom
+    image = screenshot(chromium, tmp_path, f"{base_url}/docs/api", "reference.png")
+    assert_not_blank(image)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 #: Commands that connect to the source (--source) or the store (--store).
-CONNECTS_SOURCE = {"run", "setup", "teardown", "status", "revert", "restore", "erase"}
+CONNECTS_SOURCE = {"run", "setup", "teardown", "status", "revert", "restore", "erase", "serve"}
 CONNECTS_STORE = {"run", "setup", "teardown", "status", "revert", "restore", "erase", "prune", "serve", "why"}
 CONNECTS_STORE |= {"history", "blame", "at"}
 
