@@ -426,7 +426,9 @@ class _TableBackfill:
         """The chunk's COPY (SELECT ...), its parameters, and the key columns' positions."""
         table = self.table
         columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
-        relation = sql.Composed([relation_scope(self.source, table.oid), sql.Identifier(table.schema, table.name)])
+        relation = sql.Composed(
+            [relation_scope(self.source, table.oid), sql.Identifier(table.schema, table.name)]
+        )
         if info.keyless:
             return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(columns, relation), [], []
         keys = self._key_columns(info)

@@ -34,8 +34,8 @@ from cdc.failover_readiness import failover_json, failover_lines
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.publications import partial_tables
 from cdc.source_context import signing_status
-from cdc.source_hosts import connected_host
 from cdc.source_ddl import ddl_mode
+from cdc.source_hosts import connected_host
 from cdc.store.format import STATUS_CODES
 from cdc.store.migrate import is_v1_store, v1_leftovers
 from cdc.store.stats import count_stored

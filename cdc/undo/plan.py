@@ -374,7 +374,10 @@ def plan_revert(
                             m.table, dict(m.key or {}), column, None, None, "the column no longer exists"
                         )
                     )
-                values = redactions.values(table, {c: before[c] for c in changed if c in table.columns and not table.columns[c].generated})
+                values = redactions.values(
+                    table,
+                    {c: before[c] for c in changed if c in table.columns and not table.columns[c].generated},
+                )
                 if not values:
                     continue
                 _refuse_oversize(m.table, dict(m.key or {}), values if not keyless else {**values, **after})

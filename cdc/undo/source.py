@@ -120,7 +120,9 @@ class _Source:
                 "SELECT pg_catalog.set_config('search_path', %s, true)", [saved[0] if saved else ""]
             )
         columns = {
-            str(r[0]): _Column(str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[5]), bool(r[6]), bool(r[7]))
+            str(r[0]): _Column(
+                str(r[0]), str(r[1]), int(r[2]), str(r[3]), bool(r[4]), bool(r[5]), bool(r[6]), bool(r[7])
+            )
             for r in found_columns
         }
         found = _Table(name=name, oid=int(row[0]), ident=ident, columns=columns)
