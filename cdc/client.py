@@ -33,9 +33,12 @@ nothing, not even a non-transactional message, can be written. When ``request()`
 transaction it rolls back first and then writes the message on the same connection (autocommit,
 so it is a statement of its own). When the caller owns the transaction, ``request()`` must not
 roll it back, so it writes the message over a short separate connection to the same server
-(``conn.info.get_parameters()`` plus the password), then re-raises; the session token that
-``cdc.emit_context()`` returned proves to the server that the error is that session's. Reporting
-never masks the original exception: a failure to report is logged (without values) and swallowed.
+(``conn.info.get_parameters()`` plus the password; SQLAlchemy: another connection of the engine),
+from a thread, and re-raises once it is written or after ``report_wait_ms`` (see
+:func:`configure`: behind a transaction pooler the second connection may get a server connection
+only after the caller's rollback); the session token that ``cdc.emit_context()`` returned proves
+to the server that the error is that session's. Reporting never masks the original exception: a
+failure to report is logged (without values) and swallowed.
 
 ``arequest(aconn, ...)`` is the same for psycopg's AsyncConnection. ``WSGIMiddleware`` and
 ``ASGIMiddleware`` take the request id from a header (or make one), expose it through
@@ -44,6 +47,7 @@ never masks the original exception: a failure to report is logged (without value
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import importlib
 import json
@@ -53,6 +57,7 @@ import re
 import site
 import sys
 import sysconfig
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext, suppress
@@ -97,23 +102,39 @@ _open_scopes: contextvars.ContextVar[tuple[tuple[int, RequestScope], ...]] = con
 _settings_prefix = "cdc"
 #: The longest a failed request waits for capture before it rolls back (cdc.await_capture).
 _capture_wait_ms = 2000
+#: The longest a failed request waits for its error report over a second connection.
+_report_wait_ms = 1000
 
 #: Incoming request ids accepted from a header; anything else is replaced by a fresh id.
 _HEADER_ID: Final = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _REPORT_CONNECT_TIMEOUT: Final = 5
 
 
-def configure(*, settings_prefix: str = "cdc", capture_wait_ms: int = 2000) -> None:
+def _milliseconds(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return min(value, 30_000)
+
+
+def configure(
+    *, settings_prefix: str = "cdc", capture_wait_ms: int = 2000, report_wait_ms: int = 1000
+) -> None:
     """Process-wide settings of the helper: the prefix of the settings it writes (must match the
     source's ``context.settings_prefix``), and ``capture_wait_ms``, the longest a failed request
     waits, before it rolls back, for the capture daemon to decode its attempted changes (0: never
     wait; the source caps it at 30 s). It waits only on PostgreSQL 16+ while a daemon streams
-    and its position can be seen (sql/await_capture.sql)."""
-    global _settings_prefix, _capture_wait_ms  # noqa: PLW0603 - process-wide configuration, set once at start-up
-    if isinstance(capture_wait_ms, bool) or not isinstance(capture_wait_ms, int) or capture_wait_ms < 0:
-        raise ValueError(f"capture_wait_ms must be a non-negative integer, got {capture_wait_ms!r}")
+    and its position can be seen (sql/await_capture.sql).
+
+    ``report_wait_ms``: the longest a failed request waits for the report of its error over a
+    second connection (a statement failed in the caller's transaction) before it re-raises; the
+    report then completes in the background. Behind a transaction pooler whose server
+    connections are all taken, the second connection gets one only when the caller's rollback
+    frees it. Both are capped at 30 s."""
+    global _settings_prefix, _capture_wait_ms, _report_wait_ms  # noqa: PLW0603 - process-wide configuration, set once at start-up
+    capture = _milliseconds("capture_wait_ms", capture_wait_ms)
+    report = _milliseconds("report_wait_ms", report_wait_ms)
     _settings_prefix = validate_setting_name(settings_prefix, "settings_prefix")
-    _capture_wait_ms = min(capture_wait_ms, 30_000)
+    _capture_wait_ms, _report_wait_ms = capture, report
 
 
 def current_request_id() -> str | None:
@@ -339,6 +360,44 @@ def _report_failed(what: str, err: BaseException) -> None:
     log.warning("cdc: could not write the cdc.error message (%s): %s", what, type(err).__name__)
 
 
+def _report_aside(what: str, report: Callable[[], None]) -> threading.Event:
+    """Run ``report`` (an error report over a second connection) in a daemon thread; the event is
+    set when it is done. The caller waits for it at most ``report_wait_ms``: behind a transaction
+    pooler, the second connection may have to wait for a server connection that only the caller's
+    own rollback frees (PgBouncer would hold it in its queue for ``query_wait_timeout``, 120 s by
+    default), and the application must never stall on our account."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            report()
+        except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
+            _report_failed(what, err)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="cdc-error-report", daemon=True).start()
+    return done
+
+
+async def _wait_event(done: threading.Event, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not done.is_set() and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+
+
+def _report_separately(info: Any, params: dict[str, Any]) -> threading.Event:
+    """Report over a short connection of our own to the same server (or pooler)."""
+    conninfo = _separate_conninfo(info)
+
+    def report() -> None:
+        with psycopg.connect(conninfo, autocommit=True) as other:
+            other.execute(_ERROR_SQL, params)
+
+    return _report_aside("psycopg", report)
+
+
 # ============================================================================ psycopg (sync)
 
 
@@ -368,8 +427,7 @@ def _emit_error_sync(conn: psycopg.Connection[Any], scope: RequestScope, exc: Ba
             if started:
                 conn.rollback()  # the message is non-transactional: it is written already
             return
-        with psycopg.connect(_separate_conninfo(conn.info), autocommit=True) as other:
-            other.execute(_ERROR_SQL, params)
+        _report_separately(conn.info, params).wait(_report_wait_ms / 1000)
     except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
         _report_failed("psycopg", err)
 
@@ -441,10 +499,7 @@ async def _emit_error_async(
             if started:
                 await conn.rollback()
             return
-        async with await psycopg.AsyncConnection.connect(
-            _separate_conninfo(conn.info), autocommit=True
-        ) as other:
-            await other.execute(_ERROR_SQL, params)
+        await _wait_event(_report_separately(conn.info, params), _report_wait_ms / 1000)
     except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
         _report_failed("psycopg async", err)
 
@@ -555,9 +610,14 @@ def _sa_emit_error(sa_conn: Any, scope: RequestScope, exc: BaseException, *, usa
             if row is not None and row[1] and _capture_wait_ms:
                 sa_conn.execute(_sa_text(_AWAIT_SQL), {"lsn": row[0], "wait": _capture_wait_ms})
             return
-        with sa_conn.engine.connect() as other:  # another pooled connection
-            other.execute(_sa_text(_ERROR_SQL), params)
-            other.commit()
+        engine = sa_conn.engine
+
+        def report() -> None:
+            with engine.connect() as other:  # another pooled connection
+                other.execute(_sa_text(_ERROR_SQL), params)
+                other.commit()
+
+        _report_aside("sqlalchemy", report).wait(_report_wait_ms / 1000)
     except Exception as err:  # noqa: BLE001 - reporting must never mask the original error
         _report_failed("sqlalchemy", err)
 
