@@ -284,6 +284,9 @@ _SCHEMAS: dict[str, Any] = {
             "actor",
             "outcome",
             "context",
+            "trace_id",
+            "span_id",
+            "traces",
             "first_seen_at",
             "last_seen_at",
             "committed_count",
@@ -304,6 +307,25 @@ _SCHEMAS: dict[str, Any] = {
                 "enum": ["committed", "rolled_back", "partly_rolled_back", "unknown"],
             },
             "context": _nullable(_OBJECT),
+            "trace_id": {
+                **_nullable(_STRING),
+                "description": "W3C trace id (32 hex digits) of the request's first traced context: "
+                "the traceparent given to the client helper or the middleware; null without one",
+            },
+            "span_id": {
+                **_nullable(_STRING),
+                "description": "the span id (16 hex digits) that came with trace_id: the traceparent's "
+                "parent-id, the span that made the request",
+            },
+            "traces": {
+                "type": "array",
+                "description": "every (trace id, span id) pair of the request's contexts, first seen first",
+                "items": {
+                    "type": "object",
+                    "required": ["trace_id", "span_id"],
+                    "properties": {"trace_id": _STRING, "span_id": _nullable(_STRING)},
+                },
+            },
             "first_seen_at": _nullable(_TIME),
             "last_seen_at": _nullable(_TIME),
             "committed_count": _INT,
