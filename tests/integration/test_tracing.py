@@ -170,14 +170,18 @@ def test_asgi_traceparent_with_a_failing_async_request(shop: CaptureEnv) -> None
         done = store.request("req-async")
         failed = store.request("req-declined")
     assert done.traces == ((TRACE, SPAN),) and done.outcome == "committed"
-    assert failed.traces == ((TRACE2, SPAN2),)
     assert failed.error_type == "PaymentDeclinedError" and failed.error_message == "card declined"
+    why = CliRunner().invoke(cli, ["why", "req-declined", "--store", shop.store_dsn])
+    assert why.exit_code == 0, why.output
+    assert "card declined" in why.output
     if shop.pg.version >= 16:
-        assert failed.outcome == "rolled_back"
+        assert failed.traces == ((TRACE2, SPAN2),) and failed.outcome == "rolled_back"
         assert [(m.status, (m.context or {}).get("trace_id")) for m in failed.mutations] == [
             ("rolled_back", TRACE2)
         ]
-    why = CliRunner().invoke(cli, ["why", "req-declined", "--store", shop.store_dsn])
-    assert why.exit_code == 0, why.output
-    assert f"{TRACE2}  span {SPAN2}" in why.output and "card declined" in why.output
+        assert f"{TRACE2}  span {SPAN2}" in why.output
+    else:
+        # PostgreSQL 14-15 do not stream a small transaction that rolls back: its context (and so
+        # its trace) is never decoded; the reported error is all that is stored of the request.
+        assert failed.traces == () and failed.context is None
     assert shop.stop() == 0
