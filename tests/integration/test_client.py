@@ -346,6 +346,11 @@ def test_bad_arguments() -> None:
         client.request(object(), "r", **{"not-valid": "x"})
     with pytest.raises(TypeError, match="must be a string"):
         client.request(object(), "r", tenant=3)  # type: ignore[arg-type]
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="report_wait_ms"):
+            client.configure(report_wait_ms=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="capture_wait_ms"):
+            client.configure(capture_wait_ms=bad)  # type: ignore[arg-type]
 
 
 def test_configured_settings_prefix(source: str) -> None:

@@ -13,6 +13,7 @@ when it is missing, unless ``CI`` is set: then its absence is a failure.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -265,4 +266,51 @@ def test_sql_failures_behind_the_pooler_are_reported_as_the_requests_own(
     assert [m.request_id for m in after] == [None]
     counts = Counter(m.request_id for m in stored_mutations(capture, "items") if m.op != "SNAPSHOT")
     assert set(counts) <= {None, "dup-owned"}, counts
+    assert capture.stop() == 0
+
+
+def test_async_sql_failure_in_the_callers_transaction_does_not_stall_behind_a_full_pool(
+    capture: CaptureEnv, bouncer: PgBouncer
+) -> None:
+    """arequest(): the same bounded wait for the second connection's report, without blocking the
+    event loop (another task runs meanwhile), and the report lands after the rollback."""
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, tag text NOT NULL, n int NOT NULL)")
+        conn.execute("INSERT INTO items VALUES (1, 'seed', 0)")
+    capture.setup()
+    capture.start()
+    dsn = bouncer.dsn(dbname_of(capture.source_dsn))
+
+    async def scenario() -> tuple[float, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async with (
+            await psycopg.AsyncConnection.connect(dsn, prepare_threshold=None) as conn,
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True, prepare_threshold=None) as busy,
+            busy.transaction(),
+        ):
+            await busy.execute("SELECT 1")  # holds the other server connection
+            task = asyncio.create_task(ticker())
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                async with client.arequest(conn, "dup-async"):
+                    await conn.execute("INSERT INTO items VALUES (1, 'dup-async', 0)")
+            waited = time.monotonic() - started
+            task.cancel()
+            await conn.rollback()
+        return waited, ticks
+
+    waited, ticks = asyncio.run(scenario())
+    assert waited < 3, f"the failed request stalled the application for {waited:.1f} s"
+    assert ticks > 10, "the event loop was blocked while the helper waited"
+    with Store(capture.store_dsn, schema=capture.schema) as store:
+        _wait_for_error(store, "dup-async")
+        [error] = store.request("dup-async").errors
+    assert (error.error_type, error.attribution, error.proven) == ("UniqueViolation", "own_session", True)
     assert capture.stop() == 0
