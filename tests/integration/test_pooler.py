@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,10 +155,19 @@ def test_each_way_tags_its_own_request_and_nothing_leaks(capture: CaptureEnv, bo
     wrong = []
     pids_of_client: dict[int, set[int]] = defaultdict(set)
     clients_of_pid: dict[int, set[int]] = defaultdict(set)
+    failed_attempts: list[int] = []
     for row_id, (kind, rid) in sorted(expected.items()):
         stored = by_row.get(row_id, [])
-        attempted = kind != "client_fails" or streams_in_progress(capture)
-        assert [m.op for m in stored] == (["INSERT", "UPDATE"] if attempted else []), (row_id, kind, stored)
+        ops = [m.op for m in stored]
+        if kind != "client_fails":
+            assert ops == ["INSERT", "UPDATE"], (row_id, kind, stored)
+        elif streams_in_progress(capture):
+            # The helper waits (bounded) for capture before rolling back: all of the attempt, unless
+            # the machine was too slow for the bound; never more, never another request's.
+            assert ops in (["INSERT", "UPDATE"], ["INSERT"], []), (row_id, kind, stored)
+            failed_attempts.append(len(ops))
+        else:
+            assert ops == [], (row_id, kind, stored)
         for m in stored:
             tag = (m.after or {}).get("tag")
             assert tag == rid
@@ -183,6 +192,7 @@ def test_each_way_tags_its_own_request_and_nothing_leaks(capture: CaptureEnv, bo
                 pids_of_client[client_index].add(int(m.context["backend_pid"]))
                 clients_of_pid[int(m.context["backend_pid"])].add(client_index)
     assert not wrong, "\n".join(map(str, wrong))
+    assert not streams_in_progress(capture) or 2 in failed_attempts, failed_attempts
     # The pooler did pool: a few server connections, each serving several clients, and the
     # transactions of one client on more than one of them.
     assert len(clients_of_pid) <= POOL_SIZE, clients_of_pid
@@ -262,10 +272,16 @@ def test_sql_failures_behind_the_pooler_are_reported_as_the_requests_own(
             assert [(e.attribution, e.proven) for e in record.errors] == [("own_session", True)], (
                 record.errors
             )
-    after = [m for m in stored_mutations(capture, "items") if m.op == "INSERT" and m.key == {"id": 2}]
-    assert [m.request_id for m in after] == [None]
-    counts = Counter(m.request_id for m in stored_mutations(capture, "items") if m.op != "SNAPSHOT")
-    assert set(counts) <= {None, "dup-owned"}, counts
+    changes = [m for m in stored_mutations(capture, "items") if m.op != "SNAPSHOT"]
+    assert [(m.op, m.key, m.request_id) for m in changes if m.status == "committed"] == [
+        ("INSERT", {"id": 2}, None)
+    ]
+    # Rolled-back attempts (PostgreSQL 16+, when the walsender decoded them before the abort: the
+    # failed INSERTs' heap tuples too) carry their own request.
+    for m in changes:
+        if m.status == "rolled_back":
+            want = "dup-owned" if m.op == "UPDATE" else (m.after or {}).get("tag")
+            assert m.request_id == want, (m.op, m.after, m.request_id)
     assert capture.stop() == 0
 
 
