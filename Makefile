@@ -27,11 +27,13 @@ endif
 install: $(STAMP)
 
 # Debian packages the tests use: PostgreSQL 15 (the second server the integration tests
-# run on), Chromium (the page test) and promtool (alert rule checks). Installed when root.
+# run on), Chromium (the page test), PgBouncer (the pooler test) and promtool (alert rule
+# checks). Installed when root.
 system-deps:
 	@missing=""; \
 	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing="$$missing postgresql-15"; \
 	command -v chromium >/dev/null || missing="$$missing chromium fonts-liberation"; \
+	[ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

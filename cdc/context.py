@@ -26,6 +26,12 @@ before any JSON parsing.
 ``xid`` must be the transaction the message arrives in (its low 32 bits): a signed body
 copied into another transaction is refused.
 
+Trace context: an ``extra`` member ``traceparent`` (the client helper's, or a ``cdc.traceparent``
+setting named in ``context.extra_settings``) is taken out of ``extra`` and, when it is a valid W3C
+``traceparent`` (:mod:`cdc.tracing`), read as the context's ``trace_id`` and ``span_id``; an
+invalid one is dropped, the rest of the context stands. (Top-level ``trace_id`` and ``span_id``
+members, valid ones only, are read too: what :meth:`RequestContext.to_content` writes.)
+
 ``cdc.error`` (non-transactional, so it survives the rollback it explains)::
 
     {"request_id": str|null, "error_type": str, "message": str, "location": "file.py:42"|null,
@@ -36,22 +42,19 @@ copied into another transaction is refused.
 ``xid`` is ``txid_current_if_assigned()``: the 64-bit, epoch-qualified transaction id. The
 32-bit xid that pgoutput carries is ``xid & 0xFFFFFFFF`` (see :attr:`ReportedError.xid32`).
 
-This module also holds the Python side of the ``application_name`` pattern: the pattern is
-configured in Python syntax (default :data:`DEFAULT_APPLICATION_NAME_PATTERN`) and translated
-by :func:`pattern_to_postgres` into the PostgreSQL regular expression that the trigger uses;
-:func:`request_id_from_application_name` applies the same pattern in Python.
+The Python side of the ``application_name`` pattern (default
+:data:`DEFAULT_APPLICATION_NAME_PATTERN`) lives in :mod:`cdc.context_pattern` and is re-exported
+here: :func:`pattern_to_postgres`, :func:`request_id_from_application_name`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import json
 import math
 import re
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +64,14 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 import orjson
 
-from cdc.errors import ConfigError, ProtocolError
+from cdc.context_pattern import (
+    compile_application_name_pattern,
+    pattern_to_postgres,
+    request_id_from_application_name,
+    required_literal,
+)
+from cdc.errors import ProtocolError
+from cdc.tracing import TRACEPARENT_KEY, is_span_id, is_trace_id, parse_traceparent
 
 __all__ = [
     "CONTEXT_PREFIX",
@@ -145,10 +155,13 @@ class RequestContext:
     backend_pid: int
     source: ContextSource
     extra: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    trace_id: str | None = None  # W3C trace context (cdc.tracing): 32 hex digits
+    span_id: str | None = None  # the span that named the request (the traceparent's parent-id)
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON object of the wire format (also what the store keeps as ``context``)."""
-        return {
+        """The JSON object of the wire format (also what the store keeps as ``context``); the
+        trace members only when there is a trace."""
+        doc: dict[str, Any] = {
             "request_id": self.request_id,
             "actor": self.actor,
             "application_name": self.application_name,
@@ -158,6 +171,10 @@ class RequestContext:
             "source": self.source,
             "extra": dict(self.extra),
         }
+        if self.trace_id is not None:
+            doc["trace_id"] = self.trace_id
+            doc["span_id"] = self.span_id
+        return doc
 
     def to_content(self) -> str:
         """Compact JSON text, as written with ``pg_logical_emit_message``."""
@@ -399,6 +416,16 @@ def _parse_extra(value: Any, what: str) -> Mapping[str, str]:
     return _frozen_mapping(extra)
 
 
+def _trace_of(obj: Mapping[str, Any], extra: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(trace id, span id) of a context body: its own valid members, else its extra's valid
+    traceparent, else none (an invalid trace is ignored, never a reason to refuse the context)."""
+    trace_id, span_id = obj.get("trace_id"), obj.get("span_id")
+    if is_trace_id(trace_id):
+        return cast(str, trace_id), (cast(str, span_id) if is_span_id(span_id) else None)
+    trace = parse_traceparent(extra.get(TRACEPARENT_KEY))
+    return (trace.trace_id, trace.span_id) if trace is not None else (None, None)
+
+
 def parse_context(content: bytes, keys: ContextKeys | None, *, xid: int | None = None) -> RequestContext:
     """Verify and parse a ``cdc.context`` message; ``xid``: the (32-bit) transaction it came in.
 
@@ -420,6 +447,10 @@ def parse_context(content: bytes, keys: ContextKeys | None, *, xid: int | None =
         signed_xid = _opt_int(obj, "xid", what)
         if xid is not None and (signed_xid is None or signed_xid & 0xFFFFFFFF != xid & 0xFFFFFFFF):
             raise MessageRejectedError("other_transaction", f"{what} message: signed for another transaction")
+        extra = _parse_extra(obj.get("extra"), what)
+        trace_id, span_id = _trace_of(obj, extra)
+        if TRACEPARENT_KEY in extra:
+            extra = _frozen_mapping({k: v for k, v in extra.items() if k != TRACEPARENT_KEY})
         return RequestContext(
             request_id=_opt_str(obj, "request_id", what, MAX_ID_CHARS),
             actor=_opt_str(obj, "actor", what, MAX_ID_CHARS),
@@ -428,7 +459,9 @@ def parse_context(content: bytes, keys: ContextKeys | None, *, xid: int | None =
             client_addr=_opt_str(obj, "client_addr", what),
             backend_pid=pid,
             source=cast(ContextSource, source),
-            extra=_parse_extra(obj.get("extra"), what),
+            extra=extra,
+            trace_id=trace_id,
+            span_id=span_id,
         )
     except ProtocolError:
         raise
@@ -588,210 +621,3 @@ def validate_setting_name(name: str, what: str = "setting name") -> str:
     if not _SETTING_PART.fullmatch(name) or len(name) > MAX_EXTRA_KEY_CHARS:
         raise ValueError(f"{what} {name!r}: must be a letter or _ then letters, digits, _ or $")
     return name.lower()
-
-
-# --------------------------------------------------------------------------------------------
-# The application_name pattern, Python syntax -> PostgreSQL ARE.
-
-
-def compile_application_name_pattern(pattern: str) -> re.Pattern[str]:
-    """Compile the configured pattern, checking it can be translated for PostgreSQL."""
-    pattern_to_postgres(pattern)
-    return re.compile(pattern)
-
-
-def request_id_from_application_name(
-    application_name: str | None, pattern: str | re.Pattern[str]
-) -> str | None:
-    """The request id in ``application_name``, as the trigger computes it (None when no match).
-
-    The id is the group named ``id``, else the first group, else the whole match; an empty
-    id is no id.
-    """
-    if not application_name:
-        return None
-    compiled = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
-    match = compiled.search(application_name)
-    if match is None:
-        return None
-    if "id" in compiled.groupindex:
-        found = match.group("id")
-    elif compiled.groups:
-        found = match.group(1)
-    else:
-        found = match.group(0)
-    return found or None
-
-
-def required_literal(pattern: str) -> str | None:
-    """The longest run of plain characters every match of ``pattern`` must contain, if any.
-
-    The trigger tests it with a cheap ``strpos()`` before running the regular expression (a
-    regex evaluation costs several microseconds, and runs on every statement). None for
-    case-insensitive patterns and patterns with no mandatory top-level literal.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            parser: Any = importlib.import_module("re._parser")  # CPython's own regex parser
-            parsed = parser.parse(pattern)
-    except Exception:  # noqa: BLE001 - no prefilter is always a correct answer
-        return None
-    if parsed.state.flags & re.IGNORECASE:
-        return None
-    best = ""
-    run: list[str] = []
-    for op, arg in [*parsed.data, (None, None)]:
-        if str(op) == "LITERAL" and isinstance(arg, int):
-            run.append(chr(arg))
-            continue
-        if len(run) > len(best):
-            best = "".join(run)
-        run = []
-    return best or None
-
-
-_CLASS_ESCAPES: Final = frozenset("dDsSwWntrfv")
-_QUANTIFIER_CHARS: Final = frozenset("*+?}")
-
-
-def pattern_to_postgres(pattern: str) -> str:
-    """Translate a Python regular expression to a PostgreSQL (ARE) one for ``substring()``.
-
-    ``substring(text, pattern)`` returns the first capturing group, so the group holding the
-    id (named ``id``, else the first group) becomes the only capturing group and every other
-    group becomes non-capturing. ``\\b``/``\\B`` become ``\\y``/``\\Y`` (``\\b`` is a
-    backspace in PostgreSQL), ``\\xHH`` becomes ``\\u00HH`` and ``{,n}`` becomes ``{0,n}``.
-    Constructs with no PostgreSQL equivalent (back references, conditionals, atomic groups,
-    possessive quantifiers, flags other than a leading ``(?i)``, POSIX-looking nested sets)
-    raise :class:`cdc.errors.ConfigError`. ``application_name`` only ever holds printable
-    ASCII (the server replaces anything else with ``?``), which keeps the two engines'
-    remaining differences (newlines, Unicode classes) out of play.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # "possible nested set": refused below
-            compiled = re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise ConfigError([f"application_name pattern {pattern!r}: {exc}"]) from None
-    if "id" in compiled.groupindex:
-        id_group = compiled.groupindex["id"]
-    elif compiled.groups:
-        id_group = 1
-    else:
-        id_group = 0
-
-    def bad(reason: str) -> ConfigError:
-        return ConfigError([f"application_name pattern {pattern!r}: {reason} is not supported in PostgreSQL"])
-
-    def escape(i: int, in_class: bool) -> tuple[str, int]:
-        nxt = pattern[i + 1]
-        if not nxt.isalnum():
-            return "\\" + nxt, i + 2
-        if nxt in _CLASS_ESCAPES:
-            return "\\" + nxt, i + 2
-        if nxt in "bB":
-            if in_class:
-                return ("\\b", i + 2) if nxt == "b" else ("", -1)
-            return ("\\y" if nxt == "b" else "\\Y"), i + 2
-        if nxt in "AZ" and not in_class:
-            return "\\" + nxt, i + 2
-        if nxt in "xuU":
-            width = {"x": 2, "u": 4, "U": 8}[nxt]
-            code = int(pattern[i + 2 : i + 2 + width], 16)  # re.compile checked the digits
-            return (f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"), i + 2 + width
-        return "", -1
-
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    group_no = 0
-    after_quantifier = False
-    while i < n:
-        ch = pattern[i]
-        if after_quantifier and ch == "+":
-            raise bad("a possessive quantifier")
-        after_quantifier = False
-        if ch == "\\":
-            text, i_next = escape(i, in_class=False)
-            if i_next < 0:
-                raise bad(f"the escape \\{pattern[i + 1]}")
-            out.append(text)
-            i = i_next
-        elif ch == "[":
-            # A bracket expression, copied up to its closing ]; a ] right after [ or [^ is a literal.
-            j = i + 1
-            out.append("[")
-            if pattern.startswith("^", j):
-                out.append("^")
-                j += 1
-            if pattern.startswith("]", j):
-                out.append("]")
-                j += 1
-            while pattern[j] != "]":
-                if pattern[j] == "\\":
-                    text, j_next = escape(j, in_class=True)
-                    if j_next < 0:
-                        raise bad(f"the escape \\{pattern[j + 1]} in a set")
-                    out.append(text)
-                    j = j_next
-                    continue
-                if pattern[j] == "[" and pattern[j + 1 : j + 2] in (":", "=", "."):
-                    raise bad("a nested set ([: [= [.)")
-                out.append(pattern[j])
-                j += 1
-            out.append("]")
-            i = j + 1
-        elif ch == "(":
-            if not pattern.startswith("(?", i):
-                group_no += 1
-                out.append("(" if group_no == id_group else "(?:")
-                i += 1
-                continue
-            rest = pattern[i + 2 :]
-            if rest.startswith("P<"):
-                group_no += 1
-                out.append("(" if group_no == id_group else "(?:")
-                i = pattern.index(">", i) + 1
-            elif rest.startswith(("=", "!", ":")):
-                out.append("(?" + rest[0])
-                i += 3
-            elif rest.startswith(("<=", "<!")):
-                out.append("(?" + rest[:2])
-                i += 4
-            elif rest.startswith("#"):
-                i = pattern.index(")", i) + 1
-            elif rest.startswith("P="):
-                raise bad("a named back reference")
-            elif rest.startswith("("):
-                raise bad("a conditional group")
-            elif rest.startswith(">"):
-                raise bad("an atomic group")
-            else:
-                flags = re.match(r"\(\?([a-zA-Z]+)\)", pattern[i:])
-                if flags is not None and i == 0 and flags.group(1) == "i":
-                    out.append("(?i)")
-                    i += flags.end()
-                else:
-                    raise bad("inline flags other than a leading (?i)")
-        elif ch == "{":
-            bound = re.match(r"\{(\d*)(,?)(\d*)\}", pattern[i:])
-            if bound is None or (bound.group(1) == "" and bound.group(2) == ""):
-                out.append("\\{")  # Python reads a brace that is no bound as a literal
-                i += 1
-            else:
-                low = bound.group(1) or "0"
-                out.append("{" + low + bound.group(2) + bound.group(3) + "}")
-                i += bound.end()
-                after_quantifier = True
-        elif ch == "}":
-            out.append("\\}")
-            i += 1
-        else:
-            out.append(ch)
-            after_quantifier = ch in "*+?"
-            if ch in "*+?" and pattern.startswith("?", i + 1):  # lazy quantifier: copy the ?
-                out.append("?")
-                i += 1
-                after_quantifier = True
-            i += 1
-    return "".join(out)

@@ -369,6 +369,7 @@ def why_lines(record: RequestRecord, *, utc: bool = False, max_changes: int = 50
     context = _context_text(record.context)
     if context:
         fields.append(("CONTEXT", context))
+    fields.extend(("TRACE", f"{t}  span {s or '-'}") for t, s in record.traces)
     if record.first_seen_at is not None:
         first, last = format_time(record.first_seen_at, utc), format_time(record.last_seen_at, utc)
         fields.append(("WHEN", first if last in ("-", first) else f"{first} … {last}"))

@@ -28,6 +28,7 @@ __all__ = [
     "format_key",
     "key_from_text",
     "table_name",
+    "trace_of",
 ]
 
 #: A row key as users give it: a scalar for one key column, a dict for several.
@@ -306,6 +307,15 @@ class RequestError:
         }
 
 
+def trace_of(context: Mapping[str, Any] | None) -> tuple[str, str | None] | None:
+    """(trace id, span id) of a stored context document, or None when it has no trace."""
+    trace_id = (context or {}).get("trace_id")
+    if not isinstance(trace_id, str):
+        return None
+    span_id = (context or {}).get("span_id")
+    return trace_id, span_id if isinstance(span_id, str) else None
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     """A request: its context, outcome, reported errors, transactions and data changes.
@@ -314,7 +324,8 @@ class RequestRecord:
     attributed error), else None; ``errors``: every error reported for the request, attributed or
     not; ``error``: the error readers show (the root cause, else the last reported error, with its
     attribution); ``sessions``: (db_user, backend_pid) of the sessions whose verified contexts
-    carried this request id.
+    carried this request id; ``traces``: the (trace id, span id) pairs of its contexts (W3C trace
+    context, cdc/tracing.py), first seen first.
     """
 
     request_id: str
@@ -333,6 +344,17 @@ class RequestRecord:
     mutation_count: int = 0  # every mutation of the request (``mutations`` may be cut)
     errors: list[RequestError] = field(default_factory=list)  # every reported error, attributed or not
     sessions: tuple[tuple[str, int], ...] = ()
+    traces: tuple[tuple[str, str | None], ...] = ()
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id of the request's first traced context."""
+        return self.traces[0][0] if self.traces else None
+
+    @property
+    def span_id(self) -> str | None:
+        """The span id of the request's first traced context."""
+        return self.traces[0][1] if self.traces else None
 
     @property
     def outcome(self) -> str:
@@ -402,6 +424,9 @@ class RequestRecord:
             "actor": self.actor,
             "outcome": self.outcome,
             "context": self.context,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "traces": [{"trace_id": t, "span_id": s} for t, s in self.traces],
             "first_seen_at": _iso(self.first_seen_at),
             "last_seen_at": _iso(self.last_seen_at),
             "committed_count": self.committed_count,

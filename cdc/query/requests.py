@@ -32,6 +32,7 @@ from cdc.query.model import (
     RequestRecord,
     TransactionInfo,
     attribution,
+    trace_of,
 )
 from cdc.query.tables import Tables
 from cdc.store.format import OP_CODES, OPS, STATUS_NAMES, STATUSES, ChangeFlag, TxnFlag
@@ -331,6 +332,7 @@ class Requests(Tables):
         cause = next((e for e in errors if e.attributed), None)
         times = [t.committed_at for t in found.transactions] or [e.at for e in errors if e.at is not None]
         context = next((s.context for s in spans if s.context), None)
+        traces = tuple(dict.fromkeys(t for t in (trace_of(s.context) for s in spans) if t is not None))
         return RequestRecord(
             request_id=full,
             actor=next((s.actor for s in spans if s.actor), None) or (context or {}).get("actor"),
@@ -348,6 +350,7 @@ class Requests(Tables):
             mutation_count=sum(n for n, _ in counts.values()),
             errors=errors,
             sessions=sessions,
+            traces=traces,
         )
 
     # ------------------------------------------------------------------ the log

@@ -276,6 +276,9 @@ SCHEMAS: dict[str, Any] = {
             "actor",
             "outcome",
             "context",
+            "trace_id",
+            "span_id",
+            "traces",
             "first_seen_at",
             "last_seen_at",
             "committed_count",
@@ -296,6 +299,25 @@ SCHEMAS: dict[str, Any] = {
                 "enum": ["committed", "rolled_back", "partly_rolled_back", "unknown"],
             },
             "context": nullable(_OBJECT),
+            "trace_id": {
+                **nullable(_STRING),
+                "description": "W3C trace id (32 hex digits) of the request's first traced context: "
+                "the traceparent given to the client helper or the middleware; null without one",
+            },
+            "span_id": {
+                **nullable(_STRING),
+                "description": "the span id (16 hex digits) that came with trace_id: the traceparent's "
+                "parent-id, the span that made the request",
+            },
+            "traces": {
+                "type": "array",
+                "description": "every (trace id, span id) pair of the request's contexts, first seen first",
+                "items": {
+                    "type": "object",
+                    "required": ["trace_id", "span_id"],
+                    "properties": {"trace_id": _STRING, "span_id": nullable(_STRING)},
+                },
+            },
             "first_seen_at": nullable(_TIME),
             "last_seen_at": nullable(_TIME),
             "committed_count": _INT,

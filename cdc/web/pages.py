@@ -588,6 +588,8 @@ _CONTEXT_LABELS = (
     ("client_addr", "client address"),
     ("backend_pid", "backend pid"),
     ("source", "source"),
+    ("trace_id", "trace id"),
+    ("span_id", "span id"),
 )
 
 

@@ -346,6 +346,11 @@ def test_bad_arguments() -> None:
         client.request(object(), "r", **{"not-valid": "x"})
     with pytest.raises(TypeError, match="must be a string"):
         client.request(object(), "r", tenant=3)  # type: ignore[arg-type]
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="report_wait_ms"):
+            client.configure(report_wait_ms=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="capture_wait_ms"):
+            client.configure(capture_wait_ms=bad)  # type: ignore[arg-type]
 
 
 def test_configured_settings_prefix(source: str) -> None:
@@ -434,6 +439,61 @@ def test_sqlalchemy_engine_and_connection(source: str, slot: Slot) -> None:
     ]  # fmt: skip
     assert [e.error_type for e in errors(items)] == ["DivisionByZero", "PaymentTimeout"]
     assert value(source) == "engine" and value(source, 2) == "conn"
+
+
+# ============================================================================ trace context
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
+
+
+def test_traceparent_is_signed_with_the_context(source: str, slot: Slot) -> None:
+    with psycopg.connect(source, autocommit=True) as conn:
+        with client.request(conn, "r-traced", traceparent=f"00-{TRACE}-{SPAN}-01") as scope:
+            assert (
+                scope.trace == client.TraceContext(TRACE, SPAN, 1) and client.current_trace() == scope.trace
+            )
+            conn.execute("UPDATE t SET v = 'traced' WHERE id = 1")
+            with client.request(conn, "r-inner"):  # inherits the trace of the enclosing request
+                conn.execute("UPDATE t SET v = 'inner' WHERE id = 2")
+        assert client.current_trace() is None
+        with client.request(conn, "r-invalid", traceparent=f"00-{TRACE.upper()}-{SPAN}-01") as scope:
+            assert scope.trace is None  # ignored: no error
+            conn.execute("UPDATE t SET v = 'invalid' WHERE id = 1")
+        other = client.TraceContext("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", 0)
+        client.configure(request_id_from_trace=True)
+        try:
+            with client.request(conn, traceparent=other) as scope:
+                conn.execute("UPDATE t SET v = 'by-trace' WHERE id = 1")
+            assert scope.request_id == other.trace_id
+        finally:
+            client.configure()
+    found = [(c.request_id, c.trace_id, c.span_id, dict(c.extra)) for c in contexts(slot.items())]
+    assert found == [
+        ("r-traced", TRACE, SPAN, {}),
+        ("r-inner", TRACE, SPAN, {}),
+        ("r-traced", TRACE, SPAN, {}),  # the outer request again after the nested one
+        ("r-invalid", None, None, {}),
+        (other.trace_id, other.trace_id, other.span_id, {}),
+    ]
+
+
+@pytest.mark.skipif(not HAS_SQLALCHEMY, reason="sqlalchemy is not installed")
+def test_sqlalchemy_request_records_the_trace(source: str, slot: Slot) -> None:
+    import sqlalchemy as sa
+
+    params = psycopg.conninfo.conninfo_to_dict(source)
+    url = sa.engine.make_url("postgresql+psycopg://").set(
+        host=params["host"], port=int(params["port"]), database=params["dbname"], username=params["user"]
+    )
+    engine = sa.create_engine(url)
+    try:
+        with client.request(engine, "r-sa-trace", traceparent=f"00-{TRACE}-{SPAN}-01") as scope:
+            scope.connection.execute(sa.text("UPDATE t SET v = 'sa' WHERE id = 1"))
+    finally:
+        engine.dispose()
+    [ctx] = contexts(slot.items())
+    assert (ctx.request_id, ctx.trace_id, ctx.span_id) == ("r-sa-trace", TRACE, SPAN)
 
 
 # ============================================================================ middlewares

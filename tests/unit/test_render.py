@@ -296,6 +296,33 @@ def test_why_lines() -> None:
     assert lines[-3].startswith("  DATA CHANGES users.id=42  INSERT email=a@b.com")
 
 
+def test_why_lines_show_the_trace() -> None:
+    trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    record = RequestRecord(
+        request_id="r1",
+        actor=None,
+        context={"db_user": "app", "backend_pid": 7, "trace_id": trace, "span_id": span},
+        first_seen_at=None,
+        last_seen_at=None,
+        committed_count=1,
+        rolled_back_count=0,
+        error_type=None,
+        error_message=None,
+        error_location=None,
+        error_at=None,
+        traces=((trace, span), ("0af7651916cd43dd8448eb211c80319c", None)),
+    )
+    lines = why_lines(record, utc=True)
+    assert "  CONTEXT      db user=app, pid=7" in lines  # the trace has lines of its own
+    assert f"  TRACE        {trace}  span {span}" in lines
+    assert "  TRACE        0af7651916cd43dd8448eb211c80319c  span -" in lines
+    data = record.to_json()
+    assert (data["trace_id"], data["span_id"]) == (trace, span)
+    assert data["traces"][1] == {"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": None}
+    assert replace(record, traces=()).to_json()["trace_id"] is None
+    assert not any("TRACE" in line for line in why_lines(replace(record, traces=()), utc=True))
+
+
 def test_values_times_and_helpers() -> None:
     assert format_value(None) == "null"
     assert format_value(True) == "true"
