@@ -254,6 +254,7 @@ class CaptureSession:
                 max_rows=self.cfg.batch_max_rows,
                 actor_last_seq=registry.actor_last_seq,
                 verifier=daemon.verifier,
+                every_change_streamed=options.stream_immediately,
             )
             with self._pruner(store_dsn), self._watchdog(writer, store_dsn):
                 self._loop()

@@ -9,7 +9,7 @@ from typing import Any
 
 from cdc.capture.ack import Acknowledgement
 from cdc.capture.batches import CONTEXT_REJECTED, Batch, BatchBuilder, split_lines
-from cdc.capture.model import PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
+from cdc.capture.model import MAYBE_INCOMPLETE, PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
 from cdc.capture.writer_process import _receive_batch, encode_batch
 from cdc.context import (
     CONTEXT_PREFIX,
@@ -181,6 +181,21 @@ def test_context_set_after_the_first_change_is_a_context_change() -> None:
     assert batch is not None
     assert fields(batch.store.transactions[0])[8:12] == ["\\N", "\\N", "\\N", "\\N"]
     assert fields(batch.store.context_changes[0])[2:4] == ["1", "late"]
+
+
+def test_rolled_back_transactions_are_maybe_incomplete_unless_every_change_is_streamed() -> None:
+    """The core's MAYBE_INCOMPLETE is kept; without immediate streaming every rolled-back
+    transaction gets it (the changes buffered since its last segment die with the abort)."""
+    for every_change_streamed, expected in ((True, ["0", "2", "0"]), (False, ["0", "2", "2"])):
+        b = builder()
+        b.every_change_streamed = every_change_streamed
+        behind = FakeTransaction(2000, 1, status="r")
+        behind.flags = MAYBE_INCOMPLETE
+        for event in (FakeTransaction(1000, 1), behind, FakeTransaction(3000, 1, status="r")):
+            add(b, event)
+        batch = b.take()
+        assert batch is not None
+        assert [fields(t)[5] for t in batch.store.transactions] == expected
 
 
 def test_a_transaction_without_change_or_context_only_acknowledges() -> None:
