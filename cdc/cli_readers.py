@@ -32,6 +32,7 @@ from cdc.render import (
     describe_mutation,
     format_time,
     history_lines,
+    incomplete_lines,
     json_text,
     key_text,
     mutation_record,
@@ -266,7 +267,9 @@ def _table_log_lines(
          short_request(m.request_id, prefixes) if m.request_id else ""]
         for m in mutations
     ]  # fmt: skip
-    return [header, "", *align(rows, gaps=(2, 2, 2, 2))] if rows else [header]
+    if not rows:
+        return [header]
+    return [header, "", *align(rows, gaps=(2, 2, 2, 2)), *incomplete_lines(mutations, prefixes)]
 
 
 @state.command()

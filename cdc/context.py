@@ -21,10 +21,13 @@ before any JSON parsing.
 
     {"request_id": str|null, "actor": str|null, "application_name": str|null,
      "db_user": str, "client_addr": str|null, "backend_pid": int,
-     "source": "setting"|"application_name"|"client"|"none", "extra": {str: str}, "xid": int}
+     "source": "setting"|"application_name"|"client"|"none", "extra": {str: str}, "xid": int,
+     "session_level": bool|null}
 
 ``xid`` must be the transaction the message arrives in (its low 32 bits): a signed body
-copied into another transaction is refused.
+copied into another transaction is refused. ``session_level`` (stamped by the server, source
+"setting"): the request id was carried over from an earlier transaction of the session, a
+session-level ``SET`` rather than ``SET LOCAL`` (sql/context.sql, "SET or SET LOCAL?").
 
 Trace context: an ``extra`` member ``traceparent`` (the client helper's, or a ``cdc.traceparent``
 setting named in ``context.extra_settings``) is taken out of ``extra`` and, when it is a valid W3C
@@ -157,10 +160,12 @@ class RequestContext:
     extra: Mapping[str, str] = field(default_factory=_frozen_mapping)
     trace_id: str | None = None  # W3C trace context (cdc.tracing): 32 hex digits
     span_id: str | None = None  # the span that named the request (the traceparent's parent-id)
+    #: the request id was carried over from an earlier transaction (a session-level SET)
+    session_level: bool = False
 
     def as_json(self) -> dict[str, Any]:
         """The JSON object of the wire format (also what the store keeps as ``context``); the
-        trace members only when there is a trace."""
+        trace members only when there is a trace, ``session_level`` only when true."""
         doc: dict[str, Any] = {
             "request_id": self.request_id,
             "actor": self.actor,
@@ -174,6 +179,8 @@ class RequestContext:
         if self.trace_id is not None:
             doc["trace_id"] = self.trace_id
             doc["span_id"] = self.span_id
+        if self.session_level:
+            doc["session_level"] = True
         return doc
 
     def to_content(self) -> str:
@@ -372,6 +379,16 @@ def _opt_int(obj: Mapping[str, Any], key: str, what: str) -> int | None:
     return value
 
 
+def _opt_bool(obj: Mapping[str, Any], key: str, what: str) -> bool:
+    """A boolean member; false when missing or null."""
+    value = obj.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what} message: {key!r} is {type(value).__name__}, not a boolean")
+    return value
+
+
 def _has_surrogates(value: str) -> bool:
     try:
         value.encode("utf-8")
@@ -462,6 +479,7 @@ def parse_context(content: bytes, keys: ContextKeys | None, *, xid: int | None =
             extra=extra,
             trace_id=trace_id,
             span_id=span_id,
+            session_level=_opt_bool(obj, "session_level", what),
         )
     except ProtocolError:
         raise

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -22,7 +23,7 @@ import structlog
 
 from cdc.capture.session import CaptureSession
 from cdc.config import Config, load_config
-from cdc.context import ContextVerifier
+from cdc.context import ContextVerifier, RequestContext
 from cdc.errors import CdcError, StandbyError, error_text
 from cdc.exit_codes import ExitCode
 from cdc.logs import configure_logging
@@ -62,10 +63,33 @@ class Daemon:
         self.health_max_age_seconds = max(60.0, 3 * config.capture.status_interval_seconds)
         # Context and error messages are used only when their MAC verifies (cdc/context.py).
         self.verifier = ContextVerifier(on_reject=self._message_rejected)
+        # Sessions warned about a session-level request id (db_user, backend_pid, request_id).
+        self._session_level_warned: OrderedDict[tuple[str, int, str | None], None] = OrderedDict()
 
     def _message_rejected(self, prefix: str, lsn: int, reason: str) -> None:
         log.warning("context_message_rejected", prefix=prefix, lsn=format_lsn(lsn), reason=reason)
         self.metrics.context_rejected.labels(prefix=prefix).inc()
+
+    def session_level_request_id(self, ctx: RequestContext, lsn: int) -> None:
+        """A context whose request id was carried over from an earlier transaction of its session
+        (a session-level SET, not SET LOCAL: behind a pooler, another client's transactions get
+        it): counted each time, logged once per session and request id."""
+        self.metrics.session_level_request_ids.inc()
+        seen = (ctx.db_user, ctx.backend_pid, ctx.request_id)
+        if seen in self._session_level_warned:
+            return
+        self._session_level_warned[seen] = None
+        if len(self._session_level_warned) > 1024:
+            self._session_level_warned.popitem(last=False)
+        log.warning(
+            "request_id_from_session_setting",
+            lsn=format_lsn(lsn),
+            request_id=ctx.request_id,
+            db_user=ctx.db_user,
+            backend_pid=ctx.backend_pid,
+            hint="set the request id with SET LOCAL (or set_config(..., true)) so that it ends with "
+            "its transaction",
+        )
 
     # -- control ---------------------------------------------------------------
     def request_stop(self) -> None:

@@ -126,6 +126,12 @@ class Metrics:
             ["prefix"],
             registry=r,
         )
+        self.session_level_request_ids = Counter(
+            "cdc_session_level_request_ids_total",
+            "Context messages whose request id was carried over from an earlier transaction of its "
+            "session: a session-level SET cdc.request_id, not SET LOCAL",
+            registry=r,
+        )
         self.heartbeats = Counter(
             "cdc_heartbeats_total", "Heartbeat messages written to the source", registry=r
         )

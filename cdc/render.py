@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 from cdc.errors import UsageError
 from cdc.lsn import format_lsn
 from cdc.names import display_table, parse_table
-from cdc.store.format import is_oversize
+from cdc.store.format import MAYBE_INCOMPLETE_NOTE, is_oversize
 
 if TYPE_CHECKING:
     from cdc.query import BlameEntry, Mutation, RequestError, RequestRecord
 
 __all__ = [
     "MUTATION_CSV_FIELDS",
+    "POSSIBLY_INCOMPLETE",
     "VALUE_WIDTH",
     "align",
     "blame_lines",
@@ -34,6 +35,7 @@ __all__ = [
     "format_time",
     "format_value",
     "history_lines",
+    "incomplete_lines",
     "json_text",
     "key_text",
     "mutation_record",
@@ -53,6 +55,10 @@ __all__ = [
 VALUE_WIDTH = 40
 ARROW = "→"
 ROLLED_BACK_NOTE = "(rolled back)"
+#: After an attempt of a transaction capture could not show it saw whole (MAYBE_INCOMPLETE).
+MAYBE_INCOMPLETE_MARK = "(rolled back; attempt possibly incomplete)"
+#: What readers say of such an attempt (docs/store.md "Transaction flags").
+POSSIBLY_INCOMPLETE = MAYBE_INCOMPLETE_NOTE
 MUTATION_CSV_FIELDS = (
     "version",
     "version_lsn",
@@ -69,6 +75,7 @@ MUTATION_CSV_FIELDS = (
     "request_id",
     "context",
     "status",
+    "possibly_incomplete",
 )
 _JSON_CSV_FIELDS = frozenset({"key", "before", "after", "changed", "context"})
 _CONTROL = {i: f"\\x{i:02x}" for i in range(32)} | {10: "\\n", 13: "\\r", 9: "\\t", 127: "\\x7f"}
@@ -172,8 +179,9 @@ def describe_mutation(
     INSERT/SNAPSHOT: ``email=a@b.com, plan=free`` (non-null, non-key columns); UPDATE:
     ``plan: free → pro`` for each changed column; DELETE: the deleted values; TRUNCATE:
     ``all rows``. ``with_op`` prefixes every op but UPDATE (``INSERT email=...``). A
-    rolled-back attempt ends with ``  (rolled back)``. ``hide``: columns to leave out of
-    INSERT/DELETE values (default: the key's columns).
+    rolled-back attempt ends with ``  (rolled back)``, one of a transaction capture could not
+    show it saw whole with ``  (rolled back; attempt possibly incomplete)``. ``hide``: columns to
+    leave out of INSERT/DELETE values (default: the key's columns).
     """
     hidden = set(mutation.key or {}) if hide is None else set(hide)
     if mutation.op == "TRUNCATE":
@@ -199,9 +207,21 @@ def describe_mutation(
         text = f"{mutation.op} {text}".rstrip()
     if mutation.incomplete:
         text = f"{text}  {incomplete_text(mutation)}"
-    if mutation.rolled_back:
+    if mutation.possibly_incomplete:
+        text = f"{text}  {MAYBE_INCOMPLETE_MARK}"
+    elif mutation.rolled_back:
         text = f"{text}  {ROLLED_BACK_NOTE}"
     return text
+
+
+def incomplete_lines(mutations: Iterable[Mutation], prefixes: Mapping[str, str] | None = None) -> list[str]:
+    """The note under a list of mutations where some are attempts capture could not show it saw
+    whole: ``  note: capture was behind; some attempted changes may be missing (req:550e8400)``."""
+    requests = list(dict.fromkeys(m.request_id or "" for m in mutations if m.possibly_incomplete))
+    if not requests:
+        return []
+    which = ", ".join(short_request(r or None, prefixes) for r in requests)
+    return ["", f"{_INDENT}note: {POSSIBLY_INCOMPLETE} ({which})"]
 
 
 def incomplete_text(mutation: Mutation) -> str:
@@ -256,7 +276,7 @@ def history_lines(
         request = short_request(m.request_id, prefixes) if m.request_id else ""
         line = f"{_INDENT}{format_time(m.committed_at, utc)}  {m.op.ljust(ops)}  {desc.ljust(width)}{request}"
         lines.append(line.rstrip())
-    return lines
+    return lines + incomplete_lines(mutations, prefixes)
 
 
 def request_lines(mutations: Sequence[Mutation]) -> list[str]:
@@ -269,7 +289,7 @@ def request_lines(mutations: Sequence[Mutation]) -> list[str]:
         ]
         for m in mutations
     ]
-    return align(rows, gaps=(3, 1))
+    return align(rows, gaps=(3, 1)) + incomplete_lines(mutations)
 
 
 def blame_lines(
@@ -323,11 +343,6 @@ def _context_text(context: Mapping[str, Any] | None) -> str:
     if isinstance(extra, Mapping):
         parts += [f"{k}={cell(v)}" for k, v in extra.items()]
     return ", ".join(parts)
-
-
-POSSIBLY_INCOMPLETE = (
-    "a rolled-back transaction was not decoded while in progress: some attempted changes may be missing"
-)
 
 
 def unattributed_text(error: RequestError) -> str:

@@ -26,9 +26,13 @@
 -- `cdc.context` (transactional, written before the changes it describes):
 --   {"request_id": str|null, "actor": str|null, "application_name": str|null, "db_user": str,
 --    "client_addr": str|null, "backend_pid": int,
---    "source": "setting"|"application_name"|"client"|"none", "extra": {str: str}, "xid": int}
+--    "source": "setting"|"application_name"|"client"|"none", "extra": {str: str}, "xid": int,
+--    "session_level": bool|null}
 -- "xid" is txid_current(): the daemon checks it against the transaction the message arrives
 -- in, so a signed body copied out of the WAL cannot be replayed into another transaction.
+-- "session_level" (source "setting" only): true when the request id was carried over from an
+-- earlier transaction of the session, a session-level SET rather than SET LOCAL; null where that
+-- cannot be told (below).
 --
 -- A statement-level trigger `cdc_context` (BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE,
 -- FOR EACH STATEMENT) on every captured table writes a context message before the changes of
@@ -74,6 +78,23 @@
 --
 -- Extra settings: PostgreSQL cannot list custom settings from SQL (pg_settings and SHOW ALL hide
 -- placeholder variables), so the trigger reads a configured list of names.
+--
+-- SET or SET LOCAL? Nothing in SQL tells them apart inside a transaction: pg_settings hides
+-- placeholder variables (and says source "session" for both on real ones), and the session's
+-- value under a SET LOCAL shows only after the transaction ends (checked on 15 and 18). What can
+-- be told: a request id in force at the first statement of a transaction was not set by a SET
+-- LOCAL statement before it, and if it is also the request id of the session's previous such
+-- emission (`cdc._setting_rid`, kept at session level), it was carried over from that
+-- transaction: a session-level SET (or a connection or role setting), which tags every later
+-- transaction of the connection, behind a pooler another client's. cdc.emit_context() flags such
+-- a message "session_level"; the daemon logs and counts it. "The first statement" is
+-- statement_timestamp() = transaction_timestamp(), which holds only for a statement sent with the
+-- simple query protocol (no parameters: psql, scripts, autocommit writes of simple-query
+-- drivers) that opens its transaction: the extended protocol sets statement_timestamp() again at
+-- Bind and Execute, after the transaction began at Parse. So not seen: a carried-over id in a
+-- parameterized statement, or in a transaction that began with BEGIN (or any statement before its
+-- first write); seen wrongly: the same request id set locally in the very statement (or query
+-- string) of the first write, in two transactions of a session in a row.
 --
 -- Nothing in the trigger can raise: current_setting(..., true) never fails, set_config() of the
 -- `cdc._*` placeholders cannot fail, row_to_json() escapes everything, the pattern was compiled
@@ -157,10 +178,15 @@ DO $$
 BEGIN
     CREATE TYPE cdc.context_body_t AS (
         request_id text, actor text, application_name text, db_user text, client_addr text,
-        backend_pid integer, source text, extra json, xid bigint
+        backend_pid integer, source text, extra json, xid bigint, session_level boolean
     );
 EXCEPTION WHEN duplicate_object THEN
-    NULL;
+    -- installed by an earlier version: add what it lacks (a new member is ignored by older daemons)
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                    WHERE attrelid OPERATOR(pg_catalog.=) 'cdc.context_body_t'::pg_catalog.regclass
+                      AND attname OPERATOR(pg_catalog.=) 'session_level' AND NOT attisdropped) THEN
+        ALTER TYPE cdc.context_body_t ADD ATTRIBUTE session_level boolean;
+    END IF;
 END
 $$;
 
@@ -194,7 +220,8 @@ $$;
 
 -- Write a `cdc.context` message (transactional). The caller claims request_id, actor, extra and
 -- source; application_name, db_user (session_user), client_addr, backend_pid and the xid are
--- the server's. Returns, for source 'client', the session token of cdc.report_error() as
+-- the server's, and so is session_level (source 'setting': see "SET or SET LOCAL?" above).
+-- Returns, for source 'client', the session token of cdc.report_error() as
 -- "<pid>.<xid>.<proof>"; '' otherwise. Emits nothing (and returns '') when there is no key,
 -- rather than fail the application's write.
 CREATE OR REPLACE FUNCTION cdc.emit_context(request_id text, actor text, extra json, source text)
@@ -207,6 +234,8 @@ DECLARE
     v_opad pg_catalog.bytea;
     v_body pg_catalog.bytea;
     v_lsn pg_catalog.pg_lsn;
+    v_session pg_catalog.bool;
+    v_mark pg_catalog.text;
 BEGIN
     -- Few statements on purpose: each PL/pgSQL expression is set up again in every transaction
     -- (and a helper SQL function would be planned again in every transaction; one query doing
@@ -214,6 +243,15 @@ BEGIN
     SELECT k.ipad, k.opad INTO v_ipad, v_opad FROM cdc.context_key AS k;
     IF v_ipad IS NULL THEN
         RETURN '';  -- no key: no message rather than a failed write
+    END IF;
+    IF emit_context.source OPERATOR(pg_catalog.=) 'setting'
+       AND pg_catalog.statement_timestamp() OPERATOR(pg_catalog.=) pg_catalog.transaction_timestamp() THEN
+        -- In force at the transaction's first statement, and the request id of the session's
+        -- previous such emission: carried over by a session-level SET. Then remember it for the
+        -- next transaction (at session level: it outlives this one). Only here: elsewhere the
+        -- two cannot be told apart anyway, and every other emission stays as cheap as before.
+        v_session := emit_context.request_id OPERATOR(pg_catalog.=) pg_catalog.current_setting('cdc._setting_rid', true);
+        v_mark := pg_catalog.set_config('cdc._setting_rid', emit_context.request_id, false);
     END IF;
     -- The claims go in as given: the daemon truncates ids, refuses an unknown source and a
     -- body over 1 MiB (checks here would cost every transaction).
@@ -226,7 +264,8 @@ BEGIN
         pg_catalog.pg_backend_pid(),
         emit_context.source,
         emit_context.extra,
-        pg_catalog.txid_current()
+        pg_catalog.txid_current(),
+        v_session
     )::cdc.context_body_t)::pg_catalog.text, 'UTF8');
     v_lsn := pg_catalog.pg_logical_emit_message(true, 'cdc.context',
         pg_catalog.substring(v_body, 1, pg_catalog.octet_length(v_body) OPERATOR(pg_catalog.-) 1)

@@ -40,6 +40,7 @@ cdef Py_ssize_t SPILL_FLUSH = sh.SPILL_FLUSH_BYTES
 cdef Py_ssize_t CACHE_LIMIT = sh.RELATION_CACHE_LIMIT
 cdef int64_t MIN_TIME = model.MIN_TIME_US
 cdef int64_t MAX_TIME = model.MAX_TIME_US
+cdef int64_t MISSED = model.MISSED
 
 cdef enum:
     EXCLUDE = 1
@@ -49,6 +50,7 @@ cdef enum:
     ST_VALUE = 1
     ST_UNCHANGED = 2
     F_ROLLED_BACK = 1
+    F_MAYBE_INCOMPLETE = 2  # a transaction flag (model.MAYBE_INCOMPLETE)
     F_BEFORE = 2
     F_OVERSIZE = 8
     F_KEY_UNKNOWN = 16
@@ -90,6 +92,7 @@ cdef class Core:
     cdef Buf _scratch
     cdef public uint64_t server_wal_end
     cdef public uint64_t last_received_lsn
+    cdef int64_t _sent  # sendTime of the XLogData frame being read
     cdef public bint reply_requested
     cdef readonly Py_ssize_t memory_bytes
     cdef readonly Py_ssize_t spilled_transactions
@@ -144,6 +147,7 @@ cdef class Core:
         self._events = []
         self.server_wal_end = 0
         self.last_received_lsn = 0
+        self._sent = 0
         self.reply_requested = False
         self.memory_bytes = 0
         self.spilled_transactions = 0
@@ -215,6 +219,7 @@ cdef class Core:
                 raise ProtocolError(f"malformed XLogData frame: {size} bytes, the header alone is 25")
             wal_start = rd64(data + 1)
             wal_end = rd64(data + 9)
+            self._sent = <int64_t>rd64(data + 17)
             if wal_end > self.server_wal_end:
                 self.server_wal_end = wal_end
             self.last_received_lsn = wal_start
@@ -280,7 +285,7 @@ cdef class Core:
         cdef uint32_t xid, subxid
         cdef uint64_t abort_lsn = 0, position
         cdef Py_ssize_t pos
-        cdef object abort_time
+        cdef int64_t abort_time
         if tag not in NAMES:
             raise sh.unknown_tag(tag)
         if self._streaming is not None and tag != b'E' and tag != b'O':
@@ -315,13 +320,20 @@ cdef class Core:
                 if txn is None:
                     txn = new_txn(xid, True, wal_start, self._spill_dir)
                     txn.live = True
+                    if not p[5]:  # not its first segment: earlier changes were never received
+                        txn.last_sent = MISSED
                     self._streams[xid] = txn
                 self._last_stream = txn
+            if self._sent > txn.last_sent:
+                txn.last_sent = self._sent
             self._streaming = txn
         elif tag == b'E':
             exact(size, 1, tag)
             if self._streaming is None:
                 raise sh.out_of_place(NAMES[tag], "outside a streamed block")
+            txn = self._streaming
+            if self._sent > txn.last_sent:
+                txn.last_sent = self._sent
             self._streaming = None
         elif tag == b'c':
             exact(size, 30, tag)
@@ -352,8 +364,10 @@ cdef class Core:
             # The abort record's start LSN can equal the end LSN of an earlier commit;
             # +1 keeps rolled-back positions distinct from every version.
             position = (abort_lsn if abort_lsn else wal_start) + 1
-            self._finish(txn, position, 0, False, b'r', <int64_t>rd64(p + 17) if size == 25 else 0,
-                         size == 25, wal_start, tag, size)
+            # Decoded in progress only if its last frame went out before it aborted (model.py).
+            abort_time = <int64_t>rd64(p + 17) if size == 25 else 0
+            self._finish(txn, position, 0, False, b'r', abort_time, size == 25, wal_start, tag, size,
+                         F_MAYBE_INCOMPLETE if size != 25 or txn.last_sent >= abort_time else 0)
         elif tag == b'O':
             need(p, size, 1, 8, tag)
             name = read_string(p, size, 9, tag, &pos)
@@ -411,7 +425,7 @@ cdef class Core:
     # -- finishing -----------------------------------------------------------------------------
     cdef int _finish(self, _Txn txn, uint64_t position, uint64_t commit_lsn, bint has_commit_lsn,
                      char status, int64_t when, bint has_when, uint64_t wal_start, int tag,
-                     Py_ssize_t size) except -1:
+                     Py_ssize_t size, int extra_flags=0) except -1:
         cdef Py_ssize_t i
         cdef Buf text
         cdef bint rolled_back = status == b'r'
@@ -458,7 +472,7 @@ cdef class Core:
                 committed_at_us=when,
                 committed_at_text=committed_at,
                 status="r" if rolled_back else "c",
-                flags=1 if txn.streamed else 0,
+                flags=(1 if txn.streamed else 0) | extra_flags,
                 origin=txn.origin,
                 change_count=txn.change_count,
                 pending_count=txn.pending_count,

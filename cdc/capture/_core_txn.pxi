@@ -31,6 +31,7 @@ cdef class _Txn:
     cdef bytes prefix
     cdef bytes time
     cdef uint16_t flags_or
+    cdef int64_t last_sent  # sendTime of its latest Stream Start/Stop frame (MISSED: see model.py)
 
     def __cinit__(self):
         self.mem.data = NULL

@@ -13,6 +13,10 @@ the daemon's :class:`cdc.context.ContextVerifier`, which checks each message's M
 source's key, and a context's transaction): one that does not verify is ignored, reported once
 per LSN (log ``context_message_rejected``, metric ``cdc_context_messages_rejected_total``), and a
 rejected context flags its transaction CONTEXT_REJECTED (docs/security.md "Request attribution").
+A rolled-back transaction keeps the core's MAYBE_INCOMPLETE, and gets it whenever the walsender
+does not stream every change as it decodes it (``every_change_streamed``, docs/store.md). A
+verified context whose request id was carried over from an earlier transaction (a session-level
+SET, not SET LOCAL: sql/context.sql) is reported once through ``on_session_level``.
 The changes after a rejected context keep the context in force before it. No I/O here except
 through the ``actor_last_seq`` callback (the registry's store connection), once per actor and
 session, and the verifier's key reload (the source's catalog connection) after a failed MAC.
@@ -28,7 +32,7 @@ from typing import NamedTuple
 
 import orjson
 
-from cdc.capture.model import PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
+from cdc.capture.model import MAYBE_INCOMPLETE, PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
 from cdc.context import (
     CONTEXT_PREFIX,
     ERROR_PREFIX,
@@ -125,8 +129,16 @@ class BatchBuilder:
         verifier: ContextVerifier,
         max_bytes: int = BATCH_MAX_BYTES,
         chunk_bytes: int = CHUNK_BYTES,
+        every_change_streamed: bool = False,
+        on_session_level: Callable[[RequestContext, int], None] | None = None,
     ) -> None:
         self.max_rows = max_rows
+        # Whether the walsender streams every change as it decodes it (PostgreSQL 16+,
+        # debug_logical_replication_streaming = immediate). Else a streamed transaction's changes
+        # since its last segment are dropped at its abort, whenever it was decoded: every
+        # rolled-back transaction may miss some (MAYBE_INCOMPLETE, cdc/capture/model.py).
+        self.every_change_streamed = every_change_streamed
+        self._on_session_level = on_session_level
         self.max_bytes = max_bytes
         self.chunk_bytes = chunk_bytes
         self._actor_last_seq = actor_last_seq
@@ -229,6 +241,8 @@ class BatchBuilder:
             batch = self.current = Batch()
         store = batch.store
         flags = txn.flags | (CONTEXT_REJECTED if rejected else 0)
+        if txn.status == "r" and not self.every_change_streamed:
+            flags |= MAYBE_INCOMPLETE
         self._rows(store, txn, spans, flags)
         counts = batch.counts
         for key, n in txn.counts.items():
@@ -253,6 +267,8 @@ class BatchBuilder:
                 if verified is None:
                     rejected = True
                     continue
+                if verified.session_level and self._on_session_level is not None:
+                    self._on_session_level(verified, lsn)
                 ctx = _context(verified)
                 if len(self._contexts) >= CONTEXT_CACHE:
                     self._contexts.clear()

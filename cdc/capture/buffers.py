@@ -35,6 +35,7 @@ class Txn:
         "file",
         "first_lsn",
         "flags_or",
+        "last_sent",
         "mem",
         "messages",
         "origin",
@@ -64,6 +65,9 @@ class Txn:
         self.prefix = b""  # position \t (set when it finishes)
         self.time = b""  # committed_at \t (set when it finishes)
         self.flags_or = 0  # ROLLED_BACK for the whole transaction (set when it finishes)
+        # sendTime of its latest Stream Start/Stop frame (PostgreSQL epoch µs); MISSED when its
+        # first segment was never received (model.MAYBE_INCOMPLETE)
+        self.last_sent = 0
 
     def append(
         self, subxid: int, flags: int, table_id: int, op: str, head: bytes, tail: bytes, pending: bool

@@ -28,6 +28,8 @@ from cdc.capture.images import Rel, key_text, row_image
 from cdc.capture.model import (
     BEFORE_FROM_WAL,
     KEY_UNKNOWN,
+    MAYBE_INCOMPLETE,
+    MISSED,
     ROLLED_BACK,
     STREAMED,
     Event,
@@ -86,6 +88,7 @@ class Core:
         self._events: list[Event] = []
         self.server_wal_end = 0
         self.last_received_lsn = 0
+        self._sent = 0  # sendTime of the XLogData frame being read
         self.reply_requested = False
         self.memory_bytes = 0
         self.spilled_transactions = 0
@@ -139,6 +142,7 @@ class Core:
                 raise ProtocolError(f"malformed XLogData frame: {size} bytes, the header alone is 25")
             wal_start = u64(data, 1)[0]
             wal_end = u64(data, 9)[0]
+            self._sent = i64(data, 17)[0]
             self.server_wal_end = max(self.server_wal_end, wal_end)
             self.last_received_lsn = wal_start
             self._message(data[25:], wal_start)
@@ -223,11 +227,16 @@ class Core:
             txn = self._streams.get(xid)
             if txn is None:
                 txn = self._streams[xid] = Txn(xid, True, wal_start, self._spill_dir)
+                if not p[5]:  # not its first segment: earlier changes were never received
+                    txn.last_sent = MISSED
+            txn.last_sent = max(txn.last_sent, self._sent)
             self._streaming = txn
         elif tag == 0x45:  # 'E' StreamStop
             exact(p, 1, what)
             if self._streaming is None:
                 raise sh.out_of_place(what, "outside a streamed block")
+            txn = self._streaming
+            txn.last_sent = max(txn.last_sent, self._sent)
             self._streaming = None
         elif tag == 0x63:  # 'c' StreamCommit
             exact(p, 30, what)
@@ -254,7 +263,19 @@ class Core:
             # The abort record's start LSN can equal the end LSN of an earlier commit;
             # +1 keeps rolled-back positions distinct from every version.
             position = (abort_lsn if abort_lsn else wal_start) + 1
-            self._finish(found, position, None, "r", abort_time, wal_start, what, size)
+            # Decoded in progress only if its last frame went out before it aborted (model.py).
+            behind = abort_time is None or found.last_sent >= abort_time
+            self._finish(
+                found,
+                position,
+                None,
+                "r",
+                abort_time,
+                wal_start,
+                what,
+                size,
+                MAYBE_INCOMPLETE if behind else 0,
+            )
         elif tag == 0x4F:  # 'O' Origin
             need(p, 1, 8, what)
             name, pos = string(p, 9, what)
@@ -302,6 +323,7 @@ class Core:
         wal_start: int,
         what: str,
         size: int,
+        extra_flags: int = 0,
     ) -> None:
         self.memory_bytes -= len(txn.mem)
         if status == "c" and txn.overlay:
@@ -334,7 +356,7 @@ class Core:
                 committed_at_us=when,
                 committed_at_text=text,
                 status=status,
-                flags=STREAMED if txn.streamed else 0,
+                flags=(STREAMED if txn.streamed else 0) | extra_flags,
                 origin=txn.origin,
                 change_count=txn.change_count,
                 pending_count=txn.pending_count,

@@ -27,6 +27,17 @@ KEY_UNKNOWN: Final = 16
 
 # Transaction flags (docs/store.md "Transaction flags").
 STREAMED: Final = 1
+#: A rolled-back transaction the core cannot show was decoded while in progress, so some attempted
+#: changes may be missing (PostgreSQL stops decoding a transaction it finds aborted): its abort time
+#: is unknown (PostgreSQL 15's Stream Abort has none), a frame of it was sent at or after that time
+#: (XLogData sendTime and the abort time are the same server's clock: the walsender was behind),
+#: or its first segment never arrived. Decoded in progress means complete only when the walsender
+#: streams every change as it decodes it (debug_logical_replication_streaming = immediate): else
+#: the changes it buffered since its last segment are dropped at the abort, and the batch builder
+#: sets the flag on every rolled-back transaction (cdc/capture/batches.py).
+MAYBE_INCOMPLETE: Final = 2
+#: ``Txn.last_sent`` of a streamed transaction whose first segment never arrived.
+MISSED: Final = (1 << 63) - 1
 
 #: Type oids whose values are JSON numbers (int8, int2, int4, oid, xid) and the boolean's.
 INTEGER_TYPE_OIDS: Final = frozenset({20, 21, 23, 26, 28})
@@ -148,7 +159,7 @@ class FinishedTransaction:
     committed_at_us: int  # commit/abort time, PostgreSQL epoch microseconds
     committed_at_text: str  # as in the COPY lines: 'YYYY-MM-DD HH:MM:SS.ffffff+00'
     status: str  # 'c' committed, 'r' rolled back
-    flags: int  # transaction flags: STREAMED
+    flags: int  # transaction flags: STREAMED, MAYBE_INCOMPLETE
     origin: str | None
     change_count: int
     pending_count: int  # changes with a non-NULL `pending`

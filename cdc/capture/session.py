@@ -42,7 +42,7 @@ from cdc.capture.model import FinishedTransaction, LogicalMessage, RelationDesc,
 from cdc.capture.registry import Registry
 from cdc.capture.writer_process import Ready, WriterParams, WriterProcess
 from cdc.config import Config
-from cdc.context import HEARTBEAT_PREFIX, ContextKeys, ContextVerifier
+from cdc.context import HEARTBEAT_PREFIX, ContextKeys, ContextVerifier, RequestContext
 from cdc.errors import (
     SetupError,
     SlotLostError,
@@ -81,6 +81,8 @@ class Daemon(Protocol):
     def reload_if_requested(self) -> None: ...
 
     def report_error(self, message: str) -> None: ...
+
+    def session_level_request_id(self, ctx: RequestContext, lsn: int) -> None: ...
 
 
 log = structlog.get_logger("cdc.daemon")
@@ -254,6 +256,8 @@ class CaptureSession:
                 max_rows=self.cfg.batch_max_rows,
                 actor_last_seq=registry.actor_last_seq,
                 verifier=daemon.verifier,
+                every_change_streamed=options.stream_immediately,
+                on_session_level=daemon.session_level_request_id,
             )
             with self._pruner(store_dsn), self._watchdog(writer, store_dsn):
                 self._loop()

@@ -59,6 +59,7 @@ class RawChange:
     old_key_text: str | None
     request_id: str | None
     context: dict[str, Any] | None
+    txn_flags: int = 0  # its transaction's (docs/store.md "Transaction flags")
 
     @property
     def rolled_back(self) -> bool:
@@ -104,15 +105,17 @@ class Changes(Evolution):
 
     def _decorated(self, inner: sql.Composable, *, newest_first: bool = False) -> sql.Composed:
         """``inner`` (a query of CHANGE_COLUMNS over changes_all) with each change's xid, request
-        id and context (its transaction's, or the context_changes row in force at its ordinal)."""
+        id and context (its transaction's, or the context_changes row in force at its ordinal),
+        and its transaction's flags."""
         direction = sql.SQL("DESC" if newest_first else "ASC")
         return sql.SQL(
             "SELECT c.position, c.ordinal, c.committed_at, c.table_id, c.schema_id, c.op, c.flags, c.lsn, "
             "coalesce(c.xid, t.xid, 0) AS xid, c.key_text, c.image, c.before, c.old_key_text, "
             "CASE WHEN cc.from_ordinal IS NULL THEN t.request_id ELSE cc.request_id END AS request_id, "
-            "CASE WHEN cc.from_ordinal IS NULL THEN t.context ELSE cc.context END AS context "
+            "CASE WHEN cc.from_ordinal IS NULL THEN t.context ELSE cc.context END AS context, "
+            "coalesce(t.flags, 0) AS txn_flags "
             "FROM ({inner}) c "
-            "LEFT JOIN LATERAL (SELECT xid, request_id, context FROM {tx} t WHERE t.position = c.position "
+            "LEFT JOIN LATERAL (SELECT xid, request_id, context, flags FROM {tx} t WHERE t.position = c.position "
             "  AND t.committed_at = c.committed_at LIMIT 1) t ON true "
             "LEFT JOIN LATERAL (SELECT from_ordinal, request_id, context FROM {cc} cc "
             "  WHERE cc.position = c.position AND cc.committed_at = c.committed_at "
@@ -144,6 +147,7 @@ class Changes(Evolution):
                     old_key_text=r["old_key_text"],
                     request_id=r["request_id"],
                     context=contexts.get(context_text) if context_text is not None else None,
+                    txn_flags=int(r["txn_flags"]),
                 )
             )
         return out
@@ -316,6 +320,7 @@ class Changes(Evolution):
             unknown=unknown,
             key_text=raw.key_text,
             old_key_text=raw.old_key_text,
+            txn_flags=raw.txn_flags,
         )
 
     def mutations_of(self, raws: Sequence[RawChange]) -> list[Mutation]:

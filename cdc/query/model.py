@@ -11,7 +11,7 @@ from typing import Any
 from cdc.errors import UsageError
 from cdc.lsn import format_lsn
 from cdc.names import format_table, parse_table
-from cdc.store.format import ChangeFlag
+from cdc.store.format import MAYBE_INCOMPLETE_NOTE, ChangeFlag, TxnFlag
 
 __all__ = [
     "BlameEntry",
@@ -66,10 +66,22 @@ class Mutation:
     unknown: tuple[str, ...] = ()  # columns of an INCOMPLETE image whose value is not known
     key_text: str | None = None  # the stored key (docs/store.md "The key")
     old_key_text: str | None = None
+    txn_flags: int = 0  # its transaction's (docs/store.md "Transaction flags")
 
     @property
     def rolled_back(self) -> bool:
         return self.status == "rolled_back"
+
+    @property
+    def possibly_incomplete(self) -> bool:
+        """An attempt of a rolled-back transaction capture could not show it saw whole (it was
+        behind): other attempted changes of it may be missing."""
+        return bool(self.txn_flags & TxnFlag.MAYBE_INCOMPLETE)
+
+    @property
+    def incomplete_note(self) -> str | None:
+        """What readers say of it when :attr:`possibly_incomplete`, else None."""
+        return MAYBE_INCOMPLETE_NOTE if self.possibly_incomplete else None
 
     @property
     def is_keyframe(self) -> bool:
@@ -104,6 +116,7 @@ class Mutation:
             "request_id": self.request_id,
             "context": self.context,
             "status": self.status,
+            "possibly_incomplete": self.possibly_incomplete,
         }
 
 
@@ -217,7 +230,7 @@ class TransactionInfo:
     committed_at: datetime
     origin: str | None
     mutation_count: int  # every change of the transaction (of any request)
-    possibly_incomplete: bool = False  # rolled back, not streamed: attempted changes may be missing
+    possibly_incomplete: bool = False  # MAYBE_INCOMPLETE: capture was behind, changes may be missing
     flags: int = 0  # docs/store.md "Transaction flags"
 
     def to_json(self) -> dict[str, Any]:
@@ -369,8 +382,13 @@ class RequestRecord:
 
     @property
     def possibly_incomplete(self) -> bool:
-        """A rolled-back transaction of it may miss attempted changes (not decoded in progress)."""
+        """A rolled-back transaction of it may miss attempted changes (capture was behind)."""
         return any(t.possibly_incomplete for t in self.transactions)
+
+    @property
+    def incomplete_note(self) -> str | None:
+        """What readers say when :attr:`possibly_incomplete`, else None."""
+        return MAYBE_INCOMPLETE_NOTE if self.possibly_incomplete else None
 
     @property
     def unattributed_errors(self) -> list[RequestError]:
@@ -434,6 +452,7 @@ class RequestRecord:
             "error": None if error is None else error.to_json(),
             "errors": [e.to_json() for e in self.errors],
             "possibly_incomplete": self.possibly_incomplete,
+            "incomplete_note": self.incomplete_note,
             "transactions": [t.to_json() for t in self.transactions],
             "mutation_count": self.mutation_count,
             "mutations": [m.to_json() for m in self.mutations],

@@ -55,8 +55,12 @@ class TxnFlag(IntFlag):
     """``transactions.flags`` (docs/store.md "Transaction flags")."""
 
     STREAMED = 1  # decoded while in progress
-    MAYBE_INCOMPLETE = 2  # rolled back, not streamed: some attempted changes may be missing
+    MAYBE_INCOMPLETE = 2  # rolled back, not shown decoded in progress: changes may be missing
     CONTEXT_REJECTED = 4  # a context message failed verification and was ignored
+
+
+#: What every reader says of a MAYBE_INCOMPLETE attempt (docs/store.md "Transaction flags").
+MAYBE_INCOMPLETE_NOTE: Final = "capture was behind; some attempted changes may be missing"
 
 
 #: ``{"$cdc": "oversize", "bytes": n, "sha256": hex}``: a value over capture.max_value_bytes.

@@ -6,6 +6,7 @@ from typing import Any
 
 from cdc.query import OPS, STATUSES
 from cdc.render import MUTATION_CSV_FIELDS
+from cdc.store.format import MAYBE_INCOMPLETE_NOTE
 
 __all__ = ["SCHEMAS", "nullable", "ref"]
 
@@ -87,6 +88,11 @@ SCHEMAS: dict[str, Any] = {
             "request_id": nullable(_STRING),
             "context": nullable(_OBJECT),
             "status": {"type": "string", "enum": list(STATUSES)},
+            "possibly_incomplete": {
+                "type": "boolean",
+                "description": f"true: a rolled-back attempt of a transaction capture could not show it saw "
+                f"whole ({MAYBE_INCOMPLETE_NOTE})",
+            },
         },
     },
     "Table": {
@@ -233,7 +239,7 @@ SCHEMAS: dict[str, Any] = {
             "mutation_count": _INT,
             "possibly_incomplete": {
                 "type": "boolean",
-                "description": "rolled back and not decoded in progress: attempted changes may be missing",
+                "description": f"rolled back, and capture could not show it saw every change: {MAYBE_INCOMPLETE_NOTE}",
             },
         },
     },
@@ -286,6 +292,7 @@ SCHEMAS: dict[str, Any] = {
             "error",
             "errors",
             "possibly_incomplete",
+            "incomplete_note",
             "transactions",
             "mutation_count",
             "mutations",
@@ -332,7 +339,14 @@ SCHEMAS: dict[str, Any] = {
                 "description": "every error the request reported; only an attributed one is its root cause",
                 "items": ref("RequestError"),
             },
-            "possibly_incomplete": {"type": "boolean"},
+            "possibly_incomplete": {
+                "type": "boolean",
+                "description": "a rolled-back transaction of the request may miss attempted changes",
+            },
+            "incomplete_note": {
+                **nullable(_STRING),
+                "description": f'"{MAYBE_INCOMPLETE_NOTE}" when possibly_incomplete, else null',
+            },
             "transactions": {"type": "array", "items": ref("Transaction")},
             "mutation_count": _INT,
             "mutations": {"type": "array", "items": ref("Mutation")},

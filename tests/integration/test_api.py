@@ -46,10 +46,11 @@ REQ_BULK = "abc00001-5555-4555-8555-555555555555"
 REQ_EDIT = "abc00002-6666-4666-8666-666666666666"
 XSS = "<script>alert(1)</script>"
 
-#: The exported form of a mutation (DESIGN.md) plus the X/Y spellings of its LSNs.
+#: The exported form of a mutation (DESIGN.md) plus the X/Y spellings of its LSNs and whether it
+#: is an attempt capture could not show it saw whole.
 MUTATION_FIELDS = {
     "version", "version_lsn", "lsn", "lsn_text", "xid", "committed_at", "table", "key", "op", "before",
-    "after", "changed", "request_id", "context", "status",
+    "after", "changed", "request_id", "context", "status", "possibly_incomplete",
 }  # fmt: skip
 
 

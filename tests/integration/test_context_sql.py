@@ -306,6 +306,46 @@ def test_session_level_setting_one_message_per_transaction(source: str, slot: Sl
     assert [shape(txn) for txn in slot.transactions()] == [["ctx:whole-session", "change"]] * 2
 
 
+def test_a_request_id_carried_over_from_an_earlier_transaction_is_flagged(source: str, slot: Slot) -> None:
+    """ "session_level" (sql/context.sql, "SET or SET LOCAL?"): in force at the first statement of
+    a transaction and the request id of the session's previous emission. What PostgreSQL lets us
+    tell apart, and where it does not (both documented)."""
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION do_request(r text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM set_config('cdc.request_id', r, true); UPDATE t SET v = r WHERE id = 2; END $$"
+        )
+        conn.execute("SET cdc.request_id = 'whole-session'")  # session level, autocommit
+        conn.execute("UPDATE t SET v = 'x' WHERE id = 1")  # the transaction it was set for
+        conn.execute("UPDATE t SET v = 'y' WHERE id = 1")  # carried over
+        conn.execute("UPDATE t SET v = 'z' WHERE id = 1")  # carried over
+        with conn.transaction():  # carried over too, but after BEGIN: not seen
+            conn.execute("UPDATE t SET v = 'w' WHERE id = 1")
+        conn.execute("RESET cdc.request_id")
+        conn.execute("SELECT do_request('fn-1')")  # set in the statement itself: new ids are new
+        conn.execute("SELECT do_request('fn-2')")
+        conn.execute("SELECT do_request('fn-2')")  # the same id again there: reads as carried over
+    with psycopg.connect(source) as conn:  # SET LOCAL, the same id in transactions in a row
+        for _ in range(2):
+            conn.execute("SET LOCAL cdc.request_id = 'local'")
+            conn.execute("UPDATE t SET v = 'l' WHERE id = 1")
+            conn.commit()
+    found = [
+        (c["request_id"], c.get("session_level", False)) for txn in slot.transactions() for c in contexts(txn)
+    ]
+    assert found == [
+        ("whole-session", False),
+        ("whole-session", True),
+        ("whole-session", True),
+        ("whole-session", False),
+        ("fn-1", False),
+        ("fn-2", False),
+        ("fn-2", True),
+        ("local", False),
+        ("local", False),
+    ]
+
+
 def test_emit_none_off_writes_nothing_without_a_request(source: str) -> None:
     install(source, emit_none=False)
     s = Slot(source)
@@ -469,6 +509,22 @@ def test_install_twice_is_idempotent(source: str) -> None:
         conn.execute("UPDATE t SET v = 'x' WHERE id = 1")
         conn.commit()
     assert shape(s.transactions()[0]) == ["ctx:once", "change"]
+
+
+def test_install_over_a_body_type_without_session_level(source: str) -> None:
+    """An earlier version's cdc.context_body_t (no session_level) gets the member."""
+    install(source)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("ALTER TYPE cdc.context_body_t DROP ATTRIBUTE session_level")
+    assert install(source) == []
+    s = Slot(source)
+    with psycopg.connect(source) as conn:
+        conn.execute("SET LOCAL cdc.request_id = 'upgraded'")
+        conn.execute("UPDATE t SET v = 'x' WHERE id = 1")
+        conn.commit()
+    (txn,) = s.transactions()
+    assert shape(txn) == ["ctx:upgraded", "change"]
+    assert json.loads(txn[0].content)["session_level"] is None  # after BEGIN: cannot be told
 
 
 def test_reinstall_with_another_pattern_applies_to_open_sessions(source: str) -> None:

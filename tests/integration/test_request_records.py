@@ -82,6 +82,10 @@ def test_an_error_is_the_root_cause_only_from_the_request_session(store: Store) 
     assert "NOTE" in text and "may be missing" in text and "(possibly incomplete)" in text
     data = record.to_json()
     assert data["possibly_incomplete"] is True and data["transactions"][0]["possibly_incomplete"] is True
+    assert data["incomplete_note"] == "capture was behind; some attempted changes may be missing"
+    # each change read carries its transaction's flag
+    assert [m.possibly_incomplete for m in record.mutations] == [True]
+    assert [m["possibly_incomplete"] for m in data["mutations"]] == [True]
     assert [e["attributed"] for e in data["errors"]] == [True, False]
 
 
@@ -100,6 +104,7 @@ def test_partly_rolled_back(store: Store) -> None:
     record = store.request("req-partly")
     assert (record.committed_count, record.rolled_back_count, record.outcome) == (1, 1, "partly_rolled_back")
     assert [m.status for m in record.mutations] == ["committed", "rolled_back"]
+    assert not record.possibly_incomplete and not any(m.possibly_incomplete for m in record.mutations)
 
 
 def test_oversize_and_incomplete_images(store: Store) -> None:
@@ -118,3 +123,6 @@ def test_cli_why_and_history(b: StoreBuilder) -> None:
     assert out.exit_code == 0 and "reported by another session (db_user mallory, pid 666)" in out.stdout
     history = CliRunner().invoke(state, ["history", "docs", "--id", "1"], env=env)
     assert history.exit_code == 0 and "(oversize value: 1000 bytes" in history.stdout
+    assert "title: a → never  (rolled back; attempt possibly incomplete)" in history.stdout
+    note = "note: capture was behind; some attempted changes may be missing (req:req-fail"
+    assert history.stdout.rstrip().splitlines()[-1].startswith(f"  {note}")

@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from click.testing import CliRunner
 
 from cdc import client
@@ -214,4 +215,43 @@ def test_actor_sequence_orders_one_actors_changes(capture: CaptureEnv) -> None:
         ("bob", 1, "[1]"),
         ("bob", 2, "[3]"),
     ]
+    assert capture.stop() == 0
+
+
+def test_a_request_id_carried_over_by_a_session_level_set_is_logged_and_counted(capture: CaptureEnv) -> None:
+    """`SET cdc.request_id` without LOCAL outlives its transaction (behind a pooler: another
+    client's). Where PostgreSQL lets us see it (sql/context.sql, "SET or SET LOCAL?"), the context
+    message says "session_level" and the daemon logs and counts it; SET LOCAL never does."""
+    with capture.source() as conn:
+        conn.execute("CREATE TABLE s (id int PRIMARY KEY, v text)")
+    capture.setup()
+    capture.start()
+    with structlog.testing.capture_logs() as logs:
+        with psycopg.connect(capture.source_dsn, autocommit=True) as conn:
+            conn.execute("SET cdc.request_id = 'leaky'")
+            for i in range(3):  # the first is the request's own; the next ones inherit it
+                # no parameters: the simple query protocol, where the server lets us see it
+                conn.execute(f"INSERT INTO s VALUES ({i}, 'x')")
+            conn.execute("INSERT INTO s VALUES (%s, 'p')", (9,))  # extended protocol: not seen
+        with psycopg.connect(capture.source_dsn) as conn:
+            for i in range(3, 5):  # SET LOCAL, the same id in transactions in a row
+                conn.execute("SET LOCAL cdc.request_id = 'tidy'")
+                conn.execute("INSERT INTO s VALUES (%s, 'y')", (i,))
+                conn.commit()
+        capture.wait_caught_up()
+    stored = [(m.request_id, (m.context or {}).get("session_level")) for m in stored_mutations(capture, "s")]
+    assert stored == [
+        ("leaky", None),
+        ("leaky", True),
+        ("leaky", True),
+        ("leaky", None),
+        ("tidy", None),
+        ("tidy", None),
+    ]
+    assert capture.daemon is not None
+    assert capture.daemon.metrics.registry.get_sample_value("cdc_session_level_request_ids_total") == 2
+    warned = [e for e in logs if e["event"] == "request_id_from_session_setting"]
+    assert len(warned) == 1, warned  # once per session and request id
+    assert warned[0]["request_id"] == "leaky" and warned[0]["db_user"] == "postgres"
+    assert set(warned[0]) == {"event", "log_level", "lsn", "request_id", "db_user", "backend_pid", "hint"}
     assert capture.stop() == 0

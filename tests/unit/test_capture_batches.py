@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from cdc.capture.ack import Acknowledgement
 from cdc.capture.batches import CONTEXT_REJECTED, Batch, BatchBuilder, split_lines
-from cdc.capture.model import PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
+from cdc.capture.model import MAYBE_INCOMPLETE, PG_EPOCH_OFFSET_US, FinishedTransaction, LogicalMessage
 from cdc.capture.writer_process import _receive_batch, encode_batch
 from cdc.context import (
     CONTEXT_PREFIX,
     ERROR_PREFIX,
     ContextKeys,
     ContextVerifier,
+    RequestContext,
     context_key_id,
     sign_content,
 )
@@ -66,13 +67,20 @@ class FakeTransaction:
 
 
 def ctx(
-    request_id: str, actor: str | None = None, *, xid: int = XID, key: bytes = KEY, **extra: Any
+    request_id: str,
+    actor: str | None = None,
+    *,
+    xid: int = XID,
+    key: bytes = KEY,
+    session_level: bool | None = None,
+    **extra: Any,
 ) -> bytes:
     """A ``cdc.context`` message as cdc.emit_context() writes it: signed, bound to its transaction."""
     doc: dict[str, Any] = {"request_id": request_id, "actor": actor, "db_user": "app", "backend_pid": 42}
     doc.update(
         {"source": "setting", "application_name": None, "client_addr": None, "extra": extra, "xid": xid}
     )
+    doc["session_level"] = session_level
     return sign_content(CONTEXT_PREFIX, json.dumps(doc).encode(), key)
 
 
@@ -106,12 +114,18 @@ class Rejections:
 
 
 def builder(
-    max_rows: int = 100, seqs: dict[str, int] | None = None, rejected: Rejections | None = None
+    max_rows: int = 100,
+    seqs: dict[str, int] | None = None,
+    rejected: Rejections | None = None,
+    on_session_level: Callable[[RequestContext, int], None] | None = None,
 ) -> BatchBuilder:
     stored = seqs or {}
     verifier = ContextVerifier(lambda: KEYS, on_reject=rejected)
     return BatchBuilder(
-        max_rows=max_rows, actor_last_seq=lambda actor: stored.get(actor, 0), verifier=verifier
+        max_rows=max_rows,
+        actor_last_seq=lambda actor: stored.get(actor, 0),
+        verifier=verifier,
+        on_session_level=on_session_level,
     )
 
 
@@ -181,6 +195,36 @@ def test_context_set_after_the_first_change_is_a_context_change() -> None:
     assert batch is not None
     assert fields(batch.store.transactions[0])[8:12] == ["\\N", "\\N", "\\N", "\\N"]
     assert fields(batch.store.context_changes[0])[2:4] == ["1", "late"]
+
+
+def test_rolled_back_transactions_are_maybe_incomplete_unless_every_change_is_streamed() -> None:
+    """The core's MAYBE_INCOMPLETE is kept; without immediate streaming every rolled-back
+    transaction gets it (the changes buffered since its last segment die with the abort)."""
+    for every_change_streamed, expected in ((True, ["0", "2", "0"]), (False, ["0", "2", "2"])):
+        b = builder()
+        b.every_change_streamed = every_change_streamed
+        behind = FakeTransaction(2000, 1, status="r")
+        behind.flags = MAYBE_INCOMPLETE
+        for event in (FakeTransaction(1000, 1), behind, FakeTransaction(3000, 1, status="r")):
+            add(b, event)
+        batch = b.take()
+        assert batch is not None
+        assert [fields(t)[5] for t in batch.store.transactions] == expected
+
+
+def test_a_session_level_request_id_is_reported_once_per_context_message() -> None:
+    """A context whose request id was carried over from an earlier transaction (a session-level
+    SET): reported through on_session_level when verified, and kept in the stored document."""
+    seen: list[tuple[str | None, int]] = []
+    b = builder(on_session_level=lambda ctx, lsn: seen.append((ctx.request_id, lsn)))
+    carried = ctx("leaky", session_level=True)
+    plain = ctx("tidy")
+    add(b, FakeTransaction(1000, 1, messages=[(0, 900, CONTEXT_PREFIX, carried)]))
+    add(b, FakeTransaction(2000, 1, messages=[(0, 1900, CONTEXT_PREFIX, plain)]))
+    batch = b.take()
+    assert batch is not None and seen == [("leaky", 900)]
+    documents = [json.loads(fields(t)[11]) for t in batch.store.transactions]
+    assert [d.get("session_level") for d in documents] == [True, None]
 
 
 def test_a_transaction_without_change_or_context_only_acknowledges() -> None:

@@ -476,6 +476,55 @@ def test_interleaved_streams_and_relation_overlays(impl: str) -> None:
     assert len(registry.calls) == 2
 
 
+def test_rolled_back_transactions_decoded_in_progress_or_behind(impl: str) -> None:
+    """MAYBE_INCOMPLETE: a rolled-back transaction whose last frame went out at or after its abort
+    time (the walsender was behind: PostgreSQL stops decoding a transaction it finds aborted),
+    whose abort time is unknown (protocol < 4), or whose first segment never arrived. XLogData's
+    sendTime and the abort time are the server's clock."""
+    frames: list[bytes] = []
+    lsn = 0x20_0000
+
+    def add(payload: bytes, sent: int) -> None:
+        nonlocal lsn
+        frames.append(wire.xlog(lsn, payload, send_time=sent))
+        lsn += 16
+
+    add(wire.begin(0, T0 - 100, 900), T0 - 99)
+    add(relation(), T0 - 99)
+    add(wire.insert(OID, ["0", "a", "b", "t"]), T0 - 99)
+    add(wire.commit(0, lsn + 100, T0 - 100), T0 - 99)
+    blocks = {
+        910: [(T0 - 30, T0 - 20)],  # all sent before the abort: decoded in progress
+        911: [(T0 + 5, T0 + 6)],  # first sent after it: the daemon was behind
+        912: [(T0 - 30, T0 - 20), (T0 + 5, T0 + 6)],  # a later block after it
+        913: [(T0 - 30, T0 - 20)],  # no abort time (protocol < 4): cannot tell
+        914: [(T0 - 30, T0)],  # its last frame went out at the abort time itself
+        915: [(T0 - 30, T0 - 20)],  # its first segment never arrived (below)
+        916: [(T0 - 20, T0 - 10), (T0 - 40, T0 - 30)],  # the clock stepped back: the latest counts
+    }
+    for xid, sends in blocks.items():
+        for n, (start, stop) in enumerate(sends):
+            add(wire.stream_start(xid, n == 0 and xid != 915), start)
+            add(wire.insert(OID, [str(xid * 10 + n), "a", "b", "t"], xid=xid), start)
+            add(wire.stream_stop(), stop)
+    for xid in blocks:
+        add(wire.stream_abort(xid, xid) if xid == 913 else wire.stream_abort(xid, xid, lsn, T0), T0 + 50)
+    out = both(frames)
+    found = {t.xid: t for t in transactions(out)}
+    assert found[900].flags == 0 and found[900].status == "c"
+    maybe = model.STREAMED | model.MAYBE_INCOMPLETE
+    assert {xid: found[xid].flags for xid in blocks} == {
+        910: model.STREAMED,
+        911: maybe,
+        912: maybe,
+        913: maybe,
+        914: maybe,
+        915: maybe,
+        916: model.STREAMED,
+    }
+    assert all(found[xid].status == "r" for xid in blocks)
+
+
 def test_describe_once_per_relation_body(impl: str) -> None:
     registry = Registry()
     s = Stream()

@@ -239,6 +239,18 @@ def test_parse_context_trigger_output() -> None:
     )
     ctx = parse_context(content, KEYS, xid=730)
     assert (ctx.request_id, ctx.source, ctx.extra, ctx.client_addr) == (None, "none", {}, None)
+    assert not ctx.session_level and "session_level" not in ctx.as_json()
+    # a request id carried over from an earlier transaction (sql/context.sql, "SET or SET LOCAL?")
+    for flag, expected in ((b"true", True), (b"false", False), (b"null", False)):
+        content = signed(
+            CONTEXT_PREFIX,
+            b'{"request_id":"r","actor":null,"application_name":"psql","db_user":"postgres","client_addr":null,'
+            b'"backend_pid":77,"source":"setting","extra":{},"xid":731,"session_level":' + flag + b"}",
+        )
+        ctx = parse_context(content, KEYS, xid=731)
+        assert ctx.session_level is expected
+        assert ctx.as_json().get("session_level") is (True if expected else None)
+        assert parse_context(sign_content(CONTEXT_PREFIX, ctx.to_content().encode(), KEY), KEYS) == ctx
 
 
 def test_parse_context_is_lenient_where_it_can_be() -> None:
@@ -289,6 +301,8 @@ def _sign_if_object(prefix: str, content: bytes) -> bytes:
         b'{"backend_pid": 1, "source": "none"}',
         b'{"db_user": "u", "backend_pid": 1, "source": "none", "request_id": 5}',
         b'{"db_user": "u", "backend_pid": 1, "source": "none", "extra": []}',
+        b'{"db_user": "u", "backend_pid": 1, "source": "setting", "session_level": "yes"}',
+        b'{"db_user": "u", "backend_pid": 1, "source": "setting", "session_level": 1}',
         b'{"db_user": "u", "backend_pid": 1, "source": "none", "request_id": "\\ud800"}',
         b'{"db_user": "u", "backend_pid": NaN, "source": "none"}',
         b"[" * 100_000,

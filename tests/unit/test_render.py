@@ -33,6 +33,7 @@ from cdc.render import (
     unattributed_text,
     why_lines,
 )
+from cdc.store.format import TxnFlag
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -170,6 +171,62 @@ def test_request_lines_match_the_seed_layout() -> None:
         "  users    id=42   plan: pro → null  (rolled back)",
         "  orders   id=81b2 status: pending → null  (rolled back)",
     ]
+
+
+def test_attempts_capture_could_not_show_whole_say_so() -> None:
+    """MAYBE_INCOMPLETE (docs/store.md "Transaction flags"): each such attempt is marked, the
+    lists end with the note, `cdc why` has it as NOTE, the exports as a field."""
+    behind = replace(SEED[3], txn_flags=TxnFlag.STREAMED | TxnFlag.MAYBE_INCOMPLETE)
+    assert behind.possibly_incomplete and not SEED[3].possibly_incomplete
+    assert behind.incomplete_note == "capture was behind; some attempted changes may be missing"
+    assert SEED[3].incomplete_note is None
+    lines = history_lines("public.users", {"id": 42}, [*SEED[:3], behind], utc=True, prefixes=SEED_PREFIXES)
+    assert lines[-3:] == [
+        "  2026-03-10 14:22  UPDATE  plan: pro → null  (rolled back; attempt possibly incomplete) req:550e8400",
+        "",
+        "  note: capture was behind; some attempted changes may be missing (req:550e8400)",
+    ]
+    assert request_lines([behind])[-1] == (
+        "  note: capture was behind; some attempted changes may be missing (req:550e8400-e29b-41d4-a716-446655440000)"
+    )
+    assert not any("note" in line for line in history_lines("public.users", {"id": 42}, SEED, utc=True))
+    [exported] = json.loads(mutations_json([behind]))
+    assert exported["possibly_incomplete"] is True
+    [row] = csv.DictReader(io.StringIO(mutations_csv([behind])))
+    assert row["possibly_incomplete"] == "true"
+    record = RequestRecord(
+        request_id="r1",
+        actor=None,
+        context=None,
+        first_seen_at=T0,
+        last_seen_at=T0,
+        committed_count=0,
+        rolled_back_count=1,
+        error_type=None,
+        error_message=None,
+        error_location=None,
+        error_at=None,
+        transactions=[
+            TransactionInfo(
+                0x1_0000_0500, 901, None, None, "rolled_back", T0, None, 1, possibly_incomplete=True
+            )
+        ],
+        mutations=[behind],
+        mutation_count=1,
+    )
+    lines = why_lines(record, utc=True)
+    assert "  NOTE         capture was behind; some attempted changes may be missing" in lines
+    assert (
+        "  TRANSACTION  xid 901  rolled back at 1/500  2026-03-10 12:00  1 change  (possibly incomplete)"
+        in lines
+    )
+    assert (
+        lines[-1]
+        == "  DATA CHANGES users.id=42  plan: pro → null  (rolled back; attempt possibly incomplete)"
+    )
+    data = record.to_json()
+    assert data["possibly_incomplete"] is True and data["incomplete_note"] == behind.incomplete_note
+    assert data["mutations"][0]["possibly_incomplete"] is True
 
 
 def test_blame_lines() -> None:
@@ -381,6 +438,7 @@ def test_json_export_round_trips() -> None:
         "request_id": "1a2b3c4d-0000",
         "context": {"actor": "alice", "extra": {"k": "v"}},
         "status": "committed",
+        "possibly_incomplete": False,
     }
     assert data[3]["version"] is None and data[3]["status"] == "rolled_back"
     assert datetime.fromisoformat(data[1]["committed_at"]) == T0 + timedelta(minutes=141)
