@@ -16,11 +16,11 @@ __all__ = ["History", "__version__", "asimulate", "simulate"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import cdc` must stay cheap and free of psycopg for the pure modules.
     if name == "History":
-        from cdc.history import History
+        from cdc.history import History  # lazy: see above
 
         return History
     if name in ("simulate", "asimulate"):
-        from cdc import dryrun
+        from cdc import dryrun  # lazy: see above
 
         return getattr(dryrun, name)
     raise AttributeError(f"module 'cdc' has no attribute {name!r}")

@@ -41,7 +41,7 @@ from cdc.capture.backfill import PREFIX, copy_unescape, watermark_message
 from cdc.capture.engine import Core
 from cdc.capture.model import RelationDesc, RelationInfo, now_us
 from cdc.capture.registry import Registry
-from cdc.config import Config
+from cdc.config import Config, format_table, normalize_table
 from cdc.connections import connect
 from cdc.errors import (
     CdcError,
@@ -54,7 +54,7 @@ from cdc.errors import (
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.policies import column_hasher
 from cdc.progress import Progress
-from cdc.publications import PublicationResult, streamed
+from cdc.publications import PublicationResult, inserts_publication, publication_kind, streamed
 from cdc.source import SourceTable, describe_table, published_tables
 from cdc.store.writer import lock_taken
 from cdc.stream.replication import OUTPUT_SETTINGS, options_string
@@ -626,8 +626,6 @@ def resolve_tables(
     config: Config, source: psycopg.Connection[Any], names: list[str], publications: list[str]
 ) -> list[SourceTable]:
     """The published tables named on the command line (UsageError for one that is not published)."""
-    from cdc.config import format_table, normalize_table
-
     published: dict[str, SourceTable] = {}
     for name in publications:
         for table in published_tables(source, name):
@@ -656,8 +654,6 @@ def run_backfill(
     on_notice: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """`cdc backfill [TABLE ...]`: the named tables (every table needing one without names)."""
-    from cdc.publications import inserts_publication, publication_kind
-
     main = config.source.publication
     publications = [main, inserts_publication(main)]
     with (

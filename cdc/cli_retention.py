@@ -14,6 +14,7 @@ declined. Errors are one ``error: ...`` line on stderr.
 from __future__ import annotations
 
 import functools
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,12 +22,16 @@ import click
 import psycopg
 
 from cdc.cli_errors import CdcCommand, boundary, connection_options, load
+from cdc.cli_readers import parse_time
 from cdc.cli_table import echo_table
 from cdc.config import Config, format_duration, redact_dsn
-from cdc.errors import CdcError, SourceUnavailableError, StoreUnavailableError, UsageError
+from cdc.errors import CdcError, NotFoundError, SourceUnavailableError, StoreUnavailableError, UsageError
 from cdc.lsn import format_lsn
 from cdc.query import key_from_text
-from cdc.store.table_refs import TableRef
+from cdc.store.erase import RowStillLiveError, default_actor, erase_row, has_history, row_chain, row_on_source
+from cdc.store.prune import Pruner
+from cdc.store.table_refs import TableRef, resolve_table
+from cdc.stream.replication import OUTPUT_SETTINGS, options_string
 
 __all__ = ["erase", "prune"]
 
@@ -84,9 +89,6 @@ def prune(
     on; versions below it read as None. Tables with a longer retention (retention.tables) keep
     their rows. The daemon does the same every retention.prune_interval.
     """
-    from cdc.cli_readers import parse_time
-    from cdc.store.prune import Pruner
-
     with boundary(_refused):
         config = load(config_path, store=store_dsn, schema=store_schema)
         dsn = config.require_store()
@@ -100,8 +102,6 @@ def prune(
         with Pruner(dsn, schema, config.retention) as pruner:
             report = pruner.prune(now, dry_run=dry_run)
     if fmt == "json":
-        import json
-
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     verb = "would drop" if dry_run else "dropped"
@@ -205,10 +205,6 @@ def erase(
     the history has no such row. The store's WAL, backups and replicas keep the bytes until
     they age out.
     """
-    from cdc.cli_readers import parse_time
-    from cdc.store.erase import RowStillLiveError, default_actor, erase_row, has_history, row_chain
-    from cdc.store.table_refs import resolve_table
-
     with boundary(_refused):
         config = load(config_path, source=source_dsn, store=store_dsn, schema=store_schema)
         dsn = config.require_store()
@@ -223,8 +219,6 @@ def erase(
             key = info.key_text(key_from_text(key_text))
             name = f"that row of {info.name}"
             if not has_history(conn, schema, info.table_id, key):
-                from cdc.errors import NotFoundError
-
                 raise NotFoundError(f"no history for {name}: nothing to erase")
             keys = list(dict.fromkeys(s.key_text for s in row_chain(conn, schema, info, key)))
         check, reason = _check_source(config, info, keys)
@@ -259,8 +253,6 @@ def erase(
                 since=since, until=until,
             )  # fmt: skip
     if fmt == "json":
-        import json
-
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     click.echo(
@@ -279,9 +271,6 @@ def erase(
 def _check_source(config: Config, table: TableRef, keys: list[str]) -> tuple[str, str]:
     """("absent" | "live" | "unreachable" | "not_checked", reason): "live" when the row exists on
     the source under any of the keys it had."""
-    from cdc.store.erase import row_on_source
-    from cdc.stream.replication import OUTPUT_SETTINGS, options_string
-
     if config.source.dsn is None:
         return "not_checked", "no source DSN given"
     dsn = config.source.dsn.get_secret_value()

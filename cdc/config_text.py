@@ -7,6 +7,8 @@ import re
 from datetime import timedelta
 from fractions import Fraction
 
+from psycopg import Error as PsycopgError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Secret
 
 from cdc.errors import UsageError
@@ -59,9 +61,6 @@ def _redact_text(text: str) -> str:
 
 def _parse_conninfo(text: str) -> dict[str, str] | None:
     """libpq's own reading of ``text`` as a connection string (None: it is not one)."""
-    from psycopg import Error as PsycopgError
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
         return {k: str(v) for k, v in conninfo_to_dict(text).items()}
     except (PsycopgError, ValueError, TypeError):
@@ -90,8 +89,6 @@ def redact_dsn(dsn: str) -> str:
         and not any(len(s) >= 3 and s in redacted for s in secrets)
     ):
         return redacted
-    from psycopg.conninfo import make_conninfo
-
     return make_conninfo(**{k: _MASK if k in _SECRET_PARAMS else v for k, v in params.items()})
 
 

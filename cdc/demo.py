@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 import psycopg
@@ -80,9 +79,8 @@ def wait_caught_up(source_dsn: str, store_dsn: str, schema: str, timeout: float 
     raise CdcError("the demo daemon did not catch up in time")
 
 
-def run_demo(*, keep: bool = False) -> None:
-    from cdc.cli import main as cli
-
+def run_demo(cli: click.Command, *, keep: bool = False) -> None:
+    """The demo; ``cli`` is the `cdc` command (cdc.cli.main), run in-process for the readers."""
     server = LocalPostgres(stop_at_exit=not keep)
     click.secho("starting a throwaway PostgreSQL...", dim=True)
     server.start()
@@ -164,7 +162,7 @@ def _program(name: str) -> str:
     return relative if not relative.startswith("..") else str(path)
 
 
-def _invoke(cli: Any, args: list[str]) -> None:
+def _invoke(cli: click.Command, args: list[str]) -> None:
     try:
         cli.main(args=args, prog_name="cdc", standalone_mode=False)
     except SystemExit as exc:

@@ -27,6 +27,8 @@ from typing import Any, Final
 
 import orjson
 
+from cdc.config import normalize_table
+
 MASK: Final = "****"
 HASH_PREFIX: Final = "hmac-sha256:"
 POLICIES: Final = frozenset({"exclude", "hash", "mask"})
@@ -93,8 +95,6 @@ def normalized_policies(tables: Mapping[str, Mapping[str, str]]) -> dict[str, di
 
 
 def _plain(table: str) -> str:
-    from cdc.config import normalize_table
-
     schema, name = normalize_table(table)
     return f"{schema}.{name}"
 

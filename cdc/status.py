@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.capture.failover import pending_gap, recent_switches
+from cdc.cli_table import echo_table
 from cdc.config import Config, format_duration, format_size, redact_dsn
 from cdc.failover_readiness import failover_json, failover_lines
 from cdc.lsn import format_lsn, parse_lsn
@@ -514,8 +515,6 @@ def _version_range(status: Status) -> str:
 
 def print_status(status: Status) -> None:
     """The table form, on stdout."""
-    from cdc.cli_table import echo_table
-
     echo_table(render_status(status))
 
 

@@ -35,6 +35,7 @@ from cdc.capture.registry import Registry
 from cdc.config import format_table
 from cdc.errors import StoreUnavailableError, error_text
 from cdc.lsn import format_lsn
+from cdc.source_ddl import ddl_installed
 
 __all__ = ["DDL_PREFIX", "DdlHandler", "column_diff", "default_value"]
 
@@ -161,8 +162,6 @@ class DdlHandler:
     @classmethod
     def for_source(cls, registry: Registry, catalog: psycopg.Connection[Any]) -> DdlHandler:
         """A handler for the source's mode (docs/ddl.md "Two modes")."""
-        from cdc.source_ddl import ddl_installed
-
         try:
             relation_only = not ddl_installed(catalog)
         except psycopg.Error:

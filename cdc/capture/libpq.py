@@ -20,7 +20,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import psycopg
 import structlog
+from psycopg import pq
 
 log = structlog.get_logger("cdc.capture")
 
@@ -90,7 +92,7 @@ def _find(pgconn_type: type) -> Libpq | str:
         return "CDC_LIBPQ_DRAIN=0"
     module = pgconn_type.__module__
     if module == "psycopg.pq.pq_ctypes":
-        from psycopg.pq import _pq_ctypes
+        from psycopg.pq import _pq_ctypes  # only with psycopg's ctypes implementation
 
         lib = _pq_ctypes.pq  # type: ignore[attr-defined]  # (not in its stub)
     elif module in {"psycopg_binary.pq", "psycopg_c.pq"}:
@@ -104,8 +106,6 @@ def _find(pgconn_type: type) -> Libpq | str:
     path = files.pop() if len(files) == 1 else None
     if path is None or not os.path.basename(path).startswith("libpq"):
         return f"the libpq functions psycopg calls are not all in one loaded libpq file ({sorted(map(str, files))})"
-    from psycopg import pq
-
     version = _VERSION(addresses["PQlibVersion"])()
     if version != pq.version():
         return f"{path} is libpq {version}, psycopg reports {pq.version()}"
@@ -125,8 +125,6 @@ def mapped_file(address: int) -> str | None:
 
 def copy_failed(pgconn: Any) -> Exception:
     """The error psycopg's ``get_copy_data`` raises when PQgetCopyData returns -2."""
-    import psycopg
-
     return psycopg.OperationalError(f"receiving copy data failed: {pgconn.get_error_message()}")
 
 

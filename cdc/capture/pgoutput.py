@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import orjson
 
 from cdc.capture import _shared as sh
 from cdc.capture.model import ColumnDesc, RelationDesc
 from cdc.errors import ProtocolError
-
-if TYPE_CHECKING:
-    from cdc.capture.images import Rel
 
 u16 = struct.Struct("!H").unpack_from
 u32 = struct.Struct("!I").unpack_from
@@ -38,6 +35,19 @@ class Unchanged:
 
 
 U: Final = Unchanged()
+
+
+class TupleShape(Protocol):
+    """What :func:`read_tuple` needs of a relation (``cdc.capture.images.Rel`` has it)."""
+
+    @property
+    def oid(self) -> int: ...
+    @property
+    def natts(self) -> int: ...
+    @property
+    def kinds(self) -> list[int]: ...
+
+
 #: A column's raw text: bytes, None for NULL, ``U`` for an unchanged TOAST value.
 Raw = bytes | Unchanged | None
 
@@ -107,7 +117,7 @@ def parse_relation(p: bytes, off: int, wal_start: int) -> RelationDesc:
 
 
 def read_tuple(
-    rel: Rel, p: bytes, pos: int, what: str, allow_u: bool, max_value: int
+    rel: TupleShape, p: bytes, pos: int, what: str, allow_u: bool, max_value: int
 ) -> tuple[list[Raw], list[bytes | None], int]:
     """Read TupleData at ``pos``: per column the raw text (None for NULL, U for unchanged)
     and its JSON (None for NULL, unchanged and oversize values); the offset after it."""

@@ -19,6 +19,7 @@ progress; the daemon keeps at most two batches in flight.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import signal
@@ -194,8 +195,6 @@ def _die_with_parent(parent: int) -> None:
     """Linux: be killed when the daemon dies (the store transaction in progress rolls back and
     the slot's lock is free for the next daemon at once), not only once the pipe is read."""
     with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)

@@ -10,20 +10,26 @@ them); for a committed one only committed changes do.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 from psycopg import sql
 
 from cdc.query.evolution import Evolution
-from cdc.query.model import Mutation, Row
+from cdc.query.model import Mutation, Row, parse_json
 from cdc.store.format import OP_CODES, OP_NAMES, ROW_OPS, ChangeFlag
 
-__all__ = ["CHANGE_COLUMNS", "CHANGE_FIELDS", "MAX_ORDINAL", "Changes", "RawChange", "RowLookup"]
+__all__ = [
+    "CHANGE_COLUMNS",
+    "CHANGE_FIELDS",
+    "MAX_ORDINAL",
+    "Changes",
+    "RawChange",
+    "RowLookup",
+    "parse_json",  # from cdc.query.model, where cdc.query.evolution finds it too
+]
 
 #: Larger than any ordinal: ``(V, MAX_ORDINAL)`` bounds "every change at or before version V".
 MAX_ORDINAL = 2**31 - 1
@@ -88,16 +94,6 @@ class RowLookup:
     position: int
     ordinal: int
     transaction: int = NO_TRANSACTION
-
-
-def parse_json(text: str | None) -> Any:
-    """Stored JSON text (an image, a context) as Python values, object members in their order."""
-    if text is None:
-        return None
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:  # an integer beyond 64 bits: the slower parser keeps it
-        return json.loads(text)
 
 
 class Changes(Evolution):

@@ -11,9 +11,10 @@ from typing import Any
 
 from psycopg import sql
 
+from cdc.lsn import format_lsn
 from cdc.names import format_table
 from cdc.query.catalog import Catalog
-from cdc.query.model import Row
+from cdc.query.model import Row, parse_json
 
 __all__ = ["Evolution", "SchemaVersion", "Step", "schema_versions", "summarize"]
 
@@ -145,8 +146,6 @@ class SchemaVersion:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        from cdc.lsn import format_lsn
-
         return {
             "version": self.version,
             "version_lsn": format_lsn(self.version),
@@ -194,8 +193,6 @@ def summarize(command: str, details: dict[str, Any]) -> str:
 def schema_versions(store: Evolution, table: str) -> list[SchemaVersion]:
     """Every schema version of ``table`` (resolved as history does), oldest first: its DDLs
     (``ddl_events``) and the shapes Relation messages announced without one."""
-    from cdc.query.changes import parse_json
-
     info = store.table(table)
     events = store._rows(
         sql.SQL(

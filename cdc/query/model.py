@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from cdc.errors import UsageError
 from cdc.lsn import format_lsn
 from cdc.names import format_table, parse_table
@@ -27,6 +29,7 @@ __all__ = [
     "VersionRange",
     "format_key",
     "key_from_text",
+    "parse_json",
     "table_name",
     "trace_of",
 ]
@@ -34,6 +37,16 @@ __all__ = [
 #: A row key as users give it: a scalar for one key column, a dict for several.
 Key = Any
 Row = dict[str, Any]
+
+
+def parse_json(text: str | None) -> Any:
+    """Stored JSON text (an image, a context) as Python values, object members in their order."""
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # an integer beyond 64 bits: the slower parser keeps it
+        return json.loads(text)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -18,9 +18,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from cdc.errors import UsageError
-from cdc.query.changes import MAX_ORDINAL, parse_json
+from cdc.query.changes import MAX_ORDINAL
 from cdc.query.completeness import check_complete
-from cdc.query.model import Key, Row, TableInfo, TablePage
+from cdc.query.model import Key, Row, TableInfo, TablePage, parse_json
 from cdc.query.rows import Rows
 from cdc.store.format import OP_CODES, ROW_OPS, ChangeFlag
 

@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from cdc import client
 from cdc.errors import UsageError
 from cdc.undo.model import (
     Conflict,
@@ -43,8 +44,6 @@ def apply_plan(
     rows it should, else :class:`RevertApplyError`; on any error the transaction rolls back.
     ``source_conn`` must not be inside a transaction.
     """
-    from cdc import client
-
     if plan.conflicts and not force:
         raise RevertConflictError(plan.conflicts, what=plan.kind)
     if not plan.statements:

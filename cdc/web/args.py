@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
 
+from cdc.cli_readers import parse_time
 from cdc.errors import UsageError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.query import Key, Store
@@ -108,8 +109,6 @@ def parse_version(text: str, what: str = "version") -> int:
 
 def parse_when(text: str, what: str, *, end: bool = False) -> datetime:
     """A time: ISO 8601 (naive: UTC), ``now``, or a duration ago (``24h``)."""
-    from cdc.cli_readers import parse_time
-
     check_text(text, what, 64)
     try:
         return parse_time(text, utc=True, end=end)

@@ -28,7 +28,9 @@ from cdc.cli_errors import CdcCommand, connection_options, load
 from cdc.config import ServerConfig
 from cdc.errors import CdcError, ConfigError
 from cdc.exit_codes import ExitCode
+from cdc.logs import cli_level, configure_logging
 from cdc.query import Store
+from cdc.web.api import create_app
 
 __all__ = ["bind_socket", "serve"]
 
@@ -89,9 +91,6 @@ def serve(
       cdc serve --open                      # loopback only, no token
     /healthz, /readyz and /metrics need no token.
     """
-    from cdc.logs import cli_level, configure_logging
-    from cdc.web.api import create_app
-
     try:
         config = load(config_path, source=source_dsn, store=store_dsn, schema=store_schema)
         server = ServerConfig.model_validate(
@@ -157,7 +156,7 @@ def _probe_store(dsn: str, schema: str) -> None:
 
 def run_server(app: Any, sock: socket.socket, *, listen: str, secured: bool) -> None:
     """Run uvicorn on an already bound socket until SIGINT/SIGTERM."""
-    import uvicorn
+    import uvicorn  # only `cdc serve` runs it: kept out of every other command's start-up
 
     config = uvicorn.Config(
         app,

@@ -829,7 +829,7 @@ def test_a_transaction_under_two_commit_times(env: Env) -> None:
 def test_images_of_wide_tables_and_unlisted_members(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A table wider than the columns spelled out (here 3) takes the subquery path; an image with
     a member its schema row does not list keeps jsonb's text, nothing lost."""
-    monkeypatch.setattr("cdc.store.migrate._IMAGE_TERMS", 3)
+    monkeypatch.setattr("cdc.store.migrate_changes.IMAGE_TERMS", 3)
     with env.store() as conn:
         (position,) = q(conn, "SELECT max(position) FROM mutations WHERE op = 'INSERT'")[0]
         conn.execute(
