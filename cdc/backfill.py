@@ -242,15 +242,21 @@ class _TableBackfill:
                 (not info.keyless, info.table_id),
             )
             return info, row[2], int(row[3])
+        # A table recorded again keeps its history readable before it: one complete already
+        # (complete_from stays: a row not done has none unless a recording of a complete table
+        # was interrupted), or one without a row (complete from its first change) whose history
+        # a rewrite left inexact.
+        inexact = self.table.oid in inexact_tables(self.store)
         self.store.execute(
-            "INSERT INTO baselines (table_id, kind, state, position, rows, estimated_rows, chunks_total, "
-            "chunks_done, keyed, resume_after, error, started_at, finished_at, updated_at) "
-            "VALUES (%s, 'f', 'running', NULL, 0, %s, NULL, 0, %s, NULL, NULL, now(), NULL, now()) "
+            "INSERT INTO baselines (table_id, kind, state, position, complete_from, rows, estimated_rows, "
+            "chunks_total, chunks_done, keyed, resume_after, error, started_at, finished_at, updated_at) "
+            "VALUES (%s, 'f', 'running', NULL, CASE WHEN %s THEN 0 END, 0, %s, NULL, 0, %s, NULL, NULL, now(), "
+            "NULL, now()) "
             "ON CONFLICT (table_id) DO UPDATE SET kind = 'f', state = 'running', position = NULL, rows = 0, "
-            "complete_from = CASE WHEN baselines.state = 'done' THEN baselines.complete_from END, "
+            "complete_from = baselines.complete_from, "
             "estimated_rows = EXCLUDED.estimated_rows, chunks_total = NULL, chunks_done = 0, keyed = EXCLUDED.keyed, "
             "resume_after = NULL, error = NULL, started_at = now(), finished_at = NULL, updated_at = now()",
-            (info.table_id, estimated, not info.keyless),
+            (info.table_id, inexact, estimated, not info.keyless),
         )
         return info, None, 0
 
@@ -546,13 +552,14 @@ def needing_backfill(
 ) -> list[SourceTable]:
     """The published ``tables`` whose rows are not (all) in the history: a backfill not done, or
     none at all for a table that joined capture (``joined``, or any table of a publication that
-    lists tables: a table created later under "all tables" started empty and needs none)."""
+    lists tables: a table created later under "all tables" started empty and needs none), and
+    every table whose history a rewrite left inexact (docs/ddl.md)."""
     rows = store.execute(
         "SELECT t.relation_oid, b.state FROM tables t LEFT JOIN baselines b USING (table_id) "
         "WHERE t.dropped_position IS NULL"
     ).fetchall()
     known = {int(r[0]): r[1] for r in rows}
-    wanted = set(joined or ())
+    wanted = set(joined or ()) | inexact_tables(store)
     out = []
     for table in tables:
         state = known.get(table.oid)
@@ -563,6 +570,20 @@ def needing_backfill(
         ):
             out.append(table)
     return out
+
+
+def inexact_tables(store: psycopg.Connection[Any]) -> set[int]:
+    """The relation oids of the live tables with an inexact rewrite not resolved yet (a rewrite
+    too large to record: `cdc backfill` records them again, docs/ddl.md)."""
+    found = store.execute("SELECT to_regclass('ddl_events') IS NOT NULL").fetchone()
+    if not found or not found[0]:
+        return set()
+    rows = store.execute(
+        "SELECT DISTINCT t.relation_oid FROM ddl_events e JOIN tables t USING (table_id) "
+        "WHERE (e.details ->> 'inexact')::boolean AND e.resolved_position IS NULL "
+        "AND t.dropped_position IS NULL"
+    ).fetchall()
+    return {int(r[0]) for r in rows}
 
 
 def backfill_joined(
@@ -610,13 +631,20 @@ def mark_pending(config: Config, source: psycopg.Connection[Any], tables: list[S
         config.require_store(), config.store.schema_name, policies=config.columns, catalog=source
     )
     try:
+        inexact = inexact_tables(registry.conn)  # complete from their first change: they stay so
         for table in tables:
             info = registry.describe(relation_desc(table, position))
             registry.conn.execute(
-                "INSERT INTO baselines (table_id, kind, state, keyed) VALUES (%s, 'f', 'pending', %s) "
+                "INSERT INTO baselines (table_id, kind, state, keyed, complete_from) "
+                "VALUES (%s, 'f', 'pending', %s, CASE WHEN %s THEN 0 END) "
                 "ON CONFLICT (table_id) DO UPDATE SET state = CASE WHEN baselines.kind = 'f' AND "
-                "baselines.state <> 'done' THEN baselines.state ELSE 'pending' END, kind = 'f', updated_at = now()",
-                (info.table_id, not info.keyless),
+                "baselines.state <> 'done' THEN baselines.state ELSE 'pending' END, "
+                # a recording done (or a baseline) is not resumed: the next one starts over
+                "resume_after = CASE WHEN baselines.kind = 'f' AND baselines.state <> 'done' "
+                "THEN baselines.resume_after END, rows = CASE WHEN baselines.kind = 'f' AND baselines.state <> 'done' "
+                "THEN baselines.rows ELSE 0 END, chunks_done = CASE WHEN baselines.kind = 'f' AND "
+                "baselines.state <> 'done' THEN baselines.chunks_done ELSE 0 END, kind = 'f', updated_at = now()",
+                (info.table_id, not info.keyless, table.oid in inexact),
             )
     finally:
         registry.close()

@@ -158,8 +158,9 @@ def backfill(
 ) -> None:
     """Record the existing rows of tables that joined capture, while `cdc run` captures.
 
-    Without TABLE: every published table whose rows are not all in the history. Chunk by chunk
-    between two watermarks (docs/baseline.md); interrupted, it resumes where it stopped."""
+    Without TABLE: every published table whose rows are not all in the history, and every table
+    a rewrite too large to record left inexact (docs/ddl.md). Chunk by chunk between two
+    watermarks (docs/baseline.md); interrupted, it resumes where it stopped."""
     from cdc.backfill import run_backfill  # when it runs (the module docstring)
     from cdc.progress import Progress
 

@@ -103,6 +103,8 @@ class Status:
     acked_age_seconds: float | None = None  # since the store last recorded an acknowledgement
     # Tables whose baseline or backfill is not done: their history is incomplete (docs/baseline.md).
     incomplete: list[dict[str, Any]] = field(default_factory=list)
+    # Tables whose history a rewrite too large to record left inexact, until a backfill (docs/ddl.md).
+    inexact: list[dict[str, Any]] = field(default_factory=list)
     # Tables whose changes are not all captured, and why (cdc/publications.py).
     partial: list[dict[str, str]] = field(default_factory=list)
     schema_changes: str | None = None  # "event trigger" | "relation messages only" (docs/ddl.md)
@@ -131,6 +133,11 @@ class Status:
         for item in self.incomplete:
             found.append(
                 f"{item['table']}: its {item['kind']} is {item['state']} (its history is incomplete)"
+            )
+        for item in self.inexact:
+            found.append(
+                f"{item['table']}: its history is inexact from version {item['since']} "
+                f"(rewritten by {item['command']}, too large to record): `cdc backfill {item['table']}`"
             )
         for item in self.partial:
             if item["reason"] == "updates_fail":
@@ -361,6 +368,7 @@ def _store_status(conn: psycopg.Connection[Any], config: Config, status: Status)
     if pending is not None:
         status.pending_gap = f"{pending.outcome} after {format_lsn(pending.acked_lsn)}: {pending.reason}"
     status.incomplete = _incomplete(conn, config.store.schema_name)
+    status.inexact = _inexact(conn, config.store.schema_name)
     status.gaps = [
         {"after": format_lsn(r[0]), "resumed": format_lsn(r[1]), "recorded_at": r[2].isoformat()}
         for r in conn.execute(
@@ -399,6 +407,25 @@ def _incomplete(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, An
         }
         for r in rows
     ]
+
+
+def _inexact(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """Live tables with a rewrite too large to record that no backfill resolved yet."""
+    exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.ddl_events",)).fetchone()
+    if not exists or exists[0] is None:
+        return []
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT format('%I.%I', n.schema_name, n.table_name), min(e.position), "
+            "(array_agg(e.command ORDER BY e.position))[1] FROM {s}.ddl_events e "
+            "JOIN {s}.tables t ON t.table_id = e.table_id AND t.dropped_position IS NULL "
+            "CROSS JOIN LATERAL (SELECT schema_name, table_name FROM {s}.table_names x "
+            "WHERE x.table_id = e.table_id ORDER BY from_position DESC LIMIT 1) n "
+            "WHERE (e.details ->> 'inexact')::boolean AND e.resolved_position IS NULL "
+            "GROUP BY 1 ORDER BY 1"
+        ).format(s=sql.Identifier(schema))
+    ).fetchall()
+    return [{"table": r[0], "since": format_lsn(r[1]), "command": r[2]} for r in rows]
 
 
 def _estimate(conn: psycopg.Connection[Any], schema: str, *tables: str) -> int | None:
@@ -492,6 +519,14 @@ def render_status(status: Status) -> list[tuple[str, str]]:
                 "INCOMPLETE",
                 f"{item['table']}: {item['kind']} {item['state']}{error}, {item['rows']:,}{estimate} rows "
                 f"(its history is incomplete; `{command}`)",
+            )
+        )
+    for item in status.inexact:
+        lines.append(
+            (
+                "INEXACT",
+                f"{item['table']}: history inexact from version {item['since']} (rewritten by "
+                f"{item['command']}, too large to record; `cdc backfill {item['table']}`)",
             )
         )
     for item in status.partial:

@@ -7,7 +7,9 @@ open, the keys that committed changes of its table touch are collected from the 
 COPY lines the core made (table_id, key_text, old_key_text; never an image); the high watermark
 closes it and hands the store writer the chunk and those keys, in the batch that acknowledges
 the high watermark's position (cdc/store/backfill.py writes the rest of the chunk there as
-SNAPSHOT rows: every row the stream changed meanwhile is newer in the stream).
+SNAPSHOT rows: every row the stream changed meanwhile is newer in the stream), with the low
+watermark's transaction (where the first chunk of a table recorded again after an inexact
+rewrite puts its reset, before the window's changes).
 
 A high watermark whose low one this session did not see (capture restarted in between, after
 the slot moved past it) cannot be vouched for: the chunk is discarded and read again. So is a
@@ -99,6 +101,8 @@ class _Window:
     table_id: int
     keyed: bool
     opened_at: int  # the low watermark's position
+    opened_committed_at: str  # ... its transaction's commit time (COPY text) and xid: where a
+    opened_xid: int  # re-record's reset goes (cdc/store/backfill.py)
     keys: set[bytes] = field(default_factory=set)
     truncated: bool = False
     changed: bool = False  # any committed change of the table (what a keyless window needs)
@@ -146,7 +150,7 @@ class Windows:
         marks = self._marks(txn) if txn.messages and txn.status == "c" else []
         for mark in marks:
             if mark.edge == "low":
-                self._open(mark, txn.position)
+                self._open(mark, txn)
         if not self._tables or txn.status != "c" or not txn.change_count:
             return txn, [m for m in marks if m.edge == "high"]
         if any(table_id in self._tables for table_id, _op, _rb in txn.counts):
@@ -179,6 +183,9 @@ class Windows:
             elif window is not None:
                 item["truncated"] = window.truncated
                 item["keys"] = sorted(copy_unescape(k) for k in window.keys)
+                item["opened_at"] = window.opened_at
+                item["opened_committed_at"] = window.opened_committed_at
+                item["opened_xid"] = window.opened_xid
             store = builder.batch().store
             store.backfill.append(item)
             store.span(txn.committed_at_us + PG_EPOCH_OFFSET_US)
@@ -203,12 +210,12 @@ class Windows:
             return "the table (without a key) changed while it was read"
         return None
 
-    def _open(self, mark: Watermark, position: int) -> None:
+    def _open(self, mark: Watermark, txn: FinishedTransaction) -> None:
         # A newer low watermark of the same table supersedes an older window (its backfill
         # restarted): the old chunk can only be discarded now.
         for old in list(self._tables.get(mark.table_id, ())):
             old.overflow = True
-        window = _Window(mark.chunk, mark.table_id, mark.keyed, position)
+        window = _Window(mark.chunk, mark.table_id, mark.keyed, txn.position, txn.committed_at_text, txn.xid)
         self.open[mark.chunk] = window
         self._tables.setdefault(mark.table_id, []).append(window)
 

@@ -9,6 +9,14 @@ travels through Python), the chunk and the table's ``baselines`` row move on, th
 go. A chunk the daemon cannot vouch for (its low watermark was not seen, a keyless table changed
 meanwhile) is discarded: `cdc backfill` reads it again. Idempotent: only a chunk in state
 ``s`` (staged) is taken.
+
+A table whose history a rewrite left inexact (an ``inexact`` ``ddl_events`` row not resolved:
+docs/ddl.md) is recorded again from the start: its first chunk's rows follow a reset (a
+TRUNCATE change) at the chunk's low watermark, so that no row lives on under a key the rewrite
+changed; the changes captured between the watermarks come after the reset and stay. When the
+last chunk is written, the table's inexact events up to that first chunk are resolved
+(``resolved_position`` = the last chunk's position): history is exact again from there. A chunk
+whose window a rewrite too large to record fell into is discarded (its rows may predate it).
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ class ChunkDone(TypedDict, total=False):
     truncated: bool  # the table was truncated between the watermarks: no row of the chunk holds
     keyless: bool  # the chunk is the whole keyless table: a TRUNCATE first, then its rows
     discard: str | None  # why the chunk cannot be written (it is read again)
+    opened_at: int  # the low watermark's position, its transaction's commit time and xid
+    opened_committed_at: str
+    opened_xid: int
 
 
 def apply_chunks(cur: psycopg.Cursor[Any], items: list[ChunkDone]) -> None:
@@ -50,16 +61,19 @@ def apply_chunks(cur: psycopg.Cursor[Any], items: list[ChunkDone]) -> None:
 def _apply(cur: psycopg.Cursor[Any], item: ChunkDone) -> None:
     chunk = int(item["chunk"])
     cur.execute(
-        "SELECT table_id, last_chunk, range_last FROM backfill_chunks WHERE chunk_id = %s AND state = 's' "
-        "FOR UPDATE",
+        "SELECT table_id, last_chunk, range_last, range_after FROM backfill_chunks "
+        "WHERE chunk_id = %s AND state = 's' FOR UPDATE",
         (chunk,),
     )
     row = cur.fetchone()
     if row is None or int(row[0]) != int(item["table_id"]):
         return  # not staged (done already, or a message nobody staged): nothing to do
-    table_id, last_chunk, range_last = int(row[0]), bool(row[1]), row[2]
+    table_id, last_chunk, range_last, first = int(row[0]), bool(row[1]), row[2], row[3] is None
     position = int(item["position"])
     reason = item.get("discard")
+    opened = item.get("opened_at")
+    if not reason and opened is not None and _inexact_events(cur, table_id, int(opened), position):
+        reason = "the table was rewritten (too large to record) while it was read"
     if reason:
         cur.execute(
             "UPDATE backfill_chunks SET state = 'x', reason = %s, finished_at = now() WHERE chunk_id = %s",
@@ -88,7 +102,8 @@ def _apply(cur: psycopg.Cursor[Any], item: ChunkDone) -> None:
         )
         base += 1
         written += 1
-    kept = 0
+    elif first and opened is not None and _inexact_events(cur, table_id, None, int(opened)):
+        _reset(cur, item, table_id, chunk)
     if not item.get("truncated"):
         cur.execute(
             "INSERT INTO changes (position, ordinal, committed_at, table_id, schema_id, op, flags, lsn, key_text, image) "
@@ -119,4 +134,55 @@ def _apply(cur: psycopg.Cursor[Any], item: ChunkDone) -> None:
         "finished_at = CASE WHEN %s THEN now() END, updated_at = now() WHERE table_id = %s AND kind = 'f'",
         (kept, position, range_last, last_chunk, last_chunk, position, last_chunk, table_id),
     )
+    if last_chunk:
+        _resolve(cur, table_id, position)
     log.debug("backfill_chunk_written", chunk=chunk, table_id=table_id, lsn=format_lsn(position), rows=kept)
+
+
+_INEXACT = (
+    "SELECT position FROM ddl_events WHERE table_id = %s AND (details ->> 'inexact')::boolean "
+    "AND resolved_position IS NULL AND position > %s AND position <= %s ORDER BY position LIMIT 1"
+)
+
+
+def _inexact_events(cur: psycopg.Cursor[Any], table_id: int, after: int | None, upto: int) -> bool:
+    """Whether the table has an inexact rewrite not resolved in ``(after, upto]``."""
+    cur.execute(_INEXACT, (table_id, -1 if after is None else after, upto))
+    return cur.fetchone() is not None
+
+
+def _reset(cur: psycopg.Cursor[Any], item: ChunkDone, table_id: int, chunk: int) -> None:
+    """A TRUNCATE of the table at the chunk's low watermark: a table recorded again starts afresh
+    there (before the changes captured between the watermarks, which are newer than the read)."""
+    opened, at = int(item["opened_at"]), item["opened_committed_at"]
+    cur.execute("SELECT coalesce(max(ordinal) + 1, 0) FROM changes WHERE position = %s", (opened,))
+    found = cur.fetchone()
+    ordinal = int(found[0]) if found else 0
+    cur.execute(
+        "INSERT INTO changes (position, ordinal, committed_at, table_id, schema_id, op, flags, lsn) "
+        "SELECT %(p)s, %(o)s, %(at)s, %(t)s, coalesce("
+        "  (SELECT schema_id FROM backfill_rows WHERE position = %(chunk)s LIMIT 1), "
+        "  (SELECT schema_id FROM table_schemas WHERE table_id = %(t)s AND first_position <= %(p)s "
+        "   ORDER BY first_position DESC, schema_id DESC LIMIT 1)), 'T', 0, %(p)s",
+        {"p": opened, "o": ordinal, "at": at, "t": table_id, "chunk": chunk},
+    )
+    cur.execute(
+        "INSERT INTO transactions (position, committed_at, xid, commit_lsn, status, flags, origin, change_count) "
+        "VALUES (%s, %s, %s, NULL, 'c', 0, %s, 1) ON CONFLICT (position, committed_at) DO UPDATE "
+        "SET change_count = transactions.change_count + 1",
+        (opened, at, int(item.get("opened_xid") or 0), BACKFILL_ORIGIN),
+    )
+    log.info("backfill_table_reset", chunk=chunk, table_id=table_id, lsn=format_lsn(opened))
+
+
+def _resolve(cur: psycopg.Cursor[Any], table_id: int, position: int) -> None:
+    """The table's last chunk is written at ``position``: its inexact rewrites up to the first
+    chunk of this recording (whose reset cleared what they left) are resolved there."""
+    cur.execute(
+        "UPDATE ddl_events SET resolved_position = %s WHERE table_id = %s AND (details ->> 'inexact')::boolean "
+        "AND resolved_position IS NULL AND position <= (SELECT position FROM backfill_chunks "
+        "WHERE table_id = %s AND state = 'd' AND range_after IS NULL ORDER BY chunk_id DESC LIMIT 1)",
+        (position, table_id, table_id),
+    )
+    if cur.rowcount:
+        log.info("ddl_inexact_resolved", table_id=table_id, lsn=format_lsn(position), events=cur.rowcount)

@@ -407,3 +407,105 @@ def test_relation_messages_only_when_the_event_trigger_is_off(env: CaptureEnv) -
     assert dict(render_status(collect_status(env.config)))["schema changes"] == "relation messages only"
     history = History(env.store_dsn, schema=env.schema)
     assert [v.command for v in history.store.schema_versions("t")] == ["(first seen)", "(relation message)"]
+
+
+def test_backfill_makes_an_inexact_rewrite_exact(env: CaptureEnv) -> None:
+    """A key-changing rewrite of a table too large to record: inexact until `cdc backfill`, which
+    records the table again (rows changing meanwhile) and resolves the window; no row is left
+    under an old key and versions before the DDL read as before."""
+    import json
+    import random
+    import threading
+    import time
+    from collections import Counter
+
+    import psycopg
+
+    from cdc.backfill import run_backfill
+    from cdc.progress import Progress
+    from cdc.status import collect_status, render_status
+    from tests.capture_env import source_rows, table_id
+
+    env.extra_env.update({"CDC_DDL__REWRITE_SNAPSHOT_MAX_ROWS": "5", "CDC_BASELINE__CHUNK_ROWS": "8"})
+    started(
+        env,
+        "CREATE TABLE t (id int PRIMARY KEY, v text, n int)",
+        "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 50) g",
+    )
+    v0 = run(env, "UPDATE t SET v = 'x' WHERE id = 3", "DELETE FROM t WHERE id = 4")
+    env.wait_caught_up()
+    before = rows(env, v0, "t")
+    assert before is not None and len(before) == 49 and {"id": 3, "v": "x", "n": 3} in before
+    v1 = run(env, "ALTER TABLE t ALTER COLUMN id TYPE bigint USING id * 10")
+    env.wait_caught_up()
+    history = History(env.store_dsn, schema=env.schema)
+    [(since, until, command)] = history.store.inexact_windows("t")
+    assert since <= v1 and until is None and command == "ALTER TABLE"
+    status = collect_status(env.config)
+    assert [i["table"] for i in status.inexact] == ["public.t"] and not status.healthy
+    assert any("inexact" in p and "cdc backfill public.t" in p for p in status.problems), status.problems
+    assert "cdc backfill public.t" in dict(render_status(status))["INEXACT"]
+
+    stop = threading.Event()
+    changes = [0]
+    errors: list[BaseException] = []
+
+    def write() -> None:  # updates, deletes, inserts and key changes while the table is recorded
+        rng = random.Random(20)
+        try:
+            with psycopg.connect(env.source_dsn, autocommit=True) as conn:
+                while not stop.is_set():
+                    key = rng.randint(1, 50) * 10
+                    op = rng.random()
+                    if op < 0.5:
+                        conn.execute("UPDATE t SET v = %s, n = n + 1 WHERE id = %s", (f"u{changes[0]}", key))
+                    elif op < 0.65:
+                        conn.execute("DELETE FROM t WHERE id = %s", (key,))
+                    elif op < 0.85:  # below the table's last key: the backfill has an end
+                        conn.execute("INSERT INTO t VALUES (%s, 'new', 0) ON CONFLICT DO NOTHING", (key + 1,))
+                    else:
+                        conn.execute("UPDATE t SET id = id + 5 WHERE id = %s", (key,))
+                    changes[0] += 1
+                    time.sleep(rng.uniform(0, 0.003))
+        except BaseException as exc:  # asserted below
+            errors.append(exc)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        with Progress("backfill", terminal=False) as progress:
+            done = run_backfill(env.config, [], progress)  # no name: every table needing one
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors
+    assert list(done) == ["public.t"] and changes[0] > 20, (done, changes)
+    env.wait_caught_up()
+
+    history = History(env.store_dsn, schema=env.schema)
+    [(since2, until, _command)] = history.store.inexact_windows("t")
+    assert since2 == since and until is not None and until > since
+    version = history.current_version()
+    assert version is not None
+    latest = history.at(version=version).table("t")
+    found = latest.collect()
+    assert Counter(json.dumps(r, sort_keys=True) for r in found) == source_rows(env, "public.t")
+    for old in range(1, 50):  # keys before the rewrite: none lives on (the source has none)
+        if old % 5 and old % 10 != 1:
+            assert latest.get(old) is None, old
+    # The reset: one TRUNCATE of the table since the DDL, before the recorded rows.
+    with env.store() as conn:
+        resets = conn.execute(
+            "SELECT position FROM changes WHERE table_id = %s AND op = 'T' AND position > %s",
+            (table_id(env, "t"), since),
+        ).fetchall()
+        first = conn.execute(
+            "SELECT min(position) FROM changes WHERE table_id = %s AND op = 'S' AND position > %s",
+            (table_id(env, "t"), since),
+        ).fetchone()
+    assert len(resets) == 1 and first is not None and resets[0][0] < first[0] <= until
+    assert rows(env, v0, "t") == before  # versions before the DDL read as before
+    status = collect_status(env.config)
+    assert status.inexact == [] and status.incomplete == [] and status.healthy, status.problems
+    assert "INEXACT" not in dict(render_status(status))

@@ -114,6 +114,10 @@ def test_window_collects_the_keys_its_table_changed_and_hands_the_chunk_with_the
             "keyless": False,
             "truncated": False,
             "keys": ["[1]", "[3]", "[4]"],
+            # the low watermark's transaction: where a table recorded again is reset
+            "opened_at": 100,
+            "opened_committed_at": "2025-05-07 00:00:00.000000+00",
+            "opened_xid": 800,
         }
     ]
     assert windows.open == {}
