@@ -39,9 +39,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
-import psycopg
-from psycopg import sql
-
 from cdc.devdb_host import (
     HINT_ANY,
     HINT_EMBEDDED,
@@ -591,6 +588,8 @@ class LocalPostgres:
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE ``name``; returns its dsn."""
+        from psycopg import sql  # psycopg loads libpq: only once a database is used (test_import_is_light)
+
         self._admin_execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.dsn(dbname=name)
 
@@ -599,10 +598,14 @@ class LocalPostgres:
 
         Replication slots in it are not dropped: PostgreSQL refuses while any exist.
         """
+        from psycopg import sql  # psycopg loads libpq: only once a database is used (test_import_is_light)
+
         force = sql.SQL(" WITH (FORCE)") if self.version >= 13 else sql.SQL("")
         self._admin_execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)) + force)
 
     def _admin_execute(self, statement: Any) -> None:
+        import psycopg  # psycopg loads libpq: only once a database is used (test_import_is_light)
+
         with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=10) as conn:
             conn.execute(statement)
 
