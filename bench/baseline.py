@@ -154,7 +154,10 @@ def measure(ctx: Context) -> Measurement:
             )
         m.figures = [
             Figure(
-                "baseline.bare", f"bare COPY TO STDOUT into COPY FROM STDIN, {rows:,} rows", "rows/s", bare_rates
+                "baseline.bare",
+                f"bare COPY TO STDOUT into COPY FROM STDIN, {rows:,} rows",
+                "rows/s",
+                bare_rates,
             ),
             Figure(
                 "baseline.cdc",
