@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,9 +63,6 @@ from cdc.errors import CdcError, ConfigError, NotFoundError, UsageError
 from cdc.lsn import format_lsn
 from cdc.query import (
     DEFAULT_SCHEMA,
-    OPS,
-    STATUSES,
-    Key,
     Store,
     format_key,
 )
@@ -105,14 +101,15 @@ from cdc.web.base import (
     versions_json,
 )
 from cdc.web.limits import (
-    DEFAULT_LIMIT,
     MAX_AFTER_CHARS,
     MAX_CURSOR_CHARS,
     MAX_KEY_CHARS,
     MAX_LIMIT,
     MAX_TABLE_CHARS,
 )
+from cdc.web.log_filters import LogFilters
 from cdc.web.openapi import openapi_document
+from cdc.web.pages import routes as page_routes
 
 __all__ = [
     "MAX_KEY_CHARS",
@@ -329,65 +326,6 @@ async def row_blame(request: Request, ctx: WebContext, table: str, key_text: str
 LOG_PARAMS = ("table", "key", "request", "actor", "since", "until", "status", "op", "cursor", "limit")
 
 
-@dataclass(frozen=True)
-class LogFilters:
-    """The mutation log's filters, as parsed from a query string (shared with the page)."""
-
-    table: str | None = None
-    key: Key | None = None
-    request_id: str | None = None
-    actor: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    status: str | None = None
-    op: str | None = None
-    cursor: tuple[int, int] | None = None
-    limit: int = DEFAULT_LIMIT
-
-    @classmethod
-    def from_request(cls, request: Request, default_limit: int = DEFAULT_LIMIT) -> LogFilters:
-        key_text = query_text(request, "key", MAX_KEY_CHARS)
-        since_text, until_text = query_text(request, "since", 64), query_text(request, "until", 64)
-        status = query_text(request, "status", 32)
-        if status is not None and status not in STATUSES:
-            raise UsageError(f"invalid status {status!r}: expected one of {', '.join(STATUSES)}")
-        op = query_text(request, "op", 32)
-        if op is not None and op not in OPS:
-            raise UsageError(f"invalid op {op!r}: expected one of {', '.join(OPS)}")
-        cursor_text = query_text(request, "cursor", MAX_CURSOR_CHARS)
-        filters = cls(
-            table=query_text(request, "table", MAX_TABLE_CHARS),
-            key=parse_key(key_text) if key_text is not None else None,
-            request_id=query_text(request, "request"),
-            actor=query_text(request, "actor"),
-            since=parse_when(since_text, "since") if since_text is not None else None,
-            until=parse_when(until_text, "until", end=True) if until_text is not None else None,
-            status=status,
-            op=op,
-            cursor=parse_cursor(cursor_text) if cursor_text is not None else None,
-            limit=parse_limit(request.query_params.get("limit"), default_limit),
-        )
-        if filters.key is not None and filters.table is None:
-            raise UsageError("a key filter needs a table")
-        return filters
-
-    def page(self, store: Store) -> tuple[list[Any], tuple[int, int] | None]:
-        request_id = store.resolve_request(self.request_id) if self.request_id is not None else None
-        found = store.mutation_log(
-            table=self.table,
-            key=self.key,
-            request_id=request_id,
-            actor=self.actor,
-            since=self.since,
-            until=self.until,
-            status=self.status,
-            op=self.op,
-            before=self.cursor,
-            limit=self.limit,
-        )
-        return found.mutations, found.next_cursor
-
-
 async def mutations(request: Request, ctx: WebContext) -> dict[str, Any]:
     allow_params(request, *LOG_PARAMS)
     filters = LogFilters.from_request(request)
@@ -596,8 +534,6 @@ def create_app(
         hash_key=hash_key,
     )
 
-    from cdc.web import pages  # a known cycle (pages import the API's helpers): issue 18
-
     routes: list[BaseRoute] = [
         Route("/api/v1/tables", api("api_tables", list_tables), methods=["GET"]),
         Route("/api/v1/versions", api("api_versions", versions), methods=["GET"]),
@@ -608,7 +544,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        *pages.routes(ctx),
+        *page_routes(ctx),
         Mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static"),
     ]
 

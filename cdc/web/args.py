@@ -10,6 +10,8 @@ import contextlib
 import json
 import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -19,7 +21,7 @@ from starlette.requests import Request
 from cdc.cli_readers import parse_time
 from cdc.errors import UsageError
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.query import Key, Store
+from cdc.query import STATUSES, Key, Store
 from cdc.web.limits import (
     DEFAULT_LIMIT,
     MAX_AFTER_CHARS,
@@ -216,3 +218,33 @@ def resolve_version(store: Store, version: int | None, at: datetime | None) -> t
             hint="capture has not caught up yet: retry shortly",
         )
     return version, store.check_version(version)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The time, status, op and cursor filters a list of mutations shares (the log, a search)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    status: str | None = None
+    op: str | None = None
+    cursor: tuple[int, int] | None = None
+
+    @classmethod
+    def from_request(cls, request: Request, ops: Sequence[str], *, ops_are: str = "expected") -> Window:
+        """``ops``: the operations allowed (``ops_are`` words the error: "expected one of ...")."""
+        since_text, until_text = query_text(request, "since", 64), query_text(request, "until", 64)
+        status = query_text(request, "status", 32)
+        if status is not None and status not in STATUSES:
+            raise UsageError(f"invalid status {status!r}: expected one of {', '.join(STATUSES)}")
+        op = query_text(request, "op", 32)
+        if op is not None and op not in ops:
+            raise UsageError(f"invalid op {op!r}: {ops_are} one of {', '.join(ops)}")
+        cursor_text = query_text(request, "cursor", MAX_CURSOR_CHARS)
+        return cls(
+            since=parse_when(since_text, "since") if since_text is not None else None,
+            until=parse_when(until_text, "until", end=True) if until_text is not None else None,
+            status=status,
+            op=op,
+            cursor=parse_cursor(cursor_text) if cursor_text is not None else None,
+        )

@@ -17,7 +17,7 @@ from cdc.lsn import format_lsn
 from cdc.query import RequestRecord, Store, TableInfo, format_key
 from cdc.render import format_value
 from cdc.web.base import SourceNotConfiguredError, WebContext, context_of, log_unexpected
-from cdc.web.pages import Urls, Value, error_page, page_error, render, url_key, url_table, value_of
+from cdc.web.page_base import Urls, Value, error_page, page_error, render, url_key, url_table, value_of
 from cdc.web.previews import (
     UndoPreview,
     restore_args,

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from cdc.web.base import context_of
 from cdc.web.openapi import openapi_document
-from cdc.web.pages import render
+from cdc.web.page_base import render
 
 __all__ = ["prose", "reference_page", "reference_view"]
 

@@ -9,7 +9,7 @@ from cdc.lsn import format_lsn
 from cdc.query import Store
 from cdc.query.evolution import SchemaVersion
 from cdc.web.base import context_of
-from cdc.web.pages import Urls, context_items, error_page, iso, page_error, render
+from cdc.web.page_base import Urls, context_items, error_page, iso, page_error, render
 
 __all__ = ["schema_page"]
 

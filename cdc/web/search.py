@@ -13,23 +13,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cdc.errors import UsageError
-from cdc.query import STATUSES, Mutation, Store
+from cdc.query import Mutation, Store
 from cdc.query.search import MAX_VALUE_CHARS as MAX_SEARCH_VALUE_CHARS
 from cdc.query.search import SCAN_LIMIT, SEARCHED_OPS, ValueSearch
 from cdc.render import mutation_record
 from cdc.web.args import (
+    Window,
     allow_params,
     check_text,
     format_cursor,
-    parse_cursor,
     parse_limit,
-    parse_when,
     query_text,
 )
 from cdc.web.base import WebContext, context_of
-from cdc.web.limits import MAX_CURSOR_CHARS, MAX_TABLE_CHARS
+from cdc.web.limits import MAX_TABLE_CHARS
 from cdc.web.openapi import SEARCH_PARAMS, query_names
-from cdc.web.pages import (
+from cdc.web.page_base import (
     LinkFacts,
     MutationView,
     Urls,
@@ -72,22 +71,15 @@ class SearchArgs:
         if value is None:
             raise UsageError("give the value to search for (value=...)")
         value = check_text(value, "value", MAX_SEARCH_VALUE_CHARS)
-        since_text, until_text = query_text(request, "since", 64), query_text(request, "until", 64)
-        status = query_text(request, "status", 32)
-        if status is not None and status not in STATUSES:
-            raise UsageError(f"invalid status {status!r}: expected one of {', '.join(STATUSES)}")
-        op = query_text(request, "op", 32)
-        if op is not None and op not in SEARCHED_OPS:
-            raise UsageError(f"invalid op {op!r}: a search matches one of {', '.join(SEARCHED_OPS)}")
-        cursor_text = query_text(request, "cursor", MAX_CURSOR_CHARS)
+        window = Window.from_request(request, SEARCHED_OPS, ops_are="a search matches")
         return cls(
             column=column,
             value=value,
-            since=parse_when(since_text, "since") if since_text is not None else None,
-            until=parse_when(until_text, "until", end=True) if until_text is not None else None,
-            status=status,
-            op=op,
-            cursor=parse_cursor(cursor_text) if cursor_text is not None else None,
+            since=window.since,
+            until=window.until,
+            status=window.status,
+            op=window.op,
+            cursor=window.cursor,
             limit=parse_limit(request.query_params.get("limit"), default_limit),
             scan=parse_limit(request.query_params.get("scan"), SCAN_LIMIT, SCAN_LIMIT, what="scan"),
         )

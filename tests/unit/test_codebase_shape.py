@@ -20,23 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "cdc"
 MAX_LINES = 800
 
-#: Import cycles known when the test was written, each as the set of modules of one strongly
-#: connected component. The test fails on any other cycle, and when one of these is gone or has
-#: grown (then update this list). Issue 18 asks for none.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # pages.py imports the API's helpers; api.py mounts the pages (issue 18, part 1: a context
-    # module shared by the API and the pages, when the endpoints become one table).
-    frozenset(
-        {
-            "cdc.web.api",
-            "cdc.web.pages",
-            "cdc.web.preview_pages",
-            "cdc.web.reference",
-            "cdc.web.schema_page",
-            "cdc.web.search",
-        }
-    ),
-]
+#: Import cycles known, each as the set of modules of one strongly connected component. The test
+#: fails on any other cycle, and when one of these is gone or has grown (then update this list).
+#: None is left: issue 18 asks for none.
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def _sources() -> list[Path]:
