@@ -220,6 +220,9 @@ class _TableBackfill:
             hash_value=column_hasher(owner.config.policies.hash_key_bytes()),
         )
         self.name = table.qualified
+        # ONLY for a plain table, nothing for a partitioned one (read with its partitions): read
+        # once, a relation's kind does not change (its name may: self.table follows renames).
+        self.scope = relation_scope(source, table.oid)
 
     # -- state --------------------------------------------------------------------------
     def _lsn(self) -> int:
@@ -429,9 +432,7 @@ class _TableBackfill:
         """The chunk's COPY (SELECT ...), its parameters, and the key columns' positions."""
         table = self.table
         columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
-        relation = sql.Composed(
-            [relation_scope(self.source, table.oid), sql.Identifier(table.schema, table.name)]
-        )
+        relation = sql.Composed([self.scope, sql.Identifier(table.schema, table.name)])
         if info.keyless:
             return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(columns, relation), [], []
         keys = self._key_columns(info)
